@@ -1,0 +1,4 @@
+//! The `coral` command.
+fn main() {
+    println!("coral {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,214 @@
+//! Content hashes: the keys of every store.
+//!
+//! A [`ContentHash`] is a validated value, never a bare string: its parser accepts only 64
+//! lowercase hex characters (SHA-256, Coral's own) or 16 lowercase hex characters (the Python
+//! Coral's xxh3-64), so a key can never carry a path separator, a dot or anything else into a file
+//! name or an object key. `docs/format.md` defines both hashes with test vectors.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::dtype::DType;
+use crate::error::{CoreError, Result};
+
+/// The domain tag at the start of every SHA-256 content hash (see `docs/format.md`).
+pub const SHA256_DOMAIN_TAG: &[u8] = b"coral.weight.v1\0";
+
+/// Which definition a hash follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum HashAlgorithm {
+    /// Coral's key: SHA-256 over a canonical encoding of dtype, shape and bytes.
+    #[default]
+    Sha256,
+    /// The Python Coral's key (`coral-ml` 1.0): xxh3-64 over `str(shape)`, the NumPy dtype name and
+    /// the bytes. Kept so stores written by the Python Coral keep verifying.
+    Xxh3Legacy,
+}
+
+impl HashAlgorithm {
+    /// The name used in configuration and metadata: `"sha256"` or `"xxh3-64"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            HashAlgorithm::Sha256 => "sha256",
+            HashAlgorithm::Xxh3Legacy => "xxh3-64",
+        }
+    }
+}
+
+/// A validated content hash: SHA-256 (32 bytes) or legacy xxh3-64 (8 bytes).
+///
+/// Ordering is by algorithm, then bytes, which is also the order of the hex strings within each
+/// algorithm.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ContentHash {
+    /// SHA-256 digest.
+    Sha256([u8; 32]),
+    /// xxh3-64 digest, big-endian as Python's `hexdigest()` prints it.
+    Xxh3([u8; 8]),
+}
+
+impl ContentHash {
+    /// Parses a key. Accepts exactly 64 or 16 lowercase hex characters; anything else is
+    /// [`CoreError::InvalidHash`].
+    pub fn parse(s: &str) -> Result<ContentHash> {
+        let bad = || CoreError::InvalidHash(s.chars().take(80).collect());
+        if !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad());
+        }
+        match s.len() {
+            64 => {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
+                Ok(ContentHash::Sha256(out))
+            }
+            16 => {
+                let mut out = [0u8; 8];
+                hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
+                Ok(ContentHash::Xxh3(out))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The algorithm this hash follows.
+    pub const fn algorithm(&self) -> HashAlgorithm {
+        match self {
+            ContentHash::Sha256(_) => HashAlgorithm::Sha256,
+            ContentHash::Xxh3(_) => HashAlgorithm::Xxh3Legacy,
+        }
+    }
+
+    /// The lowercase hex form (64 or 16 characters).
+    pub fn to_hex(&self) -> String {
+        match self {
+            ContentHash::Sha256(b) => hex::encode(b),
+            ContentHash::Xxh3(b) => hex::encode(b),
+        }
+    }
+
+    /// The raw digest bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            ContentHash::Sha256(b) => b,
+            ContentHash::Xxh3(b) => b,
+        }
+    }
+
+    /// Hashes a tensor's dtype, shape and little-endian bytes with `algorithm`.
+    pub fn compute(algorithm: HashAlgorithm, dtype: DType, shape: &[usize], data: &[u8]) -> Self {
+        match algorithm {
+            HashAlgorithm::Sha256 => ContentHash::sha256(dtype, shape, data),
+            HashAlgorithm::Xxh3Legacy => ContentHash::xxh3_legacy(dtype, shape, data),
+        }
+    }
+
+    /// Coral's SHA-256 key: SHA-256 of
+    /// `"coral.weight.v1\0" || dtype name || "\0" || ndim as u64 LE || each dim as u64 LE || data`.
+    pub fn sha256(dtype: DType, shape: &[usize], data: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        h.update(SHA256_DOMAIN_TAG);
+        h.update(dtype.name().as_bytes());
+        h.update([0u8]);
+        h.update((shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            h.update((d as u64).to_le_bytes());
+        }
+        h.update(data);
+        ContentHash::Sha256(h.finalize().into())
+    }
+
+    /// The Python Coral's key: xxh3-64 (seed 0) of `str(shape)` as Python prints a tuple of ints
+    /// (`()`, `(3,)`, `(2, 3)`), then the NumPy dtype name, then the bytes.
+    pub fn xxh3_legacy(dtype: DType, shape: &[usize], data: &[u8]) -> Self {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(python_shape_repr(shape).as_bytes());
+        h.update(dtype.name().as_bytes());
+        h.update(data);
+        ContentHash::Xxh3(h.digest().to_be_bytes())
+    }
+
+    /// True when `data` with this dtype and shape hashes to `self` under `self`'s algorithm.
+    pub fn matches(&self, dtype: DType, shape: &[usize], data: &[u8]) -> bool {
+        ContentHash::compute(self.algorithm(), dtype, shape, data) == *self
+    }
+}
+
+/// `str(tuple(shape))` as Python prints it.
+pub fn python_shape_repr(shape: &[usize]) -> String {
+    match shape {
+        [] => "()".to_owned(),
+        [d] => format!("({d},)"),
+        dims => {
+            let parts: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+            format!("({})", parts.join(", "))
+        }
+    }
+}
+
+impl fmt::Display for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ContentHash({})", self.to_hex())
+    }
+}
+
+impl FromStr for ContentHash {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        ContentHash::parse(s)
+    }
+}
+
+impl Serialize for ContentHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ContentHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ContentHash::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_accepts_only_hex_keys() {
+        let k = "a".repeat(64);
+        assert_eq!(ContentHash::parse(&k).unwrap().to_hex(), k);
+        assert!(ContentHash::parse(&"0".repeat(16)).is_ok());
+        for bad in [
+            "",
+            "../etc/passwd",
+            &"A".repeat(64),
+            &"g".repeat(64),
+            &"a".repeat(63),
+            &"a".repeat(65),
+            &"a".repeat(32),
+            "0123456789abcdef/",
+            "0123456789abcde.",
+        ] {
+            assert!(ContentHash::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn python_shape_repr_matches_python() {
+        assert_eq!(python_shape_repr(&[]), "()");
+        assert_eq!(python_shape_repr(&[3]), "(3,)");
+        assert_eq!(python_shape_repr(&[2, 3]), "(2, 3)");
+        assert_eq!(python_shape_repr(&[0, 1, 2]), "(0, 1, 2)");
+    }
+}

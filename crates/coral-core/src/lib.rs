@@ -1,0 +1,44 @@
+//! # coral-core
+//!
+//! The pieces every part of Coral shares, with no I/O of its own:
+//!
+//! - [`DType`]: every dtype safetensors knows, with NumPy-style names both ways;
+//! - [`WeightMetadata`] and [`WeightTensor`]: a weight and what is known of it, its bytes shared
+//!   without copying, with conversions to and from `ndarray`;
+//! - [`ContentHash`]: the validated key of every store (SHA-256, plus the Python Coral's xxh3-64);
+//! - [`codec`]: none, gzip, lz4 and zstd, optionally after HDF5's byte-plane shuffle;
+//! - [`delta`]: weights stored as differences from similar weights;
+//! - [`manifest`]: models as lists of keys, enough to rebuild the original file.
+//!
+//! ```
+//! use coral_core::{codec::CodecSpec, ContentHash, WeightTensor};
+//!
+//! let w = WeightTensor::from_vec("layer.weight", vec![2, 3], vec![0.5f32; 6])?;
+//! let key = w.compute_hash();
+//! assert_eq!(key.to_hex().len(), 64);
+//! assert_eq!(ContentHash::parse(&key.to_hex())?, key);
+//! w.verify(&key)?;
+//!
+//! let packed = CodecSpec::default().compress(w.data(), w.dtype().size())?;
+//! let back = CodecSpec::default().decompress(&packed, 4, w.nbytes())?;
+//! assert_eq!(&back[..], &w.data()[..]);
+//! # Ok::<(), coral_core::CoreError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod delta;
+pub mod dtype;
+pub mod error;
+pub mod hash;
+pub mod manifest;
+pub mod tensor;
+
+pub use codec::{Codec, CodecSpec};
+pub use delta::{Delta, DeltaType};
+pub use dtype::{DType, Element};
+pub use error::{CoreError, Result};
+pub use hash::{ContentHash, HashAlgorithm};
+pub use manifest::{ManifestTensor, ModelManifest, ModelName};
+pub use tensor::{JsonMap, WeightMetadata, WeightTensor};

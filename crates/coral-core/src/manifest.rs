@@ -1,0 +1,151 @@
+//! Model manifests: the tensor names of a model in order, their keys, and what is needed to
+//! rebuild the original file byte for byte.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+use crate::error::{CoreError, Result};
+use crate::hash::ContentHash;
+
+/// A validated model name: 1 to 128 characters from `[A-Za-z0-9._-]`, not starting with `.` or
+/// `-`. Safe to use in a file name, an HDF5 path or an object key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ModelName(String);
+
+impl ModelName {
+    /// Validates a name.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.starts_with(['.', '-'])
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(ModelName(name))
+        } else {
+            Err(CoreError::InvalidModelName(
+                name.chars().take(140).collect(),
+            ))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ModelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ModelName {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        ModelName::new(s)
+    }
+}
+
+impl TryFrom<String> for ModelName {
+    type Error = CoreError;
+    fn try_from(s: String) -> Result<Self> {
+        ModelName::new(s)
+    }
+}
+
+impl From<ModelName> for String {
+    fn from(n: ModelName) -> String {
+        n.0
+    }
+}
+
+/// One tensor of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestTensor {
+    /// The tensor's name in the model file.
+    pub name: String,
+    /// Its key in the store (a full weight or a delta).
+    pub key: ContentHash,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// For safetensors: the `[begin, end)` byte offsets of the data in the file's data section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_offsets: Option<[u64; 2]>,
+}
+
+/// A model as a store keeps it beside its weights (see `docs/format.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    /// Manifest format version (1).
+    pub version: u32,
+    /// The model's name.
+    pub name: ModelName,
+    /// The source format: "safetensors", "npy" or "npz".
+    pub format: String,
+    /// Tensors in file order.
+    pub tensors: Vec<ManifestTensor>,
+    /// For safetensors: the header bytes exactly as they were in the file (JSON text including
+    /// any trailing padding spaces), so export gives back the same bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safetensors_header: Option<String>,
+    /// Total size of the original file in bytes.
+    pub file_size: u64,
+    /// The model this one was stored against (its deltas' references), when any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ModelName>,
+    /// Seconds since the Unix epoch when the model was added.
+    #[serde(default)]
+    pub created_unix: u64,
+}
+
+impl ModelManifest {
+    /// Every key the model needs, in tensor order (may repeat).
+    pub fn keys(&self) -> impl Iterator<Item = &ContentHash> {
+        self.tensors.iter().map(|t| &t.key)
+    }
+
+    /// The manifest as JSON bytes.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| CoreError::Manifest(e.to_string()))
+    }
+
+    /// Parses a manifest from JSON bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| CoreError::Manifest(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_are_validated() {
+        for good in ["minilm", "all-MiniLM-L6-v2", "ckpt_0001.v2"] {
+            assert!(ModelName::new(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "-x",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(ModelName::new(bad).is_err(), "{bad:?}");
+        }
+    }
+}

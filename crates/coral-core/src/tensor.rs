@@ -1,0 +1,283 @@
+//! Weight tensors and their metadata.
+
+use bytes::Bytes;
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::{DType, Element};
+use crate::error::{CoreError, Result};
+use crate::hash::{ContentHash, HashAlgorithm};
+
+/// A JSON object, as stored in `compression_info`.
+pub type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+/// What Coral knows about a weight besides its bytes (the seed's `WeightMetadata`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightMetadata {
+    /// The weight's name in its model ("encoder.layer.0.attention.self.query.weight").
+    pub name: String,
+    /// Dimensions; empty for a scalar.
+    pub shape: Vec<usize>,
+    /// Element type.
+    pub dtype: DType,
+    /// Kind of layer, when known ("Linear", "LayerNorm", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_type: Option<String>,
+    /// Model the weight came from, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_name: Option<String>,
+    /// How the weight is or was compressed: free-form JSON.
+    #[serde(default)]
+    pub compression_info: JsonMap,
+    /// The content hash, once computed or known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<ContentHash>,
+}
+
+impl WeightMetadata {
+    /// Metadata with a name, shape and dtype, and nothing else.
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, dtype: DType) -> Self {
+        WeightMetadata {
+            name: name.into(),
+            shape,
+            dtype,
+            layer_type: None,
+            model_name: None,
+            compression_info: JsonMap::new(),
+            hash: None,
+        }
+    }
+
+    /// Number of elements (1 for a scalar), or an error when it overflows.
+    pub fn checked_size(&self) -> Result<usize> {
+        self.shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| CoreError::ShapeOverflow {
+                name: self.name.clone(),
+                shape: self.shape.clone(),
+            })
+    }
+
+    /// Bytes that the data must have, or an error when it overflows.
+    pub fn checked_nbytes(&self) -> Result<usize> {
+        self.checked_size()?
+            .checked_mul(self.dtype.size())
+            .ok_or_else(|| CoreError::ShapeOverflow {
+                name: self.name.clone(),
+                shape: self.shape.clone(),
+            })
+    }
+}
+
+/// A weight: metadata plus little-endian data bytes. Cloning shares the bytes (no copy).
+///
+/// ```
+/// use coral_core::{DType, WeightTensor};
+/// let w = WeightTensor::from_vec("w", vec![2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
+/// assert_eq!(w.size(), 4);
+/// assert_eq!(w.nbytes(), 16);
+/// assert_eq!(w.dtype(), DType::F32);
+/// let a = w.to_array::<f32>().unwrap();
+/// assert_eq!(a[[1, 0]], 3.0);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightTensor {
+    metadata: WeightMetadata,
+    data: Bytes,
+}
+
+impl WeightTensor {
+    /// Builds a tensor; refuses data whose length disagrees with shape × dtype size.
+    pub fn new(metadata: WeightMetadata, data: impl Into<Bytes>) -> Result<Self> {
+        let data = data.into();
+        let expected = metadata.checked_nbytes()?;
+        if expected != data.len() {
+            return Err(CoreError::ShapeMismatch {
+                name: metadata.name.clone(),
+                shape: metadata.shape.clone(),
+                dtype: metadata.dtype.name().to_owned(),
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(WeightTensor { metadata, data })
+    }
+
+    /// Builds a tensor from raw little-endian bytes.
+    pub fn from_bytes(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        dtype: DType,
+        data: impl Into<Bytes>,
+    ) -> Result<Self> {
+        WeightTensor::new(WeightMetadata::new(name, shape, dtype), data)
+    }
+
+    /// Builds a tensor from typed values in row-major order.
+    pub fn from_vec<T: Element>(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        values: Vec<T>,
+    ) -> Result<Self> {
+        let mut bytes = Vec::with_capacity(values.len() * T::DTYPE.size());
+        T::extend_le_bytes(&values, &mut bytes);
+        WeightTensor::from_bytes(name, shape, T::DTYPE, bytes)
+    }
+
+    /// Builds a tensor from an `ndarray` array (any layout; stored row-major).
+    pub fn from_array<T: Element>(
+        name: impl Into<String>,
+        array: ArrayViewD<'_, T>,
+    ) -> Result<Self> {
+        let shape = array.shape().to_vec();
+        let mut bytes = Vec::with_capacity(array.len() * T::DTYPE.size());
+        match array.as_slice() {
+            Some(s) => T::extend_le_bytes(s, &mut bytes),
+            None => {
+                let v: Vec<T> = array.iter().copied().collect();
+                T::extend_le_bytes(&v, &mut bytes);
+            }
+        }
+        WeightTensor::from_bytes(name, shape, T::DTYPE, bytes)
+    }
+
+    /// The data as an `ndarray` array of `T`; `T` must match the dtype.
+    pub fn to_array<T: Element>(&self) -> Result<ArrayD<T>> {
+        if T::DTYPE != self.metadata.dtype {
+            return Err(CoreError::DTypeMismatch {
+                name: self.metadata.name.clone(),
+                requested: T::DTYPE.name().to_owned(),
+                actual: self.metadata.dtype.name().to_owned(),
+            });
+        }
+        let n = T::DTYPE.size();
+        let values: Vec<T> = self.data.chunks_exact(n).map(T::from_le_slice).collect();
+        ArrayD::from_shape_vec(IxDyn(&self.metadata.shape), values).map_err(|_| {
+            CoreError::ShapeOverflow {
+                name: self.metadata.name.clone(),
+                shape: self.metadata.shape.clone(),
+            }
+        })
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &WeightMetadata {
+        &self.metadata
+    }
+
+    /// The metadata, mutably (shape and dtype cannot change: they are tied to the data).
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        self.metadata.name = name.into();
+    }
+
+    /// Replaces the free-form parts of the metadata (name, layer type, model, compression info,
+    /// hash), keeping shape and dtype.
+    pub fn with_metadata(mut self, mut metadata: WeightMetadata) -> Result<Self> {
+        if metadata.shape != self.metadata.shape || metadata.dtype != self.metadata.dtype {
+            return WeightTensor::new(metadata, self.data);
+        }
+        std::mem::swap(&mut self.metadata, &mut metadata);
+        Ok(self)
+    }
+
+    /// The little-endian data bytes, shared.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// Splits into metadata and data.
+    pub fn into_parts(self) -> (WeightMetadata, Bytes) {
+        (self.metadata, self.data)
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.metadata.shape
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.metadata.dtype
+    }
+
+    /// Number of elements.
+    pub fn size(&self) -> usize {
+        self.data.len() / self.metadata.dtype.size()
+    }
+
+    /// Number of data bytes.
+    pub fn nbytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Computes the content hash with `algorithm` (does not store it in the metadata).
+    pub fn compute_hash_with(&self, algorithm: HashAlgorithm) -> ContentHash {
+        ContentHash::compute(
+            algorithm,
+            self.metadata.dtype,
+            &self.metadata.shape,
+            &self.data,
+        )
+    }
+
+    /// Computes Coral's SHA-256 content hash.
+    pub fn compute_hash(&self) -> ContentHash {
+        self.compute_hash_with(HashAlgorithm::Sha256)
+    }
+
+    /// Checks the data against `expected`, using `expected`'s algorithm. Returns the actual hash
+    /// in the error when they differ.
+    pub fn verify(&self, expected: &ContentHash) -> Result<()> {
+        let actual = self.compute_hash_with(expected.algorithm());
+        if actual == *expected {
+            Ok(())
+        } else {
+            Err(CoreError::Integrity {
+                name: self.metadata.name.clone(),
+                expected: expected.to_hex(),
+                actual: actual.to_hex(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_wrong_length() {
+        let err = WeightTensor::from_bytes("w", vec![2, 3], DType::F32, vec![0u8; 23]).unwrap_err();
+        assert!(err.to_string().contains("needs 24 bytes, got 23"), "{err}");
+        assert!(WeightTensor::from_bytes("w", vec![usize::MAX, 2], DType::F32, vec![]).is_err());
+    }
+
+    #[test]
+    fn scalar_and_empty() {
+        let s = WeightTensor::from_bytes("s", vec![], DType::F64, vec![0u8; 8]).unwrap();
+        assert_eq!(s.size(), 1);
+        let e = WeightTensor::from_bytes("e", vec![0, 5], DType::F32, Vec::new()).unwrap();
+        assert_eq!(e.size(), 0);
+        assert_eq!(e.to_array::<f32>().unwrap().shape(), &[0, 5]);
+    }
+
+    #[test]
+    fn array_round_trip() {
+        let a = ndarray::Array::from_shape_vec((2, 3), vec![1i64, -2, 3, 4, 5, -6])
+            .unwrap()
+            .into_dyn();
+        let w = WeightTensor::from_array("a", a.view()).unwrap();
+        assert_eq!(w.to_array::<i64>().unwrap(), a);
+        assert!(w.to_array::<f64>().is_err());
+        let t = a.t();
+        let wt = WeightTensor::from_array("t", t.view().into_dyn()).unwrap();
+        assert_eq!(wt.shape(), &[3, 2]);
+        assert_eq!(wt.to_array::<i64>().unwrap(), t.to_owned().into_dyn());
+    }
+}

@@ -1,0 +1,39 @@
+//! # coral-store-api
+//!
+//! The contract every Coral store keeps, whatever holds the bytes:
+//!
+//! - [`WeightStore`]: the seed's interface (store, load, exists, delete, list, metadata, batches,
+//!   storage info, close), blocking and `Send + Sync`;
+//! - [`DeltaStore`]: the seed's delta methods;
+//! - [`StoreError`]: typed errors with context, among them [`StoreError::Integrity`];
+//! - [`MemoryStore`]: the in-memory reference backend, for users' tests too;
+//! - `testing` (feature `testing`): the conformance suite every backend runs with one call.
+//!
+//! ```
+//! use coral_store_api::{MemoryStore, WeightStore};
+//! use coral_core::WeightTensor;
+//!
+//! let store = MemoryStore::new();
+//! let w = WeightTensor::from_vec("w", vec![3], vec![1.0f32, 2.0, 3.0])?;
+//! let key = store.store(&w)?;
+//! assert_eq!(store.store(&w)?, key); // storing again is a no-op
+//! let back = store.load(&key)?.expect("present");
+//! assert_eq!(back.data(), w.data());
+//! # Ok::<(), coral_store_api::StoreError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod error;
+mod info;
+mod memory;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod traits;
+
+pub use error::{Result, StoreError};
+pub use info::{DeltaStorageInfo, StorageInfo};
+pub use memory::MemoryStore;
+pub use traits::{DeltaStore, ManifestStore, WeightStore};
+
+pub use coral_core;

@@ -1,0 +1,186 @@
+//! `MemoryStore`: the in-memory reference backend.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+
+use coral_core::{ContentHash, HashAlgorithm, WeightMetadata, WeightTensor};
+
+use crate::error::{Result, StoreError};
+use crate::info::StorageInfo;
+use crate::traits::WeightStore;
+
+/// An in-memory store that keeps weights uncompressed. It passes the conformance suite and is
+/// the reference for what a backend must do; use it in your own tests.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: RwLock<Inner>,
+    strict: bool,
+    algorithm: HashAlgorithm,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    weights: BTreeMap<ContentHash, WeightTensor>,
+    closed: bool,
+}
+
+impl MemoryStore {
+    /// An empty store with strict integrity checking and SHA-256 keys.
+    pub fn new() -> Self {
+        MemoryStore {
+            inner: RwLock::default(),
+            strict: true,
+            algorithm: HashAlgorithm::Sha256,
+        }
+    }
+
+    /// Sets strict integrity checking (on by default).
+    pub fn with_strict_integrity(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Sets the hash algorithm `store` uses (SHA-256 by default).
+    pub fn with_hash_algorithm(mut self, algorithm: HashAlgorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Replaces the stored bytes of `key` with `data` without updating the key: a test hook that
+    /// simulates corruption. Returns false when the key is absent.
+    pub fn corrupt_for_testing(&self, key: &ContentHash, data: Vec<u8>) -> bool {
+        let mut inner = self.write_lock();
+        match inner.weights.get(key) {
+            Some(w) => match WeightTensor::new(w.metadata().clone(), data) {
+                Ok(bad) => {
+                    inner.weights.insert(*key, bad);
+                    true
+                }
+                Err(_) => false,
+            },
+            None => false,
+        }
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_open(inner: &Inner) -> Result<()> {
+        if inner.closed {
+            Err(StoreError::Closed {
+                location: "memory".to_owned(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl WeightStore for MemoryStore {
+    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
+        let key = weight.compute_hash_with(self.algorithm);
+        self.store_with_key(weight, &key)
+    }
+
+    fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash> {
+        let actual = weight.compute_hash_with(key.algorithm());
+        if actual != *key {
+            return Err(StoreError::KeyMismatch {
+                name: weight.name().to_owned(),
+                key: *key,
+                actual,
+            });
+        }
+        let mut inner = self.write_lock();
+        Self::check_open(&inner)?;
+        if !inner.weights.contains_key(key) {
+            let mut meta = weight.metadata().clone();
+            meta.hash = Some(*key);
+            let stored = WeightTensor::new(meta, weight.data().clone())?;
+            inner.weights.insert(*key, stored);
+        }
+        Ok(*key)
+    }
+
+    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        let Some(w) = inner.weights.get(key).cloned() else {
+            return Ok(None);
+        };
+        drop(inner);
+        let actual = w.compute_hash_with(key.algorithm());
+        if actual != *key {
+            if self.strict {
+                return Err(StoreError::Integrity {
+                    name: w.name().to_owned(),
+                    expected: *key,
+                    actual,
+                });
+            }
+            tracing::warn!(key = %key, actual = %actual, name = w.name(), "integrity check failed");
+        }
+        Ok(Some(w))
+    }
+
+    fn exists(&self, key: &ContentHash) -> Result<bool> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.weights.contains_key(key))
+    }
+
+    fn delete(&self, key: &ContentHash) -> Result<bool> {
+        let mut inner = self.write_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.weights.remove(key).is_some())
+    }
+
+    fn list_weights(&self) -> Result<Vec<ContentHash>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.weights.keys().copied().collect())
+    }
+
+    fn get_metadata(&self, key: &ContentHash) -> Result<Option<WeightMetadata>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.weights.get(key).map(|w| w.metadata().clone()))
+    }
+
+    fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
+        let mut out = HashMap::with_capacity(keys.len());
+        for k in keys {
+            if let Some(w) = self.load(k)? {
+                out.insert(*k, w);
+            }
+        }
+        Ok(out)
+    }
+
+    fn storage_info(&self) -> Result<StorageInfo> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        let total_bytes: u64 = inner.weights.values().map(|w| w.nbytes() as u64).sum();
+        Ok(StorageInfo {
+            backend: "memory".to_owned(),
+            location: "memory".to_owned(),
+            file_size: total_bytes,
+            total_weights: inner.weights.len() as u64,
+            total_bytes,
+            compressed_bytes: total_bytes,
+            compression_ratio: 0.0,
+            compression: "none".to_owned(),
+            deltas: Default::default(),
+        })
+    }
+
+    fn close(&mut self) -> Result<()> {
+        self.write_lock().closed = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! Helpers for Coral's end-to-end tests: where the real model and the test servers are.

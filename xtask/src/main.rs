@@ -1,0 +1,2 @@
+//! `cargo xtask`: Coral's developer tasks.
+fn main() {}
