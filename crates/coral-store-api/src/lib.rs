@@ -28,12 +28,14 @@ mod error;
 mod info;
 mod memory;
 #[cfg(feature = "testing")]
+pub mod testenv;
+#[cfg(feature = "testing")]
 pub mod testing;
 mod traits;
 
 pub use error::{Result, StoreError};
 pub use info::{DeltaStorageInfo, StorageInfo};
 pub use memory::MemoryStore;
-pub use traits::{DeltaStore, ManifestStore, WeightStore};
+pub use traits::{DeltaStore, ManifestStore, Store, WeightStore};
 
 pub use coral_core;

@@ -103,3 +103,9 @@ pub trait ManifestStore: WeightStore {
     /// Deletes a manifest (not its weights); `Ok(false)` when absent.
     fn delete_manifest(&self, name: &ModelName) -> Result<bool>;
 }
+
+/// A complete store: weights, deltas and manifests. Every backend is one; sync and the `coral`
+/// command work on `&dyn Store`.
+pub trait Store: WeightStore + DeltaStore + ManifestStore {}
+
+impl<T: WeightStore + DeltaStore + ManifestStore + ?Sized> Store for T {}
