@@ -3,11 +3,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
-use coral_core::{ContentHash, HashAlgorithm, WeightMetadata, WeightTensor};
+use coral_core::{
+    ContentHash, Delta, HashAlgorithm, ModelManifest, ModelName, WeightMetadata, WeightTensor,
+};
 
 use crate::error::{Result, StoreError};
-use crate::info::StorageInfo;
-use crate::traits::WeightStore;
+use crate::info::{DeltaStorageInfo, StorageInfo};
+use crate::traits::{DeltaStore, ManifestStore, WeightStore};
 
 /// An in-memory store that keeps weights uncompressed. It passes the conformance suite and is
 /// the reference for what a backend must do; use it in your own tests.
@@ -21,6 +23,8 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     weights: BTreeMap<ContentHash, WeightTensor>,
+    deltas: BTreeMap<ContentHash, Delta>,
+    manifests: BTreeMap<ModelName, ModelManifest>,
     closed: bool,
 }
 
@@ -60,6 +64,12 @@ impl MemoryStore {
             },
             None => false,
         }
+    }
+
+    /// The stored bytes of a weight kept in full, unverified: a test hook (see
+    /// [`MemoryStore::corrupt_for_testing`]). `None` when the key is absent or held as a delta.
+    pub fn raw_for_testing(&self, key: &ContentHash) -> Option<bytes::Bytes> {
+        self.read_lock().weights.get(key).map(|w| w.data().clone())
     }
 
     fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -131,7 +141,7 @@ impl WeightStore for MemoryStore {
     fn exists(&self, key: &ContentHash) -> Result<bool> {
         let inner = self.read_lock();
         Self::check_open(&inner)?;
-        Ok(inner.weights.contains_key(key))
+        Ok(inner.weights.contains_key(key) || inner.deltas.contains_key(key))
     }
 
     fn delete(&self, key: &ContentHash) -> Result<bool> {
@@ -175,12 +185,95 @@ impl WeightStore for MemoryStore {
             compressed_bytes: total_bytes,
             compression_ratio: 0.0,
             compression: "none".to_owned(),
-            deltas: Default::default(),
+            deltas: delta_info(&inner),
         })
     }
 
     fn close(&mut self) -> Result<()> {
         self.write_lock().closed = true;
         Ok(())
+    }
+}
+
+impl DeltaStore for MemoryStore {
+    fn store_delta(&self, delta: &Delta, delta_hash: &ContentHash) -> Result<ContentHash> {
+        let mut inner = self.write_lock();
+        Self::check_open(&inner)?;
+        inner.deltas.insert(*delta_hash, delta.clone());
+        Ok(*delta_hash)
+    }
+
+    fn load_delta(&self, delta_hash: &ContentHash) -> Result<Option<Delta>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.deltas.get(delta_hash).cloned())
+    }
+
+    fn delta_exists(&self, delta_hash: &ContentHash) -> Result<bool> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.deltas.contains_key(delta_hash))
+    }
+
+    fn delete_delta(&self, delta_hash: &ContentHash) -> Result<bool> {
+        let mut inner = self.write_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.deltas.remove(delta_hash).is_some())
+    }
+
+    fn list_deltas(&self) -> Result<Vec<ContentHash>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.deltas.keys().copied().collect())
+    }
+
+    fn get_delta_storage_info(&self) -> Result<DeltaStorageInfo> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(delta_info(&inner))
+    }
+}
+
+fn delta_info(inner: &Inner) -> DeltaStorageInfo {
+    let mut info = DeltaStorageInfo::default();
+    for d in inner.deltas.values() {
+        info.total_deltas += 1;
+        info.total_delta_bytes += d.nbytes() as u64;
+        let elements: usize = d.original_shape.iter().product();
+        info.total_original_bytes += (elements * d.original_dtype.size()) as u64;
+        *info
+            .by_type
+            .entry(d.delta_type.name().to_owned())
+            .or_default() += 1;
+    }
+    info
+}
+
+impl ManifestStore for MemoryStore {
+    fn put_manifest(&self, manifest: &ModelManifest) -> Result<()> {
+        let mut inner = self.write_lock();
+        Self::check_open(&inner)?;
+        inner
+            .manifests
+            .insert(manifest.name.clone(), manifest.clone());
+        Ok(())
+    }
+
+    fn get_manifest(&self, name: &ModelName) -> Result<Option<ModelManifest>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.manifests.get(name).cloned())
+    }
+
+    fn list_manifests(&self) -> Result<Vec<ModelName>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.manifests.keys().cloned().collect())
+    }
+
+    fn delete_manifest(&self, name: &ModelName) -> Result<bool> {
+        let mut inner = self.write_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.manifests.remove(name).is_some())
     }
 }
