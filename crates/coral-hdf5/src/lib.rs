@@ -1,4 +1,35 @@
 //! # coral-hdf5
 //!
-//! Coral's local store: one HDF5 file holding weights by content hash (`HDF5Store`), in the
-//! seed's layout, readable by h5py and the Python Coral.
+//! Coral's local store: one HDF5 file holding weights by content hash ([`HDF5Store`]), in the
+//! seed's layout (`weights/`, `metadata/`, `deltas/`, plus `models/` for manifests), readable by
+//! h5py and the Python Coral (`coral-ml` 1.0), and fast: chunks are compressed and decompressed
+//! on all cores and moved with HDF5's direct chunk I/O, while each dataset declares the standard
+//! filter pipeline (shuffle, then deflate, LZF or zstd) so any HDF5 reader decodes it.
+//! `docs/format.md` describes the file precisely.
+//!
+//! ```
+//! use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions};
+//! use coral_store_api::WeightStore;
+//! use coral_core::WeightTensor;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("weights.h5");
+//! let store = HDF5Store::open(&path, HDF5StoreOptions::new().compression(Compression::Zstd))?;
+//! let w = WeightTensor::from_vec("layer.weight", vec![2, 3], vec![0.5f32, 1.0, 1.5, 2.0, 2.5, 3.0])?;
+//! let key = store.store(&w)?;
+//! let back = store.load(&key)?.expect("stored");
+//! assert_eq!(back.data(), w.data());
+//! assert_eq!(store.storage_info()?.total_weights, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod chunk;
+mod deltas;
+mod h5;
+mod options;
+mod store;
+
+pub use options::{Compression, HDF5StoreOptions, Mode};
+pub use store::{HDF5Store, DELTAS, METADATA, MODELS, WEIGHTS};

@@ -1,0 +1,446 @@
+//! Deltas (`deltas/`, the Python store's layout) and model manifests (`models/`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use coral_core::{
+    ContentHash, DType, Delta, DeltaType, JsonMap, ModelManifest, ModelName, WeightMetadata,
+    WeightTensor,
+};
+use coral_store_api::{
+    DeltaStorageInfo, DeltaStore, ManifestStore, Result, StoreError, WeightStore,
+};
+use hdf5_sys::h5i::hid_t;
+
+use crate::h5::{self, H5Error};
+use crate::store::{HDF5Store, Inner};
+
+/// The attribute written last on a delta (the Python store's last one): its commit marker.
+const DELTA_COMMIT: &str = "metadata";
+
+fn corrupt(store: &HDF5Store, key: &str, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        location: store.path.display().to_string(),
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl HDF5Store {
+    fn deltas_group<'a>(&self, inner: &'a Inner) -> Option<&'a h5::Hid> {
+        inner.deltas.as_ref()
+    }
+
+    /// True when `deltas/<key>` exists and is committed.
+    pub(crate) fn delta_present(&self, inner: &Inner, key: &str) -> Result<bool> {
+        let Some(g) = self.deltas_group(inner) else {
+            return Ok(false);
+        };
+        if !h5::link_exists(g.id(), key).map_err(|e| self.err(e))? {
+            return Ok(false);
+        }
+        let d = h5::open_dataset(g.id(), key).map_err(|e| self.err(e))?;
+        h5::attr_exists(d.id(), DELTA_COMMIT).map_err(|e| self.err(e))
+    }
+
+    fn read_delta(&self, dset: hid_t, key: &str) -> Result<Delta> {
+        let e = |e| self.err(e);
+        let s = |name: &str| -> Result<String> {
+            h5::read_str_attr(dset, name)
+                .map_err(e)?
+                .ok_or_else(|| corrupt(self, key, format!("delta without attribute {name}")))
+        };
+        let delta_type: DeltaType = s("delta_type")?
+            .parse()
+            .map_err(|err: coral_core::CoreError| corrupt(self, key, err.to_string()))?;
+        let original_dtype = DType::from_name(&s("original_dtype")?)
+            .map_err(|err| corrupt(self, key, err.to_string()))?;
+        let reference_hash = ContentHash::parse(&s("reference_hash")?)
+            .map_err(|err| corrupt(self, key, err.to_string()))?;
+        let original_shape = h5::read_i64s_attr(dset, "original_shape")
+            .map_err(e)?
+            .ok_or_else(|| corrupt(self, key, "delta without original_shape"))?
+            .into_iter()
+            .map(|d| usize::try_from(d).map_err(|_| corrupt(self, key, "negative dimension")))
+            .collect::<Result<Vec<_>>>()?;
+        let compression_ratio = h5::read_f64_attr(dset, "compression_ratio")
+            .map_err(e)?
+            .unwrap_or(0.0);
+        let metadata: JsonMap = match h5::read_str_attr(dset, "metadata").map_err(e)?.as_deref() {
+            None | Some("") => JsonMap::new(),
+            Some(m) => match serde_json::from_str(m) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => return Err(corrupt(self, key, "delta metadata is not a JSON object")),
+            },
+        };
+        // The payload: whatever element type it was written with, as its little-endian bytes.
+        let ftype = h5::dataset_type(dset).map_err(e)?;
+        // SAFETY: valid type id.
+        let es = unsafe { hdf5_sys::h5t::H5Tget_size(ftype.id()) };
+        let space = h5::dataset_space(dset).map_err(e)?;
+        let dims = h5::space_dims(space.id()).map_err(e)?;
+        let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        let dtype = match es {
+            1 => DType::U8,
+            2 => DType::U16,
+            4 => DType::U32,
+            8 => DType::U64,
+            other => {
+                return Err(corrupt(
+                    self,
+                    key,
+                    format!("delta payload element size {other}"),
+                ))
+            }
+        };
+        let raw = self.read_raw(dset, key, dtype, &shape)?;
+        let data = raw
+            .decode(es)
+            .map_err(|r| corrupt(self, key, format!("delta payload: {r}")))?;
+        Ok(Delta {
+            delta_type,
+            data: Bytes::from(data),
+            metadata,
+            original_shape,
+            original_dtype,
+            reference_hash,
+            compression_ratio,
+        })
+    }
+
+    fn delta_attrs(delta: &Delta, obj: hid_t) -> std::result::Result<(), H5Error> {
+        h5::write_str_attr(obj, "delta_type", delta.delta_type.name())?;
+        let shape: Vec<i64> = delta.original_shape.iter().map(|&d| d as i64).collect();
+        h5::write_i64s_attr(obj, "original_shape", &shape)?;
+        h5::write_str_attr(obj, "original_dtype", delta.original_dtype.name())?;
+        h5::write_str_attr(obj, "reference_hash", &delta.reference_hash.to_hex())?;
+        h5::write_f64_attr(obj, "compression_ratio", delta.compression_ratio)?;
+        let m = serde_json::Value::Object(delta.metadata.clone()).to_string();
+        h5::write_str_attr(obj, DELTA_COMMIT, &m)
+    }
+
+    /// Every committed delta key.
+    pub(crate) fn list_delta_keys(&self) -> Result<Vec<ContentHash>> {
+        self.with(|inner| {
+            let Some(g) = self.deltas_group(inner) else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::new();
+            for name in h5::link_names(g.id()).map_err(|e| self.err(e))? {
+                let Ok(k) = ContentHash::parse(&name) else {
+                    continue;
+                };
+                if self.delta_present(inner, &name)? {
+                    out.push(k);
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+    }
+
+    /// How many stored deltas name `key` as their reference.
+    pub(crate) fn dependents_of(&self, key: &ContentHash) -> Result<usize> {
+        let hex = key.to_hex();
+        self.with(|inner| {
+            let Some(g) = self.deltas_group(inner) else {
+                return Ok(0);
+            };
+            let mut n = 0;
+            for name in h5::link_names(g.id()).map_err(|e| self.err(e))? {
+                let d = h5::open_dataset(g.id(), &name).map_err(|e| self.err(e))?;
+                if h5::read_str_attr(d.id(), "reference_hash")
+                    .map_err(|e| self.err(e))?
+                    .as_deref()
+                    == Some(hex.as_str())
+                {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    /// The metadata of a weight kept as a delta: from the delta's `metadata` JSON (`name`,
+    /// `layer_type`, `model_name` when present) and its original shape and dtype.
+    pub(crate) fn delta_metadata(&self, key: &ContentHash) -> Result<Option<WeightMetadata>> {
+        let Some(d) = self.load_delta(key)? else {
+            return Ok(None);
+        };
+        Ok(Some(metadata_of_delta(&d, key)))
+    }
+
+    /// Rebuilds weights kept as deltas (reference chains resolved recursively), verified.
+    pub(crate) fn load_via_deltas(
+        &self,
+        keys: &[ContentHash],
+    ) -> Result<HashMap<ContentHash, WeightTensor>> {
+        let mut out = HashMap::new();
+        for key in keys {
+            if let Some(w) = self.resolve_delta(key, 0)? {
+                out.insert(*key, w);
+            }
+        }
+        Ok(out)
+    }
+
+    fn resolve_delta(&self, key: &ContentHash, depth: usize) -> Result<Option<WeightTensor>> {
+        let Some(delta) = self.load_delta(key)? else {
+            return Ok(None);
+        };
+        if depth > 64 {
+            return Err(corrupt(self, &key.to_hex(), "delta chain longer than 64"));
+        }
+        let reference = match self
+            .load_full(std::slice::from_ref(&delta.reference_hash))?
+            .remove(&delta.reference_hash)
+        {
+            Some(w) => w,
+            None => match self.resolve_delta(&delta.reference_hash, depth + 1)? {
+                Some(w) => w,
+                None => {
+                    return Err(StoreError::MissingReference {
+                        key: *key,
+                        reference: delta.reference_hash,
+                    })
+                }
+            },
+        };
+        let w = decode_delta(&delta, &reference, key)?;
+        let w = w
+            .with_metadata(metadata_of_delta(&delta, key))
+            .map_err(|e| StoreError::core(format!("delta {key}"), e))?;
+        self.verify(&w, key)?;
+        Ok(Some(w))
+    }
+}
+
+/// Applies a delta to its reference (the delta encoder of coral-core).
+fn decode_delta(
+    delta: &Delta,
+    reference: &WeightTensor,
+    key: &ContentHash,
+) -> Result<WeightTensor> {
+    let _ = (delta, reference);
+    Err(StoreError::Corrupt {
+        location: String::new(),
+        key: key.to_hex(),
+        reason: "decoding deltas needs coral-core's delta encoder (not yet available)".to_owned(),
+    })
+}
+
+fn metadata_of_delta(d: &Delta, key: &ContentHash) -> WeightMetadata {
+    let s = |k: &str| {
+        d.metadata
+            .get(k)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let mut m = WeightMetadata::new(
+        s("name").unwrap_or_else(|| key.to_hex()),
+        d.original_shape.clone(),
+        d.original_dtype,
+    );
+    m.layer_type = s("layer_type");
+    m.model_name = s("model_name");
+    m.hash = Some(*key);
+    m
+}
+
+impl DeltaStore for HDF5Store {
+    fn store_delta(&self, delta: &Delta, delta_hash: &ContentHash) -> Result<ContentHash> {
+        let key = delta_hash.to_hex();
+        let enc = self.encode(key.clone(), DType::U8, &[delta.data.len()], &delta.data)?;
+        self.with_write(|inner| {
+            if self.delta_present(inner, &key)? {
+                return Ok(());
+            }
+            let g = self
+                .deltas_group(inner)
+                .ok_or_else(|| StoreError::ReadOnly {
+                    location: self.path.display().to_string(),
+                })?;
+            if h5::link_exists(g.id(), &key).map_err(|e| self.err(e))? {
+                // An uncommitted leftover of an interrupted write.
+                h5::delete_link(g.id(), &key).map_err(|e| self.err(e))?;
+            }
+            self.write_dataset(inner, g.id(), &enc, &|obj| Self::delta_attrs(delta, obj))?;
+            self.flush(inner)
+        })?;
+        Ok(*delta_hash)
+    }
+
+    fn load_delta(&self, delta_hash: &ContentHash) -> Result<Option<Delta>> {
+        let key = delta_hash.to_hex();
+        self.with(|inner| {
+            if !self.delta_present(inner, &key)? {
+                return Ok(None);
+            }
+            let g = self
+                .deltas_group(inner)
+                .ok_or_else(|| corrupt(self, &key, "no deltas group"))?;
+            let d = h5::open_dataset(g.id(), &key).map_err(|e| self.err(e))?;
+            self.read_delta(d.id(), &key).map(Some)
+        })
+    }
+
+    fn delta_exists(&self, delta_hash: &ContentHash) -> Result<bool> {
+        self.with(|inner| self.delta_present(inner, &delta_hash.to_hex()))
+    }
+
+    fn delete_delta(&self, delta_hash: &ContentHash) -> Result<bool> {
+        let dependents = self.dependents_of(delta_hash)?;
+        if dependents > 0 {
+            return Err(StoreError::Referenced {
+                key: *delta_hash,
+                dependents,
+            });
+        }
+        let key = delta_hash.to_hex();
+        self.with_write(|inner| {
+            let Some(g) = self.deltas_group(inner) else {
+                return Ok(false);
+            };
+            if !h5::link_exists(g.id(), &key).map_err(|e| self.err(e))? {
+                return Ok(false);
+            }
+            h5::delete_link(g.id(), &key).map_err(|e| self.err(e))?;
+            self.flush(inner)?;
+            Ok(true)
+        })
+    }
+
+    fn list_deltas(&self) -> Result<Vec<ContentHash>> {
+        self.list_delta_keys()
+    }
+
+    fn get_delta_storage_info(&self) -> Result<DeltaStorageInfo> {
+        let keys = self.list_delta_keys()?;
+        let mut info = DeltaStorageInfo::default();
+        for k in keys {
+            let Some(d) = self.load_delta(&k)? else {
+                continue;
+            };
+            info.total_deltas += 1;
+            info.total_delta_bytes += d.nbytes() as u64;
+            let elements: usize = d.original_shape.iter().product();
+            info.total_original_bytes += (elements * d.original_dtype.size()) as u64;
+            *info
+                .by_type
+                .entry(d.delta_type.name().to_owned())
+                .or_insert(0) += 1;
+        }
+        Ok(info)
+    }
+}
+
+impl ManifestStore for HDF5Store {
+    fn put_manifest(&self, manifest: &ModelManifest) -> Result<()> {
+        let json = manifest
+            .to_json()
+            .map_err(|e| StoreError::core(format!("manifest {}", manifest.name), e))?;
+        let name = manifest.name.as_str().to_owned();
+        let enc = self.encode(name.clone(), DType::U8, &[json.len()], &Bytes::from(json))?;
+        self.with_write(|inner| {
+            let g = inner.models.as_ref().ok_or_else(|| StoreError::ReadOnly {
+                location: self.path.display().to_string(),
+            })?;
+            // Write the new one under a temporary name, then swap the links.
+            let tmp = format!("{name}.tmp");
+            if h5::link_exists(g.id(), &tmp).map_err(|e| self.err(e))? {
+                h5::delete_link(g.id(), &tmp).map_err(|e| self.err(e))?;
+            }
+            let mut enc = enc;
+            enc.key = tmp.clone();
+            self.write_dataset(inner, g.id(), &enc, &|obj| {
+                h5::write_str_attr(obj, "format", "coral.manifest.v1+json")
+            })?;
+            if h5::link_exists(g.id(), &name).map_err(|e| self.err(e))? {
+                h5::delete_link(g.id(), &name).map_err(|e| self.err(e))?;
+            }
+            move_link(g.id(), &tmp, &name).map_err(|e| self.err(e))?;
+            self.flush(inner)
+        })
+    }
+
+    fn get_manifest(&self, name: &ModelName) -> Result<Option<ModelManifest>> {
+        let n = name.as_str();
+        let bytes = self.with(|inner| {
+            let Some(g) = inner.models.as_ref() else {
+                return Ok(None);
+            };
+            if !h5::link_exists(g.id(), n).map_err(|e| self.err(e))? {
+                return Ok(None);
+            }
+            let d = h5::open_dataset(g.id(), n).map_err(|e| self.err(e))?;
+            let space = h5::dataset_space(d.id()).map_err(|e| self.err(e))?;
+            let dims = h5::space_dims(space.id()).map_err(|e| self.err(e))?;
+            let shape: Vec<usize> = dims.iter().map(|&x| x as usize).collect();
+            self.read_raw(d.id(), n, DType::U8, &shape).map(Some)
+        })?;
+        let Some(raw) = bytes else { return Ok(None) };
+        let data = raw
+            .decode(1)
+            .map_err(|r| corrupt(self, n, format!("manifest: {r}")))?;
+        ModelManifest::from_json(&data)
+            .map(Some)
+            .map_err(|e| corrupt(self, n, e.to_string()))
+    }
+
+    fn list_manifests(&self) -> Result<Vec<ModelName>> {
+        self.with(|inner| {
+            let Some(g) = inner.models.as_ref() else {
+                return Ok(Vec::new());
+            };
+            let mut out: Vec<ModelName> = h5::link_names(g.id())
+                .map_err(|e| self.err(e))?
+                .into_iter()
+                .filter(|n| !n.ends_with(".tmp"))
+                .filter_map(|n| ModelName::new(n).ok())
+                .collect();
+            out.sort();
+            Ok(out)
+        })
+    }
+
+    fn delete_manifest(&self, name: &ModelName) -> Result<bool> {
+        self.with_write(|inner| {
+            let Some(g) = inner.models.as_ref() else {
+                return Ok(false);
+            };
+            if !h5::link_exists(g.id(), name.as_str()).map_err(|e| self.err(e))? {
+                return Ok(false);
+            }
+            h5::delete_link(g.id(), name.as_str()).map_err(|e| self.err(e))?;
+            self.flush(inner)?;
+            Ok(true)
+        })
+    }
+}
+
+fn move_link(group: hid_t, from: &str, to: &str) -> std::result::Result<(), H5Error> {
+    let a = h5::cstr(from)?;
+    let b = h5::cstr(to)?;
+    // SAFETY: valid group id and C strings.
+    h5::check(
+        unsafe {
+            hdf5_sys::h5l::H5Lmove(
+                group,
+                a.as_ptr(),
+                group,
+                b.as_ptr(),
+                hdf5_sys::h5p::H5P_DEFAULT,
+                hdf5_sys::h5p::H5P_DEFAULT,
+            )
+        },
+        || format!("renaming {from} to {to}"),
+    )
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<HDF5Store>();
+    let _: Option<BTreeMap<String, ContentHash>> = None;
+    let _: fn(&HDF5Store) -> Result<Vec<ContentHash>> = |s| s.list_weights();
+}

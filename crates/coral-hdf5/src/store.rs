@@ -1,0 +1,1090 @@
+//! `HDF5Store`: the seed's local store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use coral_core::{ContentHash, DType, JsonMap, WeightMetadata, WeightTensor};
+use coral_store_api::{Result, StorageInfo, StoreError, WeightStore};
+use hdf5_sys::h5i::hid_t;
+use rayon::prelude::*;
+
+use crate::chunk;
+use crate::h5::{self, FilterInfo, H5Error, Hid, Kind};
+use crate::options::{Compression, HDF5StoreOptions, Mode};
+
+/// Group of full weights.
+pub const WEIGHTS: &str = "weights";
+/// The seed's legacy metadata group (created, left empty).
+pub const METADATA: &str = "metadata";
+/// Group of deltas.
+pub const DELTAS: &str = "deltas";
+/// Group of model manifests.
+pub const MODELS: &str = "models";
+
+/// Uncompressed bytes handled per group in batches: bounds the compressed chunks in flight.
+const GROUP_BYTES: usize = 64 << 20;
+
+/// Coral's local store: one HDF5 file with the seed's layout (see `docs/format.md`).
+///
+/// Every method is safe to call from many threads; HDF5 calls are serialized on the library's
+/// process-wide lock while hashing, compression and decompression run in parallel on rayon.
+pub struct HDF5Store {
+    pub(crate) path: PathBuf,
+    pub(crate) opts: HDF5StoreOptions,
+    pub(crate) inner: Mutex<Option<Inner>>,
+}
+
+impl std::fmt::Debug for HDF5Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HDF5Store")
+            .field("path", &self.path)
+            .field("options", &self.opts)
+            .finish()
+    }
+}
+
+/// The open file and its groups.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    // Field order is drop order: groups before the file.
+    pub(crate) weights: Hid,
+    pub(crate) deltas: Option<Hid>,
+    pub(crate) models: Option<Hid>,
+    pub(crate) file: Hid,
+    pub(crate) writable: bool,
+}
+
+/// An encoded weight ready to be written under the lock.
+pub(crate) struct Encoded {
+    pub(crate) key: String,
+    pub(crate) dtype: DType,
+    pub(crate) dims: Vec<u64>,
+    pub(crate) layout: Layout,
+    /// Chunks (bytes, filter mask) for chunked layouts; the raw data for contiguous ones.
+    pub(crate) chunks: Vec<(Vec<u8>, u32)>,
+    pub(crate) raw: Option<Bytes>,
+}
+
+/// How a dataset is laid out.
+#[derive(Debug, Clone)]
+pub(crate) enum Layout {
+    /// Scalars and empty tensors: contiguous, no filters.
+    Contiguous,
+    /// Chunked along the first axis with `rows` rows per chunk and this pipeline.
+    Chunked {
+        rows: u64,
+        chunk_dims: Vec<u64>,
+        pipeline: Vec<FilterInfo>,
+    },
+}
+
+pub(crate) fn h5err(path: &Path, e: H5Error) -> StoreError {
+    if e.is_lock_error() {
+        return StoreError::Locked {
+            location: path.display().to_string(),
+            reason: e.to_string(),
+        };
+    }
+    StoreError::backend(format!("{}", path.display()), e)
+}
+
+fn corrupt(path: &Path, key: &str, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        location: path.display().to_string(),
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl HDF5Store {
+    /// Opens (or creates, by mode) the store at `path`. Options are checked first: an invalid
+    /// option leaves the file untouched. Errors name the path: a missing file in `r`/`r+` mode,
+    /// a file that is not HDF5 ([`StoreError::NotAStore`]), an HDF5 file without the Coral
+    /// layout opened `r`/`r+` (or with other content, opened `a`), a file another process holds
+    /// for writing ([`StoreError::Locked`]).
+    pub fn open(path: impl AsRef<Path>, opts: HDF5StoreOptions) -> Result<HDF5Store> {
+        opts.validate()?;
+        let path = path.as_ref().to_path_buf();
+        let inner = open_file(&path, &opts)?;
+        Ok(HDF5Store {
+            path,
+            opts,
+            inner: Mutex::new(Some(inner)),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &HDF5StoreOptions {
+        &self.opts
+    }
+
+    /// Runs `f` on the open file under the store's mutex and the HDF5 lock.
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&Inner) -> Result<T>) -> Result<T> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(inner) = guard.as_ref() else {
+            return Err(StoreError::Closed {
+                location: self.path.display().to_string(),
+            });
+        };
+        h5::locked(|| f(inner))
+    }
+
+    pub(crate) fn with_write<T>(&self, f: impl FnOnce(&Inner) -> Result<T>) -> Result<T> {
+        self.with(|inner| {
+            if !inner.writable {
+                return Err(StoreError::ReadOnly {
+                    location: self.path.display().to_string(),
+                });
+            }
+            f(inner)
+        })
+    }
+
+    pub(crate) fn err(&self, e: H5Error) -> StoreError {
+        h5err(&self.path, e)
+    }
+
+    pub(crate) fn flush(&self, inner: &Inner) -> Result<()> {
+        // SAFETY: valid file id, under the lock.
+        let r = unsafe {
+            hdf5_sys::h5f::H5Fflush(inner.file.id(), hdf5_sys::h5f::H5F_scope_t::H5F_SCOPE_LOCAL)
+        };
+        h5::check(r, || "flushing".to_owned()).map_err(|e| self.err(e))
+    }
+
+    /// The pipeline new datasets of `dtype` get.
+    pub(crate) fn pipeline(&self, dtype: DType) -> Vec<FilterInfo> {
+        let mut p = Vec::new();
+        let es = dtype.size();
+        if self.opts.shuffle && es > 1 && self.opts.compression != Compression::None {
+            p.push(FilterInfo {
+                id: h5::FILTER_SHUFFLE,
+                cd: vec![es as u32],
+            });
+        }
+        match self.opts.compression {
+            Compression::None => {}
+            Compression::Gzip => p.push(FilterInfo {
+                id: h5::FILTER_DEFLATE,
+                cd: vec![self.opts.effective_level().unwrap_or(4) as u32],
+            }),
+            Compression::Zstd => p.push(FilterInfo {
+                id: h5::FILTER_ZSTD,
+                cd: vec![self.opts.effective_level().unwrap_or(3) as u32],
+            }),
+            Compression::Lzf => p.push(FilterInfo {
+                id: h5::FILTER_LZF,
+                cd: vec![],
+            }),
+        }
+        p
+    }
+
+    /// Plans the layout of a tensor of `dtype` and `shape`.
+    pub(crate) fn layout(&self, dtype: DType, shape: &[usize]) -> Result<Layout> {
+        if shape.is_empty() || shape.contains(&0) {
+            return Ok(Layout::Contiguous);
+        }
+        let row_elems: usize = shape[1..].iter().product();
+        let row_bytes = row_elems.saturating_mul(dtype.size()).max(1);
+        let rows = (self.opts.chunk_bytes / row_bytes).clamp(1, shape[0]);
+        if rows.saturating_mul(row_bytes) > (u32::MAX as usize) {
+            return Err(StoreError::InvalidConfig(format!(
+                "shape {shape:?}: one row is {row_bytes} bytes, above HDF5's 4 GiB chunk limit"
+            )));
+        }
+        let mut chunk_dims = vec![rows as u64];
+        chunk_dims.extend(shape[1..].iter().map(|&d| d as u64));
+        Ok(Layout::Chunked {
+            rows: rows as u64,
+            chunk_dims,
+            pipeline: self.pipeline(dtype),
+        })
+    }
+
+    /// Encodes a tensor's data: chunks in parallel. Scalars and empty tensors are kept raw.
+    pub(crate) fn encode(
+        &self,
+        key: String,
+        dtype: DType,
+        shape: &[usize],
+        data: &Bytes,
+    ) -> Result<Encoded> {
+        let layout = self.layout(dtype, shape)?;
+        let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let (chunks, raw) = match &layout {
+            Layout::Contiguous => (Vec::new(), Some(data.clone())),
+            Layout::Chunked { rows, pipeline, .. } => {
+                let row_bytes = data.len() / shape[0];
+                let cb = row_bytes * (*rows as usize);
+                let es = dtype.size();
+                let chunks = data
+                    .par_chunks(cb)
+                    .map(|c| {
+                        if c.len() == cb {
+                            chunk::encode(pipeline, es, c)
+                        } else {
+                            let mut padded = Vec::with_capacity(cb);
+                            padded.extend_from_slice(c);
+                            padded.resize(cb, 0);
+                            chunk::encode(pipeline, es, &padded)
+                        }
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| corrupt(&self.path, &key, format!("compressing: {e}")))?;
+                (chunks, None)
+            }
+        };
+        Ok(Encoded {
+            key,
+            dtype,
+            dims,
+            layout,
+            chunks,
+            raw,
+        })
+    }
+
+    /// Creates the dataset of `enc` anonymously, writes its chunks and `attrs` (the last one is
+    /// the commit marker), then links it into `group`. Call under the lock.
+    pub(crate) fn write_dataset(
+        &self,
+        inner: &Inner,
+        group: hid_t,
+        enc: &Encoded,
+        attrs: &dyn Fn(hid_t) -> std::result::Result<(), H5Error>,
+    ) -> Result<()> {
+        let e = |e| self.err(e);
+        let ftype = h5::file_type(enc.dtype).map_err(e)?;
+        let space = h5::simple_space(&enc.dims).map_err(e)?;
+        let dcpl = match &enc.layout {
+            Layout::Contiguous => h5::make_dcpl(None, &[]),
+            Layout::Chunked {
+                chunk_dims,
+                pipeline,
+                ..
+            } => h5::make_dcpl(Some(chunk_dims), pipeline),
+        }
+        .map_err(e)?;
+        let dset = h5::create_anon_dataset(inner.file.id(), ftype.id(), space.id(), dcpl.id())
+            .map_err(e)?;
+        match &enc.layout {
+            Layout::Contiguous => {
+                if let Some(raw) = &enc.raw {
+                    if !raw.is_empty() {
+                        // SAFETY: the buffer holds exactly the dataset's bytes in its file type.
+                        let r = unsafe {
+                            hdf5_sys::h5d::H5Dwrite(
+                                dset.id(),
+                                ftype.id(),
+                                hdf5_sys::h5s::H5S_ALL,
+                                hdf5_sys::h5s::H5S_ALL,
+                                hdf5_sys::h5p::H5P_DEFAULT,
+                                raw.as_ptr() as *const _,
+                            )
+                        };
+                        h5::check(r, || format!("writing {}", enc.key)).map_err(e)?;
+                    }
+                }
+            }
+            Layout::Chunked { rows, .. } => {
+                let mut offset = vec![0u64; enc.dims.len()];
+                for (i, (bytes, mask)) in enc.chunks.iter().enumerate() {
+                    offset[0] = i as u64 * rows;
+                    // SAFETY: offset has rank entries; buffer valid for its length.
+                    let r = unsafe {
+                        hdf5_sys::h5d::H5Dwrite_chunk(
+                            dset.id(),
+                            hdf5_sys::h5p::H5P_DEFAULT,
+                            *mask,
+                            offset.as_ptr(),
+                            bytes.len(),
+                            bytes.as_ptr() as *const _,
+                        )
+                    };
+                    h5::check(r, || format!("writing chunk {i} of {}", enc.key)).map_err(e)?;
+                }
+            }
+        }
+        attrs(dset.id()).map_err(e)?;
+        h5::link_object(dset.id(), group, &enc.key).map_err(e)?;
+        Ok(())
+    }
+
+    /// Writes a weight's attributes exactly as the Python store does, `hash` last.
+    pub(crate) fn weight_attrs(
+        meta: &WeightMetadata,
+        key: &str,
+        obj: hid_t,
+    ) -> std::result::Result<(), H5Error> {
+        h5::write_str_attr(obj, "name", &meta.name)?;
+        let shape: Vec<i64> = meta.shape.iter().map(|&d| d as i64).collect();
+        h5::write_i64s_attr(obj, "shape", &shape)?;
+        h5::write_str_attr(obj, "dtype", meta.dtype.name())?;
+        h5::write_str_attr(obj, "layer_type", meta.layer_type.as_deref().unwrap_or(""))?;
+        h5::write_str_attr(obj, "model_name", meta.model_name.as_deref().unwrap_or(""))?;
+        let ci = serde_json::Value::Object(meta.compression_info.clone()).to_string();
+        h5::write_str_attr(obj, "compression_info", &ci)?;
+        h5::write_str_attr(obj, "hash", key)
+    }
+
+    /// True when `weights/<key>` exists and is committed (has its `hash` attribute).
+    pub(crate) fn weight_present(&self, inner: &Inner, key: &str) -> Result<bool> {
+        if !h5::link_exists(inner.weights.id(), key).map_err(|e| self.err(e))? {
+            return Ok(false);
+        }
+        let d = h5::open_dataset(inner.weights.id(), key).map_err(|e| self.err(e))?;
+        h5::attr_exists(d.id(), "hash").map_err(|e| self.err(e))
+    }
+
+    /// Reads a weight's metadata from its dataset's attributes.
+    pub(crate) fn read_meta(&self, dset: hid_t, key: &ContentHash) -> Result<WeightMetadata> {
+        let k = key.to_hex();
+        let e = |e| self.err(e);
+        let name = h5::read_str_attr(dset, "name")
+            .map_err(e)?
+            .unwrap_or_default();
+        let dtype_name = h5::read_str_attr(dset, "dtype")
+            .map_err(e)?
+            .ok_or_else(|| corrupt(&self.path, &k, "no dtype attribute"))?;
+        let dtype = DType::from_name(&dtype_name)
+            .map_err(|err| corrupt(&self.path, &k, err.to_string()))?;
+        let shape = h5::read_i64s_attr(dset, "shape")
+            .map_err(e)?
+            .ok_or_else(|| corrupt(&self.path, &k, "no shape attribute"))?;
+        let shape = shape
+            .into_iter()
+            .map(|d| {
+                usize::try_from(d)
+                    .map_err(|_| corrupt(&self.path, &k, format!("negative dimension {d}")))
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        let opt = |s: Option<String>| s.filter(|s| !s.is_empty());
+        let layer_type = opt(h5::read_str_attr(dset, "layer_type").map_err(e)?);
+        let model_name = opt(h5::read_str_attr(dset, "model_name").map_err(e)?);
+        let ci = h5::read_str_attr(dset, "compression_info").map_err(e)?;
+        let compression_info: JsonMap = match ci.as_deref() {
+            None | Some("") => JsonMap::new(),
+            Some(s) => match serde_json::from_str::<serde_json::Value>(s) {
+                Ok(serde_json::Value::Object(m)) => m,
+                Ok(_) | Err(_) => {
+                    return Err(corrupt(
+                        &self.path,
+                        &k,
+                        format!("compression_info is not a JSON object: {s:?}"),
+                    ))
+                }
+            },
+        };
+        let meta = WeightMetadata {
+            name,
+            shape,
+            dtype,
+            layer_type,
+            model_name,
+            compression_info,
+            hash: Some(*key),
+        };
+        meta.checked_nbytes()
+            .map_err(|err| corrupt(&self.path, &k, err.to_string()))?;
+        Ok(meta)
+    }
+
+    /// Reads a dataset's stored bytes: compressed chunks for our own layout (decoded later, in
+    /// parallel), or the whole array through HDF5's pipeline otherwise.
+    pub(crate) fn read_raw(
+        &self,
+        dset: hid_t,
+        key: &str,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<RawRead> {
+        let e = |e| self.err(e);
+        let nbytes = shape
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| corrupt(&self.path, key, "shape overflows"))?;
+        let ftype = h5::dataset_type(dset).map_err(e)?;
+        h5::check_readable_type(ftype.id(), dtype.size())
+            .map_err(|r| corrupt(&self.path, key, r))?;
+        let space = h5::dataset_space(dset).map_err(e)?;
+        let dims = h5::space_dims(space.id()).map_err(e)?;
+        let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let n_elems: u64 = dims.iter().product();
+        if dims != want && !(dims.is_empty() && shape.is_empty()) {
+            // h5py stores what numpy gives; accept any shape with the same element count.
+            if n_elems as usize * dtype.size() != nbytes {
+                return Err(corrupt(
+                    &self.path,
+                    key,
+                    format!("dataset shape {dims:?} does not match the shape attribute {shape:?}"),
+                ));
+            }
+        }
+        let dcpl = h5::dataset_dcpl(dset).map_err(e)?;
+        let (pipeline, chunk_dims) = h5::dcpl_layout(dcpl.id()).map_err(e)?;
+        let ours = !chunk_dims.is_empty()
+            && chunk_dims.len() == dims.len()
+            && chunk_dims[1..] == dims[1..]
+            && chunk_dims[0] > 0
+            && chunk::supported(&pipeline)
+            && dims == want;
+        if ours {
+            let rows = chunk_dims[0];
+            let n_chunks = dims[0].div_ceil(rows);
+            let row_bytes: usize = shape[1..].iter().product::<usize>() * dtype.size();
+            let chunk_bytes = row_bytes * rows as usize;
+            let mut chunks = Vec::with_capacity(n_chunks as usize);
+            let mut offset = vec![0u64; dims.len()];
+            for i in 0..n_chunks {
+                offset[0] = i * rows;
+                let mut mask: u32 = 0;
+                let mut addr: u64 = 0;
+                let mut size: u64 = 0;
+                // SAFETY: offset has rank entries; out pointers valid.
+                let r = unsafe {
+                    hdf5_sys::h5d::H5Dget_chunk_info_by_coord(
+                        dset,
+                        offset.as_ptr(),
+                        &mut mask,
+                        &mut addr,
+                        &mut size,
+                    )
+                };
+                h5::check(r, || format!("chunk {i} info of {key}")).map_err(e)?;
+                if addr == u64::MAX || size == 0 {
+                    chunks.push(None); // never written: fill value (zeros)
+                    continue;
+                }
+                if size
+                    > (chunk_bytes as u64)
+                        .saturating_mul(2)
+                        .saturating_add(1 << 20)
+                {
+                    return Err(corrupt(
+                        &self.path,
+                        key,
+                        format!("chunk {i} is {size} bytes"),
+                    ));
+                }
+                let mut buf = vec![0u8; size as usize];
+                let mut filters: u32 = 0;
+                // SAFETY: buffer of the chunk's stored size.
+                let r = unsafe {
+                    hdf5_sys::h5d::H5Dread_chunk(
+                        dset,
+                        hdf5_sys::h5p::H5P_DEFAULT,
+                        offset.as_ptr(),
+                        &mut filters,
+                        buf.as_mut_ptr() as *mut _,
+                    )
+                };
+                h5::check(r, || format!("reading chunk {i} of {key}")).map_err(e)?;
+                chunks.push(Some((buf, filters)));
+            }
+            Ok(RawRead::Chunks {
+                pipeline,
+                chunk_bytes,
+                chunks,
+                nbytes,
+            })
+        } else {
+            let mut buf = vec![0u8; nbytes];
+            if nbytes > 0 {
+                // SAFETY: reading the whole dataset in its own (little-endian) file type into a
+                // buffer of exactly its size.
+                let r = unsafe {
+                    hdf5_sys::h5d::H5Dread(
+                        dset,
+                        ftype.id(),
+                        hdf5_sys::h5s::H5S_ALL,
+                        hdf5_sys::h5s::H5S_ALL,
+                        hdf5_sys::h5p::H5P_DEFAULT,
+                        buf.as_mut_ptr() as *mut _,
+                    )
+                };
+                h5::check(r, || format!("reading {key}")).map_err(e)?;
+            }
+            Ok(RawRead::Whole(buf))
+        }
+    }
+
+    /// Checks `w` against `key`: the integrity error when strict, a warning otherwise.
+    pub(crate) fn verify(&self, w: &WeightTensor, key: &ContentHash) -> Result<()> {
+        let actual = w.compute_hash_with(key.algorithm());
+        if actual != *key {
+            if self.opts.strict_integrity {
+                return Err(StoreError::Integrity {
+                    name: w.name().to_owned(),
+                    expected: *key,
+                    actual,
+                });
+            }
+            tracing::warn!(key = %key, actual = %actual, name = w.name(), path = %self.path.display(), "integrity check failed");
+        }
+        Ok(())
+    }
+
+    /// Loads full weights (not deltas) for `keys`; absent ones are left out. Reads under the
+    /// lock in groups, decodes and verifies in parallel outside it.
+    pub(crate) fn load_full(
+        &self,
+        keys: &[ContentHash],
+    ) -> Result<HashMap<ContentHash, WeightTensor>> {
+        let mut out = HashMap::with_capacity(keys.len());
+        let mut seen = HashSet::new();
+        let mut i = 0;
+        while i < keys.len() {
+            // Read one group under the lock.
+            let mut group: Vec<(ContentHash, WeightMetadata, RawRead)> = Vec::new();
+            self.with(|inner| {
+                let mut bytes = 0usize;
+                while i < keys.len() && (bytes < GROUP_BYTES || group.is_empty()) {
+                    let key = keys[i];
+                    i += 1;
+                    if !seen.insert(key) {
+                        continue;
+                    }
+                    let k = key.to_hex();
+                    if !self.weight_present(inner, &k)? {
+                        continue;
+                    }
+                    let d = h5::open_dataset(inner.weights.id(), &k).map_err(|e| self.err(e))?;
+                    let meta = self.read_meta(d.id(), &key)?;
+                    let raw = self.read_raw(d.id(), &k, meta.dtype, &meta.shape)?;
+                    bytes += raw.nbytes_in_flight();
+                    group.push((key, meta, raw));
+                }
+                Ok(())
+            })?;
+            let decoded: Vec<(ContentHash, WeightTensor)> = group
+                .into_par_iter()
+                .map(|(key, meta, raw)| {
+                    let k = key.to_hex();
+                    let data = raw.decode(meta.dtype.size()).map_err(|r| {
+                        corrupt(&self.path, &k, format!("weight {:?}: {r}", meta.name))
+                    })?;
+                    let w = WeightTensor::new(meta, data)
+                        .map_err(|err| corrupt(&self.path, &k, err.to_string()))?;
+                    self.verify(&w, &key)?;
+                    Ok((key, w))
+                })
+                .collect::<Result<_>>()?;
+            out.extend(decoded);
+        }
+        Ok(out)
+    }
+
+    /// Hashes (in parallel), then encodes and writes new weights in bounded groups, flushing at
+    /// the end. `items` are (name, weight, key or None to compute).
+    pub(crate) fn store_many(
+        &self,
+        items: &[(String, &WeightTensor, Option<ContentHash>)],
+    ) -> Result<BTreeMap<String, ContentHash>> {
+        let algorithm = self.opts.hash_algorithm;
+        let keys: Vec<ContentHash> = items
+            .par_iter()
+            .map(|(_, w, given)| {
+                let actual = w.compute_hash_with(given.map(|k| k.algorithm()).unwrap_or(algorithm));
+                match given {
+                    Some(k) if *k != actual => Err(StoreError::KeyMismatch {
+                        name: w.name().to_owned(),
+                        key: *k,
+                        actual,
+                    }),
+                    _ => Ok(actual),
+                }
+            })
+            .collect::<Result<_>>()?;
+        // Which are new (not stored, not repeated in this batch).
+        let mut todo: Vec<usize> = Vec::new();
+        self.with_write(|inner| {
+            let mut seen = HashSet::new();
+            for (i, k) in keys.iter().enumerate() {
+                if seen.insert(*k) && !self.weight_present(inner, &k.to_hex())? {
+                    todo.push(i);
+                }
+            }
+            Ok(())
+        })?;
+        let mut start = 0;
+        while start < todo.len() {
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < todo.len() && (bytes < GROUP_BYTES || end == start) {
+                bytes += items[todo[end]].1.nbytes();
+                end += 1;
+            }
+            let encoded: Vec<(usize, Encoded)> = todo[start..end]
+                .par_iter()
+                .map(|&i| {
+                    let w = items[i].1;
+                    let enc = self.encode(keys[i].to_hex(), w.dtype(), w.shape(), w.data())?;
+                    Ok((i, enc))
+                })
+                .collect::<Result<_>>()?;
+            self.with_write(|inner| {
+                for (i, enc) in &encoded {
+                    // Another thread may have stored it since we checked.
+                    if self.weight_present(inner, &enc.key)? {
+                        continue;
+                    }
+                    if h5::link_exists(inner.weights.id(), &enc.key).map_err(|e| self.err(e))? {
+                        // An uncommitted leftover of an interrupted write.
+                        h5::delete_link(inner.weights.id(), &enc.key).map_err(|e| self.err(e))?;
+                    }
+                    let meta = items[*i].1.metadata();
+                    let key = enc.key.clone();
+                    self.write_dataset(inner, inner.weights.id(), enc, &|obj| {
+                        Self::weight_attrs(meta, &key, obj)
+                    })?;
+                }
+                Ok(())
+            })?;
+            start = end;
+        }
+        self.with_write(|inner| self.flush(inner))?;
+        Ok(items
+            .iter()
+            .zip(keys)
+            .map(|((name, _, _), k)| (name.clone(), k))
+            .collect())
+    }
+
+    /// Figures of the weights group.
+    pub(crate) fn weights_info(&self, inner: &Inner) -> Result<(u64, u64, u64)> {
+        let e = |e| self.err(e);
+        let names = h5::link_names(inner.weights.id()).map_err(e)?;
+        let (mut n, mut total, mut stored) = (0u64, 0u64, 0u64);
+        for name in names {
+            let Ok(key) = ContentHash::parse(&name) else {
+                continue;
+            };
+            let d = h5::open_dataset(inner.weights.id(), &name).map_err(e)?;
+            if !h5::attr_exists(d.id(), "hash").map_err(e)? {
+                continue;
+            }
+            let meta = self.read_meta(d.id(), &key)?;
+            n += 1;
+            total += meta.checked_nbytes().unwrap_or(0) as u64;
+            // SAFETY: valid dataset id.
+            stored += unsafe { hdf5_sys::h5d::H5Dget_storage_size(d.id()) };
+        }
+        Ok((n, total, stored))
+    }
+}
+
+impl HDF5Store {
+    /// Test hook: flips the lowest bit of the first data byte of the weight stored under `key`
+    /// and writes it back through the dataset's own pipeline, so it still decodes but no longer
+    /// hashes to its key. Returns false when the key is not stored in full or is empty.
+    #[doc(hidden)]
+    pub fn corrupt_for_testing(&self, key: &ContentHash) -> Result<bool> {
+        let k = key.to_hex();
+        self.with_write(|inner| {
+            if !self.weight_present(inner, &k)? {
+                return Ok(false);
+            }
+            let e = |e| self.err(e);
+            let d = h5::open_dataset(inner.weights.id(), &k).map_err(e)?;
+            let meta = self.read_meta(d.id(), key)?;
+            let es = meta.dtype.size();
+            let raw = self.read_raw(d.id(), &k, meta.dtype, &meta.shape)?;
+            match raw {
+                RawRead::Chunks {
+                    pipeline,
+                    chunk_bytes,
+                    mut chunks,
+                    ..
+                } => {
+                    let Some(Some((bytes, mask))) = chunks.get_mut(0).map(Option::take) else {
+                        return Ok(false);
+                    };
+                    let mut plain = chunk::decode(&pipeline, es, mask, bytes, chunk_bytes)
+                        .map_err(|r| corrupt(&self.path, &k, r.to_string()))?;
+                    let Some(b) = plain.first_mut() else {
+                        return Ok(false);
+                    };
+                    *b ^= 1;
+                    let (enc, mask) = chunk::encode(&pipeline, es, &plain)
+                        .map_err(|r| corrupt(&self.path, &k, r.to_string()))?;
+                    let offset = vec![0u64; meta.shape.len()];
+                    // SAFETY: offset has rank entries; buffer valid.
+                    let r = unsafe {
+                        hdf5_sys::h5d::H5Dwrite_chunk(
+                            d.id(),
+                            hdf5_sys::h5p::H5P_DEFAULT,
+                            mask,
+                            offset.as_ptr(),
+                            enc.len(),
+                            enc.as_ptr() as *const _,
+                        )
+                    };
+                    h5::check(r, || "corrupting".to_owned()).map_err(e)?;
+                }
+                RawRead::Whole(mut b) => {
+                    let Some(x) = b.first_mut() else {
+                        return Ok(false);
+                    };
+                    *x ^= 1;
+                    let ftype = h5::dataset_type(d.id()).map_err(e)?;
+                    // SAFETY: buffer holds the whole dataset in its file type.
+                    let r = unsafe {
+                        hdf5_sys::h5d::H5Dwrite(
+                            d.id(),
+                            ftype.id(),
+                            hdf5_sys::h5s::H5S_ALL,
+                            hdf5_sys::h5s::H5S_ALL,
+                            hdf5_sys::h5p::H5P_DEFAULT,
+                            b.as_ptr() as *const _,
+                        )
+                    };
+                    h5::check(r, || "corrupting".to_owned()).map_err(e)?;
+                }
+            }
+            self.flush(inner)?;
+            Ok(true)
+        })
+    }
+}
+
+/// What was read for one dataset.
+pub(crate) enum RawRead {
+    /// Stored chunks (None: never written), to decode.
+    Chunks {
+        pipeline: Vec<FilterInfo>,
+        chunk_bytes: usize,
+        chunks: Vec<Option<(Vec<u8>, u32)>>,
+        nbytes: usize,
+    },
+    /// The whole array, already decoded by HDF5.
+    Whole(Vec<u8>),
+}
+
+impl RawRead {
+    fn nbytes_in_flight(&self) -> usize {
+        match self {
+            RawRead::Chunks { chunks, .. } => chunks.iter().flatten().map(|(b, _)| b.len()).sum(),
+            RawRead::Whole(b) => b.len(),
+        }
+    }
+
+    /// Decodes to the tensor's bytes (chunks in parallel).
+    pub(crate) fn decode(self, element_size: usize) -> std::result::Result<Vec<u8>, String> {
+        match self {
+            RawRead::Whole(b) => Ok(b),
+            RawRead::Chunks {
+                pipeline,
+                chunk_bytes,
+                chunks,
+                nbytes,
+            } => {
+                let mut out = vec![0u8; nbytes];
+                out.par_chunks_mut(chunk_bytes.max(1))
+                    .zip(chunks.into_par_iter())
+                    .enumerate()
+                    .try_for_each(|(i, (dst, c))| {
+                        let Some((bytes, mask)) = c else {
+                            return Ok::<(), String>(());
+                        };
+                        let dec = chunk::decode(&pipeline, element_size, mask, bytes, chunk_bytes)
+                            .map_err(|e| format!("chunk {i}: {e}"))?;
+                        let n = dst.len();
+                        dst.copy_from_slice(
+                            dec.get(..n).ok_or_else(|| format!("chunk {i} too short"))?,
+                        );
+                        Ok(())
+                    })?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
+    let loc = || path.display().to_string();
+    let exists = path.exists();
+    let mode = opts.mode;
+    if matches!(mode, Mode::Read | Mode::ReadWrite) && !exists {
+        return Err(StoreError::backend(
+            format!("opening {} (mode {})", loc(), mode.as_str()),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        ));
+    }
+    if mode == Mode::CreateNew && exists {
+        return Err(StoreError::backend(
+            format!("creating {} (mode {})", loc(), mode.as_str()),
+            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "file exists"),
+        ));
+    }
+    let cpath = h5::cstr(&path.to_string_lossy()).map_err(|e| h5err(path, e))?;
+    let open_existing = matches!(mode, Mode::Read | Mode::ReadWrite | Mode::Append) && exists;
+    if open_existing {
+        if path.is_dir() {
+            return Err(StoreError::NotAStore {
+                location: loc(),
+                reason: "is a directory".to_owned(),
+            });
+        }
+        // SAFETY: valid C string.
+        let is = h5::locked(|| unsafe { hdf5_sys::h5f::H5Fis_hdf5(cpath.as_ptr()) });
+        if is <= 0 {
+            return Err(StoreError::NotAStore {
+                location: loc(),
+                reason: "not an HDF5 file".to_owned(),
+            });
+        }
+    } else if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::backend(format!("creating the directory of {}", loc()), e)
+            })?;
+        }
+    }
+    h5::locked(|| {
+        // SAFETY: valid C string; default property lists.
+        let fid = unsafe {
+            match (open_existing, mode) {
+                (true, Mode::Read) => hdf5_sys::h5f::H5Fopen(
+                    cpath.as_ptr(),
+                    hdf5_sys::h5f::H5F_ACC_RDONLY,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                ),
+                (true, _) => hdf5_sys::h5f::H5Fopen(
+                    cpath.as_ptr(),
+                    hdf5_sys::h5f::H5F_ACC_RDWR,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                ),
+                (false, Mode::Truncate) => hdf5_sys::h5f::H5Fcreate(
+                    cpath.as_ptr(),
+                    hdf5_sys::h5f::H5F_ACC_TRUNC,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                ),
+                (false, _) => hdf5_sys::h5f::H5Fcreate(
+                    cpath.as_ptr(),
+                    hdf5_sys::h5f::H5F_ACC_EXCL,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                ),
+            }
+        };
+        let file = Hid::new(fid, Kind::File, || {
+            format!("opening {} (mode {})", loc(), mode.as_str())
+        })
+        .map_err(|e| h5err(path, e))?;
+        let fid = file.id();
+        let has = |g: &str| h5::link_exists(fid, g).map_err(|e| h5err(path, e));
+        if !has(WEIGHTS)? {
+            let empty = h5::link_names(fid).map_err(|e| h5err(path, e))?.is_empty();
+            let may_create = match mode {
+                Mode::Read | Mode::ReadWrite => false,
+                Mode::Append => empty,
+                Mode::Truncate | Mode::CreateNew => true,
+            };
+            if !may_create {
+                return Err(StoreError::NotAStore {
+                    location: loc(),
+                    reason: "an HDF5 file without the weights/ group".to_owned(),
+                });
+            }
+        }
+        let writable = mode.writable();
+        let ensure = |g: &str| -> Result<Option<Hid>> {
+            if has(g)? {
+                h5::open_group(fid, g).map(Some).map_err(|e| h5err(path, e))
+            } else if writable {
+                h5::create_group(fid, g)
+                    .map(Some)
+                    .map_err(|e| h5err(path, e))
+            } else {
+                Ok(None)
+            }
+        };
+        let weights = ensure(WEIGHTS)?.ok_or_else(|| StoreError::NotAStore {
+            location: loc(),
+            reason: "no weights/ group".to_owned(),
+        })?;
+        drop(ensure(METADATA)?);
+        let deltas = ensure(DELTAS)?;
+        let models = ensure(MODELS)?;
+        if writable {
+            // SAFETY: valid file id.
+            let r = unsafe {
+                hdf5_sys::h5f::H5Fflush(fid, hdf5_sys::h5f::H5F_scope_t::H5F_SCOPE_LOCAL)
+            };
+            h5::check(r, || "flushing".to_owned()).map_err(|e| h5err(path, e))?;
+        }
+        Ok(Inner {
+            weights,
+            deltas,
+            models,
+            file,
+            writable,
+        })
+    })
+}
+
+impl WeightStore for HDF5Store {
+    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
+        let r = self.store_many(&[(weight.name().to_owned(), weight, None)])?;
+        r.into_values()
+            .next()
+            .ok_or_else(|| corrupt(&self.path, "", "no key"))
+    }
+
+    fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash> {
+        self.store_many(&[(weight.name().to_owned(), weight, Some(*key))])?;
+        Ok(*key)
+    }
+
+    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+        Ok(self.load_batch(std::slice::from_ref(key))?.remove(key))
+    }
+
+    fn exists(&self, key: &ContentHash) -> Result<bool> {
+        self.with(|inner| {
+            Ok(self.weight_present(inner, &key.to_hex())?
+                || self.delta_present(inner, &key.to_hex())?)
+        })
+    }
+
+    fn delete(&self, key: &ContentHash) -> Result<bool> {
+        let dependents = self.dependents_of(key)?;
+        if dependents > 0 {
+            return Err(StoreError::Referenced {
+                key: *key,
+                dependents,
+            });
+        }
+        self.with_write(|inner| {
+            let k = key.to_hex();
+            if !h5::link_exists(inner.weights.id(), &k).map_err(|e| self.err(e))? {
+                return Ok(false);
+            }
+            h5::delete_link(inner.weights.id(), &k).map_err(|e| self.err(e))?;
+            self.flush(inner)?;
+            Ok(true)
+        })
+    }
+
+    fn list_weights(&self) -> Result<Vec<ContentHash>> {
+        let mut keys = self.with(|inner| {
+            let e = |e| self.err(e);
+            let mut out = Vec::new();
+            for name in h5::link_names(inner.weights.id()).map_err(e)? {
+                let Ok(key) = ContentHash::parse(&name) else {
+                    continue;
+                };
+                let d = h5::open_dataset(inner.weights.id(), &name).map_err(e)?;
+                if h5::attr_exists(d.id(), "hash").map_err(e)? {
+                    out.push(key);
+                }
+            }
+            Ok(out)
+        })?;
+        keys.extend(self.list_delta_keys()?);
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    fn get_metadata(&self, key: &ContentHash) -> Result<Option<WeightMetadata>> {
+        let full = self.with(|inner| {
+            let k = key.to_hex();
+            if !self.weight_present(inner, &k)? {
+                return Ok(None);
+            }
+            let d = h5::open_dataset(inner.weights.id(), &k).map_err(|e| self.err(e))?;
+            self.read_meta(d.id(), key).map(Some)
+        })?;
+        match full {
+            Some(m) => Ok(Some(m)),
+            None => self.delta_metadata(key),
+        }
+    }
+
+    fn store_batch(
+        &self,
+        weights: &[(String, WeightTensor)],
+    ) -> Result<BTreeMap<String, ContentHash>> {
+        let items: Vec<(String, &WeightTensor, Option<ContentHash>)> =
+            weights.iter().map(|(n, w)| (n.clone(), w, None)).collect();
+        self.store_many(&items)
+    }
+
+    fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
+        let mut out = self.load_full(keys)?;
+        let missing: Vec<ContentHash> = keys
+            .iter()
+            .filter(|k| !out.contains_key(k))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            for (k, w) in self.load_via_deltas(&missing)? {
+                out.insert(k, w);
+            }
+        }
+        Ok(out)
+    }
+
+    fn storage_info(&self) -> Result<StorageInfo> {
+        let (n, total, stored) = self.with(|inner| {
+            let r = self.weights_info(inner)?;
+            if inner.writable {
+                self.flush(inner)?;
+            }
+            Ok(r)
+        })?;
+        let deltas = coral_store_api::DeltaStore::get_delta_storage_info(self)?;
+        let file_size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        Ok(StorageInfo {
+            backend: "hdf5".to_owned(),
+            location: self.path.display().to_string(),
+            file_size,
+            total_weights: n,
+            total_bytes: total,
+            compressed_bytes: stored,
+            compression_ratio: StorageInfo::saved_fraction(total, stored),
+            compression: self.opts.describe(),
+            deltas,
+        })
+    }
+
+    fn close(&mut self) -> Result<()> {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(inner) = guard.take() else {
+            return Ok(());
+        };
+        h5::locked(|| {
+            let writable = inner.writable;
+            if writable {
+                self.flush(&inner)?;
+            }
+            let Inner {
+                weights,
+                deltas,
+                models,
+                file,
+                ..
+            } = inner;
+            drop((weights, deltas, models));
+            file.close().map_err(|e| self.err(e))
+        })
+    }
+}
+
+impl Drop for HDF5Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(path = %self.path.display(), error = %e, "closing the HDF5 store failed");
+        }
+    }
+}
