@@ -205,12 +205,22 @@ pub fn compress_raw(codec: Codec, data: &[u8]) -> Result<Vec<u8>> {
             enc.finish().map_err(|e| corrupt(codec, e))
         }
         Codec::Lz4 => {
-            let mut enc =
-                lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(data.len() / 2 + 64));
+            // The frame carries a checksum of the content, so corruption is found on decode.
+            let info = lz4_flex::frame::FrameInfo::new().content_checksum(true);
+            let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
+                info,
+                Vec::with_capacity(data.len() / 2 + 64),
+            );
             enc.write_all(data).map_err(|e| corrupt(codec, e))?;
             enc.finish().map_err(|e| corrupt(codec, e))
         }
-        Codec::Zstd { level } => zstd::bulk::compress(data, level).map_err(|e| corrupt(codec, e)),
+        Codec::Zstd { level } => {
+            // The frame carries its content size and a checksum (XXH64) of the content.
+            let mut enc = zstd::bulk::Compressor::new(level).map_err(|e| corrupt(codec, e))?;
+            enc.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                .map_err(|e| corrupt(codec, e))?;
+            enc.compress(data).map_err(|e| corrupt(codec, e))
+        }
     }
 }
 
@@ -256,51 +266,326 @@ fn alloc(codec: Codec, len: usize) -> Result<Vec<u8>> {
 fn read_bounded<R: Read>(codec: Codec, reader: R, expected_len: usize) -> Result<Vec<u8>> {
     let mut out = alloc(codec, expected_len)?;
     reader
-        .take(expected_len as u64 + 1)
+        .take((expected_len as u64).saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|e| corrupt(codec, e))?;
     Ok(out)
 }
 
 /// HDF5's shuffle: byte planes, trailing bytes copied.
+///
+/// Element sizes 2, 4 and 8 take a fast path (SSSE3 on x86-64 when the CPU has it, otherwise
+/// 16-element blocks); see the `shuffle` rows of `docs/benchmarks.md`.
 pub fn shuffle(data: &[u8], element_size: usize) -> Vec<u8> {
-    if element_size <= 1 {
-        return data.to_vec();
-    }
-    let n = data.len() / element_size;
     let mut out = vec![0u8; data.len()];
-    for (j, plane) in out[..n * element_size]
-        .chunks_exact_mut(n.max(1))
-        .enumerate()
-        .take(element_size)
-    {
-        if n == 0 {
-            break;
-        }
-        for (i, b) in plane.iter_mut().enumerate() {
-            *b = data[i * element_size + j];
-        }
-    }
-    out[n * element_size..].copy_from_slice(&data[n * element_size..]);
+    apply(data, element_size, &mut out, Direction::Shuffle);
     out
 }
 
 /// Inverse of [`shuffle`].
 pub fn unshuffle(data: &[u8], element_size: usize) -> Vec<u8> {
-    if element_size <= 1 {
-        return data.to_vec();
-    }
-    let n = data.len() / element_size;
     let mut out = vec![0u8; data.len()];
-    if n > 0 {
-        for (j, plane) in data[..n * element_size].chunks_exact(n).enumerate() {
-            for (i, &b) in plane.iter().enumerate() {
-                out[i * element_size + j] = b;
+    apply(data, element_size, &mut out, Direction::Unshuffle);
+    out
+}
+
+/// [`shuffle`] into a buffer of the same length as `data` (a shorter or longer one is refused
+/// with [`CoreError::InvalidCodec`]).
+pub fn shuffle_into(data: &[u8], element_size: usize, out: &mut [u8]) -> Result<()> {
+    transform(data, element_size, out, Direction::Shuffle)
+}
+
+/// [`unshuffle`] into a buffer of the same length as `data`.
+pub fn unshuffle_into(data: &[u8], element_size: usize, out: &mut [u8]) -> Result<()> {
+    transform(data, element_size, out, Direction::Unshuffle)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Shuffle,
+    Unshuffle,
+}
+
+fn transform(data: &[u8], es: usize, out: &mut [u8], dir: Direction) -> Result<()> {
+    if out.len() != data.len() {
+        return Err(CoreError::InvalidCodec(format!(
+            "shuffle buffer of {} bytes for {} bytes of data",
+            out.len(),
+            data.len()
+        )));
+    }
+    apply(data, es, out, dir);
+    Ok(())
+}
+
+/// `out.len() == data.len()`.
+fn apply(data: &[u8], es: usize, out: &mut [u8], dir: Direction) {
+    if es <= 1 || data.len() < es {
+        out.copy_from_slice(data);
+        return;
+    }
+    let n = data.len() / es;
+    let body = n * es;
+    let (src, src_tail) = data.split_at(body);
+    let (dst, dst_tail) = out.split_at_mut(body);
+    dst_tail.copy_from_slice(src_tail);
+    match (es, dir) {
+        (2, Direction::Shuffle) => planes::shuffle::<2>(src, dst),
+        (4, Direction::Shuffle) => planes::shuffle::<4>(src, dst),
+        (8, Direction::Shuffle) => planes::shuffle::<8>(src, dst),
+        (2, Direction::Unshuffle) => planes::unshuffle::<2>(src, dst),
+        (4, Direction::Unshuffle) => planes::unshuffle::<4>(src, dst),
+        (8, Direction::Unshuffle) => planes::unshuffle::<8>(src, dst),
+        (_, Direction::Shuffle) => planes::shuffle_any(src, dst, es),
+        (_, Direction::Unshuffle) => planes::unshuffle_any(src, dst, es),
+    }
+}
+
+/// The byte-plane transposes on whole elements (`src.len() == dst.len()`, a multiple of the
+/// element size).
+mod planes {
+    /// Elements per block of the portable path.
+    const B: usize = 16;
+
+    pub(super) fn shuffle<const N: usize>(src: &[u8], dst: &mut [u8]) {
+        let n = src.len() / N;
+        let done = simd::shuffle(N, src, dst);
+        let mut tmp = [[0u8; B]; N];
+        let mut i = done;
+        while i + B <= n {
+            for (k, e) in src[i * N..(i + B) * N].chunks_exact(N).enumerate() {
+                for (j, &b) in e.iter().enumerate() {
+                    tmp[j][k] = b;
+                }
+            }
+            for (j, t) in tmp.iter().enumerate() {
+                dst[j * n + i..j * n + i + B].copy_from_slice(t);
+            }
+            i += B;
+        }
+        for (k, e) in src[i * N..].chunks_exact(N).enumerate() {
+            for (j, &b) in e.iter().enumerate() {
+                dst[j * n + i + k] = b;
             }
         }
     }
-    out[n * element_size..].copy_from_slice(&data[n * element_size..]);
-    out
+
+    pub(super) fn unshuffle<const N: usize>(src: &[u8], dst: &mut [u8]) {
+        let n = src.len() / N;
+        let done = simd::unshuffle(N, src, dst);
+        let mut tmp = [[0u8; B]; N];
+        let mut i = done;
+        while i + B <= n {
+            for (j, t) in tmp.iter_mut().enumerate() {
+                t.copy_from_slice(&src[j * n + i..j * n + i + B]);
+            }
+            for (k, e) in dst[i * N..(i + B) * N].chunks_exact_mut(N).enumerate() {
+                for (j, b) in e.iter_mut().enumerate() {
+                    *b = tmp[j][k];
+                }
+            }
+            i += B;
+        }
+        for (k, e) in dst[i * N..].chunks_exact_mut(N).enumerate() {
+            for (j, b) in e.iter_mut().enumerate() {
+                *b = src[j * n + i + k];
+            }
+        }
+    }
+
+    pub(super) fn shuffle_any(src: &[u8], dst: &mut [u8], es: usize) {
+        let n = src.len() / es;
+        for (j, plane) in dst.chunks_exact_mut(n).enumerate() {
+            for (b, e) in plane.iter_mut().zip(src.chunks_exact(es)) {
+                *b = e[j];
+            }
+        }
+    }
+
+    pub(super) fn unshuffle_any(src: &[u8], dst: &mut [u8], es: usize) {
+        let n = src.len() / es;
+        for (j, plane) in src.chunks_exact(n).enumerate() {
+            for (&b, e) in plane.iter().zip(dst.chunks_exact_mut(es)) {
+                e[j] = b;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod simd {
+        //! SSSE3/SSE2 transposes of 16 elements at a time, for element sizes 2 and 4. Each
+        //! returns how many leading elements it did (0 when the CPU lacks SSSE3 or the size is
+        //! another); the caller does the rest.
+        use std::arch::x86_64::{
+            __m128i, _mm_loadu_si128, _mm_setr_epi8, _mm_shuffle_epi8, _mm_storeu_si128,
+            _mm_unpackhi_epi16, _mm_unpackhi_epi32, _mm_unpackhi_epi64, _mm_unpackhi_epi8,
+            _mm_unpacklo_epi16, _mm_unpacklo_epi32, _mm_unpacklo_epi64, _mm_unpacklo_epi8,
+        };
+
+        /// Loads 16 bytes from the start of `s` (`None` when shorter).
+        fn load(s: &[u8]) -> Option<__m128i> {
+            let s: &[u8; 16] = s.first_chunk()?;
+            // SAFETY: `s` is 16 readable bytes; the load is unaligned.
+            Some(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
+        }
+
+        /// Stores 16 bytes at the start of `d` (nothing when shorter; callers never pass one).
+        fn store(d: &mut [u8], v: __m128i) {
+            if let Some(d) = d.first_chunk_mut::<16>() {
+                // SAFETY: `d` is 16 writable bytes; the store is unaligned.
+                unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), v) }
+            }
+        }
+
+        pub(in super::super) fn shuffle(es: usize, src: &[u8], dst: &mut [u8]) -> usize {
+            if !std::arch::is_x86_feature_detected!("ssse3") {
+                return 0;
+            }
+            match es {
+                // SAFETY: the CPU has SSSE3 (checked above).
+                2 => unsafe { shuffle2(src, dst) },
+                // SAFETY: as above.
+                4 => unsafe { shuffle4(src, dst) },
+                _ => 0,
+            }
+        }
+
+        pub(in super::super) fn unshuffle(es: usize, src: &[u8], dst: &mut [u8]) -> usize {
+            match es {
+                // SAFETY: SSE2 is part of x86-64.
+                2 => unsafe { unshuffle2(src, dst) },
+                // SAFETY: as above.
+                4 => unsafe { unshuffle4(src, dst) },
+                _ => 0,
+            }
+        }
+
+        #[target_feature(enable = "ssse3")]
+        unsafe fn shuffle2(src: &[u8], dst: &mut [u8]) -> usize {
+            let n = src.len() / 2;
+            let mask = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+            let (p0, p1) = dst.split_at_mut(n);
+            let mut done = 0;
+            for ((s, d0), d1) in src
+                .chunks_exact(32)
+                .zip(p0.chunks_exact_mut(16))
+                .zip(p1.chunks_exact_mut(16))
+            {
+                let (Some(a), Some(b)) = (load(s), load(&s[16..])) else {
+                    break;
+                };
+                // Each r holds 8 elements: their byte 0s, then their byte 1s.
+                let r0 = _mm_shuffle_epi8(a, mask);
+                let r1 = _mm_shuffle_epi8(b, mask);
+                store(d0, _mm_unpacklo_epi64(r0, r1));
+                store(d1, _mm_unpackhi_epi64(r0, r1));
+                done += 16;
+            }
+            done
+        }
+
+        #[target_feature(enable = "ssse3")]
+        unsafe fn shuffle4(src: &[u8], dst: &mut [u8]) -> usize {
+            let n = src.len() / 4;
+            let mask = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            let (p0, rest) = dst.split_at_mut(n);
+            let (p1, rest) = rest.split_at_mut(n);
+            let (p2, p3) = rest.split_at_mut(n);
+            let mut done = 0;
+            for ((((s, d0), d1), d2), d3) in src
+                .chunks_exact(64)
+                .zip(p0.chunks_exact_mut(16))
+                .zip(p1.chunks_exact_mut(16))
+                .zip(p2.chunks_exact_mut(16))
+                .zip(p3.chunks_exact_mut(16))
+            {
+                let (Some(a), Some(b), Some(c), Some(d)) =
+                    (load(s), load(&s[16..]), load(&s[32..]), load(&s[48..]))
+                else {
+                    break;
+                };
+                // Each r holds 4 elements as 4 lanes of 4 bytes: byte 0s, 1s, 2s, 3s.
+                let r0 = _mm_shuffle_epi8(a, mask);
+                let r1 = _mm_shuffle_epi8(b, mask);
+                let r2 = _mm_shuffle_epi8(c, mask);
+                let r3 = _mm_shuffle_epi8(d, mask);
+                // Transpose the 4x4 matrix of lanes.
+                let t0 = _mm_unpacklo_epi32(r0, r1);
+                let t1 = _mm_unpackhi_epi32(r0, r1);
+                let t2 = _mm_unpacklo_epi32(r2, r3);
+                let t3 = _mm_unpackhi_epi32(r2, r3);
+                store(d0, _mm_unpacklo_epi64(t0, t2));
+                store(d1, _mm_unpackhi_epi64(t0, t2));
+                store(d2, _mm_unpacklo_epi64(t1, t3));
+                store(d3, _mm_unpackhi_epi64(t1, t3));
+                done += 16;
+            }
+            done
+        }
+
+        #[target_feature(enable = "sse2")]
+        unsafe fn unshuffle2(src: &[u8], dst: &mut [u8]) -> usize {
+            let n = src.len() / 2;
+            let (p0, p1) = src.split_at(n);
+            let mut done = 0;
+            for ((d, s0), s1) in dst
+                .chunks_exact_mut(32)
+                .zip(p0.chunks_exact(16))
+                .zip(p1.chunks_exact(16))
+            {
+                let (Some(a), Some(c)) = (load(s0), load(s1)) else {
+                    break;
+                };
+                store(d, _mm_unpacklo_epi8(a, c));
+                store(&mut d[16..], _mm_unpackhi_epi8(a, c));
+                done += 16;
+            }
+            done
+        }
+
+        #[target_feature(enable = "sse2")]
+        unsafe fn unshuffle4(src: &[u8], dst: &mut [u8]) -> usize {
+            let n = src.len() / 4;
+            let (p0, rest) = src.split_at(n);
+            let (p1, rest) = rest.split_at(n);
+            let (p2, p3) = rest.split_at(n);
+            let mut done = 0;
+            for ((((d, s0), s1), s2), s3) in dst
+                .chunks_exact_mut(64)
+                .zip(p0.chunks_exact(16))
+                .zip(p1.chunks_exact(16))
+                .zip(p2.chunks_exact(16))
+                .zip(p3.chunks_exact(16))
+            {
+                let (Some(a0), Some(a1), Some(a2), Some(a3)) =
+                    (load(s0), load(s1), load(s2), load(s3))
+                else {
+                    break;
+                };
+                // Byte pairs (0,1) and (2,3) of elements 0-7 (lo) and 8-15 (hi).
+                let lo01 = _mm_unpacklo_epi8(a0, a1);
+                let hi01 = _mm_unpackhi_epi8(a0, a1);
+                let lo23 = _mm_unpacklo_epi8(a2, a3);
+                let hi23 = _mm_unpackhi_epi8(a2, a3);
+                store(d, _mm_unpacklo_epi16(lo01, lo23));
+                store(&mut d[16..], _mm_unpackhi_epi16(lo01, lo23));
+                store(&mut d[32..], _mm_unpacklo_epi16(hi01, hi23));
+                store(&mut d[48..], _mm_unpackhi_epi16(hi01, hi23));
+                done += 16;
+            }
+            done
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    mod simd {
+        pub(in super::super) fn shuffle(_: usize, _: &[u8], _: &mut [u8]) -> usize {
+            0
+        }
+        pub(in super::super) fn unshuffle(_: usize, _: &[u8], _: &mut [u8]) -> usize {
+            0
+        }
+    }
 }
 
 #[cfg(test)]
