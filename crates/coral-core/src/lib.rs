@@ -36,7 +36,7 @@ pub mod manifest;
 pub mod tensor;
 
 pub use codec::{Codec, CodecSpec};
-pub use delta::{Delta, DeltaType};
+pub use delta::{encode_best_lossless, Delta, DeltaConfig, DeltaEncoder, DeltaRefusal, DeltaType};
 pub use dtype::{DType, Element};
 pub use error::{CoreError, Result};
 pub use hash::{ContentHash, HashAlgorithm};
