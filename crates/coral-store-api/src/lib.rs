@@ -7,6 +7,7 @@
 //! - [`DeltaStore`]: the seed's delta methods;
 //! - [`StoreError`]: typed errors with context, among them [`StoreError::Integrity`];
 //! - [`MemoryStore`]: the in-memory reference backend, for users' tests too;
+//! - [`resolve`]: rebuilding weights kept as deltas, shared by every backend;
 //! - `testing` (feature `testing`): the conformance suite every backend runs with one call.
 //!
 //! ```
@@ -27,6 +28,7 @@
 mod error;
 mod info;
 mod memory;
+pub mod resolve;
 #[cfg(feature = "testing")]
 pub mod testenv;
 #[cfg(feature = "testing")]

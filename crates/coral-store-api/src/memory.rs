@@ -9,6 +9,7 @@ use coral_core::{
 
 use crate::error::{Result, StoreError};
 use crate::info::{DeltaStorageInfo, StorageInfo};
+use crate::resolve::{self, DeltaSource};
 use crate::traits::{DeltaStore, ManifestStore, WeightStore};
 
 /// An in-memory store that keeps weights uncompressed. It passes the conformance suite and is
@@ -118,24 +119,10 @@ impl WeightStore for MemoryStore {
     }
 
     fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
-        let inner = self.read_lock();
-        Self::check_open(&inner)?;
-        let Some(w) = inner.weights.get(key).cloned() else {
-            return Ok(None);
-        };
-        drop(inner);
-        let actual = w.compute_hash_with(key.algorithm());
-        if actual != *key {
-            if self.strict {
-                return Err(StoreError::Integrity {
-                    name: w.name().to_owned(),
-                    expected: *key,
-                    actual,
-                });
-            }
-            tracing::warn!(key = %key, actual = %actual, name = w.name(), "integrity check failed");
+        match self.full_weight(key)? {
+            Some(w) => Ok(Some(w)),
+            None => resolve::resolve(self, key, self.strict),
         }
-        Ok(Some(w))
     }
 
     fn exists(&self, key: &ContentHash) -> Result<bool> {
@@ -144,22 +131,46 @@ impl WeightStore for MemoryStore {
         Ok(inner.weights.contains_key(key) || inner.deltas.contains_key(key))
     }
 
+    /// Deletes a weight, stored in full or as a delta; refuses ([`StoreError::Referenced`]) while
+    /// deltas use it as their reference.
     fn delete(&self, key: &ContentHash) -> Result<bool> {
         let mut inner = self.write_lock();
         Self::check_open(&inner)?;
-        Ok(inner.weights.remove(key).is_some())
+        let dependents = resolve::dependents(&inner.deltas, key);
+        if dependents > 0 {
+            return Err(StoreError::Referenced {
+                key: *key,
+                dependents,
+            });
+        }
+        let full = inner.weights.remove(key).is_some();
+        let delta = inner.deltas.remove(key).is_some();
+        Ok(full || delta)
     }
 
+    /// Every key, stored in full or as a delta, sorted.
     fn list_weights(&self) -> Result<Vec<ContentHash>> {
         let inner = self.read_lock();
         Self::check_open(&inner)?;
-        Ok(inner.weights.keys().copied().collect())
+        let keys: std::collections::BTreeSet<ContentHash> = inner
+            .weights
+            .keys()
+            .chain(inner.deltas.keys())
+            .copied()
+            .collect();
+        Ok(keys.into_iter().collect())
     }
 
     fn get_metadata(&self, key: &ContentHash) -> Result<Option<WeightMetadata>> {
-        let inner = self.read_lock();
-        Self::check_open(&inner)?;
-        Ok(inner.weights.get(key).map(|w| w.metadata().clone()))
+        let full = {
+            let inner = self.read_lock();
+            Self::check_open(&inner)?;
+            inner.weights.get(key).map(|w| w.metadata().clone())
+        };
+        match full {
+            Some(m) => Ok(Some(m)),
+            None => Ok(resolve::resolve(self, key, self.strict)?.map(|w| w.metadata().clone())),
+        }
     }
 
     fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
@@ -192,6 +203,37 @@ impl WeightStore for MemoryStore {
     fn close(&mut self) -> Result<()> {
         self.write_lock().closed = true;
         Ok(())
+    }
+}
+
+impl DeltaSource for MemoryStore {
+    fn location(&self) -> String {
+        "memory".to_owned()
+    }
+
+    fn full_weight(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        let Some(w) = inner.weights.get(key).cloned() else {
+            return Ok(None);
+        };
+        drop(inner);
+        let actual = w.compute_hash_with(key.algorithm());
+        if actual != *key {
+            if self.strict {
+                return Err(StoreError::Integrity {
+                    name: w.name().to_owned(),
+                    expected: *key,
+                    actual,
+                });
+            }
+            tracing::warn!(key = %key, actual = %actual, name = w.name(), "integrity check failed");
+        }
+        Ok(Some(w))
+    }
+
+    fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>> {
+        self.load_delta(key)
     }
 }
 

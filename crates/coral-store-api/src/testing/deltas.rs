@@ -2,10 +2,12 @@
 
 use std::collections::BTreeMap;
 
+use coral_core::delta::encode_best_lossless;
 use coral_core::{ContentHash, DType, Delta, DeltaType, JsonMap, WeightTensor};
 use serde_json::json;
 
-use super::{sample_tensor, Check, Harness, Rng};
+use super::{assert_same_tensor, sample_tensor, Check, Harness, Rng};
+use crate::error::StoreError;
 use crate::traits::{DeltaStore, WeightStore};
 
 /// Every check of the section, by name.
@@ -20,6 +22,19 @@ where
         ("deltas::delete_delta", delete_delta::<H>),
         ("deltas::storage_info", storage_info::<H>),
         ("deltas::persistence", persistence::<H>),
+        ("deltas::weight_kept_as_delta", weight_kept_as_delta::<H>),
+        ("deltas::chain_of_two", chain_of_two::<H>),
+        ("deltas::delete_referenced", delete_referenced::<H>),
+        ("deltas::missing_reference", missing_reference::<H>),
+        (
+            "deltas::cycles_and_long_chains",
+            cycles_and_long_chains::<H>,
+        ),
+        ("deltas::corrupt_reference", corrupt_reference::<H>),
+        (
+            "deltas::persistence_of_delta_weights",
+            persistence_of_delta_weights::<H>,
+        ),
     ]
 }
 
@@ -193,4 +208,274 @@ where
     };
     assert_eq!(store.load_delta(&key).unwrap(), Some(d));
     assert_eq!(store.list_deltas().unwrap(), vec![key]);
+}
+
+/// A weight-like float32 reference (random values, which compress poorly) and a fine-tuned copy
+/// with a few elements changed, named `name`, with layer type and model name: a pair whose
+/// lossless delta is far smaller than the weight.
+pub fn tuned_pair(name: &str, seed: u64) -> (WeightTensor, WeightTensor) {
+    let mut rng = Rng::new(seed);
+    let base: Vec<f32> = (0..4096)
+        .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2)
+        .collect();
+    let reference = WeightTensor::from_vec(format!("{name}.base"), vec![64, 64], base).unwrap();
+    (reference.clone(), tune(&reference, name, seed))
+}
+
+/// `w` with every 97th element nudged, renamed, with layer type and model name set.
+pub fn tune(w: &WeightTensor, name: &str, seed: u64) -> WeightTensor {
+    let mut values: Vec<f32> = w.to_array::<f32>().unwrap().iter().copied().collect();
+    for v in values.iter_mut().skip(seed as usize % 97).step_by(97) {
+        *v += 0.01;
+    }
+    let t = WeightTensor::from_vec(name, w.shape().to_vec(), values).unwrap();
+    let mut meta = t.metadata().clone();
+    meta.layer_type = Some("Linear".to_owned());
+    meta.model_name = Some("tuned-model".to_owned());
+    t.with_metadata(meta).unwrap()
+}
+
+/// The best lossless delta of `target` against `reference` (stored under `rk`).
+pub fn lossless_delta(target: &WeightTensor, reference: &WeightTensor, rk: ContentHash) -> Delta {
+    encode_best_lossless(target, reference, &rk)
+        .unwrap()
+        .expect("a lossless delta smaller than the weight")
+}
+
+fn assert_delta_weight<S: WeightStore + ?Sized>(
+    store: &S,
+    key: &ContentHash,
+    want: &WeightTensor,
+    what: &str,
+) {
+    assert!(store.exists(key).unwrap(), "{what}: exists");
+    let back = store
+        .load(key)
+        .unwrap_or_else(|e| panic!("{what}: load: {e}"))
+        .unwrap_or_else(|| panic!("{what}: load gave None"));
+    assert_same_tensor(&back, want, what);
+    assert_eq!(back.metadata().hash, Some(*key), "{what}: hash");
+    assert_eq!(
+        back.metadata().layer_type,
+        want.metadata().layer_type,
+        "{what}: layer_type"
+    );
+    assert_eq!(
+        back.metadata().model_name,
+        want.metadata().model_name,
+        "{what}: model_name"
+    );
+    let meta = store
+        .get_metadata(key)
+        .unwrap_or_else(|e| panic!("{what}: get_metadata: {e}"))
+        .unwrap_or_else(|| panic!("{what}: get_metadata gave None"));
+    assert_eq!(meta.name, want.name(), "{what}: get_metadata name");
+    assert_eq!(meta.shape, want.shape(), "{what}: get_metadata shape");
+    assert_eq!(meta.dtype, want.dtype(), "{what}: get_metadata dtype");
+    assert_eq!(meta.hash, Some(*key), "{what}: get_metadata hash");
+}
+
+/// A weight kept only as a delta is found by its own hash: `exists`, `get_metadata`, `load`,
+/// `load_batch` and `list_weights` treat it like any weight, rebuilt through its reference and
+/// verified.
+pub fn weight_kept_as_delta<H>(h: &H)
+where
+    H: Harness,
+    H::Store: DeltaStore,
+{
+    let store = h.open(true);
+    let (reference, target) = tuned_pair("encoder.layer.3.output.dense.weight", 1);
+    let rk = store.store(&reference).unwrap();
+    let tk = target.compute_hash();
+    let delta = lossless_delta(&target, &reference, rk);
+    assert!(delta.nbytes() < target.nbytes() / 4, "the delta is small");
+    assert_eq!(store.store_delta(&delta, &tk).unwrap(), tk);
+    assert_delta_weight(&store, &tk, &target, "delta weight");
+    let batch = store.load_batch(&[tk, rk, tk]).unwrap();
+    assert_eq!(batch.len(), 2);
+    assert_eq!(batch[&tk].data()[..], target.data()[..], "load_batch");
+    assert_eq!(batch[&rk].data()[..], reference.data()[..]);
+    let mut want = vec![rk, tk];
+    want.sort();
+    assert_eq!(store.list_weights().unwrap(), want, "list_weights");
+    assert_eq!(store.list_deltas().unwrap(), vec![tk]);
+    // Storing the weight in full as well keeps it loadable.
+    assert_eq!(store.store(&target).unwrap(), tk);
+    assert_delta_weight(&store, &tk, &target, "delta and full");
+}
+
+/// A chain of two deltas: t2 against t1 (itself a delta) against a weight stored in full.
+pub fn chain_of_two<H>(h: &H)
+where
+    H: Harness,
+    H::Store: DeltaStore,
+{
+    let store = h.open(true);
+    let (reference, t1) = tuned_pair("chain", 2);
+    let t2 = tune(&t1, "chain.2", 5);
+    let rk = store.store(&reference).unwrap();
+    let (k1, k2) = (t1.compute_hash(), t2.compute_hash());
+    store
+        .store_delta(&lossless_delta(&t1, &reference, rk), &k1)
+        .unwrap();
+    store
+        .store_delta(&lossless_delta(&t2, &t1, k1), &k2)
+        .unwrap();
+    assert_delta_weight(&store, &k2, &t2, "second link");
+    assert_delta_weight(&store, &k1, &t1, "first link");
+    let batch = store.load_batch(&[k2, k1]).unwrap();
+    assert_eq!(batch[&k2].data()[..], t2.data()[..]);
+    assert_eq!(batch[&k1].data()[..], t1.data()[..]);
+}
+
+/// Deleting a weight that a delta refers to is refused with `Referenced`, or (a backend that
+/// rewrites its dependents) leaves every weight readable. A delta weight nobody refers to
+/// deletes like any weight.
+pub fn delete_referenced<H>(h: &H)
+where
+    H: Harness,
+    H::Store: DeltaStore,
+{
+    let store = h.open(true);
+    let (reference, t1) = tuned_pair("del", 3);
+    let t2 = tune(&t1, "del.2", 6);
+    let rk = store.store(&reference).unwrap();
+    let (k1, k2) = (t1.compute_hash(), t2.compute_hash());
+    store
+        .store_delta(&lossless_delta(&t1, &reference, rk), &k1)
+        .unwrap();
+    store
+        .store_delta(&lossless_delta(&t2, &t1, k1), &k2)
+        .unwrap();
+    for (key, what) in [(rk, "the full reference"), (k1, "a delta others refer to")] {
+        match store.delete(&key) {
+            Err(StoreError::Referenced { key: k, dependents }) => {
+                assert_eq!(k, key, "{what}: Referenced key");
+                assert_eq!(dependents, 1, "{what}: dependents");
+                assert!(store.exists(&key).unwrap(), "{what}: still there");
+            }
+            Ok(_) => {}
+            Err(e) => panic!("deleting {what}: expected Referenced or success, got {e}"),
+        }
+        assert_delta_weight(&store, &k2, &t2, &format!("after deleting {what}"));
+    }
+    // The end of the chain deletes, then its reference does.
+    assert!(store.delete(&k2).unwrap(), "delete the last delta weight");
+    assert!(!store.exists(&k2).unwrap());
+    assert!(store.load(&k2).unwrap().is_none());
+    assert!(!store.list_weights().unwrap().contains(&k2));
+    if store.exists(&k1).unwrap() {
+        assert!(store.delete(&k1).unwrap(), "nothing refers to t1 any more");
+    }
+    assert!(!store.exists(&k1).unwrap());
+}
+
+/// A delta whose reference is absent: `store_delta` refuses it, or loading it is
+/// `MissingReference` naming both keys.
+pub fn missing_reference<H>(h: &H)
+where
+    H: Harness,
+    H::Store: DeltaStore,
+{
+    let store = h.open(true);
+    let (reference, target) = tuned_pair("orphan", 4);
+    let rk = reference.compute_hash();
+    let tk = target.compute_hash();
+    let delta = lossless_delta(&target, &reference, rk);
+    if store.store_delta(&delta, &tk).is_err() {
+        assert!(!store.exists(&tk).unwrap(), "a refused delta is not stored");
+        return;
+    }
+    match store.load(&tk) {
+        Err(StoreError::MissingReference { key, reference }) => {
+            assert_eq!((key, reference), (tk, rk));
+        }
+        other => panic!("expected MissingReference, got {other:?}"),
+    }
+    assert!(store.load_batch(&[tk]).is_err(), "load_batch");
+}
+
+/// Deltas that refer to each other, or a chain deeper than any store allows, give an error,
+/// never a hang or a stack overflow.
+pub fn cycles_and_long_chains<H>(h: &H)
+where
+    H: Harness,
+    H::Store: DeltaStore,
+{
+    let store = h.open(true);
+    let a = sample_tensor("a", DType::F32, &[8, 4], 1);
+    let b = sample_tensor("b", DType::F32, &[8, 4], 2);
+    let (ka, kb) = (a.compute_hash(), b.compute_hash());
+    let stored_a = store.store_delta(&sample_delta(DeltaType::Compressed, &a, kb, 1), &ka);
+    let stored_b = store.store_delta(&sample_delta(DeltaType::Compressed, &b, ka, 2), &kb);
+    if stored_a.is_ok() && stored_b.is_ok() {
+        assert!(store.load(&ka).is_err(), "a cycle of two deltas");
+        assert!(
+            store.get_metadata(&kb).is_err(),
+            "get_metadata through a cycle"
+        );
+    }
+    let store = h.open(true);
+    let chain: Vec<WeightTensor> = (0..40)
+        .map(|i| sample_tensor(&format!("c{i}"), DType::F32, &[8, 4], 100 + i))
+        .collect();
+    let keys: Vec<ContentHash> = chain.iter().map(WeightTensor::compute_hash).collect();
+    store.store(&chain[39]).unwrap();
+    let mut all_stored = true;
+    for i in 0..39 {
+        let d = sample_delta(DeltaType::Compressed, &chain[i], keys[i + 1], i as u64);
+        all_stored &= store.store_delta(&d, &keys[i]).is_ok();
+    }
+    if all_stored {
+        assert!(store.load(&keys[0]).is_err(), "a chain of 39 deltas");
+    }
+}
+
+/// A corrupt reference: a strict store refuses the delta weight built on it; a lenient one
+/// returns what it rebuilt.
+pub fn corrupt_reference<H>(h: &H)
+where
+    H: Harness,
+    H::Store: DeltaStore,
+{
+    for strict in [true, false] {
+        let store = h.open(strict);
+        let (reference, target) = tuned_pair("victim", 8);
+        let rk = store.store(&reference).unwrap();
+        let tk = target.compute_hash();
+        store
+            .store_delta(&lossless_delta(&target, &reference, rk), &tk)
+            .unwrap();
+        h.corrupt(&store, &rk);
+        let r = store.load(&tk);
+        if strict {
+            assert!(
+                matches!(r, Err(StoreError::Integrity { .. })),
+                "strict: expected Integrity, got {r:?}"
+            );
+        } else {
+            let w = r.unwrap().expect("lenient load");
+            assert_eq!(w.shape(), target.shape());
+            assert_ne!(w.data()[..], target.data()[..], "the corruption shows");
+        }
+    }
+}
+
+/// Weights kept as deltas survive closing and opening the store again.
+pub fn persistence_of_delta_weights<H>(h: &H)
+where
+    H: Harness,
+    H::Store: DeltaStore,
+{
+    let store = h.open(true);
+    let (reference, target) = tuned_pair("kept", 9);
+    let rk = store.store(&reference).unwrap();
+    let tk = target.compute_hash();
+    store
+        .store_delta(&lossless_delta(&target, &reference, rk), &tk)
+        .unwrap();
+    let Some(store) = h.reopen(store) else {
+        return;
+    };
+    assert_delta_weight(&store, &tk, &target, "after reopen");
 }
