@@ -181,7 +181,8 @@ pub trait Element: Copy + Send + Sync + 'static {
     const DTYPE: DType;
     /// Appends the little-endian bytes of `values` to `out`.
     fn extend_le_bytes(values: &[Self], out: &mut Vec<u8>);
-    /// Decodes one element from exactly `size_of::<Self>()` little-endian bytes.
+    /// Decodes one element from `size_of::<Self>()` little-endian bytes (missing bytes read as
+    /// zero, extra bytes are ignored: never a panic).
     fn from_le_slice(bytes: &[u8]) -> Self;
 }
 
@@ -197,7 +198,9 @@ macro_rules! element {
             }
             fn from_le_slice(bytes: &[u8]) -> Self {
                 let mut a = [0u8; std::mem::size_of::<$t>()];
-                a.copy_from_slice(bytes);
+                for (d, s) in a.iter_mut().zip(bytes) {
+                    *d = *s;
+                }
                 <$t>::from_le_bytes(a)
             }
         }
@@ -223,7 +226,7 @@ impl Element for bool {
         out.extend(values.iter().map(|&b| u8::from(b)));
     }
     fn from_le_slice(bytes: &[u8]) -> Self {
-        bytes[0] != 0
+        bytes.first().is_some_and(|&b| b != 0)
     }
 }
 
@@ -239,6 +242,16 @@ mod tests {
             let json = serde_json::to_string(&d).unwrap();
             assert_eq!(serde_json::from_str::<DType>(&json).unwrap(), d);
         }
+    }
+
+    #[test]
+    fn from_le_slice_never_panics() {
+        assert_eq!(u32::from_le_slice(&[1, 2, 3, 4]), 0x0403_0201);
+        assert_eq!(u32::from_le_slice(&[1]), 1);
+        assert_eq!(u16::from_le_slice(&[1, 2, 3]), 0x0201);
+        assert!(!bool::from_le_slice(&[]));
+        assert!(bool::from_le_slice(&[2]));
+        assert_eq!(f32::from_le_slice(&[]), 0.0);
     }
 
     #[test]
