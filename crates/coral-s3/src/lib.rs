@@ -1,3 +1,41 @@
 //! # coral-s3
 //!
-//! Coral's object-storage store (`S3Store`) for AWS S3 and compatible services, on `object_store`.
+//! Coral's object-storage store, [`S3Store`], for AWS S3 and S3-compatible services (MinIO,
+//! Ceph, Garage, R2, DigitalOcean Spaces), built on `object_store` behind the blocking
+//! [`WeightStore`](coral_store_api::WeightStore), [`DeltaStore`](coral_store_api::DeltaStore) and
+//! [`ManifestStore`](coral_store_api::ManifestStore) traits.
+//!
+//! - [`S3Config`]: the seed's settings (bucket, prefix `coral/`, region, endpoint, credentials,
+//!   concurrency 10, compression gzip, 8 MiB multipart parts, strict integrity);
+//! - keys `{prefix}weights/{hash}.npz`, `{prefix}metadata/{hash}.json`, `{prefix}deltas/{hash}.npz`
+//!   and `{prefix}models/{name}.json`, built only from validated hashes and model names; the
+//!   bodies are described in `docs/format.md` (a gzip store's weights are real NumPy `.npz`);
+//! - never half a weight: the data object goes up first and the metadata object, written last,
+//!   commits it; a batch that fails part way says what was stored and what was not
+//!   ([`BatchError`]); [`S3Store::remove_orphans`] cleans what interrupted uploads left;
+//! - the seed's [`S3Store::sync_from_local`] / [`S3Store::sync_to_local`], through `coral-sync`.
+//!
+//! ```no_run
+//! use coral_s3::{S3Config, S3Store};
+//! use coral_store_api::WeightStore;
+//! use coral_core::WeightTensor;
+//!
+//! let config = S3Config::new("my-models")
+//!     .with_endpoint("http://127.0.0.1:9000")
+//!     .with_credentials("minioadmin", "minioadmin");
+//! let store = S3Store::new(config)?;
+//! let w = WeightTensor::from_vec("w", vec![3], vec![1.0f32, 2.0, 3.0])?;
+//! let key = store.store(&w)?;
+//! assert_eq!(store.load(&key)?.expect("present").data(), w.data());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod bucket;
+pub mod config;
+pub mod format;
+mod store;
+
+pub use config::S3Config;
+pub use store::{BatchError, DownloadStats, FailedItem, OrphanReport, S3Store, UploadStats};

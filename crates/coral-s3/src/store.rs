@@ -1,0 +1,1093 @@
+//! `S3Store`: the blocking store traits over object_store, on a runtime the store owns.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::ClientOptions;
+use object_store::path::Path;
+use object_store::{BackoffConfig, ObjectStore, PutPayload, RetryConfig, WriteMultipart};
+
+use coral_core::{
+    ContentHash, Delta, HashAlgorithm, ModelManifest, ModelName, WeightMetadata, WeightTensor,
+};
+use coral_store_api::resolve::{self, DeltaSource};
+use coral_store_api::{
+    DeltaStorageInfo, DeltaStore, ManifestStore, Result, StorageInfo, StoreError, WeightStore,
+};
+
+use crate::bucket::{ensure_bucket, BucketState};
+use crate::config::S3Config;
+use crate::format::{
+    decode_delta, decode_weight, encode_delta, encode_weight, DataObject, FormatError,
+    WeightRecord, WEIGHT_FORMAT,
+};
+
+/// One item of a batch that failed, or was not attempted because an earlier one failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedItem {
+    /// The weight's name in the batch.
+    pub name: String,
+    /// Its key.
+    pub key: ContentHash,
+    /// Why (the error's message, or "not attempted").
+    pub reason: String,
+}
+
+/// The source of the error of a batch that stored only part of its weights: what is now in the
+/// store and what is not. Reach it with `std::error::Error::source` and `downcast_ref`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} weight(s) stored, {} not stored (first: {})", stored.len(), failed.len(), first_failure(failed))]
+pub struct BatchError {
+    /// (name, key) of every weight that is stored (now or before).
+    pub stored: Vec<(String, ContentHash)>,
+    /// Every weight that is not stored.
+    pub failed: Vec<FailedItem>,
+}
+
+fn first_failure(failed: &[FailedItem]) -> String {
+    failed
+        .first()
+        .map(|f| format!("{} {}: {}", f.name, f.key, f.reason))
+        .unwrap_or_default()
+}
+
+/// What [`S3Store::remove_orphans`] found and removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrphanReport {
+    /// Data objects without a metadata object (interrupted uploads), removed.
+    pub data_objects: Vec<String>,
+    /// Reference markers of deltas that do not exist, removed.
+    pub reference_markers: Vec<String>,
+}
+
+struct Inner {
+    s3: AmazonS3,
+    config: S3Config,
+    location: String,
+}
+
+/// Weights, deltas and manifests in an S3 bucket (or any S3-compatible service), under a key
+/// prefix, with the seed's layout (`weights/`, `metadata/`, `deltas/`, plus `models/` and
+/// `refs/`; see `docs/format.md`).
+///
+/// The store owns a small tokio runtime: its blocking methods are safe to call from any number
+/// of threads, from rayon workers, and even from inside another async runtime (the work is then
+/// handed to the store's runtime instead of blocking on it).
+pub struct S3Store {
+    inner: Arc<Inner>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store")
+            .field("location", &self.inner.location)
+            .field("config", &self.inner.config)
+            .field("open", &self.rt.is_some())
+            .finish()
+    }
+}
+
+fn not_found(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. })
+}
+
+impl Inner {
+    fn path(&self, rel: &str) -> Result<Path> {
+        let full = format!("{}{rel}", self.config.prefix);
+        Path::parse(&full)
+            .map_err(|e| StoreError::InvalidConfig(format!("object key {full:?}: {e}")))
+    }
+
+    fn weight_rel(key: &ContentHash) -> String {
+        format!("weights/{key}.npz")
+    }
+    fn meta_rel(key: &ContentHash) -> String {
+        format!("metadata/{key}.json")
+    }
+    fn delta_rel(key: &ContentHash) -> String {
+        format!("deltas/{key}.npz")
+    }
+    fn model_rel(name: &ModelName) -> String {
+        format!("models/{}.json", name.as_str())
+    }
+    fn ref_rel(reference: &ContentHash, delta: &ContentHash) -> String {
+        format!("refs/{reference}/{delta}.ref")
+    }
+
+    fn err(
+        &self,
+        what: String,
+        e: impl Into<coral_store_api::coral_core::error::CoreError>,
+    ) -> StoreError {
+        StoreError::core(format!("{what} in {}", self.location), e.into())
+    }
+
+    fn backend(&self, what: impl fmt::Display, e: object_store::Error) -> StoreError {
+        StoreError::backend(format!("{what} in {}", self.location), e)
+    }
+
+    fn corrupt(&self, key: impl fmt::Display, e: FormatError) -> StoreError {
+        StoreError::Corrupt {
+            location: self.location.clone(),
+            key: key.to_string(),
+            reason: e.0,
+        }
+    }
+
+    async fn get_opt(&self, rel: &str) -> Result<Option<Bytes>> {
+        let path = self.path(rel)?;
+        match self.s3.get(&path).await {
+            Ok(r) => match r.bytes().await {
+                Ok(b) => Ok(Some(b)),
+                Err(e) => Err(self.backend(format_args!("reading {rel}"), e)),
+            },
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(self.backend(format_args!("reading {rel}"), e)),
+        }
+    }
+
+    async fn head_exists(&self, rel: &str) -> Result<bool> {
+        let path = self.path(rel)?;
+        match self.s3.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(e) if not_found(&e) => Ok(false),
+            Err(e) => Err(self.backend(format_args!("checking {rel}"), e)),
+        }
+    }
+
+    async fn delete_rel(&self, rel: &str) -> Result<()> {
+        let path = self.path(rel)?;
+        match self.s3.delete(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(self.backend(format_args!("deleting {rel}"), e)),
+        }
+    }
+
+    /// Puts one object; above `chunk_size` as a multipart upload, aborted on failure.
+    async fn put_rel(&self, rel: &str, body: Bytes) -> Result<Option<String>> {
+        let path = self.path(rel)?;
+        let ctx = || format!("writing {rel} ({} bytes)", body.len());
+        if body.len() <= self.config.chunk_size {
+            let r = self
+                .s3
+                .put(&path, PutPayload::from(body.clone()))
+                .await
+                .map_err(|e| self.backend(ctx(), e))?;
+            return Ok(r.e_tag);
+        }
+        let upload = self
+            .s3
+            .put_multipart(&path)
+            .await
+            .map_err(|e| self.backend(ctx(), e))?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, self.config.chunk_size);
+        let mut rest = body.clone();
+        while !rest.is_empty() {
+            if let Err(e) = w.wait_for_capacity(self.config.max_concurrency).await {
+                let _ = w.abort().await;
+                return Err(self.backend(ctx(), e));
+            }
+            let n = rest.len().min(self.config.chunk_size);
+            w.put(rest.split_to(n));
+        }
+        match w.finish().await {
+            Ok(r) => Ok(r.e_tag),
+            Err(e) => Err(self.backend(ctx(), e)),
+        }
+    }
+
+    async fn record(&self, key: &ContentHash) -> Result<Option<WeightRecord>> {
+        let rel = Self::meta_rel(key);
+        match self.get_opt(&rel).await? {
+            None => Ok(None),
+            Some(b) => WeightRecord::from_json(&b, key)
+                .map(Some)
+                .map_err(|e| self.corrupt(&rel, e)),
+        }
+    }
+
+    /// Stores a weight whose key is checked: data object first, metadata object last (the
+    /// commit). A no-op when the metadata object exists.
+    async fn put_weight(self: Arc<Self>, weight: WeightTensor, key: ContentHash) -> Result<bool> {
+        let meta_rel = Self::meta_rel(&key);
+        if self.head_exists(&meta_rel).await? {
+            return Ok(false);
+        }
+        let codec = self.config.compression;
+        let w2 = weight.clone();
+        let encoded =
+            tokio::task::spawn_blocking(move || encode_weight(w2.metadata(), w2.data(), codec))
+                .await
+                .map_err(|e| StoreError::backend(format!("encoding weight {key}"), e))?
+                .map_err(|e| StoreError::backend(format!("encoding weight {key}"), e))?;
+        let (body, encoding, shuffle) = encoded;
+        let data_rel = Self::weight_rel(&key);
+        let size = body.len() as u64;
+        let e_tag = self.put_rel(&data_rel, Bytes::from(body)).await?;
+        let mut metadata = weight.metadata().clone();
+        metadata.hash = Some(key);
+        let record = WeightRecord {
+            format: WEIGHT_FORMAT.to_owned(),
+            key,
+            hash_algorithm: key.algorithm().name().to_owned(),
+            metadata,
+            data: DataObject {
+                key: data_rel,
+                encoding,
+                codec: codec.to_string(),
+                shuffle,
+                size,
+                e_tag,
+                nbytes: weight.nbytes() as u64,
+            },
+        };
+        let json = serde_json::to_vec_pretty(&record)
+            .map_err(|e| StoreError::backend(format!("encoding metadata of {key}"), e))?;
+        self.put_rel(&meta_rel, Bytes::from(json)).await?;
+        Ok(true)
+    }
+
+    async fn get_weight(self: Arc<Self>, key: ContentHash) -> Result<Option<WeightTensor>> {
+        let Some(record) = self.record(&key).await? else {
+            return Ok(None);
+        };
+        let data_rel = Self::weight_rel(&key);
+        let Some(body) = self.get_opt(&data_rel).await? else {
+            return Err(StoreError::Corrupt {
+                location: self.location.clone(),
+                key: data_rel,
+                reason: "the metadata object is committed but the data object is missing".into(),
+            });
+        };
+        let strict = self.config.strict_integrity;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let data = decode_weight(&record, &body).map_err(|e| this.corrupt(&data_rel, e))?;
+            let mut meta = record.metadata;
+            meta.hash = Some(key);
+            let w = WeightTensor::new(meta, data)
+                .map_err(|e| this.err(format!("loading weight {key}"), e))?;
+            let actual = w.compute_hash_with(key.algorithm());
+            if actual != key {
+                if strict {
+                    return Err(StoreError::Integrity {
+                        name: w.name().to_owned(),
+                        expected: key,
+                        actual,
+                    });
+                }
+                tracing::warn!(key = %key, actual = %actual, name = w.name(), "integrity check failed");
+            }
+            Ok(Some(w))
+        })
+        .await
+        .map_err(|e| StoreError::backend(format!("decoding weight {key}"), e))?
+    }
+
+    async fn list_rel(&self, dir: &str) -> Result<Vec<object_store::ObjectMeta>> {
+        let path = self.path(dir)?;
+        self.s3
+            .list(Some(&path))
+            .try_collect()
+            .await
+            .map_err(|e| self.backend(format_args!("listing {dir}"), e))
+    }
+
+    /// Keys of objects `{dir}/{hash}{ext}`; other names are ignored.
+    async fn list_keys(&self, dir: &str, ext: &str) -> Result<Vec<ContentHash>> {
+        let objects = self.list_rel(dir).await?;
+        let mut keys: Vec<ContentHash> = objects
+            .iter()
+            .filter_map(|o| o.location.filename())
+            .filter_map(|f| f.strip_suffix(ext))
+            .filter_map(|h| ContentHash::parse(h).ok())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    async fn dependents(&self, key: &ContentHash) -> Result<usize> {
+        let markers = self.list_rel(&format!("refs/{key}")).await?;
+        let mut n = 0;
+        for m in markers {
+            let Some(d) = m
+                .location
+                .filename()
+                .and_then(|f| f.strip_suffix(".ref"))
+                .and_then(|h| ContentHash::parse(h).ok())
+            else {
+                continue;
+            };
+            if self.head_exists(&Self::delta_rel(&d)).await? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl S3Store {
+    /// Opens the store described by `config`: validates it, builds the client (plain http only
+    /// for an `http://` endpoint), and creates the bucket when it does not exist.
+    pub fn new(config: S3Config) -> Result<Self> {
+        let config = config.validated()?;
+        let location = config.location();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coral-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                StoreError::backend(format!("starting the I/O runtime for {location}"), e)
+            })?;
+        let region = config.effective_region();
+        let options = ClientOptions::new()
+            .with_allow_http(config.allows_http())
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(120));
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: config.max_retries,
+            retry_timeout: config.retry_timeout,
+        };
+        let mut builder = match (&config.access_key, &config.secret_key) {
+            (Some(k), Some(s)) => AmazonS3Builder::new()
+                .with_access_key_id(k)
+                .with_secret_access_key(s),
+            _ => AmazonS3Builder::from_env(),
+        };
+        builder = builder
+            .with_bucket_name(&config.bucket)
+            .with_region(&region)
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(options.clone())
+            .with_retry(retry);
+        if let Some(ep) = &config.endpoint_url {
+            builder = builder.with_endpoint(ep);
+        }
+        let s3 = builder
+            .build()
+            .map_err(|e| StoreError::InvalidConfig(format!("{location}: {e}")))?;
+        let inner = Arc::new(Inner {
+            s3,
+            config,
+            location,
+        });
+        let state = {
+            let inner = inner.clone();
+            run_on(&rt, &inner.location.clone(), async move {
+                ensure_bucket(&inner.s3, &inner.config, &region, &options).await
+            })?
+        };
+        if state == BucketState::Created {
+            tracing::debug!(location = %inner.location, "bucket was missing and is created");
+        }
+        Ok(S3Store {
+            inner,
+            rt: Some(rt),
+        })
+    }
+    /// The configuration in effect (credentials redacted in its `Debug`).
+    pub fn config(&self) -> &S3Config {
+        &self.inner.config
+    }
+
+    /// `s3://bucket/prefix`.
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    /// Runs a future to completion on the store's runtime, from any thread: `block_on` when the
+    /// caller is outside any runtime, otherwise the future is spawned on the store's runtime and
+    /// the caller waits for its result on a channel (never `block_on` inside a runtime).
+    fn run<T, F>(&self, fut: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        let rt = self.rt.as_ref().ok_or_else(|| StoreError::Closed {
+            location: self.inner.location.clone(),
+        })?;
+        run_on(rt, &self.inner.location, fut)
+    }
+
+    fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
+    /// Removes the leftovers of interrupted writes older than `older_than` (younger ones may
+    /// belong to a write in progress): data objects that no metadata object commits, and
+    /// reference markers of deltas that do not exist.
+    pub fn remove_orphans(&self, older_than: Duration) -> Result<OrphanReport> {
+        let inner = self.inner();
+        self.run(async move {
+            let cutoff = unix_now_minus(older_than);
+            let committed: BTreeSet<ContentHash> = inner
+                .list_keys("metadata", ".json")
+                .await?
+                .into_iter()
+                .collect();
+            let deltas: BTreeSet<ContentHash> = inner
+                .list_keys("deltas", ".npz")
+                .await?
+                .into_iter()
+                .collect();
+            let mut report = OrphanReport::default();
+            for o in inner.list_rel("weights").await? {
+                let key = o
+                    .location
+                    .filename()
+                    .and_then(|f| f.strip_suffix(".npz"))
+                    .and_then(|h| ContentHash::parse(h).ok());
+                if let Some(k) = key {
+                    if !committed.contains(&k) && o.last_modified.timestamp() < cutoff {
+                        inner.delete_rel(&Inner::weight_rel(&k)).await?;
+                        report.data_objects.push(o.location.to_string());
+                    }
+                }
+            }
+            for o in inner.list_rel("refs").await? {
+                let d = o
+                    .location
+                    .filename()
+                    .and_then(|f| f.strip_suffix(".ref"))
+                    .and_then(|h| ContentHash::parse(h).ok());
+                if let Some(d) = d {
+                    if !deltas.contains(&d) && o.last_modified.timestamp() < cutoff {
+                        inner
+                            .s3
+                            .delete(&o.location)
+                            .await
+                            .map_err(|e| inner.backend("deleting a reference marker", e))?;
+                        report.reference_markers.push(o.location.to_string());
+                    }
+                }
+            }
+            Ok(report)
+        })
+    }
+
+    /// Replaces the stored data of a weight with `data` (same length), re-encoding it and
+    /// updating the metadata object so it still decodes: a test hook that simulates corruption
+    /// behind the store's back. Returns false when the key is absent.
+    #[doc(hidden)]
+    pub fn corrupt_for_testing(&self, key: &ContentHash, data: Vec<u8>) -> Result<bool> {
+        let inner = self.inner();
+        let key = *key;
+        self.run(async move {
+            let Some(mut record) = inner.record(&key).await? else {
+                return Ok(false);
+            };
+            let (body, encoding, shuffle) =
+                encode_weight(&record.metadata, &data, inner.config.compression)
+                    .map_err(|e| StoreError::backend("corrupt_for_testing", e))?;
+            record.data.size = body.len() as u64;
+            record.data.encoding = encoding;
+            record.data.shuffle = shuffle;
+            record.data.codec = inner.config.compression.to_string();
+            record.data.e_tag = inner
+                .put_rel(&Inner::weight_rel(&key), Bytes::from(body))
+                .await?;
+            let json = serde_json::to_vec(&record)
+                .map_err(|e| StoreError::backend("corrupt_for_testing", e))?;
+            inner
+                .put_rel(&Inner::meta_rel(&key), Bytes::from(json))
+                .await?;
+            Ok(true)
+        })
+    }
+
+    /// The raw stored data of a weight (decoded, not verified): for tests.
+    #[doc(hidden)]
+    pub fn raw_for_testing(&self, key: &ContentHash) -> Result<Option<Vec<u8>>> {
+        let inner = self.inner();
+        let key = *key;
+        self.run(async move {
+            let Some(record) = inner.record(&key).await? else {
+                return Ok(None);
+            };
+            let rel = Inner::weight_rel(&key);
+            let body = inner.get_opt(&rel).await?.unwrap_or_default();
+            decode_weight(&record, &body)
+                .map(Some)
+                .map_err(|e| inner.corrupt(&rel, e))
+        })
+    }
+
+    /// Writes an object under the store's prefix as is: for tests that plant leftovers.
+    #[doc(hidden)]
+    pub fn put_raw_for_testing(&self, rel: &str, body: Vec<u8>) -> Result<()> {
+        let inner = self.inner();
+        let rel = rel.to_owned();
+        self.run(async move { inner.put_rel(&rel, Bytes::from(body)).await.map(|_| ()) })
+    }
+
+    /// Uploads what `local` has and this store lacks (weights, deltas with their references,
+    /// manifests): the seed's `sync_from_local`.
+    pub fn sync_from_local(
+        &self,
+        local: &dyn coral_store_api::Store,
+    ) -> std::result::Result<UploadStats, coral_sync::SyncError> {
+        self.sync_from_local_with(local, &coral_sync::SyncOptions::default())
+    }
+
+    /// [`Self::sync_from_local`] with options (dry run, progress, concurrency).
+    pub fn sync_from_local_with(
+        &self,
+        local: &dyn coral_store_api::Store,
+        options: &coral_sync::SyncOptions,
+    ) -> std::result::Result<UploadStats, coral_sync::SyncError> {
+        let stats = coral_sync::sync(local, self, options)?;
+        Ok(UploadStats {
+            uploaded: stats.moved(),
+            skipped: stats.skipped(),
+            bytes_transferred: stats.bytes(),
+            details: stats,
+        })
+    }
+
+    /// Downloads what this store has and `local` lacks: the seed's `sync_to_local`.
+    pub fn sync_to_local(
+        &self,
+        local: &dyn coral_store_api::Store,
+    ) -> std::result::Result<DownloadStats, coral_sync::SyncError> {
+        self.sync_to_local_with(local, &coral_sync::SyncOptions::default())
+    }
+
+    /// [`Self::sync_to_local`] with options.
+    pub fn sync_to_local_with(
+        &self,
+        local: &dyn coral_store_api::Store,
+        options: &coral_sync::SyncOptions,
+    ) -> std::result::Result<DownloadStats, coral_sync::SyncError> {
+        let stats = coral_sync::sync(self, local, options)?;
+        Ok(DownloadStats {
+            downloaded: stats.moved(),
+            skipped: stats.skipped(),
+            bytes_transferred: stats.bytes(),
+            details: stats,
+        })
+    }
+}
+
+/// The seed's `sync_from_local` statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadStats {
+    /// Objects uploaded (weights, deltas, manifests).
+    pub uploaded: u64,
+    /// Objects the store already had.
+    pub skipped: u64,
+    /// Bytes moved (tensor data, delta payloads, manifest JSON).
+    pub bytes_transferred: u64,
+    /// The same per kind.
+    pub details: coral_sync::SyncStats,
+}
+
+/// The seed's `sync_to_local` statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownloadStats {
+    /// Objects downloaded (weights, deltas, manifests).
+    pub downloaded: u64,
+    /// Objects the local store already had.
+    pub skipped: u64,
+    /// Bytes moved (tensor data, delta payloads, manifest JSON).
+    pub bytes_transferred: u64,
+    /// The same per kind.
+    pub details: coral_sync::SyncStats,
+}
+
+/// Runs `fut` on `rt` from any thread: `block_on` outside any runtime; inside one, the future is
+/// spawned on `rt` and the caller waits on a channel.
+fn run_on<T, F>(rt: &tokio::runtime::Runtime, location: &str, fut: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T>> + Send + 'static,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(fut);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().unwrap_or_else(|_| {
+        Err(StoreError::backend(
+            format!("running a request on {location}"),
+            "the I/O task ended without a result",
+        ))
+    })
+}
+
+fn unix_now_minus(d: Duration) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.saturating_sub(d).as_secs()).unwrap_or(i64::MAX)
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl WeightStore for S3Store {
+    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
+        let key = weight.compute_hash_with(HashAlgorithm::Sha256);
+        self.store_with_key(weight, &key)
+    }
+
+    fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash> {
+        let actual = weight.compute_hash_with(key.algorithm());
+        if actual != *key {
+            return Err(StoreError::KeyMismatch {
+                name: weight.name().to_owned(),
+                key: *key,
+                actual,
+            });
+        }
+        let inner = self.inner();
+        let (w, k) = (weight.clone(), *key);
+        self.run(async move { inner.put_weight(w, k).await })?;
+        Ok(*key)
+    }
+
+    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+        match self.full_weight(key)? {
+            Some(w) => Ok(Some(w)),
+            None => resolve::resolve(self, key, self.inner.config.strict_integrity),
+        }
+    }
+
+    fn exists(&self, key: &ContentHash) -> Result<bool> {
+        let inner = self.inner();
+        let k = *key;
+        self.run(async move {
+            Ok(inner.head_exists(&Inner::meta_rel(&k)).await?
+                || inner.head_exists(&Inner::delta_rel(&k)).await?)
+        })
+    }
+
+    fn delete(&self, key: &ContentHash) -> Result<bool> {
+        let inner = self.inner();
+        let k = *key;
+        let full = {
+            let inner = inner.clone();
+            self.run(async move { inner.head_exists(&Inner::meta_rel(&k)).await })?
+        };
+        let delta = self.delta_exists(&k)?;
+        if !full && !delta {
+            return Ok(false);
+        }
+        self.run(async move {
+            let dependents = inner.dependents(&k).await?;
+            if dependents > 0 {
+                return Err(StoreError::Referenced { key: k, dependents });
+            }
+            if full {
+                // Uncommit first: from here the weight is absent even if the data delete fails.
+                inner.delete_rel(&Inner::meta_rel(&k)).await?;
+                inner.delete_rel(&Inner::weight_rel(&k)).await?;
+            }
+            Ok(())
+        })?;
+        if delta {
+            self.delete_delta(&k)?;
+        }
+        Ok(true)
+    }
+
+    /// Every key, stored in full or as a delta, sorted.
+    fn list_weights(&self) -> Result<Vec<ContentHash>> {
+        let inner = self.inner();
+        self.run(async move {
+            let mut keys = inner.list_keys("metadata", ".json").await?;
+            keys.extend(inner.list_keys("deltas", ".npz").await?);
+            keys.sort();
+            keys.dedup();
+            Ok(keys)
+        })
+    }
+
+    fn get_metadata(&self, key: &ContentHash) -> Result<Option<WeightMetadata>> {
+        let inner = self.inner();
+        let k = *key;
+        let full = self.run(async move {
+            Ok(inner.record(&k).await?.map(|r| {
+                let mut m = r.metadata;
+                m.hash = Some(k);
+                m
+            }))
+        })?;
+        match full {
+            Some(m) => Ok(Some(m)),
+            None => Ok(
+                resolve::resolve(self, &k, self.inner.config.strict_integrity)?
+                    .map(|w| w.metadata().clone()),
+            ),
+        }
+    }
+
+    fn store_batch(
+        &self,
+        weights: &[(String, WeightTensor)],
+    ) -> Result<BTreeMap<String, ContentHash>> {
+        let inner = self.inner();
+        let items: Vec<(String, WeightTensor)> = weights.to_vec();
+        let total = items.len();
+        self.run(async move {
+            // Hash everything first (in parallel), so duplicates go up once.
+            let hashed: Vec<(String, WeightTensor, ContentHash)> = futures::stream::iter(items)
+                .map(|(name, w)| {
+                    tokio::task::spawn_blocking(move || {
+                        let k = w.compute_hash_with(HashAlgorithm::Sha256);
+                        (name, w, k)
+                    })
+                })
+                .buffered(4)
+                .try_collect()
+                .await
+                .map_err(|e| StoreError::backend("hashing a batch", e))?;
+            let mut unique: BTreeMap<ContentHash, WeightTensor> = BTreeMap::new();
+            for (_, w, k) in &hashed {
+                unique.entry(*k).or_insert_with(|| w.clone());
+            }
+            let failed_flag = Arc::new(AtomicBool::new(false));
+            let results: HashMap<ContentHash, std::result::Result<(), String>> =
+                futures::stream::iter(unique)
+                    .map(|(k, w)| {
+                        let inner = inner.clone();
+                        let flag = failed_flag.clone();
+                        async move {
+                            if flag.load(Ordering::Relaxed) {
+                                return (
+                                    k,
+                                    Err("not attempted: an earlier upload failed".to_owned()),
+                                );
+                            }
+                            let r = inner.put_weight(w, k).await;
+                            if let Err(e) = &r {
+                                flag.store(true, Ordering::Relaxed);
+                                tracing::warn!(key = %k, error = %e, "upload failed");
+                            }
+                            (k, r.map(|_| ()).map_err(|e| error_chain(&e)))
+                        }
+                    })
+                    .buffer_unordered(inner.config.max_concurrency)
+                    .collect()
+                    .await;
+            let mut out = BTreeMap::new();
+            let mut stored = Vec::new();
+            let mut failed = Vec::new();
+            for (name, _, k) in hashed {
+                match results.get(&k) {
+                    Some(Ok(())) => {
+                        stored.push((name.clone(), k));
+                        out.insert(name, k);
+                    }
+                    Some(Err(reason)) => failed.push(FailedItem {
+                        name,
+                        key: k,
+                        reason: reason.clone(),
+                    }),
+                    None => failed.push(FailedItem {
+                        name,
+                        key: k,
+                        reason: "not attempted".to_owned(),
+                    }),
+                }
+            }
+            if failed.is_empty() {
+                Ok(out)
+            } else {
+                Err(StoreError::backend(
+                    format!(
+                        "store_batch to {}: {} of {total} weight(s) stored, {} not stored",
+                        inner.location,
+                        stored.len(),
+                        failed.len()
+                    ),
+                    BatchError { stored, failed },
+                ))
+            }
+        })
+    }
+
+    fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
+        let inner = self.inner();
+        let unique: BTreeSet<ContentHash> = keys.iter().copied().collect();
+        self.run(async move {
+            let conc = inner.config.max_concurrency;
+            let loaded: Vec<(ContentHash, Option<WeightTensor>)> = futures::stream::iter(unique)
+                .map(|k| {
+                    let inner = inner.clone();
+                    async move { inner.get_weight(k).await.map(|w| (k, w)) }
+                })
+                .buffer_unordered(conc)
+                .try_collect()
+                .await?;
+            Ok(loaded)
+        })
+        .and_then(|loaded| {
+            let mut out = HashMap::with_capacity(loaded.len());
+            for (k, w) in loaded {
+                let w = match w {
+                    Some(w) => Some(w),
+                    None => resolve::resolve(self, &k, self.inner.config.strict_integrity)?,
+                };
+                if let Some(w) = w {
+                    out.insert(k, w);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn storage_info(&self) -> Result<StorageInfo> {
+        let inner = self.inner();
+        let delta_info = self.get_delta_storage_info()?;
+        self.run(async move {
+            let keys = inner.list_keys("metadata", ".json").await?;
+            let file_size: u64 = inner.list_rel("").await?.iter().map(|o| o.size).sum();
+            let conc = inner.config.max_concurrency;
+            let records: Vec<Option<WeightRecord>> = futures::stream::iter(keys)
+                .map(|k| {
+                    let inner = inner.clone();
+                    async move { inner.record(&k).await }
+                })
+                .buffer_unordered(conc)
+                .try_collect()
+                .await?;
+            let records: Vec<WeightRecord> = records.into_iter().flatten().collect();
+            let total_bytes: u64 = records.iter().map(|r| r.data.nbytes).sum();
+            let compressed_bytes: u64 = records.iter().map(|r| r.data.size).sum();
+            Ok(StorageInfo {
+                backend: "s3".to_owned(),
+                location: inner.location.clone(),
+                file_size,
+                total_weights: records.len() as u64,
+                total_bytes,
+                compressed_bytes,
+                compression_ratio: StorageInfo::saved_fraction(total_bytes, compressed_bytes),
+                compression: inner.config.compression.to_string(),
+                deltas: delta_info,
+            })
+        })
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+        Ok(())
+    }
+}
+
+/// The error's message with its causes.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl DeltaSource for S3Store {
+    fn location(&self) -> String {
+        self.inner.location.clone()
+    }
+
+    fn full_weight(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+        let inner = self.inner();
+        let k = *key;
+        self.run(async move { inner.get_weight(k).await })
+    }
+
+    fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>> {
+        self.load_delta(key)
+    }
+}
+
+impl DeltaStore for S3Store {
+    fn store_delta(&self, delta: &Delta, delta_hash: &ContentHash) -> Result<ContentHash> {
+        let inner = self.inner();
+        let (d, k) = (delta.clone(), *delta_hash);
+        self.run(async move {
+            let rel = Inner::delta_rel(&k);
+            if inner.head_exists(&rel).await? {
+                return Ok(k);
+            }
+            if !inner
+                .head_exists(&Inner::meta_rel(&d.reference_hash))
+                .await?
+                && !inner
+                    .head_exists(&Inner::delta_rel(&d.reference_hash))
+                    .await?
+            {
+                return Err(StoreError::MissingReference {
+                    key: k,
+                    reference: d.reference_hash,
+                });
+            }
+            let body = encode_delta(&d, &k)
+                .map_err(|e| StoreError::backend(format!("encoding delta {k}"), e))?;
+            // The marker first, so a reference is never deletable while its delta exists.
+            inner
+                .put_rel(&Inner::ref_rel(&d.reference_hash, &k), Bytes::new())
+                .await?;
+            inner.put_rel(&rel, Bytes::from(body)).await?;
+            Ok(k)
+        })
+    }
+
+    fn load_delta(&self, delta_hash: &ContentHash) -> Result<Option<Delta>> {
+        let inner = self.inner();
+        let k = *delta_hash;
+        self.run(async move {
+            let rel = Inner::delta_rel(&k);
+            match inner.get_opt(&rel).await? {
+                None => Ok(None),
+                Some(b) => decode_delta(&b, &k)
+                    .map(Some)
+                    .map_err(|e| inner.corrupt(&rel, e)),
+            }
+        })
+    }
+
+    fn delta_exists(&self, delta_hash: &ContentHash) -> Result<bool> {
+        let inner = self.inner();
+        let k = *delta_hash;
+        self.run(async move { inner.head_exists(&Inner::delta_rel(&k)).await })
+    }
+
+    fn delete_delta(&self, delta_hash: &ContentHash) -> Result<bool> {
+        let inner = self.inner();
+        let k = *delta_hash;
+        self.run(async move {
+            let rel = Inner::delta_rel(&k);
+            let Some(b) = inner.get_opt(&rel).await? else {
+                return Ok(false);
+            };
+            let reference = decode_delta(&b, &k).ok().map(|d| d.reference_hash);
+            inner.delete_rel(&rel).await?;
+            if let Some(r) = reference {
+                inner.delete_rel(&Inner::ref_rel(&r, &k)).await?;
+            }
+            Ok(true)
+        })
+    }
+
+    fn list_deltas(&self) -> Result<Vec<ContentHash>> {
+        let inner = self.inner();
+        self.run(async move { inner.list_keys("deltas", ".npz").await })
+    }
+
+    fn get_delta_storage_info(&self) -> Result<DeltaStorageInfo> {
+        let inner = self.inner();
+        self.run(async move {
+            let keys = inner.list_keys("deltas", ".npz").await?;
+            let mut info = DeltaStorageInfo::default();
+            for k in keys {
+                let rel = Inner::delta_rel(&k);
+                let Some(b) = inner.get_opt(&rel).await? else {
+                    continue;
+                };
+                let d = decode_delta(&b, &k).map_err(|e| inner.corrupt(&rel, e))?;
+                info.total_deltas += 1;
+                info.total_delta_bytes += d.data.len() as u64;
+                let n: u64 = d.original_shape.iter().map(|&x| x as u64).product();
+                info.total_original_bytes += n * d.original_dtype.size() as u64;
+                *info
+                    .by_type
+                    .entry(d.delta_type.name().to_owned())
+                    .or_default() += 1;
+            }
+            Ok(info)
+        })
+    }
+}
+
+impl ManifestStore for S3Store {
+    fn put_manifest(&self, manifest: &ModelManifest) -> Result<()> {
+        let inner = self.inner();
+        let m = manifest.clone();
+        self.run(async move {
+            let json = m
+                .to_json()
+                .map_err(|e| inner.err(format!("encoding manifest {}", m.name), e))?;
+            inner
+                .put_rel(&Inner::model_rel(&m.name), Bytes::from(json))
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn get_manifest(&self, name: &ModelName) -> Result<Option<ModelManifest>> {
+        let inner = self.inner();
+        let n = name.clone();
+        self.run(async move {
+            let rel = Inner::model_rel(&n);
+            match inner.get_opt(&rel).await? {
+                None => Ok(None),
+                Some(b) => {
+                    ModelManifest::from_json(&b)
+                        .map(Some)
+                        .map_err(|e| StoreError::Corrupt {
+                            location: inner.location.clone(),
+                            key: rel,
+                            reason: e.to_string(),
+                        })
+                }
+            }
+        })
+    }
+
+    fn list_manifests(&self) -> Result<Vec<ModelName>> {
+        let inner = self.inner();
+        self.run(async move {
+            let mut names: Vec<ModelName> = inner
+                .list_rel("models")
+                .await?
+                .iter()
+                .filter_map(|o| o.location.filename())
+                .filter_map(|f| f.strip_suffix(".json"))
+                .filter_map(|n| ModelName::new(n).ok())
+                .collect();
+            names.sort();
+            names.dedup();
+            Ok(names)
+        })
+    }
+
+    fn delete_manifest(&self, name: &ModelName) -> Result<bool> {
+        let inner = self.inner();
+        let n = name.clone();
+        self.run(async move {
+            let rel = Inner::model_rel(&n);
+            if !inner.head_exists(&rel).await? {
+                return Ok(false);
+            }
+            inner.delete_rel(&rel).await?;
+            Ok(true)
+        })
+    }
+}
