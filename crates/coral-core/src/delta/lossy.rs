@@ -75,8 +75,10 @@ fn quantize_into(ds: &[f64], scale: f64, offset: f64, bits: u32, out: &mut Vec<u
     let levels = f64::from((1u32 << bits) - 1);
     let half = 1i64 << (bits - 1);
     for &d in ds {
+        // Non-negative, so adding 0.5 and truncating rounds to nearest (ties up); `as`
+        // saturates.
         let u = if scale > 0.0 {
-            ((d - offset) / scale).round().clamp(0.0, levels) as i64
+            (((d - offset) / scale + 0.5) as i64).min(levels as i64)
         } else {
             0
         };

@@ -24,8 +24,8 @@ pub(crate) fn load_le(bytes: &[u8]) -> u64 {
 }
 
 /// Appends the `width` low bytes of `v`, little-endian.
-#[inline]
-pub(crate) fn store_le(v: u64, width: usize, out: &mut Vec<u8>) {
+#[cfg(test)]
+fn store_le(v: u64, width: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&v.to_le_bytes()[..width.min(8)]);
 }
 
@@ -128,30 +128,86 @@ pub(crate) const fn bytes_for(bits: u32) -> usize {
 pub(crate) fn split_exponent(data: &[u8], width: usize, e: u32, m: u32) -> (Vec<u8>, Vec<u8>) {
     let (ew, rw) = (bytes_for(e), bytes_for(m + 1));
     let n = data.len() / width.max(1);
-    let mut ex = Vec::with_capacity(n * ew);
-    let mut rest = Vec::with_capacity(n * rw);
-    let emask = (1u64 << e) - 1;
-    let mmask = (1u64 << m) - 1;
-    for c in data.chunks_exact(width.max(1)) {
-        let x = load_le(c) & mask(width);
-        store_le((x >> m) & emask, ew, &mut ex);
-        store_le((((x >> (e + m)) & 1) << m) | (x & mmask), rw, &mut rest);
+    let mut ex = vec![0u8; n * ew];
+    let mut rest = vec![0u8; n * rw];
+    match (width, e, m) {
+        // Fast paths for the common dtypes; the generic loop below gives the same bytes.
+        (4, 8, 23) => {
+            for ((c, xe), xr) in data
+                .chunks_exact(4)
+                .zip(ex.iter_mut())
+                .zip(rest.chunks_exact_mut(3))
+            {
+                let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                *xe = (x >> 23) as u8;
+                let r = ((x >> 31) << 23) | (x & 0x7f_ffff);
+                xr.copy_from_slice(&r.to_le_bytes()[..3]);
+            }
+        }
+        (2, 8, 7) => {
+            for ((c, xe), xr) in data.chunks_exact(2).zip(ex.iter_mut()).zip(rest.iter_mut()) {
+                let x = u16::from_le_bytes([c[0], c[1]]);
+                *xe = (x >> 7) as u8;
+                *xr = (((x >> 15) << 7) | (x & 0x7f)) as u8;
+            }
+        }
+        _ => {
+            let emask = (1u64 << e) - 1;
+            let mmask = (1u64 << m) - 1;
+            for ((c, xe), xr) in data
+                .chunks_exact(width.max(1))
+                .zip(ex.chunks_exact_mut(ew.max(1)))
+                .zip(rest.chunks_exact_mut(rw.max(1)))
+            {
+                let x = load_le(c) & mask(width);
+                xe.copy_from_slice(&((x >> m) & emask).to_le_bytes()[..ew]);
+                let r = (((x >> (e + m)) & 1) << m) | (x & mmask);
+                xr.copy_from_slice(&r.to_le_bytes()[..rw]);
+            }
+        }
     }
     (ex, rest)
 }
 
-/// Inverse of [`split_exponent`]. The planes must hold `n` elements each.
+/// Inverse of [`split_exponent`]. The planes must hold the same number of elements.
 pub(crate) fn join_exponent(ex: &[u8], rest: &[u8], width: usize, e: u32, m: u32) -> Vec<u8> {
     let (ew, rw) = (bytes_for(e), bytes_for(m + 1));
-    let mut out = Vec::with_capacity(ex.len() / ew.max(1) * width);
-    let emask = (1u64 << e) - 1;
-    let mmask = (1u64 << m) - 1;
-    for (ce, cr) in ex.chunks_exact(ew.max(1)).zip(rest.chunks_exact(rw.max(1))) {
-        let ev = load_le(ce) & emask;
-        let rv = load_le(cr);
-        let sign = (rv >> m) & 1;
-        let x = (sign << (e + m)) | (ev << m) | (rv & mmask);
-        store_le(x, width, &mut out);
+    let n = (ex.len() / ew.max(1)).min(rest.len() / rw.max(1));
+    let mut out = vec![0u8; n * width];
+    match (width, e, m) {
+        (4, 8, 23) => {
+            for ((o, &xe), xr) in out
+                .chunks_exact_mut(4)
+                .zip(ex.iter())
+                .zip(rest.chunks_exact(3))
+            {
+                let r = u32::from_le_bytes([xr[0], xr[1], xr[2], 0]);
+                let x = ((r >> 23) << 31) | (u32::from(xe) << 23) | (r & 0x7f_ffff);
+                o.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        (2, 8, 7) => {
+            for ((o, &xe), &xr) in out.chunks_exact_mut(2).zip(ex.iter()).zip(rest.iter()) {
+                let r = u16::from(xr);
+                let x = ((r >> 7) << 15) | (u16::from(xe) << 7) | (r & 0x7f);
+                o.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        _ => {
+            let emask = (1u64 << e) - 1;
+            let mmask = (1u64 << m) - 1;
+            for ((o, ce), cr) in out
+                .chunks_exact_mut(width.max(1))
+                .zip(ex.chunks_exact(ew.max(1)))
+                .zip(rest.chunks_exact(rw.max(1)))
+            {
+                let ev = load_le(ce) & emask;
+                let rv = load_le(cr);
+                let sign = (rv >> m) & 1;
+                let x = (sign << (e + m)) | (ev << m) | (rv & mmask);
+                o.copy_from_slice(&x.to_le_bytes()[..width.min(8)]);
+            }
+        }
     }
     out
 }
@@ -328,6 +384,31 @@ mod tests {
             let (ex, rest) = split_exponent(&data, w, e, m);
             assert_eq!(join_exponent(&ex, &rest, w, e, m), data, "{dt}");
         }
+        // The fast paths give the bytes the definition gives.
+        let data: Vec<u8> = (0..4000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+            .collect();
+        let (ex, rest) = split_exponent(&data, 4, 8, 23);
+        let mut generic_ex = Vec::new();
+        let mut generic_rest = Vec::new();
+        for c in data.chunks_exact(4) {
+            let x = load_le(c);
+            store_le((x >> 23) & 0xff, 1, &mut generic_ex);
+            store_le(
+                (((x >> 31) & 1) << 23) | (x & 0x7f_ffff),
+                3,
+                &mut generic_rest,
+            );
+        }
+        assert_eq!((ex, rest), (generic_ex, generic_rest));
+        let (ex, rest) = split_exponent(&data, 2, 8, 7);
+        let (mut ge, mut gr) = (Vec::new(), Vec::new());
+        for c in data.chunks_exact(2) {
+            let x = load_le(c);
+            store_le((x >> 7) & 0xff, 1, &mut ge);
+            store_le((((x >> 15) & 1) << 7) | (x & 0x7f), 1, &mut gr);
+        }
+        assert_eq!((ex, rest), (ge, gr));
         // f32 1.0 = 0x3f800000: exponent 127, sign 0, mantissa 0.
         let (ex, rest) = split_exponent(&1.0f32.to_le_bytes(), 4, 8, 23);
         assert_eq!(ex, vec![127]);
