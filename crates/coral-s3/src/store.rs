@@ -454,7 +454,7 @@ impl S3Store {
                     .and_then(|f| f.strip_suffix(".npz"))
                     .and_then(|h| ContentHash::parse(h).ok());
                 if let Some(k) = key {
-                    if !committed.contains(&k) && o.last_modified.timestamp() < cutoff {
+                    if !committed.contains(&k) && o.last_modified.timestamp() <= cutoff {
                         inner.delete_rel(&Inner::weight_rel(&k)).await?;
                         report.data_objects.push(o.location.to_string());
                     }
@@ -467,7 +467,7 @@ impl S3Store {
                     .and_then(|f| f.strip_suffix(".ref"))
                     .and_then(|h| ContentHash::parse(h).ok());
                 if let Some(d) = d {
-                    if !deltas.contains(&d) && o.last_modified.timestamp() < cutoff {
+                    if !deltas.contains(&d) && o.last_modified.timestamp() <= cutoff {
                         inner
                             .s3
                             .delete(&o.location)
