@@ -340,6 +340,14 @@ fn main() {
         ),
         scenario(
             &model,
+            DType::BF16,
+            1e-2,
+            5,
+            |_| true,
+            "bf16, dense update lr=1e-2 (stress: ten times the largest step)".into(),
+        ),
+        scenario(
+            &model,
             DType::F32,
             1e-3,
             4,
