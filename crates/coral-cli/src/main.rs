@@ -1,4 +1,654 @@
-//! The `coral` command.
-fn main() {
-    println!("coral {}", env!("CARGO_PKG_VERSION"));
+//! The `coral` command: models in, models out, byte for byte, between any two stores.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{ArgAction, Parser, Subcommand};
+use coral_cli::ops::{self, AddOptions};
+use coral_cli::source::SourceFile;
+use coral_cli::store::{self, Address, Mode, S3Options};
+use coral_core::{ContentHash, ModelName};
+use coral_store_api::Store;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+/// Bytes of tensors handled at once by add and export, per worker thread.
+const GROUP_BYTES_PER_WORKER: usize = 16 << 20;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coral",
+    version,
+    about = "Store neural-network weights by content, deduplicated and delta-coded"
+)]
+struct Cli {
+    /// The store: a path (HDF5 file) or s3://bucket/prefix.
+    #[arg(long, global = true, env = "CORAL_STORE", default_value = "coral.h5")]
+    store: String,
+    /// Endpoint of an S3-compatible service.
+    #[arg(long, global = true, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// S3 access key id.
+    #[arg(long, global = true, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    access_key: Option<String>,
+    /// S3 secret access key.
+    #[arg(
+        long,
+        global = true,
+        env = "AWS_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    secret_key: Option<String>,
+    /// S3 region.
+    #[arg(long, global = true, env = "AWS_REGION")]
+    region: Option<String>,
+    /// Machine-readable JSON output on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Store a model file (.safetensors, .npy, .npz) under a name.
+    Add {
+        /// The model file.
+        file: PathBuf,
+        /// The model's name (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// A model in the store to delta-code changed tensors against.
+        #[arg(long)]
+        reference: Option<String>,
+    },
+    /// Write a model back to a file (same bytes for a safetensors file added).
+    Export {
+        /// The model.
+        model: String,
+        /// Output file (.safetensors, .npy or .npz).
+        out: PathBuf,
+    },
+    /// List models (or weights, or deltas).
+    Ls {
+        /// List weights instead.
+        #[arg(long)]
+        weights: bool,
+        /// List deltas instead.
+        #[arg(long)]
+        deltas: bool,
+    },
+    /// Show a model or a weight/delta by its hash.
+    Show {
+        /// Model name or content hash.
+        id: String,
+    },
+    /// The store's figures.
+    Info,
+    /// Compare two models tensor by tensor.
+    Diff {
+        /// First model.
+        a: String,
+        /// Second model.
+        b: String,
+    },
+    /// Check every weight, delta and manifest; exit non-zero on any failure.
+    Verify,
+    /// Remove a model's manifest (its weights go with `coral gc`).
+    Rm {
+        /// The model.
+        model: String,
+    },
+    /// Remove weights and deltas no model needs.
+    Gc {
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Copy what DST lacks from SRC (weights, deltas, manifests).
+    Sync {
+        /// Source store.
+        src: String,
+        /// Destination store.
+        dst: String,
+        /// Only report what would be copied.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_owned());
+        let msg = msg.lines().next().unwrap_or("").to_owned();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("error: internal error: {msg}{at}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{line} (see coral --help)");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&cli);
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let level = if cli.quiet {
+        "error"
+    } else {
+        match cli.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn s3_options(cli: &Cli) -> S3Options {
+    S3Options {
+        endpoint_url: cli.endpoint_url.clone(),
+        access_key: cli.access_key.clone(),
+        secret_key: cli.secret_key.clone(),
+        region: cli.region.clone(),
+    }
+}
+
+fn open(cli: &Cli, addr: &str, mode: Mode) -> Result<Box<dyn Store>> {
+    let addr = Address::parse(addr)?;
+    store::open(&addr, &s3_options(cli), mode)
+}
+
+fn close(mut store: Box<dyn Store>) -> Result<()> {
+    store.close().context("closing the store")
+}
+
+fn model_name(s: &str) -> Result<ModelName> {
+    ModelName::new(s).map_err(|e| anyhow!(e))
+}
+
+fn progress_bar(cli: &Cli, len: u64, bytes: bool) -> ProgressBar {
+    if cli.json || cli.quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    let tpl = if bytes {
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})"
+    } else {
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(tpl) {
+        pb.set_style(style);
+    }
+    pb
+}
+
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn run(cli: &Cli) -> Result<ExitCode> {
+    let group_bytes = GROUP_BYTES_PER_WORKER * workers();
+    match &cli.cmd {
+        Cmd::Add {
+            file,
+            name,
+            reference,
+        } => {
+            let name = match name {
+                Some(n) => model_name(n)?,
+                None => model_name(
+                    file.file_stem()
+                        .and_then(|s| s.to_str())
+                        .ok_or_else(|| anyhow!("give the model a name with --name"))?,
+                )
+                .context("the file name is not a valid model name; give one with --name")?,
+            };
+            let reference = reference.as_deref().map(model_name).transpose()?;
+            let src = SourceFile::open(file)?;
+            let store = open(cli, &cli.store, Mode::Write)?;
+            let total: u64 = src.tensors().iter().map(|t| t.len as u64).sum();
+            let pb = progress_bar(cli, total, true);
+            let opts = AddOptions {
+                name,
+                reference,
+                group_bytes,
+            };
+            let r = ops::add(&*store, &src, &opts, &|n| pb.inc(n));
+            pb.finish_and_clear();
+            let r = r?;
+            close(store)?;
+            if cli.json {
+                print_json(&serde_json::to_value(&r)?)?;
+            } else {
+                println!(
+                    "added {} ({}, {} tensors): {} new, {} reused, {} delta-coded; {} in, {} stored",
+                    r.name,
+                    r.format,
+                    r.tensors,
+                    r.new,
+                    r.reused,
+                    r.delta_coded,
+                    human_bytes(r.bytes_in),
+                    human_bytes(r.bytes_stored)
+                );
+            }
+        }
+        Cmd::Export { model, out } => {
+            let name = model_name(model)?;
+            let store = open(cli, &cli.store, Mode::Read)?;
+            let total = store.get_manifest(&name)?.map_or(0, |m| m.file_size);
+            let pb = progress_bar(cli, total, true);
+            let n = ops::export(&*store, &name, out, group_bytes, &|n| pb.inc(n));
+            pb.finish_and_clear();
+            let n = n?;
+            if cli.json {
+                print_json(&json!({"model": name, "out": out, "bytes": n}))?;
+            } else {
+                println!("exported {name} to {} ({})", out.display(), human_bytes(n));
+            }
+        }
+        Cmd::Ls { weights, deltas } => {
+            let store = open(cli, &cli.store, Mode::Read)?;
+            ls(cli, &*store, *weights, *deltas)?;
+        }
+        Cmd::Show { id } => {
+            let store = open(cli, &cli.store, Mode::Read)?;
+            show(cli, &*store, id)?;
+        }
+        Cmd::Info => {
+            let store = open(cli, &cli.store, Mode::Read)?;
+            let info = store.storage_info()?;
+            let models = store.list_manifests()?.len();
+            if cli.json {
+                let mut v = serde_json::to_value(&info)?;
+                v["models"] = json!(models);
+                print_json(&v)?;
+            } else {
+                println!("store        {} ({})", info.location, info.backend);
+                println!("size         {}", human_bytes(info.file_size));
+                println!("models       {models}");
+                println!(
+                    "weights      {} ({} raw, {} stored, {:.1}% saved, {})",
+                    info.total_weights,
+                    human_bytes(info.total_bytes),
+                    human_bytes(info.compressed_bytes),
+                    info.compression_ratio * 100.0,
+                    info.compression
+                );
+                println!(
+                    "deltas       {} ({} stored for {} of weights)",
+                    info.deltas.total_deltas,
+                    human_bytes(info.deltas.total_delta_bytes),
+                    human_bytes(info.deltas.total_original_bytes)
+                );
+            }
+        }
+        Cmd::Diff { a, b } => {
+            let store = open(cli, &cli.store, Mode::Read)?;
+            let r = ops::diff(&*store, &model_name(a)?, &model_name(b)?)?;
+            if cli.json {
+                print_json(&serde_json::to_value(&r)?)?;
+            } else {
+                println!(
+                    "{} equal, {} changed, {} added, {} removed",
+                    r.equal.len(),
+                    r.changed.len(),
+                    r.added.len(),
+                    r.removed.len()
+                );
+                for c in &r.changed {
+                    match (c.relative_change, &c.note) {
+                        (Some(x), _) => println!("changed  {}  {x:.3e}", c.name),
+                        (None, Some(n)) => println!("changed  {}  ({n})", c.name),
+                        (None, None) => println!("changed  {}", c.name),
+                    }
+                }
+                for n in &r.added {
+                    println!("added    {n}");
+                }
+                for n in &r.removed {
+                    println!("removed  {n}");
+                }
+            }
+        }
+        Cmd::Verify => {
+            let store = open(cli, &cli.store, Mode::Read)?;
+            let total = store.list_weights()?.len() + store.list_manifests()?.len();
+            let pb = progress_bar(cli, total as u64, false);
+            let r = ops::verify(&*store, &|n| pb.inc(n));
+            pb.finish_and_clear();
+            let r = r?;
+            if cli.json {
+                print_json(&serde_json::to_value(&r)?)?;
+            } else {
+                for f in &r.failures {
+                    println!("FAILED {} {}: {}", f.kind, f.id, f.error);
+                }
+                println!(
+                    "checked {} weights, {} deltas, {} manifests: {}",
+                    r.weights,
+                    r.deltas,
+                    r.manifests,
+                    if r.failures.is_empty() {
+                        "all ok".to_owned()
+                    } else {
+                        format!("{} failed", r.failures.len())
+                    }
+                );
+            }
+            if !r.failures.is_empty() {
+                eprintln!("error: {} item(s) failed verification", r.failures.len());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Rm { model } => {
+            let name = model_name(model)?;
+            let store = open(cli, &cli.store, Mode::Write)?;
+            if !store.delete_manifest(&name)? {
+                bail!("model {name} is not in the store");
+            }
+            close(store)?;
+            if cli.json {
+                print_json(&json!({"removed": name}))?;
+            } else {
+                println!("removed {name} (run `coral gc` to free its weights)");
+            }
+        }
+        Cmd::Gc { dry_run } => {
+            let store = open(
+                cli,
+                &cli.store,
+                if *dry_run { Mode::Read } else { Mode::Write },
+            )?;
+            let r = ops::gc(&*store, *dry_run)?;
+            close(store)?;
+            if cli.json {
+                print_json(&serde_json::to_value(&r)?)?;
+            } else {
+                println!(
+                    "{} {} weights and {} deltas",
+                    if r.dry_run { "would remove" } else { "removed" },
+                    r.weights.len(),
+                    r.deltas.len()
+                );
+            }
+        }
+        Cmd::Sync { src, dst, dry_run } => {
+            sync(cli, src, dst, *dry_run)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
+    let mut out = serde_json::Map::new();
+    if weights {
+        let delta_keys: std::collections::HashSet<ContentHash> =
+            store.list_deltas()?.into_iter().collect();
+        let mut rows = Vec::new();
+        for k in store.list_weights()? {
+            if delta_keys.contains(&k) {
+                continue;
+            }
+            let m = store.get_metadata(&k)?;
+            rows.push(json!({
+                "key": k.to_hex(),
+                "name": m.as_ref().map(|m| m.name.clone()),
+                "dtype": m.as_ref().map(|m| m.dtype.name()),
+                "shape": m.as_ref().map(|m| m.shape.clone()),
+            }));
+        }
+        out.insert("weights".into(), json!(rows));
+    }
+    if deltas {
+        let mut rows = Vec::new();
+        for k in store.list_deltas()? {
+            if let Some(d) = store.load_delta(&k)? {
+                rows.push(json!({
+                    "key": k.to_hex(),
+                    "type": d.delta_type.name(),
+                    "reference": d.reference_hash.to_hex(),
+                    "bytes": d.nbytes(),
+                    "dtype": d.original_dtype.name(),
+                    "shape": d.original_shape,
+                }));
+            }
+        }
+        out.insert("deltas".into(), json!(rows));
+    }
+    if !weights && !deltas {
+        let mut rows = Vec::new();
+        for n in store.list_manifests()? {
+            if let Some(m) = store.get_manifest(&n)? {
+                rows.push(json!({
+                    "name": n,
+                    "format": m.format,
+                    "tensors": m.tensors.len(),
+                    "file_size": m.file_size,
+                    "parent": m.parent,
+                }));
+            }
+        }
+        out.insert("models".into(), json!(rows));
+    }
+    if cli.json {
+        return print_json(&serde_json::Value::Object(out));
+    }
+    for (kind, rows) in &out {
+        for r in rows.as_array().into_iter().flatten() {
+            let line = match kind.as_str() {
+                "models" => format!(
+                    "{}\t{}\t{} tensors\t{}{}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["format"].as_str().unwrap_or(""),
+                    r["tensors"],
+                    human_bytes(r["file_size"].as_u64().unwrap_or(0)),
+                    r["parent"]
+                        .as_str()
+                        .map(|p| format!("\tfrom {p}"))
+                        .unwrap_or_default()
+                ),
+                "weights" => format!(
+                    "{}\t{}\t{}\t{}",
+                    r["key"].as_str().unwrap_or(""),
+                    r["dtype"].as_str().unwrap_or("?"),
+                    r["shape"],
+                    r["name"].as_str().unwrap_or("")
+                ),
+                _ => format!(
+                    "{}\t{}\t{} B\tref {}",
+                    r["key"].as_str().unwrap_or(""),
+                    r["type"].as_str().unwrap_or(""),
+                    r["bytes"],
+                    r["reference"].as_str().unwrap_or("")
+                ),
+            };
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
+    if let Ok(name) = ModelName::new(id) {
+        if let Some(m) = store.get_manifest(&name)? {
+            let kinds = ops::key_kinds(store, &m)?;
+            if cli.json {
+                let mut v = serde_json::to_value(&m)?;
+                v["stored_as"] = json!(kinds);
+                return print_json(&v);
+            }
+            println!("model    {}", m.name);
+            println!("format   {}", m.format);
+            println!("size     {}", human_bytes(m.file_size));
+            println!("tensors  {} ({kinds:?})", m.tensors.len());
+            if let Some(p) = &m.parent {
+                println!("parent   {p}");
+            }
+            for t in &m.tensors {
+                println!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
+            }
+            return Ok(());
+        }
+    }
+    let key = ContentHash::parse(id)
+        .map_err(|_| anyhow!("{id:?} is neither a model in the store nor a content hash"))?;
+    if let Some(d) = store.load_delta(&key)? {
+        let v = json!({
+            "key": key.to_hex(),
+            "kind": "delta",
+            "type": d.delta_type.name(),
+            "reference": d.reference_hash.to_hex(),
+            "bytes": d.nbytes(),
+            "dtype": d.original_dtype.name(),
+            "shape": d.original_shape,
+            "compression_ratio": d.compression_ratio,
+            "metadata": d.metadata,
+        });
+        return if cli.json {
+            print_json(&v)
+        } else {
+            println!(
+                "delta {key}: {} {:?} {}, {} B against {}",
+                d.original_dtype,
+                d.original_shape,
+                d.delta_type,
+                d.nbytes(),
+                d.reference_hash
+            );
+            Ok(())
+        };
+    }
+    let meta = store
+        .get_metadata(&key)?
+        .ok_or_else(|| anyhow!("no weight or delta {key} in the store"))?;
+    if cli.json {
+        let mut v = serde_json::to_value(&meta)?;
+        v["key"] = json!(key.to_hex());
+        v["kind"] = json!("weight");
+        print_json(&v)
+    } else {
+        println!(
+            "weight {key}: {} {} {:?}{}",
+            meta.name,
+            meta.dtype,
+            meta.shape,
+            if meta.compression_info.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " {}",
+                    serde_json::Value::Object(meta.compression_info.clone())
+                )
+            }
+        );
+        Ok(())
+    }
+}
+
+fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
+    let s = open(cli, src, Mode::Read)?;
+    let d = open(cli, dst, if dry_run { Mode::Read } else { Mode::Write })?;
+    let pb = progress_bar(cli, 0, false);
+    let bar = pb.clone();
+    let opts = coral_sync::SyncOptions::default()
+        .with_dry_run(dry_run)
+        .with_progress(move |p| {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+        });
+    let stats = coral_sync::sync(&*s, &*d, &opts);
+    pb.finish_and_clear();
+    let stats = stats.with_context(|| format!("syncing {src} to {dst}"))?;
+    close(d)?;
+    if cli.json {
+        print_json(&serde_json::to_value(stats)?)?;
+    } else {
+        let k = |k: &coral_sync::KindStats| {
+            format!(
+                "{} moved ({}), {} skipped",
+                k.moved,
+                human_bytes(k.bytes),
+                k.skipped
+            )
+        };
+        println!(
+            "{}weights {}; deltas {}; manifests {}",
+            if dry_run { "dry run: " } else { "" },
+            k(&stats.weights),
+            k(&stats.deltas),
+            k(&stats.manifests)
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,311 @@
+//! `coral add` and `coral export` of the real model (all-MiniLM-L6-v2, fp32): wall time and peak
+//! memory of the child process, side by side with coral-ml's `HDF5Store` on the same model in
+//! the same run; and the bytes stored for the model plus a fine-tune (a tenth of the float
+//! tensors changed by a small dense update) against storing both whole.
+//!
+//! Run with `cargo xtask bench` (or `cargo bench -p coral-cli --bench cli` with
+//! `CORAL_TEST_MODEL` and `CORAL_TEST_PYTHON` set). Prints a markdown table.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use coral_store_api::testenv;
+
+const CORAL: &str = env!("CARGO_BIN_EXE_coral");
+
+/// Runs a child to completion; returns (wall seconds, peak RSS bytes, stdout).
+fn measure(cmd: &mut Command) -> (f64, u64, String) {
+    let out_path = std::env::temp_dir().join(format!("coral-bench-{}.out", std::process::id()));
+    let out_file = std::fs::File::create(&out_path).expect("temp file");
+    let start = Instant::now();
+    let child = cmd
+        .stdout(out_file)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(r, pid, "wait4 failed");
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed ({status}): {stdout}"
+    );
+    std::mem::forget(child);
+    (secs, usage.ru_maxrss as u64 * 1024, stdout)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn coral(store: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(CORAL);
+    c.env_remove("CORAL_STORE")
+        .arg("--store")
+        .arg(store)
+        .arg("-q")
+        .args(args);
+    c
+}
+
+const PY: &str = r#"
+import json, struct, sys, time
+import numpy as np
+from coral.core.weight_tensor import WeightMetadata, WeightTensor
+from coral.storage.hdf5_store import HDF5Store
+
+DT = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
+      "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+def tensors(path):
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    n = struct.unpack("<Q", raw[:8].tobytes())[0]
+    header = json.loads(raw[8:8 + n].tobytes())
+    base = 8 + n
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        s, t = e["data_offsets"]
+        a = np.frombuffer(raw[base + s:base + t], dtype=DT[e["dtype"]]).reshape(e["shape"])
+        yield name, a
+
+mode, model, store = sys.argv[1], sys.argv[2], sys.argv[3]
+t0 = time.perf_counter()
+if mode == "add":
+    st = HDF5Store(store)
+    keys = {}
+    for name, a in tensors(model):
+        w = WeightTensor(data=a, metadata=WeightMetadata(name=name, shape=a.shape, dtype=a.dtype))
+        keys[name] = st.store(w)
+    st.close()
+    open(store + ".keys.json", "w").write(json.dumps(keys))
+else:
+    out = sys.argv[4]
+    raw = open(model, "rb").read(8)
+    n = struct.unpack("<Q", raw)[0]
+    header_bytes = open(model, "rb").read(8 + n)
+    header = json.loads(header_bytes[8:])
+    keys = json.loads(open(store + ".keys.json").read())
+    st = HDF5Store(store, mode="r")
+    order = sorted((e["data_offsets"][0], k) for k, e in header.items() if k != "__metadata__")
+    with open(out, "wb") as f:
+        f.write(header_bytes)
+        for _, name in order:
+            f.write(np.ascontiguousarray(st.load(keys[name]).data).tobytes())
+    st.close()
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"#;
+
+fn python(py: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(py);
+    c.arg("-c").arg(PY).args(args);
+    c
+}
+
+fn stored_bytes(store: &Path) -> u64 {
+    let out = Command::new(CORAL)
+        .env_remove("CORAL_STORE")
+        .arg("--store")
+        .arg(store)
+        .args(["info", "--json"])
+        .output()
+        .expect("coral info");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["compressed_bytes"].as_u64().unwrap_or(0)
+        + v["deltas"]["total_delta_bytes"].as_u64().unwrap_or(0)
+}
+
+fn mb(n: u64) -> String {
+    format!("{:.1} MB", n as f64 / 1e6)
+}
+
+/// The fine-tune: every tenth float32 tensor (in name order) multiplied by 1 + 1e-3·u, u uniform
+/// in [-1, 1) from a fixed generator; same header, so same layout.
+fn finetune(model: &[u8]) -> Vec<u8> {
+    let h = coral_cli::safetensors::parse(model).expect("model parses");
+    let mut out = model.to_vec();
+    let mut names: Vec<_> = h
+        .tensors
+        .iter()
+        .filter(|t| t.dtype == coral_core::DType::F32)
+        .collect();
+    names.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut state = 0x00C0_FFEEu64;
+    for t in names.iter().step_by(10) {
+        let s = (h.data_start + t.begin) as usize;
+        let e = (h.data_start + t.end) as usize;
+        for c in out[s..e].chunks_exact_mut(4) {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            c.copy_from_slice(&((v as f64 * (1.0 + 1e-3 * u)) as f32).to_le_bytes());
+        }
+    }
+    out
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing: only run when benched.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let Some(model) = testenv::model_path() else {
+        return;
+    };
+    let python_exe = testenv::python();
+    let runs: usize = std::env::var("CORAL_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model_bytes = std::fs::read(&model).expect("model");
+    let size = model_bytes.len() as u64;
+
+    let (mut add_t, mut add_m, mut exp_t, mut exp_m) = (vec![], vec![], vec![], vec![]);
+    let mut store = PathBuf::new();
+    for i in 0..runs {
+        store = dir.path().join(format!("coral-{i}.h5"));
+        let (t, m, _) = measure(&mut coral(
+            &store,
+            &["add", model.to_str().unwrap(), "--name", "m"],
+        ));
+        add_t.push(t);
+        add_m.push(m as f64);
+        let out = dir.path().join(format!("out-{i}.safetensors"));
+        let (t, m, _) = measure(&mut coral(&store, &["export", "m", out.to_str().unwrap()]));
+        exp_t.push(t);
+        exp_m.push(m as f64);
+        assert!(
+            std::fs::read(&out).expect("export") == model_bytes,
+            "export differs"
+        );
+        let _ = std::fs::remove_file(&out);
+    }
+    let coral_stored = stored_bytes(&store);
+
+    let (mut py_add_t, mut py_add_m, mut py_exp_t, mut py_exp_m) = (vec![], vec![], vec![], vec![]);
+    let mut py_size = 0;
+    if let Some(py) = &python_exe {
+        for i in 0..runs {
+            let s = dir.path().join(format!("coralml-{i}.h5"));
+            let ss = s.to_str().unwrap();
+            let (_, m, out) = measure(&mut python(py, &["add", model.to_str().unwrap(), ss]));
+            let v: serde_json::Value = serde_json::from_str(out.trim()).expect("python json");
+            py_add_t.push(v["seconds"].as_f64().unwrap_or(f64::NAN));
+            py_add_m.push(m as f64);
+            py_size = std::fs::metadata(&s).map(|m| m.len()).unwrap_or(0);
+            let o = dir.path().join(format!("coralml-out-{i}.safetensors"));
+            let (_, m, out) = measure(&mut python(
+                py,
+                &["export", model.to_str().unwrap(), ss, o.to_str().unwrap()],
+            ));
+            let v: serde_json::Value = serde_json::from_str(out.trim()).expect("python json");
+            py_exp_t.push(v["seconds"].as_f64().unwrap_or(f64::NAN));
+            py_exp_m.push(m as f64);
+            assert!(
+                std::fs::read(&o).expect("export") == model_bytes,
+                "coral-ml export differs"
+            );
+        }
+    }
+
+    // Model plus fine-tune.
+    let ft_bytes = finetune(&model_bytes);
+    let ft = dir.path().join("ft.safetensors");
+    std::fs::write(&ft, &ft_bytes).expect("write ft");
+    let both_raw = size * 2;
+    let with_ref = dir.path().join("ref.h5");
+    let whole = dir.path().join("whole.h5");
+    let solo = dir.path().join("solo.h5");
+    let run = |s: &Path, args: &[&str]| {
+        let st = coral(s, args).status().expect("coral");
+        assert!(st.success(), "{args:?}");
+    };
+    run(&with_ref, &["add", model.to_str().unwrap(), "--name", "m"]);
+    run(
+        &with_ref,
+        &[
+            "add",
+            ft.to_str().unwrap(),
+            "--name",
+            "ft",
+            "--reference",
+            "m",
+        ],
+    );
+    run(&whole, &["add", model.to_str().unwrap(), "--name", "m"]);
+    run(&whole, &["add", ft.to_str().unwrap(), "--name", "ft"]);
+    run(&solo, &["add", ft.to_str().unwrap(), "--name", "ft"]);
+    let (ref_b, whole_b) = (stored_bytes(&with_ref), stored_bytes(&whole));
+    let both_whole = coral_stored + stored_bytes(&solo);
+
+    println!("| `coral` on all-MiniLM-L6-v2 ({}) | coral (Rust, HDF5) | coral-ml 1.0.0 HDF5Store | ratio |", mb(size));
+    println!("|---|---|---|---|");
+    let row = |what: &str, a: &[f64], b: &[f64], fmt: &dyn Fn(f64) -> String| {
+        let (ma, mb_) = (
+            median(a.to_vec()),
+            if b.is_empty() {
+                f64::NAN
+            } else {
+                median(b.to_vec())
+            },
+        );
+        println!(
+            "| {what} | {} | {} | {:.2}× |",
+            fmt(ma),
+            if b.is_empty() { "n/a".into() } else { fmt(mb_) },
+            mb_ / ma
+        );
+    };
+    let secs = |s: f64| format!("{s:.3} s");
+    let mem = |m: f64| mb(m as u64);
+    row("add: wall time (median)", &add_t, &py_add_t, &secs);
+    row("add: peak RSS", &add_m, &py_add_m, &mem);
+    row("export: wall time (median)", &exp_t, &py_exp_t, &secs);
+    row("export: peak RSS", &exp_m, &py_exp_m, &mem);
+    println!(
+        "| bytes stored for the model | {} | {} (file) | {:.2}× |",
+        mb(coral_stored),
+        if py_size > 0 {
+            mb(py_size)
+        } else {
+            "n/a".into()
+        },
+        py_size as f64 / coral_stored as f64
+    );
+    println!();
+    println!("| model + fine-tune (a tenth of the fp32 tensors changed, ×(1+1e-3·u)) | bytes | of both whole |");
+    println!("|---|---|---|");
+    println!("| the two files | {} | |", mb(both_raw));
+    println!(
+        "| stored whole, each in its own store | {} | 100% |",
+        mb(both_whole)
+    );
+    println!(
+        "| one store, no reference (unchanged tensors deduplicated) | {} | {:.1}% |",
+        mb(whole_b),
+        100.0 * whole_b as f64 / both_whole as f64
+    );
+    println!(
+        "| one store, `--reference` (changed tensors as deltas) | {} | {:.1}% |",
+        mb(ref_b),
+        100.0 * ref_b as f64 / both_whole as f64
+    );
+    println!();
+    println!(
+        "{runs} runs each, medians; coral times are the whole process (`wait4`), coral-ml's are timed inside Python (interpreter start excluded); peak RSS is the child's `ru_maxrss` (coral-ml's includes the Python interpreter and NumPy)."
+    );
+}

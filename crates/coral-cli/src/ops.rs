@@ -1,0 +1,1090 @@
+//! What the commands do, on any [`Store`]: add, export, diff, verify, gc.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use coral_core::delta::{encode_best_lossless, DeltaConfig, DeltaEncoder};
+use coral_core::{
+    ContentHash, DType, Delta, ManifestTensor, ModelManifest, ModelName, WeightTensor,
+};
+use coral_store_api::Store;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::source::{SourceFile, SourceTensor};
+
+/// Longest chain of deltas followed when loading.
+const MAX_DELTA_DEPTH: usize = 16;
+
+/// Loads a weight by key, whether the store holds it whole or as a delta (decoded against its
+/// reference, recursively), and checks it against the key.
+pub fn load_resolved(store: &dyn Store, key: &ContentHash) -> Result<WeightTensor> {
+    load_depth(store, key, 0)
+}
+
+fn load_depth(store: &dyn Store, key: &ContentHash, depth: usize) -> Result<WeightTensor> {
+    if depth > MAX_DELTA_DEPTH {
+        bail!("weight {key}: delta chain longer than {MAX_DELTA_DEPTH}");
+    }
+    if !store.delta_exists(key)? {
+        if let Some(w) = store.load(key)? {
+            w.verify(key)?;
+            return Ok(w);
+        }
+    }
+    let delta = store
+        .load_delta(key)?
+        .ok_or_else(|| anyhow!("weight {key} is missing from the store"))?;
+    let reference = load_depth(store, &delta.reference_hash, depth + 1)
+        .with_context(|| format!("reference of delta {key}"))?;
+    let w = DeltaEncoder::new(DeltaConfig::default())
+        .decode_delta(&delta, &reference, key)
+        .with_context(|| format!("decoding delta {key}"))?;
+    w.verify(key)?;
+    Ok(w)
+}
+
+/// Options of [`add`].
+#[derive(Debug, Clone)]
+pub struct AddOptions {
+    /// The model's name.
+    pub name: ModelName,
+    /// A model whose tensors serve as delta references.
+    pub reference: Option<ModelName>,
+    /// Largest sum of tensor bytes handled at once (at least one tensor is always taken).
+    pub group_bytes: usize,
+}
+
+/// What [`add`] did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AddReport {
+    /// The model's name.
+    pub name: String,
+    /// Source format.
+    pub format: String,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Tensors stored in full.
+    pub new: usize,
+    /// Tensors already in the store (or repeated in the file).
+    pub reused: usize,
+    /// Tensors stored as deltas against the reference.
+    pub delta_coded: usize,
+    /// Size of the input file.
+    pub bytes_in: u64,
+    /// Bytes the store grew by (weights and deltas as stored).
+    pub bytes_stored: u64,
+}
+
+fn stored_bytes(store: &dyn Store) -> Result<u64> {
+    let info = store.storage_info()?;
+    Ok(info.compressed_bytes + info.deltas.total_delta_bytes)
+}
+
+/// Adds a model: stores its tensors (reusing what the store has, delta-coding changed tensors
+/// against the reference), then its manifest. On failure, removes what it wrote.
+pub fn add(
+    store: &dyn Store,
+    source: &SourceFile,
+    opts: &AddOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<AddReport> {
+    if store.get_manifest(&opts.name)?.is_some() {
+        bail!(
+            "model {} already exists (remove it first with `coral rm {}`)",
+            opts.name,
+            opts.name
+        );
+    }
+    let reference = match &opts.reference {
+        Some(r) => Some(
+            store
+                .get_manifest(r)?
+                .ok_or_else(|| anyhow!("reference model {r} is not in the store"))?,
+        ),
+        None => None,
+    };
+    let before = stored_bytes(store)?;
+    let mut written = Written::default();
+    let result = add_inner(
+        store,
+        source,
+        opts,
+        reference.as_ref(),
+        &mut written,
+        progress,
+    );
+    match result {
+        Ok(mut report) => {
+            report.bytes_stored = stored_bytes(store)?.saturating_sub(before);
+            Ok(report)
+        }
+        Err(e) => {
+            written.roll_back(store);
+            Err(e)
+        }
+    }
+}
+
+#[derive(Default)]
+struct Written {
+    weights: Vec<ContentHash>,
+    deltas: Vec<ContentHash>,
+}
+
+impl Written {
+    fn roll_back(&self, store: &dyn Store) {
+        for k in self.deltas.iter().rev() {
+            if let Err(e) = store.delete_delta(k) {
+                tracing::warn!("rolling back delta {k}: {e}");
+            }
+        }
+        for k in self.weights.iter().rev() {
+            if let Err(e) = store.delete(k) {
+                tracing::warn!("rolling back weight {k}: {e}");
+            }
+        }
+    }
+}
+
+enum Plan {
+    Reused,
+    Full,
+    Delta(Box<Delta>),
+}
+
+fn add_inner(
+    store: &dyn Store,
+    source: &SourceFile,
+    opts: &AddOptions,
+    reference: Option<&ModelManifest>,
+    written: &mut Written,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<AddReport> {
+    let ref_tensors: HashMap<&str, &ManifestTensor> = reference
+        .map(|m| m.tensors.iter().map(|t| (t.name.as_str(), t)).collect())
+        .unwrap_or_default();
+    let mut report = AddReport {
+        name: opts.name.to_string(),
+        format: source.format().to_owned(),
+        tensors: source.tensors().len(),
+        new: 0,
+        reused: 0,
+        delta_coded: 0,
+        bytes_in: source.file_size(),
+        bytes_stored: 0,
+    };
+    let mut seen: HashSet<ContentHash> = HashSet::new();
+    let mut keys: Vec<ContentHash> = Vec::with_capacity(source.tensors().len());
+    for group in groups(source.tensors(), opts.group_bytes) {
+        let tensors: Vec<WeightTensor> = group
+            .iter()
+            .map(|t| source.weight(t, &opts.name))
+            .collect::<Result<_>>()?;
+        let hashes: Vec<ContentHash> = tensors.par_iter().map(|w| w.compute_hash()).collect();
+        // Decide, in parallel, what each tensor needs.
+        let plans: Vec<Plan> = tensors
+            .par_iter()
+            .zip(hashes.par_iter())
+            .map(|(w, key)| -> Result<Plan> {
+                if store.exists(key)? {
+                    return Ok(Plan::Reused);
+                }
+                let Some(rt) = ref_tensors.get(w.name()) else {
+                    return Ok(Plan::Full);
+                };
+                if rt.dtype != w.dtype() || rt.shape != w.shape() || rt.key == *key {
+                    return Ok(Plan::Full);
+                }
+                // Only delta-code against weights held whole, so chains stay one deep.
+                if store.delta_exists(&rt.key)? || !store.exists(&rt.key)? {
+                    return Ok(Plan::Full);
+                }
+                let base = load_resolved(store, &rt.key)
+                    .with_context(|| format!("loading reference tensor {:?}", rt.name))?;
+                match encode_best_lossless(w, &base, &rt.key) {
+                    Ok(Some(d)) => Ok(Plan::Delta(Box::new(d))),
+                    Ok(None) => Ok(Plan::Full),
+                    Err(e) => {
+                        tracing::debug!("no delta for {:?}: {e}", w.name());
+                        Ok(Plan::Full)
+                    }
+                }
+            })
+            .collect::<Result<_>>()?;
+        let mut batch: Vec<(String, WeightTensor)> = Vec::new();
+        for ((w, key), plan) in tensors.iter().zip(&hashes).zip(plans) {
+            if !seen.insert(*key) {
+                report.reused += 1;
+                continue;
+            }
+            match plan {
+                Plan::Reused => report.reused += 1,
+                Plan::Full => {
+                    report.new += 1;
+                    batch.push((key.to_hex(), w.clone()));
+                }
+                Plan::Delta(d) => {
+                    report.delta_coded += 1;
+                    let k = store
+                        .store_delta(&d, key)
+                        .with_context(|| format!("storing delta of {:?}", w.name()))?;
+                    if k != *key {
+                        written.deltas.push(k);
+                        bail!(
+                            "store returned key {k} for delta of {:?}, expected {key}",
+                            w.name()
+                        );
+                    }
+                    written.deltas.push(*key);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            // Record first: a batch that fails half-way is rolled back too.
+            let pending: Vec<ContentHash> = hashes
+                .iter()
+                .filter(|k| batch.iter().any(|(h, _)| *h == k.to_hex()))
+                .copied()
+                .collect();
+            written.weights.extend(pending);
+            let stored = store.store_batch(&batch).context("storing weights")?;
+            for (hex, w) in &batch {
+                let k = stored.get(hex).copied();
+                if k.map(|k| k.to_hex()) != Some(hex.clone()) {
+                    bail!("store did not keep {:?} under its key {hex}", w.name());
+                }
+            }
+        }
+        keys.extend(hashes);
+        drop(tensors);
+        source.release(group);
+        progress(group.iter().map(|t| t.len as u64).sum());
+    }
+    let manifest = source.manifest(&opts.name, &keys, opts.reference.clone())?;
+    store
+        .put_manifest(&manifest)
+        .with_context(|| format!("writing manifest of {}", opts.name))?;
+    Ok(report)
+}
+
+/// Splits tensors into consecutive groups of at most `budget` bytes (one tensor at least).
+fn groups(tensors: &[SourceTensor], budget: usize) -> Vec<&[SourceTensor]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut sum = 0usize;
+    for (i, t) in tensors.iter().enumerate() {
+        if i > start && sum + t.len > budget {
+            out.push(&tensors[start..i]);
+            start = i;
+            sum = 0;
+        }
+        sum += t.len;
+    }
+    if start < tensors.len() {
+        out.push(&tensors[start..]);
+    }
+    out
+}
+
+/// Writes a model back to `out` (through a temporary file renamed at the end). A safetensors
+/// model is rebuilt byte for byte from its recorded header and offsets.
+pub fn export(
+    store: &dyn Store,
+    name: &ModelName,
+    out: &Path,
+    group_bytes: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    let m = store
+        .get_manifest(name)?
+        .ok_or_else(|| anyhow!("model {name} is not in the store"))?;
+    let tmp = tmp_path(out);
+    let res = (|| -> Result<u64> {
+        let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        let n = crate::source::write_model(store, &m, out, &mut w, group_bytes, progress)?;
+        w.flush()?;
+        w.into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()
+            .context("syncing output")?;
+        Ok(n)
+    })();
+    match res {
+        Ok(n) => {
+            std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn tmp_path(out: &Path) -> PathBuf {
+    let mut name = out
+        .file_name()
+        .map(|s| s.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".coral-tmp-{}", std::process::id()));
+    out.with_file_name(name)
+}
+
+/// Loads the manifest's tensors in groups, in parallel within a group, and hands each to `f` in
+/// order.
+pub fn for_each_tensor(
+    store: &dyn Store,
+    m: &ModelManifest,
+    group_bytes: usize,
+    mut f: impl FnMut(&ManifestTensor, WeightTensor) -> Result<()>,
+) -> Result<()> {
+    let mut start = 0;
+    while start < m.tensors.len() {
+        let mut end = start;
+        let mut sum = 0usize;
+        while end < m.tensors.len() {
+            let t = &m.tensors[end];
+            let n = t
+                .shape
+                .iter()
+                .fold(t.dtype.size(), |a, &d| a.saturating_mul(d));
+            if end > start && sum.saturating_add(n) > group_bytes {
+                break;
+            }
+            sum = sum.saturating_add(n);
+            end += 1;
+        }
+        let group = &m.tensors[start..end];
+        let loaded: Vec<WeightTensor> = group
+            .par_iter()
+            .map(|t| load_resolved(store, &t.key).with_context(|| format!("tensor {:?}", t.name)))
+            .collect::<Result<_>>()?;
+        for (t, w) in group.iter().zip(loaded) {
+            if w.dtype() != t.dtype || w.shape() != t.shape.as_slice() {
+                bail!(
+                    "tensor {:?}: stored weight is {} {:?}, manifest says {} {:?}",
+                    t.name,
+                    w.dtype(),
+                    w.shape(),
+                    t.dtype,
+                    t.shape
+                );
+            }
+            f(t, w)?;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// One tensor's comparison in [`diff`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChangedTensor {
+    /// Name.
+    pub name: String,
+    /// ‖a−b‖/‖a‖ (infinite when ‖a‖ is 0 and b differs), or `None` when shapes or dtypes differ.
+    pub relative_change: Option<f64>,
+    /// Why no relative change, when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// What [`diff`] found.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DiffReport {
+    /// Tensors with the same key in both.
+    pub equal: Vec<String>,
+    /// Tensors whose data differ.
+    pub changed: Vec<ChangedTensor>,
+    /// Tensors only in B.
+    pub added: Vec<String>,
+    /// Tensors only in A.
+    pub removed: Vec<String>,
+}
+
+fn to_f64(w: &WeightTensor) -> Option<Vec<f64>> {
+    let d = w.data();
+    let n = w.dtype().size();
+    let it = d.chunks_exact(n);
+    let v: Vec<f64> = match w.dtype() {
+        DType::F32 => it
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        DType::F64 => it
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        DType::F16 => it
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        DType::BF16 => it
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        DType::I8 => it.map(|c| c[0] as i8 as f64).collect(),
+        DType::U8 | DType::Bool => it.map(|c| c[0] as f64).collect(),
+        DType::I16 => it
+            .map(|c| i16::from_le_bytes([c[0], c[1]]) as f64)
+            .collect(),
+        DType::U16 => it
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as f64)
+            .collect(),
+        DType::I32 => it
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        DType::U32 => it
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        DType::I64 => it
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64)
+            .collect(),
+        DType::U64 => it
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64)
+            .collect(),
+        DType::F8E4M3 | DType::F8E5M2 => return None,
+    };
+    Some(v)
+}
+
+/// ‖a−b‖/‖a‖ for same-shaped weights.
+pub fn relative_change(a: &WeightTensor, b: &WeightTensor) -> Option<f64> {
+    let (va, vb) = (to_f64(a)?, to_f64(b)?);
+    if va.len() != vb.len() {
+        return None;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in va.iter().zip(&vb) {
+        num += (x - y) * (x - y);
+        den += x * x;
+    }
+    Some(if den == 0.0 {
+        if num == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (num / den).sqrt()
+    })
+}
+
+/// Compares two models tensor by tensor (by name).
+pub fn diff(store: &dyn Store, a: &ModelName, b: &ModelName) -> Result<DiffReport> {
+    let ma = store
+        .get_manifest(a)?
+        .ok_or_else(|| anyhow!("model {a} is not in the store"))?;
+    let mb = store
+        .get_manifest(b)?
+        .ok_or_else(|| anyhow!("model {b} is not in the store"))?;
+    let tb: HashMap<&str, &ManifestTensor> =
+        mb.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let ta: HashSet<&str> = ma.tensors.iter().map(|t| t.name.as_str()).collect();
+    let mut report = DiffReport {
+        equal: vec![],
+        changed: vec![],
+        added: vec![],
+        removed: vec![],
+    };
+    let mut to_compare = Vec::new();
+    for t in &ma.tensors {
+        match tb.get(t.name.as_str()) {
+            None => report.removed.push(t.name.clone()),
+            Some(u) if u.key == t.key => report.equal.push(t.name.clone()),
+            Some(u) => to_compare.push((t, *u)),
+        }
+    }
+    report.changed = to_compare
+        .par_iter()
+        .map(|(t, u)| -> Result<ChangedTensor> {
+            if t.dtype != u.dtype || t.shape != u.shape {
+                return Ok(ChangedTensor {
+                    name: t.name.clone(),
+                    relative_change: None,
+                    note: Some(format!(
+                        "{} {:?} -> {} {:?}",
+                        t.dtype, t.shape, u.dtype, u.shape
+                    )),
+                });
+            }
+            let wa = load_resolved(store, &t.key)?;
+            let wb = load_resolved(store, &u.key)?;
+            let rc = relative_change(&wa, &wb);
+            Ok(ChangedTensor {
+                name: t.name.clone(),
+                relative_change: rc,
+                note: rc.is_none().then(|| format!("{} is not numeric", t.dtype)),
+            })
+        })
+        .collect::<Result<_>>()?;
+    report.added = mb
+        .tensors
+        .iter()
+        .filter(|t| !ta.contains(t.name.as_str()))
+        .map(|t| t.name.clone())
+        .collect();
+    Ok(report)
+}
+
+/// One failure found by [`verify`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Failure {
+    /// "weight", "delta" or "manifest".
+    pub kind: &'static str,
+    /// The key or model name.
+    pub id: String,
+    /// What is wrong.
+    pub error: String,
+}
+
+/// What [`verify`] checked.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VerifyReport {
+    /// Weights checked.
+    pub weights: usize,
+    /// Deltas checked.
+    pub deltas: usize,
+    /// Manifests checked.
+    pub manifests: usize,
+    /// Everything that failed.
+    pub failures: Vec<Failure>,
+}
+
+/// Checks every weight (its data against its key), every delta (decoded against its reference,
+/// against its key) and every manifest (each key present, the header consistent).
+pub fn verify(store: &dyn Store, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyReport> {
+    let weights = store.list_weights()?;
+    let deltas = store.list_deltas()?;
+    let delta_set: HashSet<ContentHash> = deltas.iter().copied().collect();
+    let models = store.list_manifests()?;
+    let check = |kind: &'static str, key: &ContentHash| -> Option<Failure> {
+        let r = if kind == "weight" {
+            store
+                .load(key)
+                .map_err(anyhow::Error::from)
+                .and_then(|w| match w {
+                    Some(w) => w.verify(key).map_err(Into::into),
+                    None => Err(anyhow!("listed but cannot be loaded")),
+                })
+        } else {
+            load_resolved(store, key).map(|_| ())
+        };
+        progress(1);
+        r.err().map(|e| Failure {
+            kind,
+            id: key.to_hex(),
+            error: format!("{e:#}"),
+        })
+    };
+    let full: Vec<&ContentHash> = weights.iter().filter(|k| !delta_set.contains(k)).collect();
+    let mut failures: Vec<Failure> = full.par_iter().filter_map(|k| check("weight", k)).collect();
+    failures.extend(
+        deltas
+            .par_iter()
+            .filter_map(|k| check("delta", k))
+            .collect::<Vec<_>>(),
+    );
+    for name in &models {
+        let r = (|| -> Result<()> {
+            let m = store
+                .get_manifest(name)?
+                .ok_or_else(|| anyhow!("listed but cannot be loaded"))?;
+            if m.name != *name {
+                bail!("manifest names model {}", m.name);
+            }
+            for t in &m.tensors {
+                if !store.exists(&t.key)? && !store.delta_exists(&t.key)? {
+                    bail!("tensor {:?}: weight {} is missing", t.name, t.key);
+                }
+            }
+            crate::source::check_manifest(&m)
+        })();
+        progress(1);
+        if let Err(e) = r {
+            failures.push(Failure {
+                kind: "manifest",
+                id: name.to_string(),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    Ok(VerifyReport {
+        weights: full.len(),
+        deltas: deltas.len(),
+        manifests: models.len(),
+        failures,
+    })
+}
+
+/// What [`gc`] removed (or would remove, in a dry run).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GcReport {
+    /// True when nothing was deleted.
+    pub dry_run: bool,
+    /// Weights not needed.
+    pub weights: Vec<String>,
+    /// Deltas not needed.
+    pub deltas: Vec<String>,
+    /// Bytes they took as stored (weights' compressed size when known, deltas' payload).
+    pub bytes: u64,
+}
+
+/// Every key the store's manifests need, with the references of needed deltas (transitively).
+pub fn needed_keys(store: &dyn Store) -> Result<BTreeSet<ContentHash>> {
+    let mut needed = BTreeSet::new();
+    let mut todo: Vec<ContentHash> = Vec::new();
+    for name in store.list_manifests()? {
+        let m = store
+            .get_manifest(&name)?
+            .ok_or_else(|| anyhow!("manifest {name} vanished"))?;
+        todo.extend(m.keys().copied());
+    }
+    while let Some(k) = todo.pop() {
+        if !needed.insert(k) {
+            continue;
+        }
+        if let Some(d) = store.load_delta(&k)? {
+            todo.push(d.reference_hash);
+        }
+    }
+    Ok(needed)
+}
+
+/// Removes the weights and deltas no manifest needs.
+pub fn gc(store: &dyn Store, dry_run: bool) -> Result<GcReport> {
+    let needed = needed_keys(store)?;
+    let deltas: Vec<ContentHash> = store
+        .list_deltas()?
+        .into_iter()
+        .filter(|k| !needed.contains(k))
+        .collect();
+    let delta_set: HashSet<ContentHash> = store.list_deltas()?.into_iter().collect();
+    let weights: Vec<ContentHash> = store
+        .list_weights()?
+        .into_iter()
+        .filter(|k| !needed.contains(k) && !delta_set.contains(k))
+        .collect();
+    let mut bytes = 0u64;
+    for k in &deltas {
+        if let Some(d) = store.load_delta(k)? {
+            bytes += d.nbytes() as u64;
+        }
+    }
+    for k in &weights {
+        if let Some(m) = store.get_metadata(k)? {
+            bytes += m
+                .compression_info
+                .get("compressed_size")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+        }
+    }
+    if !dry_run {
+        for k in &deltas {
+            store
+                .delete_delta(k)
+                .with_context(|| format!("deleting delta {k}"))?;
+        }
+        for k in &weights {
+            store
+                .delete(k)
+                .with_context(|| format!("deleting weight {k}"))?;
+        }
+    }
+    Ok(GcReport {
+        dry_run,
+        weights: weights.iter().map(|k| k.to_hex()).collect(),
+        deltas: deltas.iter().map(|k| k.to_hex()).collect(),
+        bytes,
+    })
+}
+
+/// Counts of the keys of a model by how they are stored.
+pub fn key_kinds(store: &dyn Store, m: &ModelManifest) -> Result<BTreeMap<&'static str, usize>> {
+    let mut out = BTreeMap::new();
+    for k in m.keys().collect::<BTreeSet<_>>() {
+        let kind = if store.delta_exists(k)? {
+            "delta"
+        } else if store.exists(k)? {
+            "weight"
+        } else {
+            "missing"
+        };
+        *out.entry(kind).or_insert(0) += 1;
+    }
+    Ok(out)
+}
+
+/// Shared bytes of a memory-mapped file.
+pub fn mapped_bytes(map: Arc<memmap2::Mmap>) -> Bytes {
+    Bytes::from_owner(MapOwner(map))
+}
+
+struct MapOwner(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for MapOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::safetensors::build_header;
+    use coral_store_api::{
+        DeltaStorageInfo, DeltaStore, ManifestStore, MemoryStore, StorageInfo, StoreError,
+        WeightStore,
+    };
+    use proptest::prelude::*;
+
+    fn name(s: &str) -> ModelName {
+        ModelName::new(s).unwrap()
+    }
+
+    /// A safetensors file of f32 tensors with the given values.
+    fn model_file(dir: &Path, file: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> PathBuf {
+        let list: Vec<_> = tensors
+            .iter()
+            .map(|(n, s, _)| (n.to_string(), DType::F32, s.clone()))
+            .collect();
+        let (mut bytes, _) = build_header(&list).unwrap();
+        for (_, _, v) in tensors {
+            for x in v {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let p = dir.join(file);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn smooth(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * 0.013 + seed).sin()).collect()
+    }
+
+    fn opts(n: &str, reference: Option<&str>) -> AddOptions {
+        AddOptions {
+            name: name(n),
+            reference: reference.map(name),
+            group_bytes: 4096,
+        }
+    }
+
+    fn export_bytes(store: &dyn Store, model: &str, dir: &Path, ext: &str) -> Vec<u8> {
+        let out = dir.join(format!("{model}.out.{ext}"));
+        export(store, &name(model), &out, 4096, &|_| {}).unwrap();
+        std::fs::read(out).unwrap()
+    }
+
+    #[test]
+    fn add_export_dedup_delta_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MemoryStore::new();
+        let base = vec![
+            ("a", vec![64, 16], smooth(1024, 0.0)),
+            ("b", vec![1024], smooth(1024, 1.0)),
+            ("c", vec![1024], smooth(1024, 1.0)), // same data as b
+            ("d", vec![3], vec![1.0, 2.0, 3.0]),
+        ];
+        let p = model_file(dir.path(), "base.safetensors", &base);
+        let src = SourceFile::open(&p).unwrap();
+        let r = add(&store, &src, &opts("base", None), &|_| {}).unwrap();
+        assert_eq!((r.new, r.reused, r.delta_coded), (3, 1, 0));
+        assert_eq!(
+            export_bytes(&store, "base", dir.path(), "safetensors"),
+            std::fs::read(&p).unwrap()
+        );
+
+        // A fine-tune: "a" slightly changed everywhere, the rest the same.
+        let mut ft = base.clone();
+        ft[0].2 = ft[0]
+            .2
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + 1e-4 * ((i % 7) as f32 - 3.0))
+            .collect();
+        let q = model_file(dir.path(), "ft.safetensors", &ft);
+        let r = add(
+            &store,
+            &SourceFile::open(&q).unwrap(),
+            &opts("ft", Some("base")),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!((r.new, r.reused, r.delta_coded), (0, 3, 1), "{r:?}");
+        assert_eq!(store.list_deltas().unwrap().len(), 1);
+        assert_eq!(
+            export_bytes(&store, "ft", dir.path(), "safetensors"),
+            std::fs::read(&q).unwrap()
+        );
+
+        let d = diff(&store, &name("base"), &name("ft")).unwrap();
+        assert_eq!(d.equal, ["b", "c", "d"]);
+        assert_eq!(d.changed.len(), 1);
+        let rc = d.changed[0].relative_change.unwrap();
+        assert!(rc > 0.0 && rc < 1e-2, "{rc}");
+
+        assert!(verify(&store, &|_| {}).unwrap().failures.is_empty());
+        // Removing base keeps what ft needs, the reference of its delta included.
+        assert!(store.delete_manifest(&name("base")).unwrap());
+        let g = gc(&store, false).unwrap();
+        assert!(g.weights.is_empty() && g.deltas.is_empty(), "{g:?}");
+        assert_eq!(
+            export_bytes(&store, "ft", dir.path(), "safetensors"),
+            std::fs::read(&q).unwrap()
+        );
+        assert!(store.delete_manifest(&name("ft")).unwrap());
+        let g = gc(&store, true).unwrap();
+        assert_eq!((g.weights.len(), g.deltas.len()), (3, 1));
+        assert_eq!(
+            store.list_weights().unwrap().len(),
+            3,
+            "dry run deletes nothing"
+        );
+        gc(&store, false).unwrap();
+        assert!(store.list_weights().unwrap().is_empty());
+        assert!(store.list_deltas().unwrap().is_empty());
+    }
+
+    #[test]
+    fn add_refuses_existing_names_and_unknown_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MemoryStore::new();
+        let p = model_file(
+            dir.path(),
+            "m.safetensors",
+            &[("x", vec![2], vec![1.0, 2.0])],
+        );
+        let src = SourceFile::open(&p).unwrap();
+        add(&store, &src, &opts("m", None), &|_| {}).unwrap();
+        let e = add(&store, &src, &opts("m", None), &|_| {}).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        let e = add(&store, &src, &opts("n", Some("nope")), &|_| {}).unwrap_err();
+        assert!(e.to_string().contains("not in the store"), "{e}");
+        assert!(store.get_manifest(&name("n")).unwrap().is_none());
+    }
+
+    #[test]
+    fn verify_reports_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MemoryStore::new();
+        let p = model_file(
+            dir.path(),
+            "m.safetensors",
+            &[("x", vec![2], vec![1.0, 2.0])],
+        );
+        add(
+            &store,
+            &SourceFile::open(&p).unwrap(),
+            &opts("m", None),
+            &|_| {},
+        )
+        .unwrap();
+        let key = store.list_weights().unwrap()[0];
+        assert!(store.corrupt_for_testing(&key, vec![0; 8]));
+        let r = verify(&store, &|_| {}).unwrap();
+        assert_eq!(r.failures.len(), 1, "{r:?}");
+        assert_eq!(r.failures[0].kind, "weight");
+        let out = dir.path().join("o.safetensors");
+        assert!(export(&store, &name("m"), &out, 1 << 20, &|_| {}).is_err());
+        assert!(!out.exists(), "a failed export leaves no file");
+    }
+
+    /// A store whose manifest writes fail: add must leave it as it was.
+    #[derive(Debug, Default)]
+    struct NoManifests(MemoryStore);
+
+    impl WeightStore for NoManifests {
+        fn store(&self, w: &WeightTensor) -> coral_store_api::Result<ContentHash> {
+            self.0.store(w)
+        }
+        fn store_with_key(
+            &self,
+            w: &WeightTensor,
+            k: &ContentHash,
+        ) -> coral_store_api::Result<ContentHash> {
+            self.0.store_with_key(w, k)
+        }
+        fn load(&self, k: &ContentHash) -> coral_store_api::Result<Option<WeightTensor>> {
+            self.0.load(k)
+        }
+        fn exists(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
+            self.0.exists(k)
+        }
+        fn delete(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
+            self.0.delete(k)
+        }
+        fn list_weights(&self) -> coral_store_api::Result<Vec<ContentHash>> {
+            self.0.list_weights()
+        }
+        fn get_metadata(
+            &self,
+            k: &ContentHash,
+        ) -> coral_store_api::Result<Option<coral_core::WeightMetadata>> {
+            self.0.get_metadata(k)
+        }
+        fn storage_info(&self) -> coral_store_api::Result<StorageInfo> {
+            self.0.storage_info()
+        }
+        fn close(&mut self) -> coral_store_api::Result<()> {
+            self.0.close()
+        }
+    }
+
+    impl DeltaStore for NoManifests {
+        fn store_delta(&self, d: &Delta, k: &ContentHash) -> coral_store_api::Result<ContentHash> {
+            self.0.store_delta(d, k)
+        }
+        fn load_delta(&self, k: &ContentHash) -> coral_store_api::Result<Option<Delta>> {
+            self.0.load_delta(k)
+        }
+        fn delta_exists(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
+            self.0.delta_exists(k)
+        }
+        fn delete_delta(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
+            self.0.delete_delta(k)
+        }
+        fn list_deltas(&self) -> coral_store_api::Result<Vec<ContentHash>> {
+            self.0.list_deltas()
+        }
+        fn get_delta_storage_info(&self) -> coral_store_api::Result<DeltaStorageInfo> {
+            self.0.get_delta_storage_info()
+        }
+    }
+
+    impl ManifestStore for NoManifests {
+        fn put_manifest(&self, m: &ModelManifest) -> coral_store_api::Result<()> {
+            if m.name.as_str() == "fails" {
+                return Err(StoreError::ReadOnly {
+                    location: "test".into(),
+                });
+            }
+            self.0.put_manifest(m)
+        }
+        fn get_manifest(&self, n: &ModelName) -> coral_store_api::Result<Option<ModelManifest>> {
+            self.0.get_manifest(n)
+        }
+        fn list_manifests(&self) -> coral_store_api::Result<Vec<ModelName>> {
+            self.0.list_manifests()
+        }
+        fn delete_manifest(&self, n: &ModelName) -> coral_store_api::Result<bool> {
+            self.0.delete_manifest(n)
+        }
+    }
+
+    #[test]
+    fn a_failed_add_leaves_the_store_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = NoManifests::default();
+        let base = vec![
+            ("a", vec![1024], smooth(1024, 0.0)),
+            ("b", vec![4], vec![1.0; 4]),
+        ];
+        let p = model_file(dir.path(), "base.safetensors", &base);
+        add(
+            &store,
+            &SourceFile::open(&p).unwrap(),
+            &opts("base", None),
+            &|_| {},
+        )
+        .unwrap();
+        let mut ft = base.clone();
+        ft[0].2 = ft[0].2.iter().map(|v| v + 1e-4).collect();
+        ft.push(("c", vec![8], smooth(8, 3.0)));
+        let q = model_file(dir.path(), "ft.safetensors", &ft);
+        let weights = store.list_weights().unwrap();
+        let e = add(
+            &store,
+            &SourceFile::open(&q).unwrap(),
+            &opts("fails", Some("base")),
+            &|_| {},
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("read-only"), "{e:#}");
+        assert_eq!(store.list_weights().unwrap(), weights);
+        assert!(store.list_deltas().unwrap().is_empty());
+        assert_eq!(store.list_manifests().unwrap(), vec![name("base")]);
+    }
+
+    #[test]
+    fn npy_and_npz_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MemoryStore::new();
+        let mut npy = crate::npy::header_bytes(DType::I32, &[2, 3]).unwrap();
+        npy.extend((0..6i32).flat_map(|i| i.to_le_bytes()));
+        let p = dir.path().join("arr.npy");
+        std::fs::write(&p, &npy).unwrap();
+        add(
+            &store,
+            &SourceFile::open(&p).unwrap(),
+            &opts("arr", None),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(export_bytes(&store, "arr", dir.path(), "npy"), npy);
+
+        let mut z = Vec::new();
+        let mut w = crate::npz::Writer::new(&mut z);
+        w.add("arr.npy", &npy).unwrap();
+        w.add("other.npy", &npy).unwrap();
+        w.finish().unwrap();
+        let zp = dir.path().join("both.npz");
+        std::fs::write(&zp, &z).unwrap();
+        let r = add(
+            &store,
+            &SourceFile::open(&zp).unwrap(),
+            &opts("both", None),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!((r.new, r.reused), (0, 2));
+        assert_eq!(export_bytes(&store, "both", dir.path(), "npz"), z);
+        // A safetensors model goes out as .npz and back.
+        let st = model_file(
+            dir.path(),
+            "s.safetensors",
+            &[("x", vec![2], vec![1.0, 2.0])],
+        );
+        add(
+            &store,
+            &SourceFile::open(&st).unwrap(),
+            &opts("s", None),
+            &|_| {},
+        )
+        .unwrap();
+        let zb = export_bytes(&store, "s", dir.path(), "npz");
+        let members = crate::npz::read(&zb).unwrap();
+        assert_eq!(members[0].0, "x.npy");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn any_safetensors_model_round_trips(
+            tensors in proptest::collection::vec((0usize..15, proptest::collection::vec(0usize..6, 0..3)), 1..6),
+            fill in any::<u8>(),
+            group in 1usize..64,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let list: Vec<_> = tensors.iter().enumerate()
+                .map(|(i, (d, s))| (format!("t{i}"), DType::ALL[*d], s.clone())).collect();
+            let (mut bytes, offsets) = build_header(&list).unwrap();
+            let total = offsets.last().map_or(0, |o| o[1]) as usize;
+            bytes.extend((0..total).map(|i| (i as u8).wrapping_mul(fill)));
+            let p = dir.path().join("m.safetensors");
+            std::fs::write(&p, &bytes).unwrap();
+            let store = MemoryStore::new();
+            let o = AddOptions { name: name("m"), reference: None, group_bytes: group };
+            let r = add(&store, &SourceFile::open(&p).unwrap(), &o, &|_| {}).unwrap();
+            prop_assert_eq!(r.new + r.reused, list.len());
+            let out = dir.path().join("o.safetensors");
+            export(&store, &name("m"), &out, group, &|_| {}).unwrap();
+            prop_assert_eq!(std::fs::read(out).unwrap(), bytes);
+        }
+    }
+}

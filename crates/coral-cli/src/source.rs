@@ -1,0 +1,377 @@
+//! Model files in (safetensors, `.npy`, `.npz`), memory-mapped, and model files out.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use coral_core::{DType, ManifestTensor, ModelManifest, ModelName, WeightTensor};
+use coral_store_api::Store;
+
+use crate::{npy, npz, ops, safetensors as st};
+
+/// One tensor of an input file.
+#[derive(Debug, Clone)]
+pub struct SourceTensor {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Start of its data in the source's bytes.
+    pub start: usize,
+    /// Bytes of data.
+    pub len: usize,
+    /// Safetensors data offsets.
+    pub data_offsets: Option<[u64; 2]>,
+}
+
+/// A parsed input file.
+#[derive(Debug)]
+pub struct SourceFile {
+    format: &'static str,
+    map: Option<Arc<memmap2::Mmap>>,
+    bytes: Bytes,
+    tensors: Vec<SourceTensor>,
+    header: Option<String>,
+    file_size: u64,
+}
+
+/// The formats by file extension.
+fn format_of(path: &Path) -> Option<&'static str> {
+    match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+        "safetensors" => Some("safetensors"),
+        "npy" => Some("npy"),
+        "npz" => Some("npz"),
+        _ => None,
+    }
+}
+
+impl SourceFile {
+    /// Opens, maps and validates a model file (format by extension; unknown extensions are tried
+    /// as safetensors).
+    pub fn open(path: &Path) -> Result<SourceFile> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", path.display());
+        }
+        let file_size = meta.len();
+        let map = if file_size == 0 {
+            None
+        } else {
+            // SAFETY: the map is read-only and private; Coral never writes through it. A file
+            // changed by another process while mapped is caught by the content hashes.
+            Some(Arc::new(
+                unsafe { memmap2::Mmap::map(&file) }
+                    .with_context(|| format!("memory-mapping {}", path.display()))?,
+            ))
+        };
+        let bytes = match &map {
+            Some(m) => ops::mapped_bytes(m.clone()),
+            None => Bytes::new(),
+        };
+        let format = format_of(path).unwrap_or("safetensors");
+        let ctx = || format!("{} is not a valid {format} file", path.display());
+        let mut src = SourceFile {
+            format,
+            map,
+            bytes,
+            tensors: Vec::new(),
+            header: None,
+            file_size,
+        };
+        match format {
+            "npy" => {
+                let h = npy::parse(&src.bytes).with_context(ctx)?;
+                src.tensors.push(SourceTensor {
+                    name: path
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or("array")
+                        .to_owned(),
+                    dtype: h.dtype,
+                    shape: h.shape,
+                    start: h.data_start,
+                    len: src.bytes.len() - h.data_start,
+                    data_offsets: None,
+                });
+            }
+            "npz" => {
+                let members = npz::read(&src.bytes).with_context(ctx)?;
+                // Members may be deflated: gather their data into one buffer.
+                let mut all = Vec::new();
+                let mut tensors = Vec::new();
+                for (name, data) in members {
+                    let h = npy::parse(&data)
+                        .with_context(|| format!("member {name:?}"))
+                        .with_context(ctx)?;
+                    let start = all.len();
+                    all.extend_from_slice(&data[h.data_start..]);
+                    tensors.push(SourceTensor {
+                        name: name.strip_suffix(".npy").unwrap_or(&name).to_owned(),
+                        dtype: h.dtype,
+                        shape: h.shape,
+                        start,
+                        len: data.len() - h.data_start,
+                        data_offsets: None,
+                    });
+                }
+                src.map = None;
+                src.bytes = Bytes::from(all);
+                src.tensors = tensors;
+            }
+            _ => {
+                let h = st::parse(&src.bytes).with_context(ctx)?;
+                let base = h.data_start as usize;
+                src.tensors = h
+                    .tensors
+                    .iter()
+                    .map(|t| SourceTensor {
+                        name: t.name.clone(),
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                        start: base + t.begin as usize,
+                        len: t.len() as usize,
+                        data_offsets: Some([t.begin, t.end]),
+                    })
+                    .collect();
+                src.header = Some(h.text);
+            }
+        }
+        if let Some(m) = &src.map {
+            let _ = m.advise(memmap2::Advice::Sequential);
+        }
+        Ok(src)
+    }
+
+    /// "safetensors", "npy" or "npz".
+    pub fn format(&self) -> &'static str {
+        self.format
+    }
+
+    /// Tensors in file order.
+    pub fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+
+    /// Size of the input file.
+    pub fn file_size(&self) -> u64 {
+        self.file_size
+    }
+
+    /// Drops the mapped pages of tensors already stored, so resident memory stays near one group.
+    pub fn release(&self, group: &[SourceTensor]) {
+        let (Some(map), Some(first), Some(last)) = (&self.map, group.first(), group.last()) else {
+            return;
+        };
+        let page = 4096;
+        let start = first.start / page * page;
+        let end = (last.start + last.len).min(map.len());
+        if end > start {
+            // SAFETY: the mapping is a private read-only file mapping: MADV_DONTNEED only drops
+            // resident pages, which are read again from the file if touched.
+            let r = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+            if let Err(e) = r {
+                tracing::debug!("madvise: {e}");
+            }
+        }
+    }
+
+    /// The tensor as a weight (its bytes shared with the map, not copied).
+    pub fn weight(&self, t: &SourceTensor, model: &ModelName) -> Result<WeightTensor> {
+        let end = t
+            .start
+            .checked_add(t.len)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| anyhow!("tensor {:?} lies outside the file", t.name))?;
+        let mut meta = coral_core::WeightMetadata::new(t.name.clone(), t.shape.clone(), t.dtype);
+        meta.model_name = Some(model.to_string());
+        Ok(WeightTensor::new(meta, self.bytes.slice(t.start..end))?)
+    }
+
+    /// The manifest of this file stored under `name`, given each tensor's key.
+    pub fn manifest(
+        &self,
+        name: &ModelName,
+        keys: &[coral_core::ContentHash],
+        parent: Option<ModelName>,
+    ) -> Result<ModelManifest> {
+        if keys.len() != self.tensors.len() {
+            bail!(
+                "internal: {} keys for {} tensors",
+                keys.len(),
+                self.tensors.len()
+            );
+        }
+        let created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok(ModelManifest {
+            version: 1,
+            name: name.clone(),
+            format: self.format.to_owned(),
+            tensors: self
+                .tensors
+                .iter()
+                .zip(keys)
+                .map(|(t, k)| ManifestTensor {
+                    name: t.name.clone(),
+                    key: *k,
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data_offsets: t.data_offsets,
+                })
+                .collect(),
+            safetensors_header: self.header.clone(),
+            file_size: self.file_size,
+            parent,
+            created_unix,
+        })
+    }
+}
+
+fn out_format(m: &ModelManifest, out: &Path) -> &'static str {
+    match format_of(out) {
+        Some(f) => f,
+        None => match m.format.as_str() {
+            "npy" => "npy",
+            "npz" => "npz",
+            _ => "safetensors",
+        },
+    }
+}
+
+/// Checks a manifest's own consistency: for safetensors, that the recorded header parses and
+/// describes exactly the manifest's tensors, and the file size adds up.
+pub fn check_manifest(m: &ModelManifest) -> Result<()> {
+    if m.format != "safetensors" {
+        return Ok(());
+    }
+    let text = m
+        .safetensors_header
+        .as_ref()
+        .ok_or_else(|| anyhow!("safetensors manifest without a header"))?;
+    let data_len = m
+        .tensors
+        .iter()
+        .filter_map(|t| t.data_offsets.map(|o| o[1]))
+        .max()
+        .unwrap_or(0);
+    let h = st::parse_header(text.as_bytes(), data_len).context("recorded header")?;
+    if h.tensors.len() != m.tensors.len() {
+        bail!(
+            "header lists {} tensors, manifest {}",
+            h.tensors.len(),
+            m.tensors.len()
+        );
+    }
+    for (e, t) in h.tensors.iter().zip(&m.tensors) {
+        if e.name != t.name
+            || e.dtype != t.dtype
+            || e.shape != t.shape
+            || Some([e.begin, e.end]) != t.data_offsets
+        {
+            bail!("tensor {:?} disagrees with the recorded header", t.name);
+        }
+    }
+    let size = 8 + text.len() as u64 + data_len;
+    if size != m.file_size {
+        bail!(
+            "file size {} but header and data add up to {size}",
+            m.file_size
+        );
+    }
+    Ok(())
+}
+
+/// Writes a model to `w` in the format `out`'s extension names (the model's own by default).
+/// Returns the bytes written.
+pub fn write_model(
+    store: &dyn Store,
+    m: &ModelManifest,
+    out: &Path,
+    w: &mut dyn Write,
+    group_bytes: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    match out_format(m, out) {
+        "npy" => {
+            let [t] = m.tensors.as_slice() else {
+                bail!(
+                    "model {} has {} tensors; .npy holds one (export to .npz or .safetensors)",
+                    m.name,
+                    m.tensors.len()
+                );
+            };
+            let mut n = 0u64;
+            ops::for_each_tensor(store, m, group_bytes, |_, wt| {
+                let h = npy::header_bytes(t.dtype, &t.shape)?;
+                w.write_all(&h)?;
+                w.write_all(wt.data())?;
+                n = (h.len() + wt.nbytes()) as u64;
+                progress(wt.nbytes() as u64);
+                Ok(())
+            })?;
+            Ok(n)
+        }
+        "npz" => {
+            let mut zw = npz::Writer::new(w);
+            ops::for_each_tensor(store, m, group_bytes, |t, wt| {
+                let mut data = npy::header_bytes(t.dtype, &t.shape)?;
+                data.extend_from_slice(wt.data());
+                zw.add(&format!("{}.npy", t.name), &data)?;
+                progress(wt.nbytes() as u64);
+                Ok(())
+            })?;
+            Ok(zw.finish()?)
+        }
+        _ => {
+            let (prefix, offsets) = match (&m.safetensors_header, m.format.as_str()) {
+                (Some(text), "safetensors") => {
+                    check_manifest(m)?;
+                    let mut p = (text.len() as u64).to_le_bytes().to_vec();
+                    p.extend_from_slice(text.as_bytes());
+                    let offs: Vec<[u64; 2]> = m
+                        .tensors
+                        .iter()
+                        .map(|t| {
+                            t.data_offsets
+                                .ok_or_else(|| anyhow!("tensor {:?} has no offsets", t.name))
+                        })
+                        .collect::<Result<_>>()?;
+                    (p, offs)
+                }
+                _ => {
+                    let list: Vec<_> = m
+                        .tensors
+                        .iter()
+                        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                        .collect();
+                    st::build_header(&list)?
+                }
+            };
+            w.write_all(&prefix)?;
+            let mut pos = 0u64;
+            let mut i = 0usize;
+            ops::for_each_tensor(store, m, group_bytes, |t, wt| {
+                let [b, e] = offsets.get(i).copied().unwrap_or([u64::MAX, 0]);
+                i += 1;
+                if b != pos || e - b != wt.nbytes() as u64 {
+                    bail!("tensor {:?}: data does not fit offsets [{b}, {e}]", t.name);
+                }
+                w.write_all(wt.data())?;
+                pos = e;
+                progress(wt.nbytes() as u64);
+                Ok(())
+            })?;
+            Ok(prefix.len() as u64 + pos)
+        }
+    }
+}

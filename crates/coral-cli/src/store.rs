@@ -1,0 +1,188 @@
+//! Opening a store from its address: a path (an HDF5 file) or `s3://bucket/prefix`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use coral_store_api::Store;
+
+/// Where a store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A local HDF5 file.
+    File(PathBuf),
+    /// A bucket and key prefix on an S3-compatible service.
+    S3 {
+        /// Bucket.
+        bucket: String,
+        /// Key prefix (may be empty).
+        prefix: String,
+    },
+}
+
+impl Address {
+    /// Parses `s3://bucket[/prefix]` or a path.
+    pub fn parse(s: &str) -> Result<Address> {
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                bail!("store address {s:?} names no bucket (expected s3://bucket/prefix)");
+            }
+            return Ok(Address::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.to_owned(),
+            });
+        }
+        if s.contains("://") {
+            bail!("store address {s:?}: only paths and s3:// URLs are supported");
+        }
+        if s.is_empty() {
+            bail!("empty store address");
+        }
+        Ok(Address::File(PathBuf::from(s)))
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::File(p) => write!(f, "{}", p.display()),
+            Address::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Endpoint and credentials for `s3://` stores (each falls back to the standard AWS variable).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    /// `--endpoint-url` / `AWS_ENDPOINT_URL`.
+    pub endpoint_url: Option<String>,
+    /// `--access-key` / `AWS_ACCESS_KEY_ID`.
+    pub access_key: Option<String>,
+    /// `--secret-key` / `AWS_SECRET_ACCESS_KEY`.
+    pub secret_key: Option<String>,
+    /// `--region` / `AWS_REGION`.
+    pub region: Option<String>,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint_url", &self.endpoint_url)
+            .field("region", &self.region)
+            .field("access_key", &self.access_key.as_ref().map(|_| "<set>"))
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Whether the command writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reads only; a missing local store is an error.
+    Read,
+    /// Writes; a missing local store is created.
+    Write,
+}
+
+/// Opens the store at `addr`.
+pub fn open(addr: &Address, s3: &S3Options, mode: Mode) -> Result<Box<dyn Store>> {
+    match addr {
+        Address::File(path) => open_file(path, mode),
+        Address::S3 { bucket, prefix } => open_s3(bucket, prefix, s3, mode),
+    }
+}
+
+#[cfg(feature = "hdf5")]
+fn open_file(path: &std::path::Path, mode: Mode) -> Result<Box<dyn Store>> {
+    use anyhow::Context;
+    if mode == Mode::Read && !path.exists() {
+        bail!(
+            "no store at {} (add a model first, or name one with --store or $CORAL_STORE)",
+            path.display()
+        );
+    }
+    if mode == Mode::Write {
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().readonly() {
+                bail!("store {} is read-only", path.display());
+            }
+        }
+    }
+    use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions, Mode as H5Mode};
+    let opts = HDF5StoreOptions::new()
+        .compression(Compression::Zstd)
+        .mode(match mode {
+            Mode::Read => H5Mode::Read,
+            Mode::Write => H5Mode::Append,
+        });
+    let store =
+        HDF5Store::open(path, opts).with_context(|| format!("opening store {}", path.display()))?;
+    Ok(Box::new(store))
+}
+
+#[cfg(not(feature = "hdf5"))]
+fn open_file(path: &std::path::Path, _mode: Mode) -> Result<Box<dyn Store>> {
+    bail!(
+        "cannot open {}: this coral was built without the hdf5 feature",
+        path.display()
+    )
+}
+
+#[cfg(feature = "s3")]
+fn open_s3(bucket: &str, prefix: &str, o: &S3Options, _mode: Mode) -> Result<Box<dyn Store>> {
+    use anyhow::Context;
+    let mut c = coral_s3::S3Config::new(bucket).with_prefix(prefix);
+    if let Some(e) = &o.endpoint_url {
+        c = c.with_endpoint(e);
+    }
+    if let Some(r) = &o.region {
+        c = c.with_region(r);
+    }
+    match (&o.access_key, &o.secret_key) {
+        (Some(a), Some(s)) => c = c.with_credentials(a, s),
+        (None, None) => {}
+        _ => bail!("give both --access-key and --secret-key (or neither)"),
+    }
+    let store = coral_s3::S3Store::new(c)
+        .with_context(|| format!("opening store s3://{bucket}/{prefix}"))?;
+    Ok(Box::new(store))
+}
+
+#[cfg(not(feature = "s3"))]
+fn open_s3(bucket: &str, _prefix: &str, _o: &S3Options, _mode: Mode) -> Result<Box<dyn Store>> {
+    bail!("cannot open s3://{bucket}: this coral was built without the s3 feature")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            Address::parse("s3://b/p/q").unwrap(),
+            Address::S3 {
+                bucket: "b".into(),
+                prefix: "p/q".into()
+            }
+        );
+        assert_eq!(
+            Address::parse("s3://b").unwrap(),
+            Address::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
+        );
+        assert!(Address::parse("s3:///x").is_err());
+        assert!(Address::parse("http://x").is_err());
+        assert_eq!(
+            Address::parse("a/b.h5").unwrap(),
+            Address::File("a/b.h5".into())
+        );
+        let o = S3Options {
+            secret_key: Some("hunter2".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{o:?}").contains("hunter2"));
+    }
+}

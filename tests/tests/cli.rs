@@ -1,0 +1,578 @@
+//! End-to-end tests of the `coral` command: the real binary on real files and stores.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use coral_tests::{
+    coral, create_bucket, finetune, run_fail, run_ok, sha256_file, stdout_json, stdout_text,
+    testenv, unique_name, with_s3_env,
+};
+use serde_json::Value;
+
+/// `coral --store STORE ARGS...`
+fn cmd(store: &Path, args: &[&str]) -> Command {
+    let mut c = coral();
+    c.arg("--store").arg(store).args(args);
+    c
+}
+
+fn ok_json(store: &Path, args: &[&str]) -> Value {
+    let mut c = cmd(store, args);
+    c.arg("--json");
+    stdout_json(&run_ok(&mut c))
+}
+
+/// A failure must be one line on stderr, starting with "error:", never a panic.
+fn assert_one_line_error(out: &Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "stderr is not one line: {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err:?}"
+    );
+    assert!(
+        lines[0].to_lowercase().contains(&want.to_lowercase()),
+        "{want:?} not in {err:?}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+}
+
+/// A synthetic safetensors model: `n` float tensors of smooth values, an int tensor, metadata.
+fn synthetic_model(n: usize, width: usize) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": "pt", "note": "synthetic"}),
+    );
+    let mut data = Vec::new();
+    for i in 0..n {
+        let begin = data.len();
+        for j in 0..width * 16 {
+            let v = ((i * 7919 + j) as f32 * 0.001).sin() * 0.05;
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        header.insert(
+            format!("layer.{i:02}.weight"),
+            serde_json::json!({"dtype": "F32", "shape": [width, 16], "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let begin = data.len();
+    data.extend((0..5i64).flat_map(|i| i.to_le_bytes()));
+    header.insert(
+        "position_ids".into(),
+        serde_json::json!({"dtype": "I64", "shape": [5], "data_offsets": [begin, data.len()]}),
+    );
+    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&data);
+    out
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
+fn export_identical(store: &Path, model: &str, original: &Path, out: &Path) {
+    run_ok(&mut cmd(store, &["export", model, out.to_str().unwrap()]));
+    assert_eq!(
+        sha256_file(out).unwrap(),
+        sha256_file(original).unwrap(),
+        "export of {model} differs from {}",
+        original.display()
+    );
+}
+
+/// The user's day on one model and its fine-tune: add, export, fine-tune with deltas, inspect,
+/// verify, remove, collect garbage.
+fn day(base: &Path, fx: &Fixture) {
+    let store = fx.path("coral.h5");
+    let bytes = std::fs::read(base).unwrap();
+    let (ft_bytes, ft) = finetune::make_finetune_bytes(&bytes, finetune::DEFAULT_SEED).unwrap();
+    assert!(!ft.changed.is_empty());
+    let ft_path = fx.write("ft.safetensors", &ft_bytes);
+
+    let a = ok_json(&store, &["add", base.to_str().unwrap(), "--name", "base"]);
+    assert_eq!(
+        a["tensors"],
+        a["new"].as_u64().unwrap() + a["reused"].as_u64().unwrap()
+    );
+    assert_eq!(a["delta_coded"], 0);
+    assert_eq!(a["bytes_in"], bytes.len() as u64);
+    let base_stored = a["bytes_stored"].as_u64().unwrap();
+    assert!(base_stored > 0 && base_stored <= bytes.len() as u64, "{a}");
+    export_identical(&store, "base", base, &fx.path("base.out.safetensors"));
+
+    let f = ok_json(
+        &store,
+        &[
+            "add",
+            ft_path.to_str().unwrap(),
+            "--name",
+            "ft",
+            "--reference",
+            "base",
+        ],
+    );
+    assert_eq!(f["delta_coded"], ft.changed.len() as u64, "{f}");
+    assert_eq!(f["new"], 0, "{f}");
+    let ft_stored = f["bytes_stored"].as_u64().unwrap();
+    export_identical(&store, "ft", &ft_path, &fx.path("ft.out.safetensors"));
+
+    // The same fine-tune stored whole, in a store of its own, costs more than as deltas.
+    let whole = fx.path("whole.h5");
+    let w = ok_json(&whole, &["add", ft_path.to_str().unwrap(), "--name", "ft"]);
+    let ft_whole = w["bytes_stored"].as_u64().unwrap();
+    assert!(
+        base_stored + ft_stored < base_stored + ft_whole,
+        "deltas saved nothing: {ft_stored} vs {ft_whole}"
+    );
+    assert!(ft_stored * 4 < ft_whole, "{ft_stored} vs {ft_whole}");
+
+    // Inspection.
+    let ls = ok_json(&store, &["ls"]);
+    let names: Vec<&str> = ls["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "ft"]);
+    let deltas = ok_json(&store, &["ls", "--deltas"]);
+    assert_eq!(deltas["deltas"].as_array().unwrap().len(), ft.changed.len());
+    let weights = ok_json(&store, &["ls", "--weights"]);
+    let nweights = weights["weights"].as_array().unwrap().len();
+    assert!(nweights > 0);
+    let show = ok_json(&store, &["show", "ft"]);
+    assert_eq!(show["parent"], "base");
+    assert_eq!(show["stored_as"]["delta"], ft.changed.len() as u64);
+    assert!(show["safetensors_header"].is_string());
+    let some_delta = deltas["deltas"][0]["key"].as_str().unwrap();
+    let d = ok_json(&store, &["show", some_delta]);
+    assert_eq!(d["kind"], "delta");
+    let some_weight = weights["weights"][0]["key"].as_str().unwrap();
+    assert_eq!(ok_json(&store, &["show", some_weight])["kind"], "weight");
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "base"])));
+    assert!(text.contains("format   safetensors"), "{text}");
+
+    let info = ok_json(&store, &["info"]);
+    assert_eq!(info["models"], 2);
+    assert_eq!(info["deltas"]["total_deltas"], ft.changed.len() as u64);
+    assert_eq!(info["total_weights"], nweights as u64);
+
+    let diff = ok_json(&store, &["diff", "base", "ft"]);
+    let changed = diff["changed"].as_array().unwrap();
+    let mut changed_names: Vec<&str> = changed
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    changed_names.sort();
+    let mut want: Vec<&str> = ft.changed.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(changed_names, want);
+    for c in changed {
+        let rc = c["relative_change"].as_f64().unwrap();
+        assert!(rc > 0.0 && rc < 0.01, "{c}");
+    }
+    assert!(diff["added"].as_array().unwrap().is_empty());
+    assert!(diff["removed"].as_array().unwrap().is_empty());
+
+    let v = ok_json(&store, &["verify"]);
+    assert!(v["failures"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["manifests"], 2);
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["verify"])));
+    assert!(text.contains("all ok"), "{text}");
+
+    // Removing the base keeps what the fine-tune needs (its deltas' references).
+    run_ok(&mut cmd(&store, &["rm", "base"]));
+    let g = ok_json(&store, &["gc", "--dry-run"]);
+    assert!(g["deltas"].as_array().unwrap().is_empty(), "{g}");
+    ok_json(&store, &["gc"]);
+    export_identical(&store, "ft", &ft_path, &fx.path("ft.again.safetensors"));
+    assert!(ok_json(&store, &["verify"])["failures"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    run_ok(&mut cmd(&store, &["rm", "ft"]));
+    let g = ok_json(&store, &["gc"]);
+    assert_eq!(g["deltas"].as_array().unwrap().len(), ft.changed.len());
+    let info = ok_json(&store, &["info"]);
+    assert_eq!(info["total_weights"], 0, "{info}");
+    assert_eq!(info["deltas"]["total_deltas"], 0, "{info}");
+    assert_eq!(info["models"], 0);
+}
+
+#[test]
+fn a_day_with_a_synthetic_model() {
+    let fx = Fixture::new();
+    let base = fx.write("model.safetensors", &synthetic_model(20, 256));
+    day(&base, &fx);
+}
+
+#[test]
+fn a_day_with_the_real_model() {
+    let Some(model) = testenv::model_path() else {
+        return;
+    };
+    let fx = Fixture::new();
+    day(&model, &fx);
+}
+
+#[test]
+fn reused_tensors_cost_nothing() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(4, 64));
+    let a = ok_json(&store, &["add", m.to_str().unwrap(), "--name", "a"]);
+    assert_eq!(a["new"], 5);
+    let b = ok_json(&store, &["add", m.to_str().unwrap(), "--name", "b"]);
+    assert_eq!(
+        (b["new"].as_u64(), b["reused"].as_u64()),
+        (Some(0), Some(5))
+    );
+    assert_eq!(b["bytes_stored"], 0);
+    // Same name again is refused.
+    let out = run_fail(&mut cmd(
+        &store,
+        &["add", m.to_str().unwrap(), "--name", "a"],
+    ));
+    assert_one_line_error(&out, "already exists");
+    // Human output names the counts.
+    let c = stdout_text(&run_ok(&mut cmd(
+        &store,
+        &["add", m.to_str().unwrap(), "--name", "c"],
+    )));
+    assert!(c.contains("0 new, 5 reused, 0 delta-coded"), "{c}");
+    // Default name: the file stem.
+    let d = ok_json(&store, &["add", m.to_str().unwrap()]);
+    assert_eq!(d["name"], "m");
+}
+
+#[test]
+fn hostile_files_fail_with_one_line_and_leave_the_store_alone() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let good = synthetic_model(3, 8);
+    let g = fx.write("good.safetensors", &good);
+    ok_json(&store, &["add", g.to_str().unwrap(), "--name", "good"]);
+    let before = sha256_file(&store).unwrap();
+    let listing = ok_json(&store, &["ls", "--weights"]);
+
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&good[8..8 + n]).unwrap().to_owned();
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    cases.push((
+        "truncated",
+        good[..good.len() - 7].to_vec(),
+        "run past the end",
+    ));
+    cases.push(("cut-header", good[..8 + n / 2].to_vec(), "beyond the file"));
+    let mut lying_len = good.clone();
+    lying_len[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    cases.push(("lying-length", lying_len, "beyond the file"));
+    let mut short_len = good.clone();
+    short_len[..8].copy_from_slice(&((n - 3) as u64).to_le_bytes());
+    cases.push(("short-length", short_len, "not a valid safetensors file"));
+    // Offsets that overlap: the second tensor starts 4 bytes early (same header length).
+    let lie = header.replacen("[512,1024]", "[508,1020]", 1);
+    assert_ne!(lie, header);
+    let mut overlap = (lie.len() as u64).to_le_bytes().to_vec();
+    overlap.extend_from_slice(lie.as_bytes());
+    overlap.extend_from_slice(&good[8 + n..]);
+    cases.push(("overlap", overlap, "data_offsets"));
+    let bad_dtype = header.replacen("\"I64\"", "\"Q64\"", 1);
+    let mut dt = (bad_dtype.len() as u64).to_le_bytes().to_vec();
+    dt.extend_from_slice(bad_dtype.as_bytes());
+    dt.extend_from_slice(&good[8 + n..]);
+    cases.push(("dtype", dt, "unknown dtype"));
+    let mut png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR".to_vec();
+    png.extend([0u8; 200]);
+    cases.push(("png", png, "not a valid safetensors file"));
+    cases.push(("empty", Vec::new(), "too short"));
+    cases.push((
+        "text",
+        b"hello, I am not a model at all".to_vec(),
+        "beyond the file",
+    ));
+    for (what, bytes, want) in cases {
+        let p = fx.write(&format!("{what}.safetensors"), &bytes);
+        let out = run_fail(&mut cmd(
+            &store,
+            &["add", p.to_str().unwrap(), "--name", what],
+        ));
+        assert_one_line_error(&out, want);
+        assert_eq!(
+            sha256_file(&store).unwrap(),
+            before,
+            "{what} changed the store"
+        );
+    }
+    let p = fx.write("png.npy", b"\x89PNG\r\n\x1a\n");
+    assert_one_line_error(
+        &run_fail(&mut cmd(
+            &store,
+            &["add", p.to_str().unwrap(), "--name", "x"],
+        )),
+        "not a .npy file",
+    );
+    assert_one_line_error(
+        &run_fail(&mut cmd(
+            &store,
+            &["add", fx.path("missing.safetensors").to_str().unwrap()],
+        )),
+        "opening",
+    );
+    assert_one_line_error(
+        &run_fail(&mut cmd(
+            &store,
+            &["add", fx.dir.path().to_str().unwrap(), "--name", "d"],
+        )),
+        "not a regular file",
+    );
+    assert_eq!(ok_json(&store, &["ls", "--weights"]), listing);
+    assert_eq!(sha256_file(&store).unwrap(), before);
+}
+
+#[test]
+fn other_failures_are_one_clear_line() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(2, 8));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let out = fx.path("o.safetensors");
+    for (args, want) in [
+        (
+            vec!["export", "nope", out.to_str().unwrap()],
+            "not in the store",
+        ),
+        (vec!["show", "nope"], "neither a model"),
+        (vec!["show", &"ab".repeat(32)], "no weight or delta"),
+        (vec!["diff", "m", "nope"], "not in the store"),
+        (vec!["rm", "nope"], "not in the store"),
+        (
+            vec!["add", m.to_str().unwrap(), "--name", "../evil"],
+            "invalid model name",
+        ),
+        (
+            vec![
+                "add",
+                m.to_str().unwrap(),
+                "--name",
+                "x",
+                "--reference",
+                "nope",
+            ],
+            "not in the store",
+        ),
+        (
+            vec!["export", "m", "/nonexistent-dir/o.safetensors"],
+            "creating",
+        ),
+    ] {
+        assert_one_line_error(&run_fail(&mut cmd(&store, &args)), want);
+    }
+    assert!(!out.exists());
+    assert_one_line_error(
+        &run_fail(&mut cmd(&fx.path("absent.h5"), &["ls"])),
+        "no store at",
+    );
+    assert!(
+        !fx.path("absent.h5").exists(),
+        "a read command created a store"
+    );
+    assert_one_line_error(
+        &run_fail(&mut cmd(Path::new("ftp://x/y"), &["ls"])),
+        "only paths",
+    );
+    let not_a_store = fx.write("junk.h5", b"this is not HDF5");
+    assert_one_line_error(&run_fail(&mut cmd(&not_a_store, &["ls"])), "junk.h5");
+    // Bad arguments: one line, exit code 2.
+    let out = run_fail(coral().args(["add"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        1
+    );
+}
+
+#[test]
+fn a_read_only_store_is_refused_and_left_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(2, 8));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let before = sha256_file(&store).unwrap();
+    let n = fx.write("n.safetensors", &synthetic_model(3, 8));
+    assert_one_line_error(
+        &run_fail(&mut cmd(
+            &store,
+            &["add", n.to_str().unwrap(), "--name", "n"],
+        )),
+        "read-only",
+    );
+    assert_one_line_error(&run_fail(&mut cmd(&store, &["rm", "m"])), "read-only");
+    assert_one_line_error(&run_fail(&mut cmd(&store, &["gc"])), "read-only");
+    // Reading still works.
+    assert_eq!(
+        ok_json(&store, &["ls"])["models"].as_array().unwrap().len(),
+        1
+    );
+    export_identical(&store, "m", &m, &fx.path("o.safetensors"));
+    assert!(ok_json(&store, &["verify"])["failures"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(sha256_file(&store).unwrap(), before);
+}
+
+#[test]
+fn npy_and_npz_go_in_and_out() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    // numpy.save's layout for a float32 (2, 3) array.
+    let mut dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }".to_owned();
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend((dict.len() as u16).to_le_bytes());
+    npy.extend(dict.as_bytes());
+    npy.extend((0..6).flat_map(|i| (i as f32 * 0.5).to_le_bytes()));
+    let p = fx.write("arr.npy", &npy);
+    let a = ok_json(&store, &["add", p.to_str().unwrap()]);
+    assert_eq!(a["format"], "npy");
+    let out = fx.path("arr.out.npy");
+    run_ok(&mut cmd(&store, &["export", "arr", out.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&out).unwrap(), npy);
+    // A safetensors model exported as .npz and added back holds the same tensors.
+    let m = fx.write("m.safetensors", &synthetic_model(3, 8));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let z = fx.path("m.npz");
+    run_ok(&mut cmd(&store, &["export", "m", z.to_str().unwrap()]));
+    let back = ok_json(&store, &["add", z.to_str().unwrap(), "--name", "m-npz"]);
+    assert_eq!(
+        (back["new"].as_u64(), back["reused"].as_u64()),
+        (Some(0), Some(4))
+    );
+    let d = ok_json(&store, &["diff", "m", "m-npz"]);
+    assert_eq!(d["equal"].as_array().unwrap().len(), 4, "{d}");
+    // Back to safetensors from the npz model: same bytes as the original data.
+    let s = fx.path("m2.safetensors");
+    run_ok(&mut cmd(&store, &["export", "m-npz", s.to_str().unwrap()]));
+    let d2 = ok_json(&store, &["add", s.to_str().unwrap(), "--name", "m2"]);
+    assert_eq!(d2["new"], 0);
+}
+
+#[test]
+fn sync_to_s3_and_back_into_a_second_store() {
+    let Some(endpoint) = testenv::s3_endpoint() else {
+        return;
+    };
+    let fx = Fixture::new();
+    let base = match testenv::model_path() {
+        Some(m) => m,
+        None => fx.write("model.safetensors", &synthetic_model(20, 256)),
+    };
+    let (ft_bytes, ft) = finetune::make_finetune_bytes(&std::fs::read(&base).unwrap(), 7).unwrap();
+    let ft_path = fx.write("ft.safetensors", &ft_bytes);
+    let a = fx.path("a.h5");
+    ok_json(&a, &["add", base.to_str().unwrap(), "--name", "base"]);
+    let f = ok_json(
+        &a,
+        &[
+            "add",
+            ft_path.to_str().unwrap(),
+            "--name",
+            "ft",
+            "--reference",
+            "base",
+        ],
+    );
+    assert_eq!(f["delta_coded"], ft.changed.len() as u64);
+
+    let bucket = unique_name("coral-cli");
+    create_bucket(&endpoint, &bucket).unwrap();
+    let remote = format!("s3://{bucket}/models");
+    let sync = |src: &str, dst: &str, extra: &[&str]| -> Value {
+        let mut c = coral();
+        with_s3_env(&mut c, &endpoint);
+        c.args(["sync", src, dst, "--json"]).args(extra);
+        stdout_json(&run_ok(&mut c))
+    };
+    let a_s = a.to_str().unwrap();
+    let dry = sync(a_s, &remote, &["--dry-run"]);
+    assert_eq!(dry["dry_run"], true);
+    let up = sync(a_s, &remote, &[]);
+    assert_eq!(up["manifests"]["moved"], 2, "{up}");
+    assert_eq!(up["deltas"]["moved"], ft.changed.len() as u64, "{up}");
+    assert_eq!(
+        up["weights"]["moved"], dry["weights"]["moved"],
+        "{up} vs {dry}"
+    );
+    let again = sync(a_s, &remote, &[]);
+    assert_eq!(
+        again["weights"]["moved"].as_u64().unwrap()
+            + again["deltas"]["moved"].as_u64().unwrap()
+            + again["manifests"]["moved"].as_u64().unwrap(),
+        0,
+        "{again}"
+    );
+    // The remote store through the command itself.
+    let mut ls = coral();
+    with_s3_env(&mut ls, &endpoint);
+    ls.args(["--store", &remote, "ls", "--json"]);
+    assert_eq!(
+        stdout_json(&run_ok(&mut ls))["models"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let b = fx.path("b.h5");
+    let down = sync(&remote, b.to_str().unwrap(), &[]);
+    assert_eq!(down["manifests"]["moved"], 2, "{down}");
+    export_identical(&b, "base", &base, &fx.path("b-base.safetensors"));
+    export_identical(&b, "ft", &ft_path, &fx.path("b-ft.safetensors"));
+    assert!(ok_json(&b, &["verify"])["failures"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        ok_json(&b, &["info"])["deltas"]["total_deltas"],
+        ft.changed.len() as u64
+    );
+}
+
+#[test]
+fn an_unreachable_endpoint_is_one_line() {
+    let mut c = coral();
+    with_s3_env(&mut c, "http://127.0.0.1:9");
+    c.args(["--store", "s3://nowhere/x", "ls"]);
+    let out = run_fail(&mut c);
+    assert_one_line_error(&out, "");
+}
