@@ -314,3 +314,25 @@ fn estimates_are_sane() {
         4096
     );
 }
+
+#[test]
+fn config_uses_the_seeds_keys() {
+    let v = serde_json::to_value(DeltaConfig::default()).unwrap();
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    for k in [
+        "delta_type",
+        "sparse_threshold",
+        "quantization_bits",
+        "compression_level",
+        "max_delta_ratio",
+        "min_compression_ratio",
+        "min_weight_size",
+        "strict_reconstruction",
+    ] {
+        assert!(keys.contains(&k), "{k} missing from {keys:?}");
+    }
+    assert_eq!(v["delta_type"], "compressed");
+    let back: DeltaConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(back, DeltaConfig::default());
+    assert!(serde_json::from_str::<DeltaConfig>(r#"{"delta_type": "bogus"}"#).is_err());
+}

@@ -15,7 +15,20 @@ use crate::tensor::{JsonMap, WeightMetadata, WeightTensor};
 pub const TARGET_KEY: &str = "target";
 
 /// How deltas are built: the seed's `DeltaConfig`.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Serializes with the seed's `to_dict()` keys (`delta_type` as its name, e.g. `"compressed"`);
+/// missing keys take their defaults.
+///
+/// ```
+/// use coral_core::delta::{DeltaConfig, DeltaType};
+/// let c: DeltaConfig = serde_json::from_str(r#"{"delta_type": "xor_bfloat16", "min_weight_size": 1024}"#)?;
+/// assert_eq!(c.delta_type, DeltaType::XorBfloat16);
+/// assert_eq!(c.min_weight_size, 1024);
+/// assert_eq!(c.compression_level, DeltaConfig::default().compression_level);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DeltaConfig {
     /// The strategy [`DeltaEncoder::encode_delta`] uses. Default: `compressed` (the seed's
     /// default, `float32_raw`, is never smaller than the weight compressed, so the size check
