@@ -786,7 +786,7 @@ impl WeightStore for S3Store {
                                 flag.store(true, Ordering::Relaxed);
                                 tracing::warn!(key = %k, error = %e, "upload failed");
                             }
-                            (k, r.map(|_| ()).map_err(|e| error_chain(&e)))
+                            (k, r.map(|_| ()).map_err(|e| e.to_string()))
                         }
                     })
                     .buffer_unordered(inner.config.max_concurrency)
@@ -813,6 +813,8 @@ impl WeightStore for S3Store {
                     }),
                 }
             }
+            // Real failures first, then what was not attempted.
+            failed.sort_by_key(|f| f.reason.starts_with("not attempted"));
             if failed.is_empty() {
                 Ok(out)
             } else {
@@ -897,18 +899,6 @@ impl WeightStore for S3Store {
         }
         Ok(())
     }
-}
-
-/// The error's message with its causes.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl DeltaSource for S3Store {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+pub mod model;
 
 use coral_s3::{S3Config, S3Store};
 

@@ -12,12 +12,19 @@ pub fn load_model(path: &std::path::Path, bf16: bool) -> Vec<(String, WeightTens
         let dtype = DType::from_name(&format!("{:?}", view.dtype())).unwrap();
         let shape = view.shape().to_vec();
         let (dtype, data) = if bf16 && dtype == DType::F32 {
-            let d: Vec<u8> = view.data().chunks_exact(4).flat_map(|c| [c[2], c[3]]).collect();
+            let d: Vec<u8> = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| [c[2], c[3]])
+                .collect();
             (DType::BF16, d)
         } else {
             (dtype, view.data().to_vec())
         };
-        out.push((name.clone(), WeightTensor::from_bytes(name, shape, dtype, data).unwrap()));
+        out.push((
+            name.clone(),
+            WeightTensor::from_bytes(name, shape, dtype, data).unwrap(),
+        ));
     }
     out
 }
