@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::codec::{Codec, CodecSpec};
 use crate::delta::payload::err;
-use crate::delta::{lossless, lossy, Delta, DeltaType};
+use crate::delta::{legacy, lossless, lossy, Delta, DeltaType};
 use crate::dtype::DType;
 use crate::error::{CoreError, Result};
 use crate::hash::ContentHash;
@@ -371,6 +371,10 @@ impl DeltaEncoder {
     ///
     /// A malformed delta (unknown strategy parameters, wrong payload length, truncated or corrupt
     /// payload, bad metadata, a reference of another shape or dtype) is an error, never a panic.
+    ///
+    /// A delta without the `target` metadata key was written by the Python Coral (coral-ml 1.0)
+    /// and is decoded with that decoder's semantics (see `docs/format.md`), so Python stores keep
+    /// working; the hash check says whether the (float-arithmetic) result is the target.
     pub fn decode_delta(
         &self,
         delta: &Delta,
@@ -400,7 +404,10 @@ impl DeltaEncoder {
             return Err(err(&name, format!("{kind} does not accept {dtype}")));
         }
         let r = &reference.data()[..];
-        let data = if kind.is_lossless() {
+        let python = !delta.metadata.contains_key(TARGET_KEY) && legacy::is_python_type(kind);
+        let data = if python {
+            legacy::decode(&name, kind, dtype, &delta.data, r, &delta.metadata)?
+        } else if kind.is_lossless() {
             lossless::decode(&name, kind, dtype, &delta.data, r, &delta.metadata)?
         } else {
             lossy::decode(

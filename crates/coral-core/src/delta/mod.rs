@@ -53,6 +53,7 @@ use crate::hash::ContentHash;
 use crate::tensor::JsonMap;
 
 mod encoder;
+mod legacy;
 mod lossless;
 mod lossy;
 mod payload;
