@@ -51,7 +51,8 @@ pub struct DeltaConfig {
     /// Weights with fewer data bytes than this are not delta-encoded. Default 512.
     pub min_weight_size: usize,
     /// When decoding, a result that does not match the target's hash is an error
-    /// ([`CoreError::Integrity`]); when off, a logged warning. Default on.
+    /// ([`CoreError::Integrity`]); when off, a logged warning. Default on. A lossy delta does
+    /// not rebuild its target exactly, so decoding one needs this off.
     pub strict_reconstruction: bool,
 }
 
