@@ -99,7 +99,10 @@ impl Coral<'_> {
             self.store.display(),
             args.join(" ")
         );
-        let status = setup::run_status(&mut cmd)?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", setup::show(&cmd)))?;
+        let status = setup::wait_interruptible(&mut child)?;
         if !status.success() {
             bail!(
                 "`coral {}` failed ({status}); the command was: {}",
@@ -117,8 +120,9 @@ fn files_identical(a: &Path, b: &Path) -> Result<bool> {
     Ok(x == y)
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+/// Bytes in decimal megabytes, as `coral` prints them.
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 /// Runs the demo.
@@ -145,7 +149,7 @@ pub fn demo(paths: &Paths) -> Result<()> {
     println!();
     println!(
         "Coral demo: the real all-MiniLM-L6-v2 ({}), a fine-tune of it, one local store.",
-        mib(setup::MODEL_SIZE)
+        mb(setup::MODEL_SIZE)
     );
     println!(
         "`coral` below is {}; commands run from {}",
@@ -180,8 +184,8 @@ pub fn demo(paths: &Paths) -> Result<()> {
         "fine-tune: {} of {} tensors changed by w*(1+1e-3*noise) ({} of {} of weights), the rest identical -> {}",
         report.changed.len(),
         report.tensors,
-        mib(report.bytes_changed),
-        mib(report.bytes_total),
+        mb(report.bytes_changed),
+        mb(report.bytes_total),
         rel(paths, &finetuned).display()
     );
     coral.run(&[
@@ -208,8 +212,8 @@ pub fn demo(paths: &Paths) -> Result<()> {
     println!();
     println!(
         "Two models as files: {}; the store holding both: {} ({:.1}% of the files).",
-        mib(whole),
-        mib(stored),
+        mb(whole),
+        mb(stored),
         100.0 * stored as f64 / whole as f64
     );
     println!("Demo done: the store is {}.", store.display());
