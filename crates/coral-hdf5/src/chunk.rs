@@ -9,7 +9,7 @@
 //!   optional filter that fails;
 //! - Zstandard (id 32015): one zstd frame with its content size, level in `cd_values[0]`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 use crate::h5::{FilterInfo, FILTER_DEFLATE, FILTER_LZF, FILTER_SHUFFLE, FILTER_ZSTD};
 
@@ -52,14 +52,11 @@ pub fn encode(
                 }
             }
             FILTER_DEFLATE => {
-                let level = f.cd.first().copied().unwrap_or(4).clamp(0, 9);
-                let mut enc = flate2::write::ZlibEncoder::new(
-                    Vec::with_capacity(input.len() / 2 + 64),
-                    flate2::Compression::new(level),
-                );
-                enc.write_all(input)
-                    .map_err(|e| err(format!("deflate: {e}")))?;
-                Some(enc.finish().map_err(|e| err(format!("deflate: {e}")))?)
+                let level = f.cd.first().copied().unwrap_or(4).clamp(1, 9);
+                // After shuffle the input is `element_size` byte planes.
+                let shuffled = i > 0 && pipeline[i - 1].id == FILTER_SHUFFLE && element_size > 1;
+                let planes = if shuffled { element_size } else { 1 };
+                Some(zlib_planes(input, planes, level)?)
             }
             FILTER_ZSTD => {
                 let level = f.cd.first().map(|&l| l as i32).unwrap_or(3);
@@ -79,6 +76,90 @@ pub fn encode(
         }
     }
     Ok((cur.unwrap_or_else(|| data.to_vec()), mask))
+}
+
+/// Order-0 entropy of `data` in bits per byte.
+fn entropy(data: &[u8]) -> f64 {
+    let mut h = [0u64; 256];
+    for &b in data {
+        h[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    h.iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let q = c as f64 / n;
+            -q * q.log2()
+        })
+        .sum()
+}
+
+/// Above this order-0 entropy (bits per byte) a plane is kept in stored blocks: Huffman coding
+/// could save under 2% of it, and deflate's match search is what makes gzip slow.
+const STORE_ABOVE_BITS: f64 = 7.85;
+
+/// Adler-32 (RFC 1950).
+fn adler32(data: &[u8]) -> u32 {
+    const MOD: u32 = 65521;
+    let (mut a, mut b) = (1u32, 0u32);
+    for block in data.chunks(5552) {
+        for &x in block {
+            a += x as u32;
+            b += a;
+        }
+        a %= MOD;
+        b %= MOD;
+    }
+    (b << 16) | a
+}
+
+/// One zlib stream (RFC 1950) for `data` split into `planes` equal planes (the trailing bytes
+/// join the last): each plane is deflated at `level` in its own blocks, or, when its bytes are
+/// close to random, kept in stored blocks. Any zlib decoder (HDF5's deflate filter) reads it.
+fn zlib_planes(data: &[u8], planes: usize, level: u32) -> Result<Vec<u8>, ChunkError> {
+    let planes = planes.max(1);
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    out.extend_from_slice(&[0x78, 0x5e]);
+    let n = data.len() / planes;
+    let mut start = 0;
+    for j in 0..planes {
+        let end = if j + 1 == planes {
+            data.len()
+        } else {
+            start + n
+        };
+        let plane = &data[start..end];
+        start = end;
+        if plane.is_empty() {
+            continue;
+        }
+        if entropy(plane) > STORE_ABOVE_BITS {
+            for block in plane.chunks(65535) {
+                let len = block.len() as u16;
+                out.push(0); // BFINAL 0, BTYPE 00 (stored), padded to the byte
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&(!len).to_le_bytes());
+                out.extend_from_slice(block);
+            }
+        } else {
+            // A raw deflate stream ended by a sync flush: byte-aligned, no final block.
+            let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
+            let mut input = plane;
+            loop {
+                out.reserve(input.len() / 2 + 8192);
+                let before = c.total_in();
+                c.compress_vec(input, &mut out, flate2::FlushCompress::Sync)
+                    .map_err(|e| err(format!("deflate: {e}")))?;
+                input = &input[(c.total_in() - before) as usize..];
+                if input.is_empty() && out.len() < out.capacity() {
+                    break;
+                }
+            }
+        }
+    }
+    out.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff]); // final, empty stored block
+    out.extend_from_slice(&adler32(data).to_be_bytes());
+    Ok(out)
 }
 
 /// Decodes one chunk read with its filter `mask` to exactly `chunk_bytes` bytes.
@@ -163,26 +244,48 @@ fn lzf_compress(data: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// LZF decompression (liblzf's format), bounds-checked in Rust: liblzf's own decoder is not
+/// safe on corrupt input.
 fn lzf_decompress(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkError> {
-    if chunk_bytes > u32::MAX as usize || data.len() > u32::MAX as usize {
-        return Err(err("lzf chunk too large"));
+    let bad = || err("corrupt lzf data");
+    let mut out: Vec<u8> = Vec::new();
+    out.try_reserve_exact(chunk_bytes)
+        .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
+    let mut ip = 0usize;
+    while ip < data.len() {
+        let ctrl = data[ip] as usize;
+        ip += 1;
+        if ctrl < 32 {
+            let len = ctrl + 1;
+            let lit = data.get(ip..ip + len).ok_or_else(bad)?;
+            if out.len() + len > chunk_bytes {
+                return Err(bad());
+            }
+            out.extend_from_slice(lit);
+            ip += len;
+        } else {
+            let mut len = ctrl >> 5;
+            if len == 7 {
+                len += *data.get(ip).ok_or_else(bad)? as usize;
+                ip += 1;
+            }
+            let back = ((ctrl & 0x1f) << 8) + 1 + *data.get(ip).ok_or_else(bad)? as usize;
+            ip += 1;
+            len += 2;
+            let start = out.len().checked_sub(back).ok_or_else(bad)?;
+            if out.len() + len > chunk_bytes {
+                return Err(bad());
+            }
+            for k in 0..len {
+                let b = out[start + k];
+                out.push(b);
+            }
+        }
     }
-    let mut out = vec![0u8; chunk_bytes];
-    if chunk_bytes == 0 {
-        return Ok(out);
-    }
-    // SAFETY: liblzf bounds-checks its input and output against the lengths given.
-    let n = unsafe {
-        lzf_sys::lzf_decompress(
-            data.as_ptr() as *const _,
-            data.len() as _,
-            out.as_mut_ptr() as *mut _,
-            out.len() as _,
-        )
-    };
-    if n as usize != chunk_bytes {
+    if out.len() != chunk_bytes {
         return Err(err(format!(
-            "corrupt lzf data: decoded {n} bytes, expected {chunk_bytes}"
+            "corrupt lzf data: decoded {} bytes, expected {chunk_bytes}",
+            out.len()
         )));
     }
     Ok(out)

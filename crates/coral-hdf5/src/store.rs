@@ -177,7 +177,7 @@ impl HDF5Store {
             }),
             Compression::Zstd => p.push(FilterInfo {
                 id: h5::FILTER_ZSTD,
-                cd: vec![self.opts.effective_level().unwrap_or(3) as u32],
+                cd: vec![self.opts.effective_level().unwrap_or(1) as u32],
             }),
             Compression::Lzf => p.push(FilterInfo {
                 id: h5::FILTER_LZF,
@@ -808,6 +808,24 @@ impl RawRead {
     }
 }
 
+/// Marks the file's descriptor close-on-exec: HDF5 opens it without, so a child process spawned
+/// while the store is open would inherit it, and with it the file lock, after we close.
+fn set_cloexec(fid: hid_t) {
+    let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
+    // SAFETY: for the default (sec2) driver the handle points to the `int` descriptor.
+    unsafe {
+        if hdf5_sys::h5f::H5Fget_vfd_handle(fid, hdf5_sys::h5p::H5P_DEFAULT, &mut handle) >= 0
+            && !handle.is_null()
+        {
+            let fd = *(handle as *const libc::c_int);
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
     let loc = || path.display().to_string();
     let exists = path.exists();
@@ -881,6 +899,7 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
         })
         .map_err(|e| h5err(path, e))?;
         let fid = file.id();
+        set_cloexec(fid);
         let has = |g: &str| h5::link_exists(fid, g).map_err(|e| h5err(path, e));
         if !has(WEIGHTS)? {
             let empty = h5::link_names(fid).map_err(|e| h5err(path, e))?.is_empty();
@@ -1076,6 +1095,19 @@ impl WeightStore for HDF5Store {
                 ..
             } = inner;
             drop((weights, deltas, models));
+            // SAFETY: valid file id.
+            let open = unsafe {
+                hdf5_sys::h5f::H5Fget_obj_count(
+                    file.id(),
+                    hdf5_sys::h5f::H5F_OBJ_DATASET
+                        | hdf5_sys::h5f::H5F_OBJ_GROUP
+                        | hdf5_sys::h5f::H5F_OBJ_DATATYPE
+                        | hdf5_sys::h5f::H5F_OBJ_ATTR,
+                )
+            };
+            if open > 0 {
+                tracing::warn!(path = %self.path.display(), open, "objects still open at close");
+            }
             file.close().map_err(|e| self.err(e))
         })
     }
