@@ -1,0 +1,224 @@
+//! Interoperability with the tools people already have, through the venv's Python
+//! (CORAL_TEST_PYTHON: h5py, hdf5plugin, coral-ml 1.0.0) and the real model (CORAL_TEST_MODEL):
+//!
+//! - h5py reads every dataset we write, every dtype and codec, with the same bytes and attributes;
+//! - a store written by coral-ml opens here, lists, and every weight loads verified (xxh3-64);
+//! - a store written here in the Python-compatible mode opens in coral-ml, and every weight loads
+//!   there and re-hashes to its key.
+
+#[path = "common/model.rs"]
+mod model;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use coral_core::{ContentHash, DType, HashAlgorithm, WeightTensor};
+use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions, Mode};
+use coral_store_api::testenv;
+use coral_store_api::testing::{sample_tensor, special_float_tensors};
+use coral_store_api::WeightStore;
+use serde_json::Value;
+
+fn helper(python: &Path, args: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/coral_ml_helper.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[test]
+fn h5py_reads_every_dataset_we_write() {
+    let Some(python) = testenv::python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors: Vec<WeightTensor> = DType::ALL
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &d)| {
+            [
+                sample_tensor(&format!("t.{d}"), d, &[37, 9], i as u64),
+                sample_tensor(&format!("s.{d}"), d, &[], 100 + i as u64),
+                sample_tensor(&format!("e.{d}"), d, &[0, 4], 200 + i as u64),
+            ]
+        })
+        .collect();
+    tensors.extend(special_float_tensors());
+    let mut meta_w = sample_tensor("with.meta", DType::F32, &[3, 3], 999);
+    let mut m = meta_w.metadata().clone();
+    m.layer_type = Some("Linear".into());
+    m.model_name = Some("tiny".into());
+    m.compression_info
+        .insert("note".into(), serde_json::json!({"a": [1, 2]}));
+    meta_w = meta_w.with_metadata(m).unwrap();
+    tensors.push(meta_w);
+    for (c, shuffle) in [
+        (Compression::Gzip, true),
+        (Compression::Gzip, false),
+        (Compression::Lzf, true),
+        (Compression::Zstd, true),
+        (Compression::None, false),
+    ] {
+        let path = dir.path().join(format!("{c}-{shuffle}.h5"));
+        let keys: BTreeMap<ContentHash, WeightTensor> = {
+            let store = HDF5Store::open(
+                &path,
+                HDF5StoreOptions::new()
+                    .compression(c)
+                    .shuffle(shuffle)
+                    .chunk_bytes(4096),
+            )
+            .unwrap();
+            tensors
+                .iter()
+                .map(|t| (store.store(t).unwrap(), t.clone()))
+                .collect()
+        };
+        let dump = helper(&python, &["dump", path.to_str().unwrap()]);
+        for (key, t) in &keys {
+            let d = &dump[format!("weights/{}", key.to_hex())];
+            assert!(d.is_object(), "{c}: {} missing in h5py", t.name());
+            let a = &d["attrs"];
+            assert_eq!(a["name"], t.name(), "{c} name");
+            assert_eq!(a["dtype"], t.dtype().name(), "{c} dtype");
+            assert_eq!(a["hash"], key.to_hex(), "{c} hash");
+            let shape: Vec<u64> = t.shape().iter().map(|&x| x as u64).collect();
+            assert_eq!(
+                a["shape"],
+                serde_json::json!(shape),
+                "{c} shape attr of {}",
+                t.name()
+            );
+            assert_eq!(
+                d["shape"],
+                serde_json::json!(shape),
+                "{c} dataset shape of {}",
+                t.name()
+            );
+            assert_eq!(
+                a["layer_type"],
+                t.metadata().layer_type.clone().unwrap_or_default(),
+                "{c} layer_type"
+            );
+            assert_eq!(
+                a["model_name"],
+                t.metadata().model_name.clone().unwrap_or_default(),
+                "{c} model_name"
+            );
+            let ci: Value = serde_json::from_str(a["compression_info"].as_str().unwrap()).unwrap();
+            assert_eq!(ci, Value::Object(t.metadata().compression_info.clone()));
+            let want = sha256_hex(t.data());
+            assert_eq!(
+                d["sha256"],
+                want,
+                "{c}: h5py read other bytes for {}",
+                t.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn store_written_by_coral_ml_opens_here() {
+    let (Some(python), Some(model_path)) = (testenv::python(), testenv::model_path()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("coral-ml.h5");
+    let keys = helper(
+        &python,
+        &[
+            "write",
+            model_path.to_str().unwrap(),
+            path.to_str().unwrap(),
+        ],
+    );
+    let keys: BTreeMap<String, ContentHash> = keys
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(n, k)| (n.clone(), ContentHash::parse(k.as_str().unwrap()).unwrap()))
+        .collect();
+    let model = model::load_model(&model_path, false);
+    assert_eq!(keys.len(), model.len());
+    let store = HDF5Store::open(
+        &path,
+        HDF5StoreOptions::python_compatible()
+            .mode(Mode::Read)
+            .strict_integrity(true),
+    )
+    .unwrap();
+    let mut listed = store.list_weights().unwrap();
+    listed.sort();
+    let mut want: Vec<ContentHash> = keys.values().copied().collect();
+    want.sort();
+    want.dedup();
+    assert_eq!(listed, want);
+    let all = store.load_batch(&want).unwrap();
+    assert_eq!(all.len(), want.len());
+    for (name, t) in &model {
+        let k = keys[name];
+        assert_eq!(k.algorithm(), HashAlgorithm::Xxh3Legacy);
+        let w = &all[&k];
+        assert_eq!(w.data(), t.data(), "{name}");
+        assert_eq!(w.shape(), t.shape(), "{name}");
+        w.verify(&k).unwrap();
+        let meta = store.get_metadata(&k).unwrap().unwrap();
+        assert_eq!(meta.dtype, t.dtype());
+        assert_eq!(meta.name, *name);
+    }
+    let info = store.storage_info().unwrap();
+    assert_eq!(info.total_weights as usize, want.len());
+    assert!(
+        info.compression_ratio > 0.0 && info.compression_ratio < 0.2,
+        "{info:?}"
+    );
+}
+
+#[test]
+fn python_compatible_store_opens_in_coral_ml() {
+    let (Some(python), Some(model_path)) = (testenv::python(), testenv::model_path()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ours.h5");
+    let model = model::load_model(&model_path, false);
+    let keys = {
+        let store = HDF5Store::open(&path, HDF5StoreOptions::python_compatible()).unwrap();
+        store.store_batch(&model).unwrap()
+    };
+    let v = helper(&python, &["verify", path.to_str().unwrap()]);
+    let v = v.as_object().unwrap();
+    for (name, t) in &model {
+        let k = keys[name].to_hex();
+        let e = &v[&k];
+        assert_eq!(
+            e["ok"], true,
+            "{name}: coral-ml's hash differs from the key"
+        );
+        assert_eq!(e["name"], name.as_str());
+        assert_eq!(e["dtype"], t.dtype().name());
+        let shape: Vec<u64> = t.shape().iter().map(|&x| x as u64).collect();
+        assert_eq!(e["shape"], serde_json::json!(shape));
+    }
+    assert_eq!(
+        v.len(),
+        keys.values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    );
+}
