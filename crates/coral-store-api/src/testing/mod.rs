@@ -9,6 +9,21 @@
 //! The runners run every check of a section even when one fails, then panic with the list of
 //! checks that failed, each with its message.
 //!
+//! Beyond the trait documentation, the suite expects:
+//! - loaded weights and `get_metadata` carry their key in `metadata.hash`;
+//! - `compression_info` comes back with every entry it was stored with (a backend may add its own
+//!   entries, never drop or change one);
+//! - storing a key that exists keeps the first metadata;
+//! - `storage_info` counts weights stored in full (`total_weights`, `total_bytes` uncompressed),
+//!   its `compression_ratio` is `1 - compressed_bytes / total_bytes`, and its `deltas` agree with
+//!   `get_delta_storage_info`;
+//! - a weight kept as a delta (stored with `store_delta` under the target's own key) is listed
+//!   by `list_weights` and found by `exists`, `load`, `load_batch` and `get_metadata`, rebuilt
+//!   and verified (backends use [`crate::resolve`]); deleting a weight that deltas refer to is
+//!   [`crate::StoreError::Referenced`] or leaves every dependent readable;
+//! - a delta whose reference is absent is refused by `store_delta` or loads as
+//!   [`crate::StoreError::MissingReference`]; cycles and over-long chains are errors.
+//!
 //! ```
 //! use coral_store_api::testing::{self, MemoryHarness};
 //!
