@@ -3,7 +3,8 @@
 //! - `cargo xtask demo`: the README's main job: the real model through the `coral` command, a
 //!   fine-tune of it, `coral verify` and `coral info`, on a local store under `target/demo`.
 //! - `cargo xtask test [ARGS...]`: installs what the tests need when it is missing, starts the
-//!   S3-compatible test server on loopback, runs `cargo test --workspace --all-features ARGS...`
+//!   S3-compatible test server on loopback, runs
+//!   `cargo test --workspace --all-features --no-fail-fast ARGS...`
 //!   with the test environment set, stops the server, and exits with the tests' status.
 //! - `cargo xtask ci`: `cargo fmt --check`, clippy with warnings denied, `cargo deny check`, then
 //!   the same as `cargo xtask test`. `.ci/run` runs it.
@@ -28,7 +29,7 @@ usage: cargo xtask <task> [ARGS...]
 tasks:
   demo            the README's main job: the real model in and out of a local store, a
                   fine-tune of it, verify and info (in target/demo)
-  test [ARGS]     set up, start the S3 test server, run `cargo test --workspace --all-features ARGS`
+  test [ARGS]     set up, start the S3 test server, run `cargo test --workspace --all-features --no-fail-fast ARGS`
   ci              fmt check, clippy -D warnings, cargo deny, then `test`
   bench [ARGS]    set up, start the S3 test server, run `cargo bench --workspace ARGS`
   with-env -- COMMAND...
@@ -108,7 +109,8 @@ fn test(paths: &Paths, extra: &[String]) -> Result<i32> {
 
     let mut cmd = setup::cargo();
     cmd.current_dir(&paths.root)
-        .args(["test", "--workspace", "--all-features"])
+        // Every test binary runs even when one fails, so a run reports every failure.
+        .args(["test", "--workspace", "--all-features", "--no-fail-fast"])
         .args(extra)
         .envs(env.iter().map(|(k, v)| (k, v)));
     let status = setup::run_status(&mut cmd)?;
