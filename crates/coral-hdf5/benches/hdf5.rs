@@ -33,9 +33,9 @@ fn opts(config: &str) -> HDF5StoreOptions {
         "gzip4" => HDF5StoreOptions::new()
             .compression(Compression::Gzip)
             .level(4),
-        "zstd3" => HDF5StoreOptions::new()
+        "zstd1" => HDF5StoreOptions::new()
             .compression(Compression::Zstd)
-            .level(3),
+            .level(1),
         other => panic!("unknown config {other}"),
     }
 }

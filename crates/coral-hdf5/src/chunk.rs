@@ -9,8 +9,6 @@
 //!   optional filter that fails;
 //! - Zstandard (id 32015): one zstd frame with its content size, level in `cd_values[0]`.
 
-use std::io::Read;
-
 use crate::h5::{FilterInfo, FILTER_DEFLATE, FILTER_LZF, FILTER_SHUFFLE, FILTER_ZSTD};
 
 /// A chunk-level failure (corrupt or unsupported data).
@@ -46,7 +44,7 @@ pub fn encode(
         let next = match f.id {
             FILTER_SHUFFLE => {
                 if element_size > 1 {
-                    Some(coral_core::codec::shuffle(input, element_size))
+                    Some(shuffle(input, element_size))
                 } else {
                     None
                 }
@@ -76,6 +74,80 @@ pub fn encode(
         }
     }
     Ok((cur.unwrap_or_else(|| data.to_vec()), mask))
+}
+
+/// HDF5's shuffle (as `coral_core::codec::shuffle`), unrolled for the common element sizes.
+pub fn shuffle(data: &[u8], es: usize) -> Vec<u8> {
+    let n = data.len() / es.max(1);
+    match es {
+        2 => {
+            let mut out = vec![0u8; data.len()];
+            let (p0, rest) = out.split_at_mut(n);
+            let (p1, tail) = rest.split_at_mut(n);
+            for ((e, a), b) in data.chunks_exact(2).zip(p0.iter_mut()).zip(p1.iter_mut()) {
+                *a = e[0];
+                *b = e[1];
+            }
+            tail.copy_from_slice(&data[2 * n..]);
+            out
+        }
+        4 => {
+            let mut out = vec![0u8; data.len()];
+            let (p0, rest) = out.split_at_mut(n);
+            let (p1, rest) = rest.split_at_mut(n);
+            let (p2, rest) = rest.split_at_mut(n);
+            let (p3, tail) = rest.split_at_mut(n);
+            for ((((e, a), b), c), d) in data
+                .chunks_exact(4)
+                .zip(p0.iter_mut())
+                .zip(p1.iter_mut())
+                .zip(p2.iter_mut())
+                .zip(p3.iter_mut())
+            {
+                *a = e[0];
+                *b = e[1];
+                *c = e[2];
+                *d = e[3];
+            }
+            tail.copy_from_slice(&data[4 * n..]);
+            out
+        }
+        _ => coral_core::codec::shuffle(data, es),
+    }
+}
+
+/// Inverse of [`shuffle`].
+pub fn unshuffle(data: &[u8], es: usize) -> Vec<u8> {
+    let n = data.len() / es.max(1);
+    match es {
+        2 => {
+            let mut out = vec![0u8; data.len()];
+            let (p0, rest) = data.split_at(n);
+            let (p1, tail) = rest.split_at(n);
+            for ((e, a), b) in out.chunks_exact_mut(2).zip(p0).zip(p1) {
+                e[0] = *a;
+                e[1] = *b;
+            }
+            out[2 * n..].copy_from_slice(tail);
+            out
+        }
+        4 => {
+            let mut out = vec![0u8; data.len()];
+            let (p0, rest) = data.split_at(n);
+            let (p1, rest) = rest.split_at(n);
+            let (p2, rest) = rest.split_at(n);
+            let (p3, tail) = rest.split_at(n);
+            for ((((e, a), b), c), d) in out.chunks_exact_mut(4).zip(p0).zip(p1).zip(p2).zip(p3) {
+                e[0] = *a;
+                e[1] = *b;
+                e[2] = *c;
+                e[3] = *d;
+            }
+            out[4 * n..].copy_from_slice(tail);
+            out
+        }
+        _ => coral_core::codec::unshuffle(data, es),
+    }
 }
 
 /// Order-0 entropy of `data` in bits per byte.
@@ -178,21 +250,12 @@ pub fn decode(
         cur = match f.id {
             FILTER_SHUFFLE => {
                 if element_size > 1 {
-                    coral_core::codec::unshuffle(&cur, element_size)
+                    unshuffle(&cur, element_size)
                 } else {
                     cur
                 }
             }
-            FILTER_DEFLATE => {
-                let mut out = Vec::new();
-                out.try_reserve_exact(chunk_bytes)
-                    .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
-                flate2::read::ZlibDecoder::new(&cur[..])
-                    .take(chunk_bytes as u64 + 1)
-                    .read_to_end(&mut out)
-                    .map_err(|e| err(format!("corrupt deflate data: {e}")))?;
-                out
-            }
+            FILTER_DEFLATE => inflate(&cur, chunk_bytes)?,
             FILTER_ZSTD => zstd_decompress(&cur, chunk_bytes)?,
             FILTER_LZF => lzf_decompress(&cur, chunk_bytes)?,
             other => return Err(err(format!("unsupported filter {other}"))),
@@ -208,16 +271,49 @@ pub fn decode(
 }
 
 fn zstd_decompress(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkError> {
-    let mut out = Vec::new();
-    out.try_reserve_exact(chunk_bytes)
-        .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
-    let mut dec = zstd::stream::read::Decoder::new(data)
-        .map_err(|e| err(format!("corrupt zstd data: {e}")))?
-        .single_frame();
-    (&mut dec)
-        .take(chunk_bytes as u64 + 1)
-        .read_to_end(&mut out)
+    match zstd::zstd_safe::get_frame_content_size(data) {
+        Ok(Some(n)) if n == chunk_bytes as u64 => {}
+        Ok(Some(n)) => {
+            return Err(err(format!(
+                "corrupt zstd data: frame of {n} bytes, expected {chunk_bytes}"
+            )))
+        }
+        _ => return Err(err("corrupt zstd data: no frame content size")),
+    }
+    let out = zstd::bulk::decompress(data, chunk_bytes)
         .map_err(|e| err(format!("corrupt zstd data: {e}")))?;
+    Ok(out)
+}
+
+/// Inflates a zlib stream to at most `chunk_bytes` bytes (more is an error).
+fn inflate(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkError> {
+    let mut out: Vec<u8> = Vec::new();
+    out.try_reserve_exact(chunk_bytes + 1)
+        .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
+    let mut d = flate2::Decompress::new(true);
+    loop {
+        let before_in = d.total_in();
+        let before_out = d.total_out();
+        let consumed = before_in as usize;
+        let input = data
+            .get(consumed..)
+            .ok_or_else(|| err("corrupt deflate data"))?;
+        let st = d
+            .decompress_vec(input, &mut out, flate2::FlushDecompress::Finish)
+            .map_err(|e| err(format!("corrupt deflate data: {e}")))?;
+        match st {
+            flate2::Status::StreamEnd => break,
+            _ if out.len() > chunk_bytes => return Err(err("corrupt deflate data: too long")),
+            _ if d.total_in() == before_in && d.total_out() == before_out => {
+                return Err(err("corrupt deflate data: truncated"))
+            }
+            _ => {
+                if out.len() == out.capacity() {
+                    return Err(err("corrupt deflate data: too long"));
+                }
+            }
+        }
+    }
     Ok(out)
 }
 
@@ -325,6 +421,14 @@ mod tests {
             for p in pipelines() {
                 let _ = decode(&p, 4, 0, data.clone(), len);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn shuffle_is_cores(data in proptest::collection::vec(any::<u8>(), 0..300), es in 1usize..9) {
+            prop_assert_eq!(shuffle(&data, es), coral_core::codec::shuffle(&data, es));
+            prop_assert_eq!(unshuffle(&data, es), coral_core::codec::unshuffle(&data, es));
         }
     }
 

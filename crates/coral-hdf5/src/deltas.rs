@@ -8,7 +8,7 @@ use coral_core::{
     WeightTensor,
 };
 use coral_store_api::{
-    DeltaStorageInfo, DeltaStore, ManifestStore, Result, StoreError, WeightStore,
+    resolve, DeltaStorageInfo, DeltaStore, ManifestStore, Result, StoreError, WeightStore,
 };
 use hdf5_sys::h5i::hid_t;
 
@@ -149,10 +149,11 @@ impl HDF5Store {
             let mut n = 0;
             for name in h5::link_names(g.id()).map_err(|e| self.err(e))? {
                 let d = h5::open_dataset(g.id(), &name).map_err(|e| self.err(e))?;
-                if h5::read_str_attr(d.id(), "reference_hash")
-                    .map_err(|e| self.err(e))?
-                    .as_deref()
-                    == Some(hex.as_str())
+                if name != hex
+                    && h5::read_str_attr(d.id(), "reference_hash")
+                        .map_err(|e| self.err(e))?
+                        .as_deref()
+                        == Some(hex.as_str())
                 {
                     n += 1;
                 }
@@ -167,72 +168,79 @@ impl HDF5Store {
         let Some(d) = self.load_delta(key)? else {
             return Ok(None);
         };
+        // The chain must lead to a weight stored in full.
+        let mut chain = vec![*key];
+        let mut reference = d.reference_hash;
+        loop {
+            if self.with(|inner| self.weight_present(inner, &reference.to_hex()))? {
+                break;
+            }
+            let bad = |reason: String| StoreError::Corrupt {
+                location: self.path.display().to_string(),
+                key: key.to_hex(),
+                reason,
+            };
+            if chain.contains(&reference) {
+                return Err(bad(format!("the deltas form a cycle through {reference}")));
+            }
+            if chain.len() >= resolve::MAX_DELTA_DEPTH {
+                return Err(bad(format!(
+                    "more than {} deltas lead to a stored weight",
+                    resolve::MAX_DELTA_DEPTH
+                )));
+            }
+            match self.load_delta(&reference)? {
+                Some(next) => {
+                    chain.push(reference);
+                    reference = next.reference_hash;
+                }
+                None => {
+                    return Err(StoreError::MissingReference {
+                        key: chain.last().copied().unwrap_or(*key),
+                        reference,
+                    })
+                }
+            }
+        }
         Ok(Some(metadata_of_delta(&d, key)))
     }
 
-    /// Rebuilds weights kept as deltas (reference chains resolved recursively), verified.
+    /// Rebuilds weights kept as deltas through the shared resolution
+    /// (`coral_store_api::resolve`): reference chains followed, each step verified.
     pub(crate) fn load_via_deltas(
         &self,
         keys: &[ContentHash],
     ) -> Result<HashMap<ContentHash, WeightTensor>> {
         let mut out = HashMap::new();
         for key in keys {
-            if let Some(w) = self.resolve_delta(key, 0)? {
+            if let Some(w) = resolve::resolve(self, key, self.opts.strict_integrity)? {
                 out.insert(*key, w);
             }
         }
         Ok(out)
     }
+}
 
-    fn resolve_delta(&self, key: &ContentHash, depth: usize) -> Result<Option<WeightTensor>> {
-        let Some(delta) = self.load_delta(key)? else {
-            return Ok(None);
-        };
-        if depth > 64 {
-            return Err(corrupt(self, &key.to_hex(), "delta chain longer than 64"));
-        }
-        let reference = match self
-            .load_full(std::slice::from_ref(&delta.reference_hash))?
-            .remove(&delta.reference_hash)
-        {
-            Some(w) => w,
-            None => match self.resolve_delta(&delta.reference_hash, depth + 1)? {
-                Some(w) => w,
-                None => {
-                    return Err(StoreError::MissingReference {
-                        key: *key,
-                        reference: delta.reference_hash,
-                    })
-                }
-            },
-        };
-        let w = decode_delta(&delta, &reference, key)?;
-        let w = w
-            .with_metadata(metadata_of_delta(&delta, key))
-            .map_err(|e| StoreError::core(format!("delta {key}"), e))?;
-        self.verify(&w, key)?;
-        Ok(Some(w))
+impl resolve::DeltaSource for HDF5Store {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn full_weight(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+        Ok(self.load_full(std::slice::from_ref(key))?.remove(key))
+    }
+
+    fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>> {
+        self.load_delta(key)
     }
 }
 
-/// Applies a delta to its reference (the delta encoder of coral-core).
-fn decode_delta(
-    delta: &Delta,
-    reference: &WeightTensor,
-    key: &ContentHash,
-) -> Result<WeightTensor> {
-    let _ = (delta, reference);
-    Err(StoreError::Corrupt {
-        location: String::new(),
-        key: key.to_hex(),
-        reason: "decoding deltas needs coral-core's delta encoder (not yet available)".to_owned(),
-    })
-}
-
 fn metadata_of_delta(d: &Delta, key: &ContentHash) -> WeightMetadata {
+    // Coral's deltas record the target's metadata under "target"; the Python Coral's do not.
+    let target = d.metadata.get("target").and_then(|v| v.as_object());
     let s = |k: &str| {
-        d.metadata
-            .get(k)
+        target
+            .and_then(|t| t.get(k))
             .and_then(|v| v.as_str())
             .map(str::to_owned)
     };
@@ -243,6 +251,12 @@ fn metadata_of_delta(d: &Delta, key: &ContentHash) -> WeightMetadata {
     );
     m.layer_type = s("layer_type");
     m.model_name = s("model_name");
+    if let Some(ci) = target
+        .and_then(|t| t.get("compression_info"))
+        .and_then(|v| v.as_object())
+    {
+        m.compression_info = ci.clone();
+    }
     m.hash = Some(*key);
     m
 }

@@ -25,6 +25,8 @@ pub const MODELS: &str = "models";
 
 /// Uncompressed bytes handled per group in batches: bounds the compressed chunks in flight.
 const GROUP_BYTES: usize = 64 << 20;
+/// Compressed bytes read per group in loads (one group decodes while the next is read).
+const LOAD_GROUP_BYTES: usize = 16 << 20;
 
 /// Coral's local store: one HDF5 file with the seed's layout (see `docs/format.md`).
 ///
@@ -538,17 +540,18 @@ impl HDF5Store {
         &self,
         keys: &[ContentHash],
     ) -> Result<HashMap<ContentHash, WeightTensor>> {
+        type Group = Vec<(ContentHash, WeightMetadata, RawRead)>;
         let mut out = HashMap::with_capacity(keys.len());
         let mut seen = HashSet::new();
         let mut i = 0;
-        while i < keys.len() {
-            // Read one group under the lock.
-            let mut group: Vec<(ContentHash, WeightMetadata, RawRead)> = Vec::new();
+        // Reads one group (bounded compressed bytes) under the lock.
+        let mut read_group = |i: &mut usize| -> Result<Group> {
+            let mut group: Group = Vec::new();
             self.with(|inner| {
                 let mut bytes = 0usize;
-                while i < keys.len() && (bytes < GROUP_BYTES || group.is_empty()) {
-                    let key = keys[i];
-                    i += 1;
+                while *i < keys.len() && (bytes < LOAD_GROUP_BYTES || group.is_empty()) {
+                    let key = keys[*i];
+                    *i += 1;
                     if !seen.insert(key) {
                         continue;
                     }
@@ -564,7 +567,10 @@ impl HDF5Store {
                 }
                 Ok(())
             })?;
-            let decoded: Vec<(ContentHash, WeightTensor)> = group
+            Ok(group)
+        };
+        let decode_group = |group: Group| -> Result<Vec<(ContentHash, WeightTensor)>> {
+            group
                 .into_par_iter()
                 .map(|(key, meta, raw)| {
                     let k = key.to_hex();
@@ -576,8 +582,25 @@ impl HDF5Store {
                     self.verify(&w, &key)?;
                     Ok((key, w))
                 })
-                .collect::<Result<_>>()?;
-            out.extend(decoded);
+                .collect()
+        };
+        // Pipeline: read the next group while the previous one decodes and verifies.
+        let mut pending = read_group(&mut i)?;
+        while !pending.is_empty() {
+            let current = std::mem::take(&mut pending);
+            let more = i < keys.len();
+            let (next, decoded) = rayon::join(
+                || {
+                    if more {
+                        read_group(&mut i)
+                    } else {
+                        Ok(Vec::new())
+                    }
+                },
+                || decode_group(current),
+            );
+            out.extend(decoded?);
+            pending = next?;
         }
         Ok(out)
     }
@@ -985,12 +1008,18 @@ impl WeightStore for HDF5Store {
         }
         self.with_write(|inner| {
             let k = key.to_hex();
-            if !h5::link_exists(inner.weights.id(), &k).map_err(|e| self.err(e))? {
-                return Ok(false);
+            let mut deleted = false;
+            let groups = std::iter::once(&inner.weights).chain(inner.deltas.as_ref());
+            for g in groups {
+                if h5::link_exists(g.id(), &k).map_err(|e| self.err(e))? {
+                    h5::delete_link(g.id(), &k).map_err(|e| self.err(e))?;
+                    deleted = true;
+                }
             }
-            h5::delete_link(inner.weights.id(), &k).map_err(|e| self.err(e))?;
-            self.flush(inner)?;
-            Ok(true)
+            if deleted {
+                self.flush(inner)?;
+            }
+            Ok(deleted)
         })
     }
 

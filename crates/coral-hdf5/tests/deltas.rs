@@ -1,0 +1,71 @@
+//! Weights kept as deltas in an HDF5 store: found, listed and loaded by their own key; their
+//! references cannot be deleted; everything survives reopening.
+
+use coral_core::{DType, DeltaConfig, DeltaEncoder, DeltaType, WeightTensor};
+use coral_hdf5::{HDF5Store, HDF5StoreOptions, Mode};
+use coral_store_api::{DeltaStore, StoreError, WeightStore};
+
+fn pair() -> (WeightTensor, WeightTensor) {
+    let base: Vec<f32> = (0..4096).map(|i| (i as f32 * 0.37).sin()).collect();
+    let tuned: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 5 == 0 { v + 1e-3 } else { *v })
+        .collect();
+    (
+        WeightTensor::from_vec("layer.weight", vec![64, 64], base).unwrap(),
+        WeightTensor::from_vec("layer.weight.tuned", vec![64, 64], tuned).unwrap(),
+    )
+}
+
+#[test]
+fn weight_kept_as_delta_is_found_by_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.h5");
+    let (reference, target) = pair();
+    let tk = target.compute_hash();
+    let rk = {
+        let store = HDF5Store::open(&path, HDF5StoreOptions::new()).unwrap();
+        let rk = store.store(&reference).unwrap();
+        let enc = DeltaEncoder::new(DeltaConfig {
+            delta_type: DeltaType::XorFloat32,
+            ..DeltaConfig::default()
+        });
+        let delta = enc.encode_delta(&target, &reference, &rk).unwrap();
+        assert_eq!(store.store_delta(&delta, &tk).unwrap(), tk);
+        rk
+    };
+    let store = HDF5Store::open(&path, HDF5StoreOptions::new()).unwrap();
+    assert!(store.exists(&tk).unwrap());
+    assert!(store.delta_exists(&tk).unwrap());
+    let mut keys = vec![rk, tk];
+    keys.sort();
+    assert_eq!(store.list_weights().unwrap(), keys);
+    let meta = store.get_metadata(&tk).unwrap().unwrap();
+    assert_eq!(meta.name, "layer.weight.tuned");
+    assert_eq!(meta.shape, vec![64, 64]);
+    assert_eq!(meta.dtype, DType::F32);
+    let back = store.load(&tk).unwrap().unwrap();
+    assert_eq!(back.data(), target.data());
+    assert_eq!(back.name(), "layer.weight.tuned");
+    let both = store.load_batch(&[rk, tk]).unwrap();
+    assert_eq!(both[&tk].data(), target.data());
+    assert_eq!(both[&rk].data(), reference.data());
+    // The reference is needed: deleting it is refused, the file unchanged.
+    let e = store.delete(&rk).unwrap_err();
+    assert!(
+        matches!(e, StoreError::Referenced { dependents: 1, .. }),
+        "{e}"
+    );
+    assert!(store.exists(&rk).unwrap());
+    let info = store.get_delta_storage_info().unwrap();
+    assert_eq!(info.total_deltas, 1);
+    assert_eq!(info.by_type.get("xor_float32"), Some(&1));
+    // Once the delta is gone, the reference may go.
+    assert!(store.delete_delta(&tk).unwrap());
+    assert!(store.delete(&rk).unwrap());
+    assert!(!store.exists(&tk).unwrap());
+    drop(store);
+    let ro = HDF5Store::open(&path, HDF5StoreOptions::new().mode(Mode::Read)).unwrap();
+    assert!(ro.list_weights().unwrap().is_empty());
+}
