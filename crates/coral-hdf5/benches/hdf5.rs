@@ -28,6 +28,12 @@ fn vm_hwm_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resets the peak resident size to the current one (Linux `clear_refs` 5), so the peak that
+/// follows is that of the operation, not of loading the model file.
+fn reset_hwm() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 fn opts(config: &str) -> HDF5StoreOptions {
     match config {
         "gzip4" => HDF5StoreOptions::new()
@@ -47,6 +53,7 @@ fn child(args: &[String]) {
         "ingest" => {
             let weights = model::load_model(Path::new(model), dtype == "bf16");
             let nbytes: usize = weights.iter().map(|(_, w)| w.nbytes()).sum();
+            reset_hwm();
             let base = vm_hwm_kb();
             let t = Instant::now();
             let mut store = HDF5Store::open(file, opts(config).mode(Mode::Truncate)).unwrap();
@@ -57,6 +64,7 @@ fn child(args: &[String]) {
             println!("{dt} {nbytes} {base} {}", vm_hwm_kb());
         }
         "load" => {
+            reset_hwm();
             let base = vm_hwm_kb();
             let store = HDF5Store::open(file, opts(config).mode(Mode::Read)).unwrap();
             let keys: Vec<ContentHash> = store.list_weights().unwrap();

@@ -278,7 +278,9 @@ impl DeltaStore for HDF5Store {
                 // An uncommitted leftover of an interrupted write.
                 h5::delete_link(g.id(), &key).map_err(|e| self.err(e))?;
             }
-            self.write_dataset(inner, g.id(), &enc, &|obj| Self::delta_attrs(delta, obj))?;
+            self.write_datasets(inner, g.id(), &[&enc], &|_, obj| {
+                Self::delta_attrs(delta, obj)
+            })?;
             self.flush(inner)
         })?;
         Ok(*delta_hash)
@@ -366,7 +368,7 @@ impl ManifestStore for HDF5Store {
             }
             let mut enc = enc;
             enc.key = tmp.clone();
-            self.write_dataset(inner, g.id(), &enc, &|obj| {
+            self.write_datasets(inner, g.id(), &[&enc], &|_, obj| {
                 h5::write_str_attr(obj, "format", "coral.manifest.v1+json")
             })?;
             if h5::link_exists(g.id(), &name).map_err(|e| self.err(e))? {

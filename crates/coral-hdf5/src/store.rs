@@ -23,8 +23,8 @@ pub const DELTAS: &str = "deltas";
 /// Group of model manifests.
 pub const MODELS: &str = "models";
 
-/// Uncompressed bytes handled per group in batches: bounds the compressed chunks in flight.
-const GROUP_BYTES: usize = 64 << 20;
+/// Uncompressed bytes of chunks compressed at a time when writing: bounds what is in flight.
+const WINDOW_BYTES: usize = 16 << 20;
 /// Compressed bytes read per group in loads (one group decodes while the next is read).
 const LOAD_GROUP_BYTES: usize = 16 << 20;
 
@@ -58,15 +58,59 @@ pub(crate) struct Inner {
     pub(crate) writable: bool,
 }
 
-/// An encoded weight ready to be written under the lock.
+/// A dataset to write: its layout and its data (compressed chunk by chunk while writing).
 pub(crate) struct Encoded {
     pub(crate) key: String,
     pub(crate) dtype: DType,
     pub(crate) dims: Vec<u64>,
     pub(crate) layout: Layout,
-    /// Chunks (bytes, filter mask) for chunked layouts; the raw data for contiguous ones.
-    pub(crate) chunks: Vec<(Vec<u8>, u32)>,
-    pub(crate) raw: Option<Bytes>,
+    pub(crate) data: Bytes,
+}
+
+impl Encoded {
+    /// Bytes of one chunk (0 for contiguous layouts).
+    fn chunk_bytes(&self) -> usize {
+        match &self.layout {
+            Layout::Contiguous => 0,
+            Layout::Chunked { rows, .. } => {
+                let d0 = self.dims.first().copied().unwrap_or(1).max(1) as usize;
+                self.data.len() / d0 * (*rows as usize)
+            }
+        }
+    }
+
+    /// Number of chunks (0 for contiguous layouts).
+    fn n_chunks(&self) -> usize {
+        let cb = self.chunk_bytes();
+        if cb == 0 {
+            0
+        } else {
+            self.data.len().div_ceil(cb)
+        }
+    }
+
+    /// Compresses chunk `c` (the last one padded with zeros to a whole chunk).
+    fn encode_chunk(&self, c: usize) -> std::result::Result<(Vec<u8>, u32), chunk::ChunkError> {
+        let Layout::Chunked { pipeline, .. } = &self.layout else {
+            return Err(chunk::ChunkError("not chunked".to_owned()));
+        };
+        let cb = self.chunk_bytes();
+        let start = c * cb;
+        let end = (start + cb).min(self.data.len());
+        let part = self
+            .data
+            .get(start..end)
+            .ok_or_else(|| chunk::ChunkError(format!("chunk {c} out of range")))?;
+        let es = self.dtype.size();
+        if part.len() == cb {
+            chunk::encode(pipeline, es, part)
+        } else {
+            let mut padded = Vec::with_capacity(cb);
+            padded.extend_from_slice(part);
+            padded.resize(cb, 0);
+            chunk::encode(pipeline, es, &padded)
+        }
+    }
 }
 
 /// How a dataset is laid out.
@@ -221,48 +265,18 @@ impl HDF5Store {
     ) -> Result<Encoded> {
         let layout = self.layout(dtype, shape)?;
         let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        let (chunks, raw) = match &layout {
-            Layout::Contiguous => (Vec::new(), Some(data.clone())),
-            Layout::Chunked { rows, pipeline, .. } => {
-                let row_bytes = data.len() / shape[0];
-                let cb = row_bytes * (*rows as usize);
-                let es = dtype.size();
-                let chunks = data
-                    .par_chunks(cb)
-                    .map(|c| {
-                        if c.len() == cb {
-                            chunk::encode(pipeline, es, c)
-                        } else {
-                            let mut padded = Vec::with_capacity(cb);
-                            padded.extend_from_slice(c);
-                            padded.resize(cb, 0);
-                            chunk::encode(pipeline, es, &padded)
-                        }
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| corrupt(&self.path, &key, format!("compressing: {e}")))?;
-                (chunks, None)
-            }
-        };
         Ok(Encoded {
             key,
             dtype,
             dims,
             layout,
-            chunks,
-            raw,
+            data: data.clone(),
         })
     }
 
-    /// Creates the dataset of `enc` anonymously, writes its chunks and `attrs` (the last one is
-    /// the commit marker), then links it into `group`. Call under the lock.
-    pub(crate) fn write_dataset(
-        &self,
-        inner: &Inner,
-        group: hid_t,
-        enc: &Encoded,
-        attrs: &dyn Fn(hid_t) -> std::result::Result<(), H5Error>,
-    ) -> Result<()> {
+    /// Creates the dataset of `enc` anonymously; contiguous data is written at once. Call
+    /// under the lock.
+    fn create_dataset(&self, inner: &Inner, enc: &Encoded) -> Result<Hid> {
         let e = |e| self.err(e);
         let ftype = h5::file_type(enc.dtype).map_err(e)?;
         let space = h5::simple_space(&enc.dims).map_err(e)?;
@@ -277,46 +291,107 @@ impl HDF5Store {
         .map_err(e)?;
         let dset = h5::create_anon_dataset(inner.file.id(), ftype.id(), space.id(), dcpl.id())
             .map_err(e)?;
-        match &enc.layout {
-            Layout::Contiguous => {
-                if let Some(raw) = &enc.raw {
-                    if !raw.is_empty() {
-                        // SAFETY: the buffer holds exactly the dataset's bytes in its file type.
-                        let r = unsafe {
-                            hdf5_sys::h5d::H5Dwrite(
-                                dset.id(),
-                                ftype.id(),
-                                hdf5_sys::h5s::H5S_ALL,
-                                hdf5_sys::h5s::H5S_ALL,
-                                hdf5_sys::h5p::H5P_DEFAULT,
-                                raw.as_ptr() as *const _,
-                            )
-                        };
-                        h5::check(r, || format!("writing {}", enc.key)).map_err(e)?;
+        if matches!(enc.layout, Layout::Contiguous) && !enc.data.is_empty() {
+            // SAFETY: the buffer holds exactly the dataset's bytes in its file type.
+            let r = unsafe {
+                hdf5_sys::h5d::H5Dwrite(
+                    dset.id(),
+                    ftype.id(),
+                    hdf5_sys::h5s::H5S_ALL,
+                    hdf5_sys::h5s::H5S_ALL,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                    enc.data.as_ptr() as *const _,
+                )
+            };
+            h5::check(r, || format!("writing {}", enc.key)).map_err(e)?;
+        }
+        Ok(dset)
+    }
+
+    /// Writes compressed chunk `c` of `enc` with direct chunk I/O. Call under the lock.
+    fn write_chunk(
+        &self,
+        dset: &Hid,
+        enc: &Encoded,
+        c: usize,
+        bytes: &[u8],
+        mask: u32,
+    ) -> Result<()> {
+        let Layout::Chunked { rows, .. } = &enc.layout else {
+            return Ok(());
+        };
+        let mut offset = vec![0u64; enc.dims.len()];
+        offset[0] = c as u64 * rows;
+        // SAFETY: offset has rank entries; buffer valid for its length.
+        let r = unsafe {
+            hdf5_sys::h5d::H5Dwrite_chunk(
+                dset.id(),
+                hdf5_sys::h5p::H5P_DEFAULT,
+                mask,
+                offset.as_ptr(),
+                bytes.len(),
+                bytes.as_ptr() as *const _,
+            )
+        };
+        h5::check(r, || format!("writing chunk {c} of {}", enc.key)).map_err(|e| self.err(e))
+    }
+
+    /// Writes many datasets: chunks compressed in parallel a window at a time (bounded bytes in
+    /// flight), written in order; each dataset gets `attrs` (the last one is its commit marker)
+    /// and is linked into `group` after its last chunk. Call under the lock.
+    pub(crate) fn write_datasets(
+        &self,
+        inner: &Inner,
+        group: hid_t,
+        encs: &[&Encoded],
+        attrs: &(dyn Fn(usize, hid_t) -> std::result::Result<(), H5Error> + Sync),
+    ) -> Result<()> {
+        let e = |e| self.err(e);
+        let finish = |p: usize, dset: Hid| -> Result<()> {
+            attrs(p, dset.id()).map_err(e)?;
+            h5::link_object(dset.id(), group, &encs[p].key).map_err(e)
+        };
+        let mut tasks: Vec<(usize, usize)> = Vec::new();
+        for (p, enc) in encs.iter().enumerate() {
+            let n = enc.n_chunks();
+            if n == 0 {
+                let dset = self.create_dataset(inner, enc)?;
+                finish(p, dset)?;
+            }
+            tasks.extend((0..n).map(|c| (p, c)));
+        }
+        let mut open: HashMap<usize, Hid> = HashMap::new();
+        let mut start = 0;
+        while start < tasks.len() {
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < tasks.len() && (bytes < WINDOW_BYTES || end == start) {
+                bytes += encs[tasks[end].0].chunk_bytes();
+                end += 1;
+            }
+            let window = &tasks[start..end];
+            let done: Vec<(Vec<u8>, u32)> = window
+                .par_iter()
+                .map(|&(p, c)| encs[p].encode_chunk(c))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|err| corrupt(&self.path, "", format!("compressing: {err}")))?;
+            for (&(p, c), (chunk_data, mask)) in window.iter().zip(done) {
+                let enc = encs[p];
+                if let std::collections::hash_map::Entry::Vacant(v) = open.entry(p) {
+                    v.insert(self.create_dataset(inner, enc)?);
+                }
+                let dset = open
+                    .get(&p)
+                    .ok_or_else(|| corrupt(&self.path, &enc.key, "lost dataset"))?;
+                self.write_chunk(dset, enc, c, &chunk_data, mask)?;
+                if c + 1 == enc.n_chunks() {
+                    if let Some(dset) = open.remove(&p) {
+                        finish(p, dset)?;
                     }
                 }
             }
-            Layout::Chunked { rows, .. } => {
-                let mut offset = vec![0u64; enc.dims.len()];
-                for (i, (bytes, mask)) in enc.chunks.iter().enumerate() {
-                    offset[0] = i as u64 * rows;
-                    // SAFETY: offset has rank entries; buffer valid for its length.
-                    let r = unsafe {
-                        hdf5_sys::h5d::H5Dwrite_chunk(
-                            dset.id(),
-                            hdf5_sys::h5p::H5P_DEFAULT,
-                            *mask,
-                            offset.as_ptr(),
-                            bytes.len(),
-                            bytes.as_ptr() as *const _,
-                        )
-                    };
-                    h5::check(r, || format!("writing chunk {i} of {}", enc.key)).map_err(e)?;
-                }
-            }
+            start = end;
         }
-        attrs(dset.id()).map_err(e)?;
-        h5::link_object(dset.id(), group, &enc.key).map_err(e)?;
         Ok(())
     }
 
@@ -637,42 +712,33 @@ impl HDF5Store {
             }
             Ok(())
         })?;
-        let mut start = 0;
-        while start < todo.len() {
-            let mut end = start;
-            let mut bytes = 0usize;
-            while end < todo.len() && (bytes < GROUP_BYTES || end == start) {
-                bytes += items[todo[end]].1.nbytes();
-                end += 1;
-            }
-            let encoded: Vec<(usize, Encoded)> = todo[start..end]
-                .par_iter()
-                .map(|&i| {
-                    let w = items[i].1;
-                    let enc = self.encode(keys[i].to_hex(), w.dtype(), w.shape(), w.data())?;
-                    Ok((i, enc))
-                })
-                .collect::<Result<_>>()?;
-            self.with_write(|inner| {
-                for (i, enc) in &encoded {
-                    // Another thread may have stored it since we checked.
-                    if self.weight_present(inner, &enc.key)? {
-                        continue;
-                    }
-                    if h5::link_exists(inner.weights.id(), &enc.key).map_err(|e| self.err(e))? {
-                        // An uncommitted leftover of an interrupted write.
-                        h5::delete_link(inner.weights.id(), &enc.key).map_err(|e| self.err(e))?;
-                    }
-                    let meta = items[*i].1.metadata();
-                    let key = enc.key.clone();
-                    self.write_dataset(inner, inner.weights.id(), enc, &|obj| {
-                        Self::weight_attrs(meta, &key, obj)
-                    })?;
+        let plans: Vec<Encoded> = todo
+            .iter()
+            .map(|&i| {
+                let w = items[i].1;
+                self.encode(keys[i].to_hex(), w.dtype(), w.shape(), w.data())
+            })
+            .collect::<Result<_>>()?;
+        self.with_write(|inner| {
+            // Another thread may have stored some since we checked; leftovers of an interrupted
+            // write (no `hash` attribute) are replaced.
+            let mut keep: Vec<usize> = Vec::new();
+            let mut seen = HashSet::new();
+            for (p, plan) in plans.iter().enumerate() {
+                if !seen.insert(plan.key.as_str()) || self.weight_present(inner, &plan.key)? {
+                    continue;
                 }
-                Ok(())
-            })?;
-            start = end;
-        }
+                if h5::link_exists(inner.weights.id(), &plan.key).map_err(|e| self.err(e))? {
+                    h5::delete_link(inner.weights.id(), &plan.key).map_err(|e| self.err(e))?;
+                }
+                keep.push(p);
+            }
+            let encs: Vec<&Encoded> = keep.iter().map(|&p| &plans[p]).collect();
+            self.write_datasets(inner, inner.weights.id(), &encs, &|q, obj| {
+                let p = keep[q];
+                Self::weight_attrs(items[todo[p]].1.metadata(), &plans[p].key, obj)
+            })
+        })?;
         self.with_write(|inner| self.flush(inner))?;
         Ok(items
             .iter()
