@@ -14,7 +14,16 @@ use coral_store_api::testenv;
 
 const CORAL: &str = env!("CARGO_BIN_EXE_coral");
 
-/// Runs a child to completion; returns (wall seconds, peak RSS bytes, stdout).
+fn vm_hwm(pid: libc::pid_t) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs a child to completion; returns (wall seconds, peak RSS bytes, stdout). The peak is the
+/// child's own `VmHWM` (read from /proc every millisecond until it exits): `ru_maxrss` would
+/// count the benchmark's own memory, inherited at spawn.
 fn measure(cmd: &mut Command) -> (f64, u64, String) {
     let out_path = std::env::temp_dir().join(format!("coral-bench-{}.out", std::process::id()));
     let out_file = std::fs::File::create(&out_path).expect("temp file");
@@ -26,11 +35,20 @@ fn measure(cmd: &mut Command) -> (f64, u64, String) {
         .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
-    // SAFETY: rusage is plain old data; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let mut peak = 0u64;
+    loop {
+        if let Some(h) = vm_hwm(pid) {
+            peak = peak.max(h);
+        }
+        // SAFETY: waits (without blocking) for our own child; no rusage wanted.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        assert!(r == 0, "waitpid failed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let secs = start.elapsed().as_secs_f64();
-    assert_eq!(r, pid, "wait4 failed");
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let _ = std::fs::remove_file(&out_path);
     assert!(
@@ -38,7 +56,7 @@ fn measure(cmd: &mut Command) -> (f64, u64, String) {
         "{cmd:?} failed ({status}): {stdout}"
     );
     std::mem::forget(child);
-    (secs, usage.ru_maxrss as u64 * 1024, stdout)
+    (secs, peak, stdout)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -306,6 +324,6 @@ fn main() {
     );
     println!();
     println!(
-        "{runs} runs each, medians; coral times are the whole process (`wait4`), coral-ml's are timed inside Python (interpreter start excluded); peak RSS is the child's `ru_maxrss` (coral-ml's includes the Python interpreter and NumPy)."
+        "{runs} runs each, medians; coral times are the whole process, spawn to exit, coral-ml's are timed inside Python (interpreter start excluded); peak RSS is the child's `VmHWM` sampled every millisecond (coral-ml's includes the Python interpreter and NumPy)."
     );
 }
