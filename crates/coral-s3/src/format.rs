@@ -335,6 +335,79 @@ fn inflate_member(m: &ReadMember<'_>, expected: usize) -> Result<Vec<u8>, Format
     Ok(data)
 }
 
+/// Input above this is deflated in independent pieces on several threads, as `pigz` does: each
+/// piece but the last ends with a sync flush (an empty stored block), so the pieces concatenate
+/// into one valid deflate stream.
+const DEFLATE_PIECE: usize = 4 << 20;
+
+/// Deflated pieces with their index.
+type Pieces = Vec<(usize, Vec<u8>)>;
+
+fn deflate_parallel(header: &[u8], data: &[u8], level: u32) -> Result<Vec<u8>, FormatError> {
+    let mut all = Vec::new();
+    all.try_reserve_exact(header.len() + data.len())
+        .map_err(|_| ferr("cannot allocate"))?;
+    all.extend_from_slice(header);
+    all.extend_from_slice(data);
+    let pieces: Vec<&[u8]> = all.chunks(DEFLATE_PIECE).collect();
+    let last = pieces.len().saturating_sub(1);
+    let deflate = |i: usize, piece: &[u8]| -> Result<Vec<u8>, FormatError> {
+        let mut enc = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(piece.len()),
+            flate2::Compression::new(level),
+        );
+        let e = |e: std::io::Error| ferr(format!("deflate: {e}"));
+        enc.write_all(piece).map_err(e)?;
+        if i == last {
+            enc.finish().map_err(e)
+        } else {
+            enc.flush().map_err(e)?;
+            Ok(std::mem::take(enc.get_mut()))
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(pieces.len())
+        .max(1);
+    if threads == 1 {
+        let mut out = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            out.extend_from_slice(&deflate(i, p)?);
+        }
+        return Ok(out);
+    }
+    let results: Vec<Result<Pieces, FormatError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let pieces = &pieces;
+                let deflate = &deflate;
+                s.spawn(move || {
+                    pieces
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % threads == t)
+                        .map(|(i, p)| deflate(i, p).map(|b| (i, b)))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(ferr("a deflate thread panicked")))
+            })
+            .collect()
+    });
+    let mut done: Vec<(usize, Vec<u8>)> = Vec::with_capacity(pieces.len());
+    for r in results {
+        done.extend(r?);
+    }
+    done.sort_by_key(|(i, _)| *i);
+    Ok(done.into_iter().flat_map(|(_, b)| b).collect())
+}
+
 fn stored(name: &str, body: Vec<u8>) -> Member<'_> {
     let mut crc = flate2::Crc::new();
     crc.update(&body);
@@ -362,20 +435,7 @@ pub fn encode_weight(
             crc.update(data);
             let uncompressed = (header.len() + data.len()) as u64;
             let (deflate, body) = match codec {
-                Codec::Gzip { level } => {
-                    let level = level.min(9);
-                    let mut enc = flate2::write::DeflateEncoder::new(
-                        Vec::with_capacity(data.len() / 2),
-                        flate2::Compression::new(level),
-                    );
-                    enc.write_all(&header)
-                        .and_then(|_| enc.write_all(data))
-                        .map_err(|e| ferr(format!("deflate: {e}")))?;
-                    (
-                        true,
-                        enc.finish().map_err(|e| ferr(format!("deflate: {e}")))?,
-                    )
-                }
+                Codec::Gzip { level } => (true, deflate_parallel(&header, data, level.min(9))?),
                 _ => {
                     let mut b = header;
                     b.extend_from_slice(data);
@@ -544,6 +604,24 @@ mod tests {
                 nbytes: meta.checked_nbytes().unwrap() as u64,
             },
         }
+    }
+
+    #[test]
+    fn parallel_deflate_is_one_valid_stream() {
+        let n = DEFLATE_PIECE * 2 + 12345;
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8 ^ (i / 7919) as u8).collect();
+        let meta = WeightMetadata::new("w", vec![n], DType::U8);
+        let codec = Codec::Gzip { level: 1 };
+        let (body, enc, sh) = encode_weight(&meta, &data, codec).unwrap();
+        let rec = record(&meta, &body, enc, codec, sh);
+        assert!(decode_weight(&rec, &body).unwrap() == data);
+        // Any inflater reads it as one stream.
+        let mut out = Vec::new();
+        let members = unzip(&body).unwrap();
+        flate2::read::DeflateDecoder::new(members[0].body)
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(&out[npy_header(DType::U8, &[n]).len()..], &data[..]);
     }
 
     #[test]

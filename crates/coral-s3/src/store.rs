@@ -58,6 +58,10 @@ fn first_failure(failed: &[FailedItem]) -> String {
         .unwrap_or_default()
 }
 
+/// Batches of at least this many distinct weights list the committed keys once rather than
+/// checking each weight with a HEAD request.
+const LIST_THRESHOLD: usize = 32;
+
 /// What [`S3Store::remove_orphans`] found and removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrphanReport {
@@ -218,8 +222,18 @@ impl Inner {
     /// Stores a weight whose key is checked: data object first, metadata object last (the
     /// commit). A no-op when the metadata object exists.
     async fn put_weight(self: Arc<Self>, weight: WeightTensor, key: ContentHash) -> Result<bool> {
+        self.put_weight_checked(weight, key, true).await
+    }
+
+    /// [`Self::put_weight`]; `check` false when the caller already knows the key is absent.
+    async fn put_weight_checked(
+        self: Arc<Self>,
+        weight: WeightTensor,
+        key: ContentHash,
+        check: bool,
+    ) -> Result<bool> {
         let meta_rel = Self::meta_rel(&key);
-        if self.head_exists(&meta_rel).await? {
+        if check && self.head_exists(&meta_rel).await? {
             return Ok(false);
         }
         let codec = self.config.compression;
@@ -768,12 +782,25 @@ impl WeightStore for S3Store {
             for (_, w, k) in &hashed {
                 unique.entry(*k).or_insert_with(|| w.clone());
             }
+            // A big batch lists what is committed once instead of asking per weight.
+            let known: Option<BTreeSet<ContentHash>> = if unique.len() >= LIST_THRESHOLD {
+                Some(
+                    inner
+                        .list_keys("metadata", ".json")
+                        .await?
+                        .into_iter()
+                        .collect(),
+                )
+            } else {
+                None
+            };
             let failed_flag = Arc::new(AtomicBool::new(false));
             let results: HashMap<ContentHash, std::result::Result<(), String>> =
                 futures::stream::iter(unique)
                     .map(|(k, w)| {
                         let inner = inner.clone();
                         let flag = failed_flag.clone();
+                        let listed = known.as_ref().map(|p| p.contains(&k));
                         async move {
                             if flag.load(Ordering::Relaxed) {
                                 return (
@@ -781,7 +808,11 @@ impl WeightStore for S3Store {
                                     Err("not attempted: an earlier upload failed".to_owned()),
                                 );
                             }
-                            let r = inner.put_weight(w, k).await;
+                            let r = match listed {
+                                Some(true) => Ok(false),
+                                Some(false) => inner.put_weight_checked(w, k, false).await,
+                                None => inner.put_weight(w, k).await,
+                            };
                             if let Err(e) = &r {
                                 flag.store(true, Ordering::Relaxed);
                                 tracing::warn!(key = %k, error = %e, "upload failed");
