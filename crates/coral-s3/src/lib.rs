@@ -15,15 +15,18 @@
 //!   ([`BatchError`]); [`S3Store::remove_orphans`] cleans what interrupted uploads left;
 //! - the seed's [`S3Store::sync_from_local`] / [`S3Store::sync_to_local`], through `coral-sync`.
 //!
-//! ```no_run
+//! ```
 //! use coral_s3::{S3Config, S3Store};
 //! use coral_store_api::WeightStore;
 //! use coral_core::WeightTensor;
 //!
-//! let config = S3Config::new("my-models")
-//!     .with_endpoint("http://127.0.0.1:9000")
+//! // An S3-compatible endpoint (MinIO, moto, ...); this example runs under `cargo xtask test`.
+//! let Ok(endpoint) = std::env::var("CORAL_TEST_S3_ENDPOINT") else { return Ok(()) };
+//! let config = S3Config::new("coral-doc-example")
+//!     .with_endpoint(endpoint)
+//!     .with_region("us-east-1")
 //!     .with_credentials("minioadmin", "minioadmin");
-//! let store = S3Store::new(config)?;
+//! let store = S3Store::new(config)?; // creates the bucket when missing
 //! let w = WeightTensor::from_vec("w", vec![3], vec![1.0f32, 2.0, 3.0])?;
 //! let key = store.store(&w)?;
 //! assert_eq!(store.load(&key)?.expect("present").data(), w.data());
