@@ -576,3 +576,36 @@ fn an_unreachable_endpoint_is_one_line() {
     let out = run_fail(&mut c);
     assert_one_line_error(&out, "");
 }
+
+#[test]
+fn an_interrupted_add_leaves_the_store_as_it_was() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let small = fx.write("small.safetensors", &synthetic_model(2, 8));
+    ok_json(&store, &["add", small.to_str().unwrap(), "--name", "small"]);
+    let weights = ok_json(&store, &["ls", "--weights"]);
+    // 150 tensors of 1 MiB: long enough to be interrupted half-way.
+    let big = fx.write("big.safetensors", &synthetic_model(150, 16384));
+    let child = cmd(&store, &["add", big.to_str().unwrap(), "--name", "big"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    // SIGTERM, as a service manager or Ctrl-C (SIGINT) would stop it.
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert_one_line_error(&out, "interrupted");
+    assert_eq!(ok_json(&store, &["ls", "--weights"]), weights);
+    assert_eq!(
+        ok_json(&store, &["ls"])["models"].as_array().unwrap().len(),
+        1
+    );
+    assert!(ok_json(&store, &["verify"])["failures"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgAction, Parser, Subcommand};
@@ -232,6 +233,24 @@ fn progress_bar(cli: &Cli, len: u64, bytes: bool) -> ProgressBar {
     pb
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// From now on, Ctrl-C (SIGINT) or SIGTERM sets a flag that long work checks, so it can stop
+/// cleanly (an add rolls back) instead of dying half-way.
+fn on_interrupt() -> &'static AtomicBool {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    let handler = note_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    &INTERRUPTED
+}
+
 fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -264,6 +283,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             name,
             reference,
         } => {
+            let cancel = on_interrupt();
             let name = match name {
                 Some(n) => model_name(n)?,
                 None => model_name(
@@ -282,6 +302,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 name,
                 reference,
                 group_bytes,
+                cancel: Some(cancel),
             };
             let r = ops::add(&*store, &src, &opts, &|n| pb.inc(n));
             pb.finish_and_clear();

@@ -58,6 +58,8 @@ pub struct AddOptions {
     pub reference: Option<ModelName>,
     /// Largest sum of tensor bytes handled at once (at least one tensor is always taken).
     pub group_bytes: usize,
+    /// Checked between groups: when set, the add stops and rolls back (Ctrl-C).
+    pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
 
 /// What [`add`] did.
@@ -182,6 +184,12 @@ fn add_inner(
     let mut seen: HashSet<ContentHash> = HashSet::new();
     let mut keys: Vec<ContentHash> = Vec::with_capacity(source.tensors().len());
     for group in groups(source.tensors(), opts.group_bytes) {
+        if opts
+            .cancel
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            bail!("interrupted; nothing was added");
+        }
         let tensors: Vec<WeightTensor> = group
             .iter()
             .map(|t| source.weight(t, &opts.name))
@@ -265,6 +273,12 @@ fn add_inner(
         drop(tensors);
         source.release(group);
         progress(group.iter().map(|t| t.len as u64).sum());
+    }
+    if opts
+        .cancel
+        .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        bail!("interrupted; nothing was added");
     }
     let manifest = source.manifest(&opts.name, &keys, opts.reference.clone())?;
     store
@@ -772,6 +786,7 @@ mod tests {
             name: name(n),
             reference: reference.map(name),
             group_bytes: 4096,
+            cancel: None,
         }
     }
 
@@ -868,6 +883,33 @@ mod tests {
         let e = add(&store, &src, &opts("n", Some("nope")), &|_| {}).unwrap_err();
         assert!(e.to_string().contains("not in the store"), "{e}");
         assert!(store.get_manifest(&name("n")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_cancelled_add_rolls_back() {
+        static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let dir = tempfile::tempdir().unwrap();
+        let store = MemoryStore::new();
+        let p = model_file(
+            dir.path(),
+            "m.safetensors",
+            &[
+                ("a", vec![1024], smooth(1024, 0.0)),
+                ("b", vec![1024], smooth(1024, 2.0)),
+            ],
+        );
+        let o = AddOptions {
+            cancel: Some(&CANCEL),
+            ..opts("m", None)
+        };
+        // Cancelled after the first group is stored.
+        let e = add(&store, &SourceFile::open(&p).unwrap(), &o, &|_| {
+            CANCEL.store(true, std::sync::atomic::Ordering::Relaxed)
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("interrupted"), "{e}");
+        assert!(store.list_weights().unwrap().is_empty());
+        assert!(store.list_manifests().unwrap().is_empty());
     }
 
     #[test]
@@ -1080,7 +1122,7 @@ mod tests {
             let p = dir.path().join("m.safetensors");
             std::fs::write(&p, &bytes).unwrap();
             let store = MemoryStore::new();
-            let o = AddOptions { name: name("m"), reference: None, group_bytes: group };
+            let o = AddOptions { name: name("m"), reference: None, group_bytes: group, cancel: None };
             let r = add(&store, &SourceFile::open(&p).unwrap(), &o, &|_| {}).unwrap();
             prop_assert_eq!(r.new + r.reused, list.len());
             let out = dir.path().join("o.safetensors");
