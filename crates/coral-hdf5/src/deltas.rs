@@ -36,11 +36,7 @@ impl HDF5Store {
         let Some(g) = self.deltas_group(inner) else {
             return Ok(false);
         };
-        if !h5::link_exists(g.id(), key).map_err(|e| self.err(e))? {
-            return Ok(false);
-        }
-        let d = h5::open_dataset(g.id(), key).map_err(|e| self.err(e))?;
-        h5::attr_exists(d.id(), DELTA_COMMIT).map_err(|e| self.err(e))
+        self.committed(g.id(), key, DELTA_COMMIT)
     }
 
     fn read_delta(&self, dset: hid_t, key: &str) -> Result<Delta> {
@@ -148,7 +144,9 @@ impl HDF5Store {
             };
             let mut n = 0;
             for name in h5::link_names(g.id()).map_err(|e| self.err(e))? {
-                let d = h5::open_dataset(g.id(), &name).map_err(|e| self.err(e))?;
+                let Ok(d) = h5::open_dataset(g.id(), &name) else {
+                    continue; // an interrupted write
+                };
                 if name != hex
                     && h5::read_str_attr(d.id(), "reference_hash")
                         .map_err(|e| self.err(e))?

@@ -414,11 +414,24 @@ impl HDF5Store {
 
     /// True when `weights/<key>` exists and is committed (has its `hash` attribute).
     pub(crate) fn weight_present(&self, inner: &Inner, key: &str) -> Result<bool> {
-        if !h5::link_exists(inner.weights.id(), key).map_err(|e| self.err(e))? {
+        self.committed(inner.weights.id(), key, "hash")
+    }
+
+    /// True when `group/name` is a dataset that opens and has its commit attribute `marker`.
+    /// A link whose object does not open is the trace of a write interrupted by a crash (HDF5
+    /// has no journal): it counts as absent, with a warning.
+    pub(crate) fn committed(&self, group: hid_t, name: &str, marker: &str) -> Result<bool> {
+        if !h5::link_exists(group, name).map_err(|e| self.err(e))? {
             return Ok(false);
         }
-        let d = h5::open_dataset(inner.weights.id(), key).map_err(|e| self.err(e))?;
-        h5::attr_exists(d.id(), "hash").map_err(|e| self.err(e))
+        let d = match h5::open_dataset(group, name) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), name, error = %e, "ignoring an entry that does not open (interrupted write)");
+                return Ok(false);
+            }
+        };
+        Ok(h5::attr_exists(d.id(), marker).unwrap_or(false))
     }
 
     /// Reads a weight's metadata from its dataset's attributes.
@@ -756,10 +769,10 @@ impl HDF5Store {
             let Ok(key) = ContentHash::parse(&name) else {
                 continue;
             };
-            let d = h5::open_dataset(inner.weights.id(), &name).map_err(e)?;
-            if !h5::attr_exists(d.id(), "hash").map_err(e)? {
+            if !self.committed(inner.weights.id(), &name, "hash")? {
                 continue;
             }
+            let d = h5::open_dataset(inner.weights.id(), &name).map_err(e)?;
             let meta = self.read_meta(d.id(), &key)?;
             n += 1;
             total += meta.checked_nbytes().unwrap_or(0) as u64;
@@ -956,6 +969,7 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
         }
     }
     h5::locked(|| {
+        let fcpl = h5::make_fcpl().map_err(|e| h5err(path, e))?;
         // SAFETY: valid C string; default property lists.
         let fid = unsafe {
             match (open_existing, mode) {
@@ -972,13 +986,13 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
                 (false, Mode::Truncate) => hdf5_sys::h5f::H5Fcreate(
                     cpath.as_ptr(),
                     hdf5_sys::h5f::H5F_ACC_TRUNC,
-                    hdf5_sys::h5p::H5P_DEFAULT,
+                    fcpl.id(),
                     hdf5_sys::h5p::H5P_DEFAULT,
                 ),
                 (false, _) => hdf5_sys::h5f::H5Fcreate(
                     cpath.as_ptr(),
                     hdf5_sys::h5f::H5F_ACC_EXCL,
-                    hdf5_sys::h5p::H5P_DEFAULT,
+                    fcpl.id(),
                     hdf5_sys::h5p::H5P_DEFAULT,
                 ),
             }
@@ -1097,8 +1111,7 @@ impl WeightStore for HDF5Store {
                 let Ok(key) = ContentHash::parse(&name) else {
                     continue;
                 };
-                let d = h5::open_dataset(inner.weights.id(), &name).map_err(e)?;
-                if h5::attr_exists(d.id(), "hash").map_err(e)? {
+                if self.committed(inner.weights.id(), &name, "hash")? {
                     out.push(key);
                 }
             }
