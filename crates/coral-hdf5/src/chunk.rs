@@ -58,7 +58,9 @@ pub fn encode(
             }
             FILTER_ZSTD => {
                 let level = f.cd.first().map(|&l| l as i32).unwrap_or(3);
-                Some(zstd::bulk::compress(input, level).map_err(|e| err(format!("zstd: {e}")))?)
+                let shuffled = i > 0 && pipeline[i - 1].id == FILTER_SHUFFLE && element_size > 1;
+                let planes = if shuffled { element_size } else { 1 };
+                Some(zstd_planes(input, planes, level)?)
             }
             FILTER_LZF => match lzf_compress(input) {
                 Some(v) => Some(v),
@@ -76,78 +78,14 @@ pub fn encode(
     Ok((cur.unwrap_or_else(|| data.to_vec()), mask))
 }
 
-/// HDF5's shuffle (as `coral_core::codec::shuffle`), unrolled for the common element sizes.
+/// HDF5's shuffle (`coral_core::codec::shuffle`, vectorised there).
 pub fn shuffle(data: &[u8], es: usize) -> Vec<u8> {
-    let n = data.len() / es.max(1);
-    match es {
-        2 => {
-            let mut out = vec![0u8; data.len()];
-            let (p0, rest) = out.split_at_mut(n);
-            let (p1, tail) = rest.split_at_mut(n);
-            for ((e, a), b) in data.chunks_exact(2).zip(p0.iter_mut()).zip(p1.iter_mut()) {
-                *a = e[0];
-                *b = e[1];
-            }
-            tail.copy_from_slice(&data[2 * n..]);
-            out
-        }
-        4 => {
-            let mut out = vec![0u8; data.len()];
-            let (p0, rest) = out.split_at_mut(n);
-            let (p1, rest) = rest.split_at_mut(n);
-            let (p2, rest) = rest.split_at_mut(n);
-            let (p3, tail) = rest.split_at_mut(n);
-            for ((((e, a), b), c), d) in data
-                .chunks_exact(4)
-                .zip(p0.iter_mut())
-                .zip(p1.iter_mut())
-                .zip(p2.iter_mut())
-                .zip(p3.iter_mut())
-            {
-                *a = e[0];
-                *b = e[1];
-                *c = e[2];
-                *d = e[3];
-            }
-            tail.copy_from_slice(&data[4 * n..]);
-            out
-        }
-        _ => coral_core::codec::shuffle(data, es),
-    }
+    coral_core::codec::shuffle(data, es)
 }
 
 /// Inverse of [`shuffle`].
 pub fn unshuffle(data: &[u8], es: usize) -> Vec<u8> {
-    let n = data.len() / es.max(1);
-    match es {
-        2 => {
-            let mut out = vec![0u8; data.len()];
-            let (p0, rest) = data.split_at(n);
-            let (p1, tail) = rest.split_at(n);
-            for ((e, a), b) in out.chunks_exact_mut(2).zip(p0).zip(p1) {
-                e[0] = *a;
-                e[1] = *b;
-            }
-            out[2 * n..].copy_from_slice(tail);
-            out
-        }
-        4 => {
-            let mut out = vec![0u8; data.len()];
-            let (p0, rest) = data.split_at(n);
-            let (p1, rest) = rest.split_at(n);
-            let (p2, rest) = rest.split_at(n);
-            let (p3, tail) = rest.split_at(n);
-            for ((((e, a), b), c), d) in out.chunks_exact_mut(4).zip(p0).zip(p1).zip(p2).zip(p3) {
-                e[0] = *a;
-                e[1] = *b;
-                e[2] = *c;
-                e[3] = *d;
-            }
-            out[4 * n..].copy_from_slice(tail);
-            out
-        }
-        _ => coral_core::codec::unshuffle(data, es),
-    }
+    coral_core::codec::unshuffle(data, es)
 }
 
 /// Order-0 entropy of `data` in bits per byte.
@@ -232,6 +170,81 @@ fn zlib_planes(data: &[u8], planes: usize, level: u32) -> Result<Vec<u8>, ChunkE
     out.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff]); // final, empty stored block
     out.extend_from_slice(&adler32(data).to_be_bytes());
     Ok(out)
+}
+
+/// Largest block of a zstd frame (RFC 8878 `Block_Maximum_Size`).
+const ZSTD_MAX_BLOCK: usize = 128 * 1024;
+
+/// One standard zstd frame (RFC 8878) for `data` split into `planes` equal planes: the leading
+/// planes whose bytes are close to random go into raw blocks (a copy, where zstd would spend its
+/// time finding nothing), and the rest is compressed at `level` as one segment whose blocks are
+/// appended after them. Raw blocks change no decoder state (repeat offsets, entropy tables), and
+/// match offsets in the compressed blocks are relative to the current position, so the frame
+/// decodes with any zstd decoder (HDF5's filter 32015, `hdf5plugin`, the zstd CLI) to `data`.
+fn zstd_planes(data: &[u8], planes: usize, level: i32) -> Result<Vec<u8>, ChunkError> {
+    let zerr = |e: std::io::Error| err(format!("zstd: {e}"));
+    let plain = |d: &[u8]| zstd::bulk::compress(d, level).map_err(zerr);
+    let n = data.len() / planes.max(1);
+    if planes <= 1 || n < ZSTD_MAX_BLOCK / 4 {
+        return plain(data);
+    }
+    let raw_planes = (0..planes)
+        .take_while(|&j| entropy(&data[j * n..(j + 1) * n]) > STORE_ABOVE_BITS)
+        .count();
+    if raw_planes == 0 || raw_planes == planes && data.len() == planes * n {
+        // Nothing random to skip, or nothing left to compress: the plain frame is as good.
+        return plain(data);
+    }
+    let (raw, rest) = data.split_at(raw_planes * n);
+    let tail = plain(rest)?;
+    let tail_blocks = zstd_frame_blocks(&tail)?;
+    let mut out = Vec::with_capacity(raw.len() + tail_blocks.len() + 32);
+    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    // Frame header descriptor: 8-byte content size, single segment (window = content size), no
+    // checksum, no dictionary.
+    out.push(0b1110_0000);
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    for block in raw.chunks(ZSTD_MAX_BLOCK) {
+        let header = (block.len() as u32) << 3; // raw block (type 0), not last
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(block);
+    }
+    out.extend_from_slice(tail_blocks);
+    Ok(out)
+}
+
+/// The blocks of a single zstd frame (everything between its header and its checksum), with the
+/// last block's flag kept.
+fn zstd_frame_blocks(frame: &[u8]) -> Result<&[u8], ChunkError> {
+    let bad = || err("zstd: unexpected frame layout from the compressor");
+    let fhd = *frame.get(4).ok_or_else(bad)?;
+    let single_segment = fhd & 0x20 != 0;
+    let dict_len = [0usize, 1, 2, 4][(fhd & 3) as usize];
+    let fcs_len = match fhd >> 6 {
+        0 if single_segment => 1,
+        0 => 0,
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let start = 5 + usize::from(!single_segment) + dict_len + fcs_len;
+    let mut pos = start;
+    loop {
+        let h = frame.get(pos..pos + 3).ok_or_else(bad)?;
+        let h = u32::from(h[0]) | u32::from(h[1]) << 8 | u32::from(h[2]) << 16;
+        let size = match (h >> 1) & 3 {
+            1 => 1, // RLE: one byte
+            3 => return Err(bad()),
+            _ => (h >> 3) as usize,
+        };
+        pos += 3 + size;
+        if pos > frame.len() {
+            return Err(bad());
+        }
+        if h & 1 == 1 {
+            return Ok(&frame[start..pos]);
+        }
+    }
 }
 
 /// Decodes one chunk read with its filter `mask` to exactly `chunk_bytes` bytes.
@@ -424,11 +437,47 @@ mod tests {
         }
     }
 
+    /// Float-like data: random low bytes (mantissa), a narrow range of high bytes (exponent).
+    fn weights(n: usize, seed: u64, es: usize, extra: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(n * es + extra);
+        for _ in 0..n {
+            for j in 0..es {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = if j + 1 == es {
+                    0x3c + (x % 3) as u8
+                } else {
+                    x as u8
+                };
+                out.push(b);
+            }
+        }
+        out.extend((0..extra).map(|i| i as u8));
+        out
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
-        fn shuffle_is_cores(data in proptest::collection::vec(any::<u8>(), 0..300), es in 1usize..9) {
-            prop_assert_eq!(shuffle(&data, es), coral_core::codec::shuffle(&data, es));
-            prop_assert_eq!(unshuffle(&data, es), coral_core::codec::unshuffle(&data, es));
+        fn zstd_planes_is_a_standard_frame(
+            n in 40_000usize..200_000, es in prop::sample::select(vec![2usize, 4, 8]),
+            extra in 0usize..8, level in prop::sample::select(vec![-1i32, 1, 3]), seed: u64,
+        ) {
+            let data = shuffle(&weights(n, seed, es, extra), es);
+            let enc = zstd_planes(&data, es, level).unwrap();
+            // Magic, descriptor, 8-byte content size, then the first block: a raw one.
+            prop_assert_eq!(enc[4], 0b1110_0000);
+            prop_assert_eq!((enc[13] >> 1) & 3, 0);
+            // Any zstd decoder reads it: the zstd library itself, and our chunk decoder.
+            prop_assert_eq!(zstd::bulk::decompress(&enc, data.len()).unwrap(), data.clone());
+            prop_assert_eq!(zstd_decompress(&enc, data.len()).unwrap(), data.clone());
+            // The random planes were not compressed: the frame is about as large as they are,
+            // and no larger than what zstd alone makes (plus a few headers).
+            let plain = zstd::bulk::compress(&data, level).unwrap();
+            prop_assert!(enc.len() <= plain.len() + plain.len() / 100 + 64,
+                "planes {} vs plain {}", enc.len(), plain.len());
         }
     }
 
