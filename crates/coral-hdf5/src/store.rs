@@ -896,13 +896,8 @@ impl RawRead {
                         let Some((bytes, mask)) = c else {
                             return Ok::<(), String>(());
                         };
-                        let dec = chunk::decode(&pipeline, element_size, mask, bytes, chunk_bytes)
-                            .map_err(|e| format!("chunk {i}: {e}"))?;
-                        let n = dst.len();
-                        dst.copy_from_slice(
-                            dec.get(..n).ok_or_else(|| format!("chunk {i} too short"))?,
-                        );
-                        Ok(())
+                        chunk::decode_into(&pipeline, element_size, mask, bytes, chunk_bytes, dst)
+                            .map_err(|e| format!("chunk {i}: {e}"))
                     })?;
                 Ok(out)
             }
