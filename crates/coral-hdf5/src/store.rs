@@ -360,7 +360,10 @@ impl HDF5Store {
             }
             tasks.extend((0..n).map(|c| (p, c)));
         }
-        let mut open: HashMap<usize, Hid> = HashMap::new();
+        // Windows of about WINDOW_BYTES of chunks. Window k+1 is compressed (on rayon's threads,
+        // driven from a scoped thread that never touches HDF5) while this thread, which holds
+        // HDF5's lock, writes window k: two windows in flight at most.
+        let mut windows: Vec<std::ops::Range<usize>> = Vec::new();
         let mut start = 0;
         while start < tasks.len() {
             let mut end = start;
@@ -369,13 +372,19 @@ impl HDF5Store {
                 bytes += encs[tasks[end].0].chunk_bytes();
                 end += 1;
             }
-            let window = &tasks[start..end];
-            let done: Vec<(Vec<u8>, u32)> = window
+            windows.push(start..end);
+            start = end;
+        }
+        let compress = |range: std::ops::Range<usize>| -> Result<Vec<(Vec<u8>, u32)>> {
+            tasks[range]
                 .par_iter()
                 .map(|&(p, c)| encs[p].encode_chunk(c))
                 .collect::<std::result::Result<_, _>>()
-                .map_err(|err| corrupt(&self.path, "", format!("compressing: {err}")))?;
-            for (&(p, c), (chunk_data, mask)) in window.iter().zip(done) {
+                .map_err(|err| corrupt(&self.path, "", format!("compressing: {err}")))
+        };
+        let mut open: HashMap<usize, Hid> = HashMap::new();
+        let mut write = |range: std::ops::Range<usize>, done: Vec<(Vec<u8>, u32)>| -> Result<()> {
+            for (&(p, c), (chunk_data, mask)) in tasks[range].iter().zip(done) {
                 let enc = encs[p];
                 if let std::collections::hash_map::Entry::Vacant(v) = open.entry(p) {
                     v.insert(self.create_dataset(inner, enc)?);
@@ -390,9 +399,28 @@ impl HDF5Store {
                     }
                 }
             }
-            start = end;
-        }
-        Ok(())
+            Ok(())
+        };
+        let Some(first) = windows.first().cloned() else {
+            return Ok(());
+        };
+        let mut pending = compress(first.clone())?;
+        let mut current = first;
+        std::thread::scope(|scope| -> Result<()> {
+            for next in windows.iter().skip(1).cloned() {
+                let compress = &compress;
+                let range = next.clone();
+                let handle = scope.spawn(move || compress(range));
+                let wrote = write(current.clone(), std::mem::take(&mut pending));
+                let compressed = handle.join().map_err(|_| {
+                    corrupt(&self.path, "", "compressing: a worker panicked".to_owned())
+                })?;
+                wrote?;
+                pending = compressed?;
+                current = next;
+            }
+            write(current.clone(), std::mem::take(&mut pending))
+        })
     }
 
     /// Writes a weight's attributes exactly as the Python store does, `hash` last.
