@@ -346,6 +346,25 @@ pub fn make_fcpl() -> Result<Hid, H5Error> {
     }
 }
 
+/// A file access property list with the journal driver (`crate::journal`).
+pub fn make_fapl() -> Result<Hid, H5Error> {
+    // SAFETY: a new property list.
+    unsafe {
+        let p = Hid::new(
+            H5Pcreate(*hdf5_sys::h5p::H5P_CLS_FILE_ACCESS),
+            Kind::Plist,
+            || "fapl".into(),
+        )?;
+        if !crate::journal::set_driver(p.id()) {
+            return Err(H5Error {
+                what: "setting the journal driver".into(),
+                stack: String::new(),
+            });
+        }
+        Ok(p)
+    }
+}
+
 /// Opens a dataset.
 pub fn open_dataset(loc: hid_t, name: &str) -> Result<Hid, H5Error> {
     let c = cstr(name)?;

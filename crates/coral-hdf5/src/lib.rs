@@ -5,7 +5,10 @@
 //! h5py and the Python Coral (`coral-ml` 1.0), and fast: chunks are compressed and decompressed
 //! on all cores and moved with HDF5's direct chunk I/O, while each dataset declares the standard
 //! filter pipeline (shuffle, then deflate, LZF or zstd) so any HDF5 reader decodes it.
-//! `docs/format.md` describes the file precisely.
+//! `docs/format.md` describes the file precisely. Files are written through a small HDF5 file
+//! driver that keeps a rollback journal (`<store>.h5.journal`) of the bytes each flush rewrites
+//! in place, so a process killed mid-write leaves the store as its last completed call left it
+//! (`docs/reliability.md`).
 //!
 //! ```
 //! use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions};
@@ -28,6 +31,7 @@
 mod chunk;
 mod deltas;
 mod h5;
+mod journal;
 mod options;
 mod store;
 

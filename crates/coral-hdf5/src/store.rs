@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::chunk;
 use crate::h5::{self, FilterInfo, H5Error, Hid, Kind};
+use crate::journal;
 use crate::options::{Compression, HDF5StoreOptions, Mode};
 
 /// Group of full weights.
@@ -202,7 +203,10 @@ impl HDF5Store {
         let r = unsafe {
             hdf5_sys::h5f::H5Fflush(inner.file.id(), hdf5_sys::h5f::H5F_scope_t::H5F_SCOPE_LOCAL)
         };
-        h5::check(r, || "flushing".to_owned()).map_err(|e| self.err(e))
+        h5::check(r, || "flushing".to_owned()).map_err(|e| self.err(e))?;
+        // Everything is on disk: the journal of the old bytes is no longer needed.
+        journal::commit(inner.file.id())
+            .map_err(|e| StoreError::backend(format!("committing {}", self.path.display()), e))
     }
 
     /// The pipeline new datasets of `dtype` get.
@@ -953,8 +957,35 @@ fn set_cloexec(fid: hid_t) {
 
 fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
     let loc = || path.display().to_string();
-    let exists = path.exists();
     let mode = opts.mode;
+    // Roll back what a killed writer left half-done before anything reads the file.
+    match journal::recover(path) {
+        Ok(Some(r)) => {
+            tracing::warn!(
+                path = %loc(),
+                records = r.records,
+                size = r.committed,
+                "rolled the store back to its last commit"
+            );
+            if r.committed == 0 {
+                // Killed before its first commit: the store never existed.
+                std::fs::remove_file(path).map_err(|e| {
+                    StoreError::backend(format!("removing the uncommitted {}", loc()), e)
+                })?;
+            }
+        }
+        Ok(None) => {}
+        Err(e) if mode == Mode::Read && e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(path = %loc(), "cannot roll back a read-only file: {e}");
+        }
+        Err(e) => {
+            return Err(StoreError::backend(
+                format!("rolling back {} from its journal", loc()),
+                e,
+            ))
+        }
+    }
+    let exists = path.exists();
     if matches!(mode, Mode::Read | Mode::ReadWrite) && !exists {
         return Err(StoreError::backend(
             format!("opening {} (mode {})", loc(), mode.as_str()),
@@ -993,30 +1024,27 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
     }
     h5::locked(|| {
         let fcpl = h5::make_fcpl().map_err(|e| h5err(path, e))?;
+        let fapl = h5::make_fapl().map_err(|e| h5err(path, e))?;
         // SAFETY: valid C string; default property lists.
         let fid = unsafe {
             match (open_existing, mode) {
-                (true, Mode::Read) => hdf5_sys::h5f::H5Fopen(
-                    cpath.as_ptr(),
-                    hdf5_sys::h5f::H5F_ACC_RDONLY,
-                    hdf5_sys::h5p::H5P_DEFAULT,
-                ),
-                (true, _) => hdf5_sys::h5f::H5Fopen(
-                    cpath.as_ptr(),
-                    hdf5_sys::h5f::H5F_ACC_RDWR,
-                    hdf5_sys::h5p::H5P_DEFAULT,
-                ),
+                (true, Mode::Read) => {
+                    hdf5_sys::h5f::H5Fopen(cpath.as_ptr(), hdf5_sys::h5f::H5F_ACC_RDONLY, fapl.id())
+                }
+                (true, _) => {
+                    hdf5_sys::h5f::H5Fopen(cpath.as_ptr(), hdf5_sys::h5f::H5F_ACC_RDWR, fapl.id())
+                }
                 (false, Mode::Truncate) => hdf5_sys::h5f::H5Fcreate(
                     cpath.as_ptr(),
                     hdf5_sys::h5f::H5F_ACC_TRUNC,
                     fcpl.id(),
-                    hdf5_sys::h5p::H5P_DEFAULT,
+                    fapl.id(),
                 ),
                 (false, _) => hdf5_sys::h5f::H5Fcreate(
                     cpath.as_ptr(),
                     hdf5_sys::h5f::H5F_ACC_EXCL,
                     fcpl.id(),
-                    hdf5_sys::h5p::H5P_DEFAULT,
+                    fapl.id(),
                 ),
             }
         };
@@ -1066,6 +1094,8 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
                 hdf5_sys::h5f::H5Fflush(fid, hdf5_sys::h5f::H5F_scope_t::H5F_SCOPE_LOCAL)
             };
             h5::check(r, || "flushing".to_owned()).map_err(|e| h5err(path, e))?;
+            journal::commit(fid)
+                .map_err(|e| StoreError::backend(format!("committing {}", loc()), e))?;
         }
         Ok(Inner {
             weights,
