@@ -187,11 +187,41 @@ fn second_writer_process_is_refused() {
 }
 
 /// The file offset and size of chunk `i` of `weights/<key>`.
+///
+/// Retries the open for a moment: another test of this binary spawns a child process, and a
+/// child forked while this test's store was still open holds a copy of its (close-on-exec)
+/// descriptor, and so the file's lock, until it execs.
 fn chunk_location(p: &Path, key: &str, i: usize) -> (u64, u64) {
-    let f = hdf5::File::open(p).unwrap();
+    let mut tries = 0;
+    let f = loop {
+        match hdf5::File::open(p) {
+            Ok(f) => break f,
+            Err(e) if tries < 100 && e.to_string().contains("unable to lock file") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {}: {e}", p.display()),
+        }
+    };
     let ds = f.dataset(&format!("weights/{key}")).unwrap();
     let c = ds.chunk_info(i).unwrap();
     (c.addr, c.size)
+}
+
+/// Opens read-only, retrying for a moment while a forked child still holds the lock (see
+/// [`chunk_location`]).
+fn open_read_retrying(p: &Path) -> HDF5Store {
+    let mut tries = 0;
+    loop {
+        match HDF5Store::open(p, HDF5StoreOptions::new().mode(Mode::Read)) {
+            Ok(s) => return s,
+            Err(StoreError::Locked { .. }) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {}: {e}", p.display()),
+        }
+    }
 }
 
 fn flip(p: &Path, at: u64, mask: u8) {
@@ -215,7 +245,7 @@ fn flipped_load(compression: Compression, rel: f64, mask: u8) -> Result<WeightTe
     let (addr, size) = chunk_location(&p, &key.to_hex(), 0);
     let at = addr + ((size - 1) as f64 * rel) as u64;
     flip(&p, at, mask);
-    let s = HDF5Store::open(&p, HDF5StoreOptions::new().mode(Mode::Read)).unwrap();
+    let s = open_read_retrying(&p);
     let r = s.load(&key).map(|o| o.unwrap());
     if let Ok(back) = &r {
         // Only acceptable if the flip did not change the data (impossible for raw storage).
