@@ -290,62 +290,36 @@ fn fnv(b: &[u8]) -> u64 {
     h
 }
 
-fn pread_full(fd: c_int, buf: &mut [u8], mut off: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: a valid buffer of rest.len() bytes.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                rest.as_mut_ptr() as *mut c_void,
-                rest.len(),
-                off as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            break;
-        }
-        done += n as usize;
-        off += n as u64;
-    }
-    Ok(done)
+/// Runs `f` on `fd` as a `File` without taking ownership of the descriptor.
+fn with_fd<R>(fd: c_int, f: impl FnOnce(&File) -> R) -> R {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is an open descriptor owned by the caller for the whole call; ManuallyDrop
+    // keeps the File from closing it.
+    let file = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    f(&file)
 }
 
-fn pwrite_full(fd: c_int, buf: &[u8], mut off: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &buf[done..];
-        // SAFETY: a valid buffer of rest.len() bytes.
-        let n = unsafe {
-            libc::pwrite(
-                fd,
-                rest.as_ptr() as *const c_void,
-                rest.len(),
-                off as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+/// Reads from `off` until `buf` is full or the end of the file; returns the bytes read.
+fn pread_full(fd: c_int, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    with_fd(fd, |file| {
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            return Err(e);
         }
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-        }
-        done += n as usize;
-        off += n as u64;
-    }
-    Ok(())
+        Ok(done)
+    })
+}
+
+/// Writes all of `buf` at `off`.
+fn pwrite_full(fd: c_int, buf: &[u8], off: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    with_fd(fd, |file| file.write_all_at(buf, off))
 }
 
 unsafe extern "C" fn j_open(
