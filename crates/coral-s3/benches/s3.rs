@@ -11,6 +11,9 @@
 //! - `sync_from_local` of a fine-tune in which a tenth of the tensors changed (stored in full, and
 //!   kept as lossless deltas), with the bytes moved against the whole file rclone moves.
 
+#[path = "../tests/common/model.rs"]
+mod model;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,25 +41,7 @@ fn time<T>(f: impl FnOnce() -> T) -> (f64, T) {
 
 /// The model's tensors sorted by name; with `bf16`, float32 tensors cut to bfloat16.
 fn load_model(path: &Path, bf16: bool) -> Vec<(String, WeightTensor)> {
-    let bytes = std::fs::read(path).expect("reading the model");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parsing the model");
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        let dtype = DType::from_name(&format!("{:?}", view.dtype())).expect("dtype");
-        let shape = view.shape().to_vec();
-        let (dtype, data) = if bf16 && dtype == DType::F32 {
-            let d: Vec<u8> = view
-                .data()
-                .chunks_exact(4)
-                .flat_map(|c| [c[2], c[3]])
-                .collect();
-            (DType::BF16, d)
-        } else {
-            (dtype, view.data().to_vec())
-        };
-        let w = WeightTensor::from_bytes(name.clone(), shape, dtype, data).expect("tensor");
-        out.push((name, w));
-    }
+    let mut out = model::load_model(path, bf16);
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
