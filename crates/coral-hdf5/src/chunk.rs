@@ -331,10 +331,7 @@ pub fn decode_into(
         let plain: &[u8] = if codec.is_empty() {
             &data
         } else {
-            match zstd::zstd_safe::get_frame_content_size(&data) {
-                Ok(Some(n)) if n == chunk_bytes as u64 => {}
-                _ => return Err(err("corrupt zstd data: bad frame content size")),
-            }
+            check_zstd_frame_size(&data, chunk_bytes)?;
             if dctx.is_none() {
                 *dctx =
                     Some(zstd::bulk::Decompressor::new().map_err(|e| err(format!("zstd: {e}")))?);
@@ -366,16 +363,19 @@ pub fn decode_into(
     })
 }
 
-fn zstd_decompress(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkError> {
+/// A chunk's zstd frame must declare exactly the chunk's size (checked before allocating).
+fn check_zstd_frame_size(data: &[u8], chunk_bytes: usize) -> Result<(), ChunkError> {
     match zstd::zstd_safe::get_frame_content_size(data) {
-        Ok(Some(n)) if n == chunk_bytes as u64 => {}
-        Ok(Some(n)) => {
-            return Err(err(format!(
-                "corrupt zstd data: frame of {n} bytes, expected {chunk_bytes}"
-            )))
-        }
-        _ => return Err(err("corrupt zstd data: no frame content size")),
+        Ok(Some(n)) if n == chunk_bytes as u64 => Ok(()),
+        Ok(Some(n)) => Err(err(format!(
+            "corrupt zstd data: frame of {n} bytes, expected {chunk_bytes}"
+        ))),
+        _ => Err(err("corrupt zstd data: no frame content size")),
     }
+}
+
+fn zstd_decompress(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkError> {
+    check_zstd_frame_size(data, chunk_bytes)?;
     let out = zstd::bulk::decompress(data, chunk_bytes)
         .map_err(|e| err(format!("corrupt zstd data: {e}")))?;
     Ok(out)
