@@ -344,21 +344,27 @@ pub fn decode(
 }
 
 /// Decodes one chunk straight into `dst` (the chunk's place in the tensor; shorter than
-/// `chunk_bytes` for the last, padded chunk). For the common pipelines (zstd or none, after
-/// shuffle or not) the chunk is decompressed into a per-thread scratch buffer and unshuffled
-/// into `dst`: no allocation per chunk and one copy fewer than [`decode`]. Anything else goes
-/// through [`decode`].
+/// `chunk_bytes` for the last, padded chunk). For the common pipelines (zstd, deflate or none,
+/// after shuffle or not) the chunk is decompressed into a per-thread scratch buffer and
+/// unshuffled into `dst`: no allocation per chunk and one copy fewer than [`decode`]. Anything
+/// else goes through [`decode`].
 pub fn decode_into(
     pipeline: &[FilterInfo],
     element_size: usize,
     mask: u32,
-    data: Vec<u8>,
+    data: &[u8],
     chunk_bytes: usize,
     dst: &mut [u8],
 ) -> Result<(), ChunkError> {
+    struct Scratch {
+        buf: Vec<u8>,
+        zstd: Option<zstd::bulk::Decompressor<'static>>,
+        inflate: Option<flate2::Decompress>,
+    }
     thread_local! {
-        static SCRATCH: std::cell::RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =
-            const { std::cell::RefCell::new((Vec::new(), None)) };
+        static SCRATCH: std::cell::RefCell<Scratch> = const {
+            std::cell::RefCell::new(Scratch { buf: Vec::new(), zstd: None, inflate: None })
+        };
     }
     let shuffled = matches!(pipeline.first(), Some(f) if f.id == FILTER_SHUFFLE)
         && element_size > 1
@@ -369,36 +375,43 @@ pub fn decode_into(
         && mask == 0
         && match codec {
             [] => true,
-            [f] => f.id == FILTER_ZSTD,
+            [f] => f.id == FILTER_ZSTD || f.id == FILTER_DEFLATE,
             _ => false,
         };
     if !fast {
-        let dec = decode(pipeline, element_size, mask, data, chunk_bytes)?;
+        let dec = decode(pipeline, element_size, mask, data.to_vec(), chunk_bytes)?;
         let n = dst.len();
         dst.copy_from_slice(dec.get(..n).ok_or_else(|| err("chunk decoded too short"))?);
         return Ok(());
     }
     SCRATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
-        let (scratch, dctx) = &mut *guard;
-        let plain: &[u8] = if codec.is_empty() {
-            &data
-        } else {
-            check_zstd_frame_size(&data, chunk_bytes)?;
-            if dctx.is_none() {
-                *dctx =
-                    Some(zstd::bulk::Decompressor::new().map_err(|e| err(format!("zstd: {e}")))?);
+        let Scratch { buf, zstd, inflate } = &mut *guard;
+        let plain: &[u8] = match codec.first().map(|f| f.id) {
+            None => data,
+            Some(FILTER_DEFLATE) => {
+                let d = inflate.get_or_insert_with(|| flate2::Decompress::new(true));
+                d.reset(true);
+                inflate_with(d, data, chunk_bytes, buf)?;
+                buf
             }
-            let Some(d) = dctx.as_mut() else {
-                return Err(err("zstd: no decompression context"));
-            };
-            scratch.clear();
-            scratch
-                .try_reserve(chunk_bytes)
-                .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
-            d.decompress_to_buffer(&data, scratch)
-                .map_err(|e| err(format!("corrupt zstd data: {e}")))?;
-            scratch
+            _ => {
+                check_zstd_frame_size(data, chunk_bytes)?;
+                if zstd.is_none() {
+                    *zstd = Some(
+                        zstd::bulk::Decompressor::new().map_err(|e| err(format!("zstd: {e}")))?,
+                    );
+                }
+                let Some(d) = zstd.as_mut() else {
+                    return Err(err("zstd: no decompression context"));
+                };
+                buf.clear();
+                buf.try_reserve(chunk_bytes)
+                    .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
+                d.decompress_to_buffer(data, buf)
+                    .map_err(|e| err(format!("corrupt zstd data: {e}")))?;
+                buf
+            }
         };
         if plain.len() != chunk_bytes {
             return Err(err(format!(
@@ -436,34 +449,50 @@ fn zstd_decompress(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkErro
 
 /// Inflates a zlib stream to at most `chunk_bytes` bytes (more is an error).
 fn inflate(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkError> {
-    let mut out: Vec<u8> = Vec::new();
-    out.try_reserve_exact(chunk_bytes + 1)
+    let mut out = Vec::new();
+    inflate_with(
+        &mut flate2::Decompress::new(true),
+        data,
+        chunk_bytes,
+        &mut out,
+    )?;
+    Ok(out)
+}
+
+/// Inflates a zlib stream into `out` (cleared first) with the fresh or reset inflater `d`, to
+/// exactly what the stream holds; more than `chunk_bytes` bytes is an error. The inflater writes
+/// only into `out`'s spare capacity (at least `chunk_bytes + 1`), so a stream that claims more
+/// stops there.
+fn inflate_with(
+    d: &mut flate2::Decompress,
+    data: &[u8],
+    chunk_bytes: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkError> {
+    out.clear();
+    out.try_reserve(chunk_bytes + 1)
         .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
-    let mut d = flate2::Decompress::new(true);
     loop {
         let before_in = d.total_in();
         let before_out = d.total_out();
-        let consumed = before_in as usize;
         let input = data
-            .get(consumed..)
+            .get(before_in as usize..)
             .ok_or_else(|| err("corrupt deflate data"))?;
         let st = d
-            .decompress_vec(input, &mut out, flate2::FlushDecompress::Finish)
+            .decompress_vec(input, out, flate2::FlushDecompress::Finish)
             .map_err(|e| err(format!("corrupt deflate data: {e}")))?;
+        if out.len() > chunk_bytes {
+            return Err(err("corrupt deflate data: too long"));
+        }
         match st {
-            flate2::Status::StreamEnd => break,
-            _ if out.len() > chunk_bytes => return Err(err("corrupt deflate data: too long")),
+            flate2::Status::StreamEnd => return Ok(()),
             _ if d.total_in() == before_in && d.total_out() == before_out => {
                 return Err(err("corrupt deflate data: truncated"))
             }
-            _ => {
-                if out.len() == out.capacity() {
-                    return Err(err("corrupt deflate data: too long"));
-                }
-            }
+            _ if out.len() == out.capacity() => return Err(err("corrupt deflate data: too long")),
+            _ => {}
         }
     }
-    Ok(out)
 }
 
 /// LZF-compresses `data`; `None` when the result would not be smaller (h5py's filter then
@@ -573,8 +602,25 @@ mod tests {
                 let (enc, mask) = encode(&p, 4, &data).unwrap();
                 let n = data.len().saturating_sub(cut);
                 let mut dst = vec![7u8; n];
-                decode_into(&p, 4, mask, enc, data.len(), &mut dst).unwrap();
+                decode_into(&p, 4, mask, &enc, data.len(), &mut dst).unwrap();
                 prop_assert_eq!(&dst[..], &data[..n]);
+            }
+        }
+
+        #[test]
+        fn decode_into_refuses_a_chunk_of_another_size(data in proptest::collection::vec(any::<u8>(), 8..5000), zeros in 0usize..3000, delta in 1usize..64) {
+            let mut data = data;
+            data.extend(std::iter::repeat_n(0u8, zeros));
+            data.truncate(data.len() / 4 * 4);
+            for p in pipelines() {
+                if p.is_empty() {
+                    continue;
+                }
+                let (enc, mask) = encode(&p, 4, &data).unwrap();
+                for len in [data.len() - delta.min(data.len()), data.len() + delta] {
+                    let mut dst = vec![0u8; len];
+                    prop_assert!(decode_into(&p, 4, mask, &enc, len, &mut dst).is_err(), "pipeline {:?}, {} as {}", p, data.len(), len);
+                }
             }
         }
 
@@ -582,7 +628,7 @@ mod tests {
         fn decode_into_garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2000), len in 0usize..4000) {
             for p in pipelines() {
                 let mut dst = vec![0u8; len];
-                let _ = decode_into(&p, 4, 0, data.clone(), len, &mut dst);
+                let _ = decode_into(&p, 4, 0, &data, len, &mut dst);
             }
         }
 

@@ -89,9 +89,9 @@ impl HDF5Store {
                 ))
             }
         };
-        let raw = self.read_raw(dset, key, dtype, &shape)?;
+        let raw = self.read_raw(dset, key, dtype, &shape, false)?;
         let data = raw
-            .decode(es)
+            .decode(es, None)
             .map_err(|r| corrupt(self, key, format!("delta payload: {r}")))?;
         Ok(Delta {
             delta_type,
@@ -274,7 +274,7 @@ impl DeltaStore for HDF5Store {
                 })?;
             if h5::link_exists(g.id(), &key).map_err(|e| self.err(e))? {
                 // An uncommitted leftover of an interrupted write.
-                h5::delete_link(g.id(), &key).map_err(|e| self.err(e))?;
+                self.unlink(g.id(), &key)?;
             }
             self.write_datasets(inner, g.id(), &[&enc], &|_, obj| {
                 Self::delta_attrs(delta, obj)
@@ -318,7 +318,7 @@ impl DeltaStore for HDF5Store {
             if !h5::link_exists(g.id(), &key).map_err(|e| self.err(e))? {
                 return Ok(false);
             }
-            h5::delete_link(g.id(), &key).map_err(|e| self.err(e))?;
+            self.unlink(g.id(), &key)?;
             self.flush(inner)?;
             Ok(true)
         })
@@ -362,7 +362,7 @@ impl ManifestStore for HDF5Store {
             // Write the new one under a temporary name, then swap the links.
             let tmp = format!("{name}.tmp");
             if h5::link_exists(g.id(), &tmp).map_err(|e| self.err(e))? {
-                h5::delete_link(g.id(), &tmp).map_err(|e| self.err(e))?;
+                self.unlink(g.id(), &tmp)?;
             }
             let mut enc = enc;
             enc.key = tmp.clone();
@@ -370,7 +370,7 @@ impl ManifestStore for HDF5Store {
                 h5::write_str_attr(obj, "format", "coral.manifest.v1+json")
             })?;
             if h5::link_exists(g.id(), &name).map_err(|e| self.err(e))? {
-                h5::delete_link(g.id(), &name).map_err(|e| self.err(e))?;
+                self.unlink(g.id(), &name)?;
             }
             move_link(g.id(), &tmp, &name).map_err(|e| self.err(e))?;
             self.flush(inner)
@@ -390,11 +390,11 @@ impl ManifestStore for HDF5Store {
             let space = h5::dataset_space(d.id()).map_err(|e| self.err(e))?;
             let dims = h5::space_dims(space.id()).map_err(|e| self.err(e))?;
             let shape: Vec<usize> = dims.iter().map(|&x| x as usize).collect();
-            self.read_raw(d.id(), n, DType::U8, &shape).map(Some)
+            self.read_raw(d.id(), n, DType::U8, &shape, false).map(Some)
         })?;
         let Some(raw) = bytes else { return Ok(None) };
         let data = raw
-            .decode(1)
+            .decode(1, None)
             .map_err(|r| corrupt(self, n, format!("manifest: {r}")))?;
         ModelManifest::from_json(&data)
             .map(Some)
@@ -425,7 +425,7 @@ impl ManifestStore for HDF5Store {
             if !h5::link_exists(g.id(), name.as_str()).map_err(|e| self.err(e))? {
                 return Ok(false);
             }
-            h5::delete_link(g.id(), name.as_str()).map_err(|e| self.err(e))?;
+            self.unlink(g.id(), name.as_str())?;
             self.flush(inner)?;
             Ok(true)
         })

@@ -366,6 +366,23 @@ pub fn make_fapl() -> Result<Hid, H5Error> {
 }
 
 /// Opens a dataset.
+/// The size of the file's user block (0 for Coral's files and h5py's defaults).
+pub fn userblock_size(fid: hid_t) -> Result<u64, H5Error> {
+    // SAFETY: valid file id; the returned list is closed by Hid.
+    let fcpl = Hid::new(
+        unsafe { hdf5_sys::h5f::H5Fget_create_plist(fid) },
+        Kind::Plist,
+        || "reading the file creation properties".to_owned(),
+    )?;
+    let mut size: hdf5_sys::h5::hsize_t = 0;
+    // SAFETY: valid property list; out pointer valid.
+    check(
+        unsafe { hdf5_sys::h5p::H5Pget_userblock(fcpl.id(), &mut size) },
+        || "reading the user block size".to_owned(),
+    )?;
+    Ok(size)
+}
+
 pub fn open_dataset(loc: hid_t, name: &str) -> Result<Hid, H5Error> {
     let c = cstr(name)?;
     // SAFETY: valid id and C string.

@@ -1,7 +1,9 @@
 //! `HDF5Store`: the seed's local store.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -37,6 +39,10 @@ pub struct HDF5Store {
     pub(crate) path: PathBuf,
     pub(crate) opts: HDF5StoreOptions,
     pub(crate) inner: Mutex<Option<Inner>>,
+    /// Bumped (under the mutex) before anything that may free file space: a load that read chunk
+    /// locations under the mutex and the chunks themselves outside it checks that it did not
+    /// change in between (see [`HDF5Store::load_full`]).
+    pub(crate) space_epoch: AtomicU64,
 }
 
 impl std::fmt::Debug for HDF5Store {
@@ -57,6 +63,9 @@ pub(crate) struct Inner {
     pub(crate) models: Option<Hid>,
     pub(crate) file: Hid,
     pub(crate) writable: bool,
+    /// The same file opened again for positional reads of chunks outside HDF5's lock (`None`
+    /// when the file has a user block, whose chunk addresses are not file offsets).
+    pub(crate) reader: Option<std::fs::File>,
 }
 
 /// A dataset to write: its layout and its data (compressed chunk by chunk while writing).
@@ -159,6 +168,7 @@ impl HDF5Store {
             path,
             opts,
             inner: Mutex::new(Some(inner)),
+            space_epoch: AtomicU64::new(0),
         })
     }
 
@@ -196,6 +206,13 @@ impl HDF5Store {
 
     pub(crate) fn err(&self, e: H5Error) -> StoreError {
         h5err(&self.path, e)
+    }
+
+    /// Deletes the link `group/name`, which may free the space of its object. Call under the
+    /// lock.
+    pub(crate) fn unlink(&self, group: hid_t, name: &str) -> Result<()> {
+        self.space_epoch.fetch_add(1, Ordering::SeqCst);
+        h5::delete_link(group, name).map_err(|e| self.err(e))
     }
 
     pub(crate) fn flush(&self, inner: &Inner) -> Result<()> {
@@ -520,13 +537,16 @@ impl HDF5Store {
     }
 
     /// Reads a dataset's stored bytes: compressed chunks for our own layout (decoded later, in
-    /// parallel), or the whole array through HDF5's pipeline otherwise.
+    /// parallel), or the whole array through HDF5's pipeline otherwise. With `locate`, chunks of
+    /// our layout are not read but located (file offset and size), to be read later outside the
+    /// lock through [`Inner::reader`].
     pub(crate) fn read_raw(
         &self,
         dset: hid_t,
         key: &str,
         dtype: DType,
         shape: &[usize],
+        locate: bool,
     ) -> Result<RawRead> {
         let e = |e| self.err(e);
         let nbytes = shape
@@ -596,6 +616,10 @@ impl HDF5Store {
                         format!("chunk {i} is {size} bytes"),
                     ));
                 }
+                if locate {
+                    chunks.push(Some((ChunkSrc::At { addr, size }, mask)));
+                    continue;
+                }
                 let mut buf = vec![0u8; size as usize];
                 let mut filters: u32 = 0;
                 // SAFETY: buffer of the chunk's stored size.
@@ -609,7 +633,7 @@ impl HDF5Store {
                     )
                 };
                 h5::check(r, || format!("reading chunk {i} of {key}")).map_err(e)?;
-                chunks.push(Some((buf, filters)));
+                chunks.push(Some((ChunkSrc::Bytes(buf), filters)));
             }
             Ok(RawRead::Chunks {
                 pipeline,
@@ -654,20 +678,58 @@ impl HDF5Store {
         Ok(())
     }
 
-    /// Loads full weights (not deltas) for `keys`; absent ones are left out. Reads under the
-    /// lock in groups, decodes and verifies in parallel outside it.
+    /// Loads full weights (not deltas) for `keys`; absent ones are left out.
+    ///
+    /// Under the lock it reads metadata and locates chunks (and reads datasets that are not in
+    /// Coral's chunk layout); outside it, chunks are read with positional reads on a second
+    /// descriptor, decoded and verified on all cores, largest tensors first. Only an operation
+    /// that frees file space (a delete, bumping `space_epoch` under the lock) could make a
+    /// located chunk stale: when the epoch moved meanwhile, whatever was decoded is dropped and
+    /// the load is done again, the last time with every chunk read under the lock.
     pub(crate) fn load_full(
         &self,
         keys: &[ContentHash],
     ) -> Result<HashMap<ContentHash, WeightTensor>> {
+        const ATTEMPTS: usize = 3;
+        for attempt in 0..=ATTEMPTS {
+            let locate = attempt < ATTEMPTS;
+            let (epoch, out) = self.load_full_once(keys, locate)?;
+            if !locate || self.space_epoch.load(Ordering::SeqCst) == epoch {
+                return out;
+            }
+            tracing::debug!(path = %self.path.display(), attempt, "file space freed during a load; loading again");
+        }
+        Err(corrupt(&self.path, "", "load retries exhausted"))
+    }
+
+    /// One pass of [`HDF5Store::load_full`]: the space epoch seen under the lock, and the result.
+    #[allow(clippy::type_complexity)]
+    fn load_full_once(
+        &self,
+        keys: &[ContentHash],
+        locate: bool,
+    ) -> Result<(u64, Result<HashMap<ContentHash, WeightTensor>>)> {
         type Group = Vec<(ContentHash, WeightMetadata, RawRead)>;
         let mut out = HashMap::with_capacity(keys.len());
         let mut seen = HashSet::new();
         let mut i = 0;
-        // Reads one group (bounded compressed bytes) under the lock.
+        let mut epoch = None;
+        let reader = self.with(|inner| {
+            Ok(match (&inner.reader, locate) {
+                (Some(f), true) => Some(f.try_clone().map_err(|e| {
+                    StoreError::backend(format!("reading {}", self.path.display()), e)
+                })?),
+                _ => None,
+            })
+        })?;
+        // Reads one group (bounded bytes in memory) under the lock.
         let mut read_group = |i: &mut usize| -> Result<Group> {
             let mut group: Group = Vec::new();
             self.with(|inner| {
+                let e0 = self.space_epoch.load(Ordering::SeqCst);
+                if *epoch.get_or_insert(e0) != e0 && reader.is_some() {
+                    return Ok(()); // located chunks may be stale: the caller starts again
+                }
                 let mut bytes = 0usize;
                 while *i < keys.len() && (bytes < LOAD_GROUP_BYTES || group.is_empty()) {
                     let key = keys[*i];
@@ -681,7 +743,8 @@ impl HDF5Store {
                     }
                     let d = h5::open_dataset(inner.weights.id(), &k).map_err(|e| self.err(e))?;
                     let meta = self.read_meta(d.id(), &key)?;
-                    let raw = self.read_raw(d.id(), &k, meta.dtype, &meta.shape)?;
+                    let raw =
+                        self.read_raw(d.id(), &k, meta.dtype, &meta.shape, reader.is_some())?;
                     bytes += raw.nbytes_in_flight();
                     group.push((key, meta, raw));
                 }
@@ -689,14 +752,20 @@ impl HDF5Store {
             })?;
             Ok(group)
         };
-        let decode_group = |group: Group| -> Result<Vec<(ContentHash, WeightTensor)>> {
+        let decode_group = |mut group: Group| -> Result<Vec<(ContentHash, WeightTensor)>> {
+            // Largest first: hashing a large tensor is one thread's work, which the others
+            // overlap with the smaller ones.
+            group.sort_by_key(|(_, _, raw)| std::cmp::Reverse(raw.nbytes()));
             group
                 .into_par_iter()
+                .with_max_len(1)
                 .map(|(key, meta, raw)| {
                     let k = key.to_hex();
-                    let data = raw.decode(meta.dtype.size()).map_err(|r| {
-                        corrupt(&self.path, &k, format!("weight {:?}: {r}", meta.name))
-                    })?;
+                    let data = raw
+                        .decode(meta.dtype.size(), reader.as_ref())
+                        .map_err(|r| {
+                            corrupt(&self.path, &k, format!("weight {:?}: {r}", meta.name))
+                        })?;
                     let w = WeightTensor::new(meta, data)
                         .map_err(|err| corrupt(&self.path, &k, err.to_string()))?;
                     self.verify(&w, &key)?;
@@ -706,6 +775,7 @@ impl HDF5Store {
         };
         // Pipeline: read the next group while the previous one decodes and verifies.
         let mut pending = read_group(&mut i)?;
+        let mut result = Ok(());
         while !pending.is_empty() {
             let current = std::mem::take(&mut pending);
             let more = i < keys.len();
@@ -719,10 +789,17 @@ impl HDF5Store {
                 },
                 || decode_group(current),
             );
-            out.extend(decoded?);
+            match decoded {
+                Ok(d) => out.extend(d),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
             pending = next?;
         }
-        Ok(out)
+        let epoch = epoch.unwrap_or_default();
+        Ok((epoch, result.map(|()| out)))
     }
 
     /// Hashes (in parallel), then encodes and writes new weights in bounded groups, flushing at
@@ -774,7 +851,7 @@ impl HDF5Store {
                     continue;
                 }
                 if h5::link_exists(inner.weights.id(), &plan.key).map_err(|e| self.err(e))? {
-                    h5::delete_link(inner.weights.id(), &plan.key).map_err(|e| self.err(e))?;
+                    self.unlink(inner.weights.id(), &plan.key)?;
                 }
                 keep.push(p);
             }
@@ -830,7 +907,9 @@ impl HDF5Store {
             let d = h5::open_dataset(inner.weights.id(), &k).map_err(e)?;
             let meta = self.read_meta(d.id(), key)?;
             let es = meta.dtype.size();
-            let raw = self.read_raw(d.id(), &k, meta.dtype, &meta.shape)?;
+            let raw = self.read_raw(d.id(), &k, meta.dtype, &meta.shape, false)?;
+            // Rewriting a chunk frees its old space.
+            self.space_epoch.fetch_add(1, Ordering::SeqCst);
             match raw {
                 RawRead::Chunks {
                     pipeline,
@@ -838,7 +917,9 @@ impl HDF5Store {
                     mut chunks,
                     ..
                 } => {
-                    let Some(Some((bytes, mask))) = chunks.get_mut(0).map(Option::take) else {
+                    let Some(Some((ChunkSrc::Bytes(bytes), mask))) =
+                        chunks.get_mut(0).map(Option::take)
+                    else {
                         return Ok(false);
                     };
                     let mut plain = chunk::decode(&pipeline, es, mask, bytes, chunk_bytes)
@@ -889,13 +970,21 @@ impl HDF5Store {
     }
 }
 
+/// Where a stored chunk's bytes are.
+pub(crate) enum ChunkSrc {
+    /// Read already.
+    Bytes(Vec<u8>),
+    /// At this file offset, this many bytes, to be read through [`Inner::reader`].
+    At { addr: u64, size: u64 },
+}
+
 /// What was read for one dataset.
 pub(crate) enum RawRead {
-    /// Stored chunks (None: never written), to decode.
+    /// Stored chunks (None: never written) and their filter masks, to decode.
     Chunks {
         pipeline: Vec<FilterInfo>,
         chunk_bytes: usize,
-        chunks: Vec<Option<(Vec<u8>, u32)>>,
+        chunks: Vec<Option<(ChunkSrc, u32)>>,
         nbytes: usize,
     },
     /// The whole array, already decoded by HDF5.
@@ -903,15 +992,39 @@ pub(crate) enum RawRead {
 }
 
 impl RawRead {
+    /// Bytes held in memory (chunks located but not read count nothing).
     fn nbytes_in_flight(&self) -> usize {
         match self {
-            RawRead::Chunks { chunks, .. } => chunks.iter().flatten().map(|(b, _)| b.len()).sum(),
+            RawRead::Chunks { chunks, .. } => chunks
+                .iter()
+                .flatten()
+                .map(|(c, _)| match c {
+                    ChunkSrc::Bytes(b) => b.len(),
+                    ChunkSrc::At { .. } => 0,
+                })
+                .sum(),
             RawRead::Whole(b) => b.len(),
         }
     }
 
-    /// Decodes to the tensor's bytes (chunks in parallel).
-    pub(crate) fn decode(self, element_size: usize) -> std::result::Result<Vec<u8>, String> {
+    /// The tensor's size in bytes.
+    fn nbytes(&self) -> usize {
+        match self {
+            RawRead::Chunks { nbytes, .. } => *nbytes,
+            RawRead::Whole(b) => b.len(),
+        }
+    }
+
+    /// Decodes to the tensor's bytes (chunks in parallel, each read first through `reader`
+    /// when only located).
+    pub(crate) fn decode(
+        self,
+        element_size: usize,
+        reader: Option<&std::fs::File>,
+    ) -> std::result::Result<Vec<u8>, String> {
+        thread_local! {
+            static READ: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         match self {
             RawRead::Whole(b) => Ok(b),
             RawRead::Chunks {
@@ -925,11 +1038,37 @@ impl RawRead {
                     .zip(chunks.into_par_iter())
                     .enumerate()
                     .try_for_each(|(i, (dst, c))| {
-                        let Some((bytes, mask)) = c else {
-                            return Ok::<(), String>(());
-                        };
-                        chunk::decode_into(&pipeline, element_size, mask, bytes, chunk_bytes, dst)
+                        let mut decode = |bytes: &[u8], mask: u32| {
+                            chunk::decode_into(
+                                &pipeline,
+                                element_size,
+                                mask,
+                                bytes,
+                                chunk_bytes,
+                                dst,
+                            )
                             .map_err(|e| format!("chunk {i}: {e}"))
+                        };
+                        match c {
+                            None => Ok::<(), String>(()),
+                            Some((ChunkSrc::Bytes(bytes), mask)) => decode(&bytes, mask),
+                            Some((ChunkSrc::At { addr, size }, mask)) => READ.with(|cell| {
+                                let mut buf = cell.borrow_mut();
+                                let file = reader.ok_or_else(|| {
+                                    format!("chunk {i}: located, but the file has no reader")
+                                })?;
+                                let size = usize::try_from(size)
+                                    .map_err(|_| format!("chunk {i} is {size} bytes"))?;
+                                buf.clear();
+                                buf.try_reserve(size)
+                                    .map_err(|e| format!("chunk {i}: {size} bytes: {e}"))?;
+                                buf.resize(size, 0);
+                                file.read_exact_at(&mut buf, addr).map_err(|e| {
+                                    format!("chunk {i}: reading {size} bytes at {addr}: {e}")
+                                })?;
+                                decode(&buf, mask)
+                            }),
+                        }
                     })?;
                 Ok(out)
             }
@@ -1097,12 +1236,20 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
             journal::commit(fid)
                 .map_err(|e| StoreError::backend(format!("committing {}", loc()), e))?;
         }
+        // Chunk addresses are file offsets only without a user block.
+        let reader = match h5::userblock_size(fid) {
+            Ok(0) => std::fs::File::open(path)
+                .map_err(|e| tracing::debug!(path = %loc(), error = %e, "no second descriptor"))
+                .ok(),
+            _ => None,
+        };
         Ok(Inner {
             weights,
             deltas,
             models,
             file,
             writable,
+            reader,
         })
     })
 }
@@ -1145,7 +1292,7 @@ impl WeightStore for HDF5Store {
             let groups = std::iter::once(&inner.weights).chain(inner.deltas.as_ref());
             for g in groups {
                 if h5::link_exists(g.id(), &k).map_err(|e| self.err(e))? {
-                    h5::delete_link(g.id(), &k).map_err(|e| self.err(e))?;
+                    self.unlink(g.id(), &k)?;
                     deleted = true;
                 }
             }
