@@ -53,6 +53,8 @@ fn child(args: &[String]) {
         "ingest" => {
             let weights = model::load_model(Path::new(model), dtype == "bf16");
             let nbytes: usize = weights.iter().map(|(_, w)| w.nbytes()).sum();
+            // Into a new file: removing the previous run's is not part of the measurement.
+            let _ = std::fs::remove_file(file);
             reset_hwm();
             let base = vm_hwm_kb();
             let t = Instant::now();

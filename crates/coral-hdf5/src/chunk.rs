@@ -37,6 +37,65 @@ pub fn encode(
     element_size: usize,
     data: &[u8],
 ) -> Result<(Vec<u8>, u32), ChunkError> {
+    let mut out = Vec::new();
+    let mask = encode_into(pipeline, element_size, data, &mut out)?;
+    Ok((out, mask))
+}
+
+/// [`encode`] into `out` (cleared first, its allocation reused): the common pipelines (zstd or
+/// deflate, after shuffle or not) shuffle into a per-thread scratch buffer and compress straight
+/// into `out`, so a writer that recycles its buffers allocates nothing per chunk.
+pub fn encode_into(
+    pipeline: &[FilterInfo],
+    element_size: usize,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<u32, ChunkError> {
+    thread_local! {
+        static SHUFFLED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let shuffle_first = matches!(pipeline.first(), Some(f) if f.id == FILTER_SHUFFLE);
+    let codec = &pipeline[usize::from(shuffle_first)..];
+    let (id, cd0) = match codec {
+        [f] if f.id == FILTER_ZSTD || f.id == FILTER_DEFLATE => (f.id, f.cd.first().copied()),
+        _ => {
+            let (bytes, mask) = encode_generic(pipeline, element_size, data)?;
+            *out = bytes;
+            return Ok(mask);
+        }
+    };
+    let shuffled = shuffle_first && element_size > 1;
+    let planes = if shuffled { element_size } else { 1 };
+    out.clear();
+    SHUFFLED.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let input: &[u8] = if shuffled {
+            if buf.len() != data.len() {
+                buf.clear();
+                crate::mem::reserve(&mut buf, data.len());
+                buf.resize(data.len(), 0);
+            }
+            coral_core::codec::shuffle_into(data, element_size, &mut buf)
+                .map_err(|e| err(e.to_string()))?;
+            &buf
+        } else {
+            data
+        };
+        if id == FILTER_ZSTD {
+            zstd_planes_into(input, planes, cd0.map(|l| l as i32).unwrap_or(3), out)
+        } else {
+            zlib_planes_into(input, planes, cd0.unwrap_or(4).clamp(1, 9), out)
+        }
+    })?;
+    Ok(0)
+}
+
+/// [`encode`] filter by filter, each into a new buffer (LZF, and any other order of filters).
+fn encode_generic(
+    pipeline: &[FilterInfo],
+    element_size: usize,
+    data: &[u8],
+) -> Result<(Vec<u8>, u32), ChunkError> {
     let mut mask = 0u32;
     let mut cur: Option<Vec<u8>> = None;
     for (i, f) in pipeline.iter().enumerate() {
@@ -88,18 +147,28 @@ pub fn unshuffle(data: &[u8], es: usize) -> Vec<u8> {
     coral_core::codec::unshuffle(data, es)
 }
 
-/// Order-0 entropy of `data` in bits per byte, estimated from at most 64 Ki evenly spaced
-/// bytes (the estimate of a uniform plane is then within 0.003 bits of 8; the decision it feeds,
-/// above or below [`STORE_ABOVE_BITS`], only changes how a plane is coded, never what it decodes
-/// to).
+/// Order-0 entropy of `data` in bits per byte, estimated from at most 32 Ki bytes: 32 runs of
+/// 1 KiB evenly spread (whole cache lines, read in order, rather than a byte from every line).
+/// The estimate of a uniform plane is then within 0.006 bits of 8; the decision it feeds, above
+/// or below a threshold, only changes how a plane is coded, never what it decodes to.
 fn entropy(data: &[u8]) -> f64 {
-    const SAMPLE: usize = 1 << 16;
-    let step = (data.len() / SAMPLE).max(1);
+    const RUNS: usize = 32;
+    const RUN: usize = 1024;
     let mut h = [0u64; 256];
     let mut n = 0u64;
-    for &b in data.iter().step_by(step) {
-        h[b as usize] += 1;
-        n += 1;
+    let mut count = |run: &[u8]| {
+        for &b in run {
+            h[b as usize] += 1;
+        }
+        n += run.len() as u64;
+    };
+    if data.len() <= RUNS * RUN {
+        count(data);
+    } else {
+        let stride = data.len() / RUNS;
+        for r in 0..RUNS {
+            count(&data[r * stride..r * stride + RUN]);
+        }
     }
     let n = n as f64;
     h.iter()
@@ -134,8 +203,24 @@ fn adler32(data: &[u8]) -> u32 {
 /// join the last): each plane is deflated at `level` in its own blocks, or, when its bytes are
 /// close to random, kept in stored blocks. Any zlib decoder (HDF5's deflate filter) reads it.
 fn zlib_planes(data: &[u8], planes: usize, level: u32) -> Result<Vec<u8>, ChunkError> {
+    let mut out = Vec::new();
+    zlib_planes_into(data, planes, level, &mut out)?;
+    Ok(out)
+}
+
+/// [`zlib_planes`] appended to `out`.
+fn zlib_planes_into(
+    data: &[u8],
+    planes: usize,
+    level: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkError> {
+    thread_local! {
+        static DEFLATE: std::cell::RefCell<Option<(u32, flate2::Compress)>> =
+            const { std::cell::RefCell::new(None) };
+    }
     let planes = planes.max(1);
-    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    crate::mem::reserve(out, data.len() + data.len() / 65535 * 5 + 64);
     out.extend_from_slice(&[0x78, 0x5e]);
     let n = data.len() / planes;
     let mut start = 0;
@@ -160,23 +245,36 @@ fn zlib_planes(data: &[u8], planes: usize, level: u32) -> Result<Vec<u8>, ChunkE
             }
         } else {
             // A raw deflate stream ended by a sync flush: byte-aligned, no final block.
-            let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
-            let mut input = plane;
-            loop {
-                out.reserve(input.len() / 2 + 8192);
-                let before = c.total_in();
-                c.compress_vec(input, &mut out, flate2::FlushCompress::Sync)
-                    .map_err(|e| err(format!("deflate: {e}")))?;
-                input = &input[(c.total_in() - before) as usize..];
-                if input.is_empty() && out.len() < out.capacity() {
-                    break;
+            DEFLATE.with(|cell| -> Result<(), ChunkError> {
+                let mut guard = cell.borrow_mut();
+                if !matches!(&*guard, Some((l, _)) if *l == level) {
+                    *guard = Some((
+                        level,
+                        flate2::Compress::new(flate2::Compression::new(level), false),
+                    ));
                 }
-            }
+                let Some((_, c)) = guard.as_mut() else {
+                    return Err(err("deflate: no compressor"));
+                };
+                c.reset();
+                let mut input = plane;
+                loop {
+                    out.reserve(input.len() / 2 + 8192);
+                    let before = c.total_in();
+                    c.compress_vec(input, out, flate2::FlushCompress::Sync)
+                        .map_err(|e| err(format!("deflate: {e}")))?;
+                    input = &input[(c.total_in() - before) as usize..];
+                    if input.is_empty() && out.len() < out.capacity() {
+                        break;
+                    }
+                }
+                Ok(())
+            })?;
         }
     }
     out.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff]); // final, empty stored block
     out.extend_from_slice(&adler32(data).to_be_bytes());
-    Ok(out)
+    Ok(())
 }
 
 /// Largest block of a zstd frame (RFC 8878 `Block_Maximum_Size`).
@@ -190,10 +288,15 @@ const ZSTD_RAW_ABOVE_BITS: f64 = 7.95;
 /// match only every `ACCEL`-th position or so, which on byte planes of weights finds almost none.
 const PLANE_ACCEL: i32 = 1000;
 
-/// Compresses `data` as one zstd frame (content size in the header, no checksum) with a
-/// per-thread context: `literal_mode` is the byte-plane encoder (fastest match search, literals
-/// always Huffman-coded), otherwise zstd's own parameters for `level`.
-fn zstd_compress(data: &[u8], level: i32, literal_mode: bool) -> Result<Vec<u8>, ChunkError> {
+/// Compresses `data` as one zstd frame (content size in the header, no checksum) into `out`
+/// (cleared first) with a per-thread context: `literal_mode` is the byte-plane encoder (fastest
+/// match search, literals always Huffman-coded), otherwise zstd's own parameters for `level`.
+fn zstd_compress_into(
+    data: &[u8],
+    level: i32,
+    literal_mode: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkError> {
     use zstd::zstd_safe::{CParameter, ParamSwitch};
     thread_local! {
         static CCTX: std::cell::RefCell<Option<(i32, bool, zstd::bulk::Compressor<'static>)>> =
@@ -216,12 +319,15 @@ fn zstd_compress(data: &[u8], level: i32, literal_mode: bool) -> Result<Vec<u8>,
         let Some((_, _, c)) = guard.as_mut() else {
             return Err(err("zstd: no compression context"));
         };
-        c.compress(data).map_err(zerr)
+        out.clear();
+        crate::mem::reserve(out, zstd::zstd_safe::compress_bound(data.len()));
+        c.compress_to_buffer(data, out).map_err(zerr)?;
+        Ok(())
     })
 }
 
 /// One standard zstd frame (RFC 8878) for `data` split into `planes` equal byte planes (the
-/// output of the shuffle filter).
+/// output of the shuffle filter), written to `out` (cleared first).
 ///
 /// The planes are compressed by the *byte-plane encoder*: zstd's fastest match search with every
 /// literal block Huffman-coded. A byte plane of weights has almost no repeated strings, so the
@@ -235,41 +341,66 @@ fn zstd_compress(data: &[u8], level: i32, literal_mode: bool) -> Result<Vec<u8>,
 /// Raw blocks change no decoder state (repeat offsets, entropy tables), and match offsets in the
 /// compressed blocks are relative to the current position, so the frame decodes with any zstd
 /// decoder (HDF5's filter 32015, `hdf5plugin`, the zstd CLI) to `data`.
-fn zstd_planes(data: &[u8], planes: usize, level: i32) -> Result<Vec<u8>, ChunkError> {
+fn zstd_planes_into(
+    data: &[u8],
+    planes: usize,
+    level: i32,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkError> {
+    thread_local! {
+        static TAIL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let n = data.len() / planes.max(1);
     if planes <= 1 || n < ZSTD_MAX_BLOCK / 4 {
-        return zstd_compress(data, level, false);
+        return zstd_compress_into(data, level, false, out);
     }
-    let encode = |d: &[u8]| -> Result<Vec<u8>, ChunkError> {
-        let lit = zstd_compress(d, level, true)?;
-        if level < 2 {
-            return Ok(lit);
+    let encode = |d: &[u8], out: &mut Vec<u8>| -> Result<(), ChunkError> {
+        zstd_compress_into(d, level, true, out)?;
+        if level >= 2 {
+            let mut own = Vec::new();
+            zstd_compress_into(d, level, false, &mut own)?;
+            if own.len() < out.len() {
+                *out = own;
+            }
         }
-        let own = zstd_compress(d, level, false)?;
-        Ok(if own.len() < lit.len() { own } else { lit })
+        Ok(())
     };
     let raw_planes = (0..planes)
         .take_while(|&j| entropy(&data[j * n..(j + 1) * n]) > ZSTD_RAW_ABOVE_BITS)
         .count();
     if raw_planes == 0 || raw_planes == planes && data.len() == planes * n {
         // Nothing random to skip, or nothing left to compress.
-        return encode(data);
+        return encode(data, out);
     }
     let (raw, rest) = data.split_at(raw_planes * n);
-    let tail = encode(rest)?;
-    let tail_blocks = zstd_frame_blocks(&tail)?;
-    let mut out = Vec::with_capacity(raw.len() + tail_blocks.len() + 32);
-    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
-    // Frame header descriptor: 8-byte content size, single segment (window = content size), no
-    // checksum, no dictionary.
-    out.push(0b1110_0000);
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    for block in raw.chunks(ZSTD_MAX_BLOCK) {
-        let header = (block.len() as u32) << 3; // raw block (type 0), not last
-        out.extend_from_slice(&header.to_le_bytes()[..3]);
-        out.extend_from_slice(block);
-    }
-    out.extend_from_slice(tail_blocks);
+    TAIL.with(|cell| {
+        let mut tail = cell.borrow_mut();
+        encode(rest, &mut tail)?;
+        let tail_blocks = zstd_frame_blocks(&tail)?;
+        out.clear();
+        crate::mem::reserve(
+            out,
+            raw.len() + raw.len() / ZSTD_MAX_BLOCK * 3 + tail_blocks.len() + 32,
+        );
+        out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+        // Frame header descriptor: 8-byte content size, single segment (window = content
+        // size), no checksum, no dictionary.
+        out.push(0b1110_0000);
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        for block in raw.chunks(ZSTD_MAX_BLOCK) {
+            let header = (block.len() as u32) << 3; // raw block (type 0), not last
+            out.extend_from_slice(&header.to_le_bytes()[..3]);
+            out.extend_from_slice(block);
+        }
+        out.extend_from_slice(tail_blocks);
+        Ok(())
+    })
+}
+
+/// [`zstd_planes_into`] into a new buffer.
+fn zstd_planes(data: &[u8], planes: usize, level: i32) -> Result<Vec<u8>, ChunkError> {
+    let mut out = Vec::new();
+    zstd_planes_into(data, planes, level, &mut out)?;
     Ok(out)
 }
 

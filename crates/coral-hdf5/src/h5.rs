@@ -301,9 +301,8 @@ pub fn open_group(loc: hid_t, name: &str) -> Result<Hid, H5Error> {
     )
 }
 
-/// Creates a group whose name heap starts at 64 KiB (about a thousand keys before HDF5 has to
-/// move it: moving it rewrites metadata that a crash mid-flush could leave half-written).
-pub fn create_group(loc: hid_t, name: &str) -> Result<Hid, H5Error> {
+/// Creates a group whose name heap starts at `heap_hint` bytes (it grows as names are added).
+pub fn create_group(loc: hid_t, name: &str, heap_hint: usize) -> Result<Hid, H5Error> {
     let c = cstr(name)?;
     // SAFETY: valid id, C string and a new property list.
     unsafe {
@@ -313,7 +312,7 @@ pub fn create_group(loc: hid_t, name: &str) -> Result<Hid, H5Error> {
             || "gcpl".into(),
         )?;
         check(
-            hdf5_sys::h5p::H5Pset_local_heap_size_hint(gcpl.id(), 64 << 10),
+            hdf5_sys::h5p::H5Pset_local_heap_size_hint(gcpl.id(), heap_hint),
             || "heap size hint".into(),
         )?;
         Hid::new(
@@ -336,7 +335,7 @@ pub fn make_fcpl() -> Result<Hid, H5Error> {
             Kind::Plist,
             || "fcpl".into(),
         )?;
-        check(hdf5_sys::h5p::H5Pset_sym_k(p.id(), 32, 64), || {
+        check(hdf5_sys::h5p::H5Pset_sym_k(p.id(), 16, 16), || {
             "sym_k".into()
         })?;
         check(hdf5_sys::h5p::H5Pset_istore_k(p.id(), 4), || {

@@ -32,6 +32,7 @@ mod chunk;
 mod deltas;
 mod h5;
 mod journal;
+mod mem;
 mod options;
 mod store;
 

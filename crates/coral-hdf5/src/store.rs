@@ -26,8 +26,37 @@ pub const DELTAS: &str = "deltas";
 /// Group of model manifests.
 pub const MODELS: &str = "models";
 
-/// Uncompressed bytes of chunks compressed at a time when writing: bounds what is in flight.
-const WINDOW_BYTES: usize = 16 << 20;
+/// The threads that compress chunks for writes: a pool of their own, so that a caller running on
+/// rayon's global pool (an application parallelising its stores with rayon) never waits, holding
+/// the store, for work queued behind other global workers that wait for the store.
+/// (`None` if no thread could be started: rayon's global pool is used then.)
+fn compression_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("coral-hdf5-compress-{i}"))
+            .build()
+            .map_err(|e| tracing::warn!(error = %e, "no compression threads of our own"))
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Runs `f` in a scope of [`compression_pool`]'s threads.
+fn in_compression_scope<'scope, F>(f: F)
+where
+    F: for<'s> FnOnce(&'s rayon::Scope<'scope>) + Send,
+{
+    match compression_pool() {
+        Some(pool) => pool.scope(f),
+        None => rayon::scope(f),
+    }
+}
+
+/// Uncompressed bytes of chunks compressed ahead of the writer at most: bounds what is in flight.
+const IN_FLIGHT_BYTES: usize = 24 << 20;
 /// Compressed bytes read per group in loads (one group decodes while the next is read).
 const LOAD_GROUP_BYTES: usize = 16 << 20;
 
@@ -99,8 +128,13 @@ impl Encoded {
         }
     }
 
-    /// Compresses chunk `c` (the last one padded with zeros to a whole chunk).
-    fn encode_chunk(&self, c: usize) -> std::result::Result<(Vec<u8>, u32), chunk::ChunkError> {
+    /// Compresses chunk `c` (the last one padded with zeros to a whole chunk) into `out`;
+    /// returns its filter mask.
+    fn encode_chunk(
+        &self,
+        c: usize,
+        out: &mut Vec<u8>,
+    ) -> std::result::Result<u32, chunk::ChunkError> {
         let Layout::Chunked { pipeline, .. } = &self.layout else {
             return Err(chunk::ChunkError("not chunked".to_owned()));
         };
@@ -113,12 +147,12 @@ impl Encoded {
             .ok_or_else(|| chunk::ChunkError(format!("chunk {c} out of range")))?;
         let es = self.dtype.size();
         if part.len() == cb {
-            chunk::encode(pipeline, es, part)
+            chunk::encode_into(pipeline, es, part, out)
         } else {
             let mut padded = Vec::with_capacity(cb);
             padded.extend_from_slice(part);
             padded.resize(cb, 0);
-            chunk::encode(pipeline, es, &padded)
+            chunk::encode_into(pipeline, es, &padded, out)
         }
     }
 }
@@ -381,32 +415,65 @@ impl HDF5Store {
             }
             tasks.extend((0..n).map(|c| (p, c)));
         }
-        // Windows of about WINDOW_BYTES of chunks. Window k+1 is compressed (on rayon's threads,
-        // driven from a scoped thread that never touches HDF5) while this thread, which holds
-        // HDF5's lock, writes window k: two windows in flight at most.
-        let mut windows: Vec<std::ops::Range<usize>> = Vec::new();
-        let mut start = 0;
-        while start < tasks.len() {
-            let mut end = start;
-            let mut bytes = 0usize;
-            while end < tasks.len() && (bytes < WINDOW_BYTES || end == start) {
-                bytes += encs[tasks[end].0].chunk_bytes();
-                end += 1;
-            }
-            windows.push(start..end);
-            start = end;
+        // Chunks are compressed on rayon's threads, submitted in order by a scoped thread that
+        // never touches HDF5, at most IN_FLIGHT_BYTES of chunk bytes ahead of this thread, which
+        // holds HDF5's lock and writes each chunk as soon as it and those before it are ready:
+        // compression and writing overlap with no barrier between them.
+        struct Budget {
+            used: usize,
+            abort: bool,
         }
-        let compress = |range: std::ops::Range<usize>| -> Result<Vec<(Vec<u8>, u32)>> {
-            tasks[range]
-                .par_iter()
-                .map(|&(p, c)| encs[p].encode_chunk(c))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|err| corrupt(&self.path, "", format!("compressing: {err}")))
+        let budget = (
+            Mutex::new(Budget {
+                used: 0,
+                abort: false,
+            }),
+            std::sync::Condvar::new(),
+        );
+        let lock_budget = || budget.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Buffers of written chunks are reused for the next ones: no fresh memory per chunk.
+        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        type Done = std::result::Result<(Vec<u8>, u32), chunk::ChunkError>;
+        let (senders, receivers): (Vec<_>, Vec<_>) = tasks
+            .iter()
+            .map(|_| std::sync::mpsc::sync_channel::<Done>(1))
+            .unzip();
+        let submit = || {
+            in_compression_scope(|rs| {
+                for (&(p, c), tx) in tasks.iter().zip(senders) {
+                    let cost = encs[p].chunk_bytes();
+                    {
+                        let mut b = lock_budget();
+                        while !b.abort && b.used > 0 && b.used + cost > IN_FLIGHT_BYTES {
+                            b = budget.1.wait(b).unwrap_or_else(|e| e.into_inner());
+                        }
+                        if b.abort {
+                            return;
+                        }
+                        b.used += cost;
+                    }
+                    let pool = &pool;
+                    rs.spawn(move |_| {
+                        let mut buf = pool
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .pop()
+                            .unwrap_or_default();
+                        let done = encs[p].encode_chunk(c, &mut buf).map(|mask| (buf, mask));
+                        // The writer may have stopped on an error: nothing to do then.
+                        let _ = tx.send(done);
+                    });
+                }
+            })
         };
-        let mut open: HashMap<usize, Hid> = HashMap::new();
-        let mut write = |range: std::ops::Range<usize>, done: Vec<(Vec<u8>, u32)>| -> Result<()> {
-            for (&(p, c), (chunk_data, mask)) in tasks[range].iter().zip(done) {
+        let write_all = |receivers: Vec<std::sync::mpsc::Receiver<Done>>| -> Result<()> {
+            let mut open: HashMap<usize, Hid> = HashMap::new();
+            for (&(p, c), rx) in tasks.iter().zip(receivers) {
                 let enc = encs[p];
+                let (chunk_data, mask) = rx
+                    .recv()
+                    .map_err(|_| corrupt(&self.path, &enc.key, "compressing: a worker stopped"))?
+                    .map_err(|err| corrupt(&self.path, &enc.key, format!("compressing: {err}")))?;
                 if let std::collections::hash_map::Entry::Vacant(v) = open.entry(p) {
                     v.insert(self.create_dataset(inner, enc)?);
                 }
@@ -414,6 +481,14 @@ impl HDF5Store {
                     .get(&p)
                     .ok_or_else(|| corrupt(&self.path, &enc.key, "lost dataset"))?;
                 self.write_chunk(dset, enc, c, &chunk_data, mask)?;
+                pool.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(chunk_data);
+                {
+                    let mut b = lock_budget();
+                    b.used = b.used.saturating_sub(enc.chunk_bytes());
+                }
+                budget.1.notify_all();
                 if c + 1 == enc.n_chunks() {
                     if let Some(dset) = open.remove(&p) {
                         finish(p, dset)?;
@@ -422,25 +497,18 @@ impl HDF5Store {
             }
             Ok(())
         };
-        let Some(first) = windows.first().cloned() else {
-            return Ok(());
-        };
-        let mut pending = compress(first.clone())?;
-        let mut current = first;
         std::thread::scope(|scope| -> Result<()> {
-            for next in windows.iter().skip(1).cloned() {
-                let compress = &compress;
-                let range = next.clone();
-                let handle = scope.spawn(move || compress(range));
-                let wrote = write(current.clone(), std::mem::take(&mut pending));
-                let compressed = handle.join().map_err(|_| {
-                    corrupt(&self.path, "", "compressing: a worker panicked".to_owned())
-                })?;
-                wrote?;
-                pending = compressed?;
-                current = next;
+            let producer = scope.spawn(submit);
+            let written = write_all(receivers);
+            if written.is_err() {
+                lock_budget().abort = true;
+                budget.1.notify_all();
             }
-            write(current.clone(), std::mem::take(&mut pending))
+            let joined = producer
+                .join()
+                .map_err(|_| corrupt(&self.path, "", "compressing: a worker panicked".to_owned()));
+            written?;
+            joined
         })
     }
 
@@ -809,9 +877,15 @@ impl HDF5Store {
         items: &[(String, &WeightTensor, Option<ContentHash>)],
     ) -> Result<BTreeMap<String, ContentHash>> {
         let algorithm = self.opts.hash_algorithm;
-        let keys: Vec<ContentHash> = items
+        // Largest first, one tensor per task: the hash of a large tensor is one thread's work,
+        // which the other threads overlap with the small ones.
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(items[i].1.nbytes()));
+        let mut hashed: Vec<(usize, ContentHash)> = order
             .par_iter()
-            .map(|(_, w, given)| {
+            .with_max_len(1)
+            .map(|&i| {
+                let (_, w, given) = &items[i];
                 let actual = w.compute_hash_with(given.map(|k| k.algorithm()).unwrap_or(algorithm));
                 match given {
                     Some(k) if *k != actual => Err(StoreError::KeyMismatch {
@@ -819,10 +893,12 @@ impl HDF5Store {
                         key: *k,
                         actual,
                     }),
-                    _ => Ok(actual),
+                    _ => Ok((i, actual)),
                 }
             })
             .collect::<Result<_>>()?;
+        hashed.sort_unstable_by_key(|&(i, _)| i);
+        let keys: Vec<ContentHash> = hashed.into_iter().map(|(_, k)| k).collect();
         // Which are new (not stored, not repeated in this batch).
         let mut todo: Vec<usize> = Vec::new();
         self.with_write(|inner| {
@@ -1033,7 +1109,7 @@ impl RawRead {
                 chunks,
                 nbytes,
             } => {
-                let mut out = zeroed_huge(nbytes);
+                let mut out = crate::mem::zeroed(nbytes);
                 out.par_chunks_mut(chunk_bytes.max(1))
                     .zip(chunks.into_par_iter())
                     .enumerate()
@@ -1213,7 +1289,10 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
             if has(g)? {
                 h5::open_group(fid, g).map(Some).map_err(|e| h5err(path, e))
             } else if writable {
-                h5::create_group(fid, g)
+                // Room for about a hundred 64-character keys in `weights/`; the other groups
+                // start small. HDF5 grows a heap that fills up.
+                let hint = if g == WEIGHTS { 8 << 10 } else { 512 };
+                h5::create_group(fid, g, hint)
                     .map(Some)
                     .map_err(|e| h5err(path, e))
             } else {
@@ -1427,26 +1506,4 @@ impl Drop for HDF5Store {
             tracing::warn!(path = %self.path.display(), error = %e, "closing the HDF5 store failed");
         }
     }
-}
-
-/// A zeroed buffer of `n` bytes whose large middle is backed by transparent huge pages where the
-/// kernel allows it (one page fault per 2 MiB instead of per 4 KiB when it is first written).
-pub(crate) fn zeroed_huge(n: usize) -> Vec<u8> {
-    let v = vec![0u8; n];
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        if n >= 2 * HUGE {
-            let p = v.as_ptr() as usize;
-            let start = p.next_multiple_of(HUGE);
-            let end = (p + n) / HUGE * HUGE;
-            if end > start {
-                // SAFETY: advice only, on whole pages inside the allocation; failure is harmless.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-                }
-            }
-        }
-    }
-    v
 }

@@ -82,3 +82,35 @@ fn loads_racing_deletes_and_rewrites_never_return_wrong_bytes() {
         absent.load(Ordering::Relaxed)
     );
 }
+
+/// A store used from inside rayon's own pool (as an application that parallelises with rayon
+/// would): every worker blocked in a call on the store must not starve the compression that call
+/// waits for.
+#[test]
+fn stores_and_loads_from_rayon_workers_finish() {
+    use rayon::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let opts = HDF5StoreOptions::new()
+            .compression(Compression::Zstd)
+            .chunk_bytes(16 * 1024)
+            .mode(Mode::Truncate);
+        let store = HDF5Store::open(&path, opts).unwrap();
+        let n = 4 * rayon::current_num_threads();
+        let keys: Vec<_> = (0..n as u32)
+            .into_par_iter()
+            .map(|i| store.store(&tensor(&format!("t{i}"), i)).unwrap())
+            .collect();
+        let found = keys
+            .par_iter()
+            .filter(|k| store.load(k).unwrap().is_some())
+            .count();
+        let _ = tx.send(found == n);
+    });
+    let ok = rx
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .expect("stores from rayon workers did not finish (deadlock)");
+    assert!(ok);
+}

@@ -11,6 +11,7 @@ Usage: python coral_ml_helper.py <command> [args...]; every command prints one J
 
 import hashlib
 import json
+import os
 import resource
 import struct
 import sys
@@ -73,6 +74,9 @@ def cmd_ingest(model, dtype, out, compression):
     base = maxrss_kb()
     comp = None if compression == "none" else compression
     opts = 4 if comp == "gzip" else None
+    # Into a new file: removing the previous run's is not part of the measurement.
+    if os.path.exists(out):
+        os.remove(out)
     t = time.perf_counter()
     store = HDF5Store(out, compression=comp, compression_opts=opts, mode="w")
     keys = store.store_batch(weights)

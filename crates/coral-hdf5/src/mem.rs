@@ -1,0 +1,62 @@
+//! Large buffers backed by transparent huge pages where the kernel allows it: one page fault per
+//! 2 MiB instead of per 4 KiB the first time they are written, which is most of the cost of
+//! fresh memory for chunk-sized buffers.
+
+const HUGE: usize = 2 << 20;
+
+/// Advises huge pages for the whole 2 MiB pages inside `len` bytes at `ptr` (advice only).
+fn advise(ptr: *const u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let p = ptr as usize;
+        let start = p.next_multiple_of(HUGE);
+        let end = p.saturating_add(len) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: advice only, on whole pages inside one allocation; failure is harmless.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
+}
+
+/// A zeroed buffer of `n` bytes (untouched memory from the allocator, advised before use).
+pub(crate) fn zeroed(n: usize) -> Vec<u8> {
+    let v = vec![0u8; n];
+    if n >= 2 * HUGE {
+        advise(v.as_ptr(), n);
+    }
+    v
+}
+
+/// Makes room for `additional` more bytes in `v`. When it must grow to 4 MiB or more, the new
+/// allocation is advised before anything is written to it.
+pub(crate) fn reserve(v: &mut Vec<u8>, additional: usize) {
+    let need = v.len().saturating_add(additional);
+    if v.capacity() >= need {
+        return;
+    }
+    if need < 2 * HUGE {
+        v.reserve(additional);
+        return;
+    }
+    let mut fresh = Vec::with_capacity(need);
+    advise(fresh.as_ptr(), need);
+    fresh.extend_from_slice(v);
+    *v = fresh;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reserve_keeps_the_contents_and_makes_room() {
+        let mut v = vec![1u8, 2, 3];
+        super::reserve(&mut v, 5 << 20);
+        assert_eq!(v, [1, 2, 3]);
+        assert!(v.capacity() >= 3 + (5 << 20));
+        let z = super::zeroed(5 << 20);
+        assert!(z.iter().all(|&b| b == 0));
+    }
+}
