@@ -44,14 +44,16 @@ fn compression_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Runs `f` in a scope of [`compression_pool`]'s threads.
+/// Runs `f` on this thread in a scope whose spawns run on [`compression_pool`]'s threads.
 fn in_compression_scope<'scope, F>(f: F)
 where
     F: for<'s> FnOnce(&'s rayon::Scope<'scope>) + Send,
 {
+    // In place: the closure runs on this thread (it blocks while too much is in flight) and
+    // only what it spawns runs on the pool's threads.
     match compression_pool() {
-        Some(pool) => pool.scope(f),
-        None => rayon::scope(f),
+        Some(pool) => pool.in_place_scope(f),
+        None => rayon::in_place_scope(f),
     }
 }
 
