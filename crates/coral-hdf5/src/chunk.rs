@@ -70,14 +70,16 @@ pub fn encode_into(
     SHUFFLED.with(|cell| {
         let mut buf = cell.borrow_mut();
         let input: &[u8] = if shuffled {
-            if buf.len() != data.len() {
-                buf.clear();
-                crate::mem::reserve(&mut buf, data.len());
+            // The buffer only grows: no zeroing per chunk.
+            if buf.len() < data.len() {
+                let more = data.len() - buf.len();
+                crate::mem::reserve(&mut buf, more);
                 buf.resize(data.len(), 0);
             }
-            coral_core::codec::shuffle_into(data, element_size, &mut buf)
+            let dst = &mut buf[..data.len()];
+            coral_core::codec::shuffle_into(data, element_size, dst)
                 .map_err(|e| err(e.to_string()))?;
-            &buf
+            dst
         } else {
             data
         };

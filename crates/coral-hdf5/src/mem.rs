@@ -31,14 +31,14 @@ pub(crate) fn zeroed(n: usize) -> Vec<u8> {
     v
 }
 
-/// Makes room for `additional` more bytes in `v`. When it must grow to 4 MiB or more, the new
+/// Makes room for `additional` more bytes in `v`. When it must grow to 2 MiB or more, the new
 /// allocation is advised before anything is written to it.
 pub(crate) fn reserve(v: &mut Vec<u8>, additional: usize) {
     let need = v.len().saturating_add(additional);
     if v.capacity() >= need {
         return;
     }
-    if need < 2 * HUGE {
+    if need < HUGE {
         v.reserve(additional);
         return;
     }

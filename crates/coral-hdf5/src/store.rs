@@ -44,6 +44,15 @@ fn compression_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
+/// The largest buffer of `pool` (an empty one when there is none).
+fn take_largest(pool: &Mutex<Vec<Vec<u8>>>) -> Vec<u8> {
+    let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+    match (0..pool.len()).max_by_key(|&i| pool[i].capacity()) {
+        Some(i) => pool.swap_remove(i),
+        None => Vec::new(),
+    }
+}
+
 /// Runs `f` on this thread in a scope whose spawns run on [`compression_pool`]'s threads.
 fn in_compression_scope<'scope, F>(f: F)
 where
@@ -58,7 +67,7 @@ where
 }
 
 /// Uncompressed bytes of chunks compressed ahead of the writer at most: bounds what is in flight.
-const IN_FLIGHT_BYTES: usize = 24 << 20;
+const IN_FLIGHT_BYTES: usize = 16 << 20;
 /// Compressed bytes read per group in loads (one group decodes while the next is read).
 const LOAD_GROUP_BYTES: usize = 16 << 20;
 
@@ -151,10 +160,17 @@ impl Encoded {
         if part.len() == cb {
             chunk::encode_into(pipeline, es, part, out)
         } else {
-            let mut padded = Vec::with_capacity(cb);
-            padded.extend_from_slice(part);
-            padded.resize(cb, 0);
-            chunk::encode_into(pipeline, es, &padded, out)
+            thread_local! {
+                static PADDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            PADDED.with(|cell| {
+                let mut padded = cell.borrow_mut();
+                padded.clear();
+                crate::mem::reserve(&mut padded, cb);
+                padded.extend_from_slice(part);
+                padded.resize(cb, 0);
+                chunk::encode_into(pipeline, es, &padded, out)
+            })
         }
     }
 }
@@ -456,11 +472,7 @@ impl HDF5Store {
                     }
                     let pool = &pool;
                     rs.spawn(move |_| {
-                        let mut buf = pool
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .pop()
-                            .unwrap_or_default();
+                        let mut buf = take_largest(pool);
                         let done = encs[p].encode_chunk(c, &mut buf).map(|mask| (buf, mask));
                         // The writer may have stopped on an error: nothing to do then.
                         let _ = tx.send(done);
@@ -483,9 +495,12 @@ impl HDF5Store {
                     .get(&p)
                     .ok_or_else(|| corrupt(&self.path, &enc.key, "lost dataset"))?;
                 self.write_chunk(dset, enc, c, &chunk_data, mask)?;
-                pool.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(chunk_data);
+                // Small buffers are not worth keeping.
+                if chunk_data.capacity() >= 64 << 10 {
+                    pool.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(chunk_data);
+                }
                 {
                     let mut b = lock_budget();
                     b.used = b.used.saturating_sub(enc.chunk_bytes());
