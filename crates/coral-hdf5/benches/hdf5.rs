@@ -77,6 +77,23 @@ fn child(args: &[String]) {
             let nbytes: usize = loaded.values().map(|w| w.nbytes()).sum();
             println!("{dt} {nbytes} {base} {}", vm_hwm_kb());
         }
+        "hash" => {
+            // What verifying a load costs at the least: SHA-256 of every tensor, largest first,
+            // on every core (rayon), with nothing read or decoded.
+            use rayon::prelude::*;
+            let mut weights = model::load_model(Path::new(model), dtype == "bf16");
+            weights.sort_by_key(|(_, w)| std::cmp::Reverse(w.nbytes()));
+            let nbytes: usize = weights.iter().map(|(_, w)| w.nbytes()).sum();
+            let t = Instant::now();
+            let keys: Vec<ContentHash> = weights
+                .par_iter()
+                .with_max_len(1)
+                .map(|(_, w)| w.compute_hash())
+                .collect();
+            let dt = t.elapsed().as_secs_f64();
+            assert_eq!(keys.len(), weights.len());
+            println!("{dt} {nbytes} 0 0");
+        }
         other => panic!("unknown op {other}"),
     }
 }
@@ -204,6 +221,7 @@ fn main() {
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
     let mut rows: Vec<(String, Vec<Row>)> = Vec::new();
+    let mut floors: Vec<(String, f64, f64)> = Vec::new();
     for dtype in ["fp32", "bf16"] {
         let mut group = Vec::new();
         let pyfile = dir.path().join(format!("py-{dtype}.h5"));
@@ -251,6 +269,13 @@ fn main() {
                 load_mem: r.5,
             });
         }
+        let hash: Vec<f64> = (0..runs)
+            .map(|_| {
+                let r = run_ours("hash", "zstd1", dtype, Path::new("-"), &model);
+                r.nbytes / r.seconds / 1e6
+            })
+            .collect();
+        floors.push((dtype.to_owned(), median(hash), group[0].load_mbs));
         rows.push((dtype.to_owned(), group));
     }
     println!("| model | store | ingest MB/s | ×coral-ml | load MB/s | ×coral-ml | file MB | saved | ingest peak extra MiB | load peak extra MiB |");
@@ -271,5 +296,14 @@ fn main() {
                 r.load_mem
             );
         }
+    }
+    println!();
+    println!("Verification alone (SHA-256 of every tensor on every core, nothing read or decoded), the ceiling of any verified load here:");
+    println!();
+    for (dtype, mbs, base) in &floors {
+        println!(
+            "- {dtype}: {mbs:.0} MB/s, {:.1}× coral-ml's load",
+            mbs / base
+        );
     }
 }

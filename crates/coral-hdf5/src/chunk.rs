@@ -20,6 +20,11 @@ fn err(s: impl Into<String>) -> ChunkError {
     ChunkError(s.into())
 }
 
+/// Room for `n` more bytes in `v` ([`crate::mem::reserve`]), or an error.
+pub(crate) fn room(v: &mut Vec<u8>, n: usize) -> Result<(), ChunkError> {
+    crate::mem::reserve(v, n).map_err(|e| err(format!("cannot allocate {n} bytes: {e}")))
+}
+
 /// True when every filter of `pipeline` is one this module implements.
 pub fn supported(pipeline: &[FilterInfo]) -> bool {
     pipeline.iter().all(|f| {
@@ -73,7 +78,7 @@ pub fn encode_into(
             // The buffer only grows: no zeroing per chunk.
             if buf.len() < data.len() {
                 let more = data.len() - buf.len();
-                crate::mem::reserve(&mut buf, more);
+                room(&mut buf, more)?;
                 buf.resize(data.len(), 0);
             }
             let dst = &mut buf[..data.len()];
@@ -222,7 +227,7 @@ fn zlib_planes_into(
             const { std::cell::RefCell::new(None) };
     }
     let planes = planes.max(1);
-    crate::mem::reserve(out, data.len() + data.len() / 65535 * 5 + 64);
+    room(out, data.len() + data.len() / 65535 * 5 + 64)?;
     out.extend_from_slice(&[0x78, 0x5e]);
     let n = data.len() / planes;
     let mut start = 0;
@@ -322,7 +327,7 @@ fn zstd_compress_into(
             return Err(err("zstd: no compression context"));
         };
         out.clear();
-        crate::mem::reserve(out, zstd::zstd_safe::compress_bound(data.len()));
+        room(out, zstd::zstd_safe::compress_bound(data.len()))?;
         c.compress_to_buffer(data, out).map_err(zerr)?;
         Ok(())
     })
@@ -380,10 +385,10 @@ fn zstd_planes_into(
         encode(rest, &mut tail)?;
         let tail_blocks = zstd_frame_blocks(&tail)?;
         out.clear();
-        crate::mem::reserve(
+        room(
             out,
             raw.len() + raw.len() / ZSTD_MAX_BLOCK * 3 + tail_blocks.len() + 32,
-        );
+        )?;
         out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
         // Frame header descriptor: 8-byte content size, single segment (window = content
         // size), no checksum, no dictionary.
@@ -539,8 +544,7 @@ pub fn decode_into(
                     return Err(err("zstd: no decompression context"));
                 };
                 buf.clear();
-                buf.try_reserve(chunk_bytes)
-                    .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
+                room(buf, chunk_bytes)?;
                 d.decompress_to_buffer(data, buf)
                     .map_err(|e| err(format!("corrupt zstd data: {e}")))?;
                 buf
@@ -603,8 +607,7 @@ fn inflate_with(
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkError> {
     out.clear();
-    out.try_reserve(chunk_bytes + 1)
-        .map_err(|e| err(format!("cannot allocate {chunk_bytes} bytes: {e}")))?;
+    room(out, chunk_bytes + 1)?;
     loop {
         let before_in = d.total_in();
         let before_out = d.total_out();

@@ -22,30 +22,46 @@ fn advise(ptr: *const u8, len: usize) {
     let _ = (ptr, len);
 }
 
-/// A zeroed buffer of `n` bytes (untouched memory from the allocator, advised before use).
-pub(crate) fn zeroed(n: usize) -> Vec<u8> {
-    let v = vec![0u8; n];
-    if n >= 2 * HUGE {
-        advise(v.as_ptr(), n);
+/// A zeroed buffer of `n` bytes (untouched memory from the allocator, advised before use), or
+/// `None` when the memory is not there (a size read from a damaged file must not abort).
+pub(crate) fn zeroed(n: usize) -> Option<Vec<u8>> {
+    if n == 0 {
+        return Some(Vec::new());
     }
-    v
+    let layout = std::alloc::Layout::array::<u8>(n).ok()?;
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    if n >= 2 * HUGE {
+        advise(ptr, n);
+    }
+    // SAFETY: allocated by the global allocator with the layout of `n` bytes aligned to 1, which
+    // is what a Vec<u8> of capacity `n` uses; all `n` bytes are initialised (zero).
+    Some(unsafe { Vec::from_raw_parts(ptr, n, n) })
 }
 
-/// Makes room for `additional` more bytes in `v`. When it must grow to 2 MiB or more, the new
-/// allocation is advised before anything is written to it.
-pub(crate) fn reserve(v: &mut Vec<u8>, additional: usize) {
+/// Makes room for `additional` more bytes in `v`, or fails (never aborts) when the memory is
+/// not there. When it must grow to 2 MiB or more, the new allocation is advised before
+/// anything is written to it.
+pub(crate) fn reserve(
+    v: &mut Vec<u8>,
+    additional: usize,
+) -> Result<(), std::collections::TryReserveError> {
     let need = v.len().saturating_add(additional);
     if v.capacity() >= need {
-        return;
+        return Ok(());
     }
     if need < HUGE {
-        v.reserve(additional);
-        return;
+        return v.try_reserve(additional);
     }
-    let mut fresh = Vec::with_capacity(need);
+    let mut fresh = Vec::new();
+    fresh.try_reserve_exact(need)?;
     advise(fresh.as_ptr(), need);
     fresh.extend_from_slice(v);
     *v = fresh;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -53,10 +69,14 @@ mod tests {
     #[test]
     fn reserve_keeps_the_contents_and_makes_room() {
         let mut v = vec![1u8, 2, 3];
-        super::reserve(&mut v, 5 << 20);
+        super::reserve(&mut v, 5 << 20).unwrap();
+        assert!(super::reserve(&mut v, usize::MAX / 2).is_err());
         assert_eq!(v, [1, 2, 3]);
         assert!(v.capacity() >= 3 + (5 << 20));
-        let z = super::zeroed(5 << 20);
+        let z = super::zeroed(5 << 20).unwrap();
+        assert_eq!(z.len(), 5 << 20);
         assert!(z.iter().all(|&b| b == 0));
+        assert!(super::zeroed(0).unwrap().is_empty());
+        assert!(super::zeroed(usize::MAX / 2).is_none());
     }
 }

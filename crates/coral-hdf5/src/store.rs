@@ -166,7 +166,7 @@ impl Encoded {
             PADDED.with(|cell| {
                 let mut padded = cell.borrow_mut();
                 padded.clear();
-                crate::mem::reserve(&mut padded, cb);
+                chunk::room(&mut padded, cb)?;
                 padded.extend_from_slice(part);
                 padded.resize(cb, 0);
                 chunk::encode_into(pipeline, es, &padded, out)
@@ -1126,7 +1126,8 @@ impl RawRead {
                 chunks,
                 nbytes,
             } => {
-                let mut out = crate::mem::zeroed(nbytes);
+                let mut out = crate::mem::zeroed(nbytes)
+                    .ok_or_else(|| format!("cannot allocate {nbytes} bytes"))?;
                 out.par_chunks_mut(chunk_bytes.max(1))
                     .zip(chunks.into_par_iter())
                     .enumerate()
@@ -1152,14 +1153,18 @@ impl RawRead {
                                 })?;
                                 let size = usize::try_from(size)
                                     .map_err(|_| format!("chunk {i} is {size} bytes"))?;
-                                buf.clear();
-                                buf.try_reserve(size)
-                                    .map_err(|e| format!("chunk {i}: {size} bytes: {e}"))?;
-                                buf.resize(size, 0);
-                                file.read_exact_at(&mut buf, addr).map_err(|e| {
+                                // The buffer only grows: no zeroing per chunk.
+                                if buf.len() < size {
+                                    let more = size - buf.len();
+                                    chunk::room(&mut buf, more)
+                                        .map_err(|e| format!("chunk {i}: {e}"))?;
+                                    buf.resize(size, 0);
+                                }
+                                let buf = &mut buf[..size];
+                                file.read_exact_at(buf, addr).map_err(|e| {
                                     format!("chunk {i}: reading {size} bytes at {addr}: {e}")
                                 })?;
-                                decode(&buf, mask)
+                                decode(buf, mask)
                             }),
                         }
                     })?;
