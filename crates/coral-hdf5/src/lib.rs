@@ -31,6 +31,7 @@
 mod chunk;
 mod deltas;
 mod h5;
+mod ingest;
 mod journal;
 mod mem;
 mod options;

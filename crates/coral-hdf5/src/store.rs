@@ -30,7 +30,7 @@ pub const MODELS: &str = "models";
 /// rayon's global pool (an application parallelising its stores with rayon) never waits, holding
 /// the store, for work queued behind other global workers that wait for the store.
 /// (`None` if no thread could be started: rayon's global pool is used then.)
-fn compression_pool() -> Option<&'static rayon::ThreadPool> {
+pub(crate) fn compression_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -45,7 +45,7 @@ fn compression_pool() -> Option<&'static rayon::ThreadPool> {
 }
 
 /// The largest buffer of `pool` (an empty one when there is none).
-fn take_largest(pool: &Mutex<Vec<Vec<u8>>>) -> Vec<u8> {
+pub(crate) fn take_largest(pool: &Mutex<Vec<Vec<u8>>>) -> Vec<u8> {
     let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
     match (0..pool.len()).max_by_key(|&i| pool[i].capacity()) {
         Some(i) => pool.swap_remove(i),
@@ -54,9 +54,9 @@ fn take_largest(pool: &Mutex<Vec<Vec<u8>>>) -> Vec<u8> {
 }
 
 /// Runs `f` on this thread in a scope whose spawns run on [`compression_pool`]'s threads.
-fn in_compression_scope<'scope, F>(f: F)
+pub(crate) fn in_compression_scope<'scope, F>(f: F)
 where
-    F: for<'s> FnOnce(&'s rayon::Scope<'scope>) + Send,
+    F: for<'s> FnOnce(&'s rayon::Scope<'scope>),
 {
     // In place: the closure runs on this thread (it blocks while too much is in flight) and
     // only what it spawns runs on the pool's threads.
@@ -67,7 +67,7 @@ where
 }
 
 /// Uncompressed bytes of chunks compressed ahead of the writer at most: bounds what is in flight.
-const IN_FLIGHT_BYTES: usize = 16 << 20;
+pub(crate) const IN_FLIGHT_BYTES: usize = 16 << 20;
 /// Compressed bytes read per group in loads (one group decodes while the next is read).
 const LOAD_GROUP_BYTES: usize = 16 << 20;
 
@@ -119,7 +119,7 @@ pub(crate) struct Encoded {
 
 impl Encoded {
     /// Bytes of one chunk (0 for contiguous layouts).
-    fn chunk_bytes(&self) -> usize {
+    pub(crate) fn chunk_bytes(&self) -> usize {
         match &self.layout {
             Layout::Contiguous => 0,
             Layout::Chunked { rows, .. } => {
@@ -130,7 +130,7 @@ impl Encoded {
     }
 
     /// Number of chunks (0 for contiguous layouts).
-    fn n_chunks(&self) -> usize {
+    pub(crate) fn n_chunks(&self) -> usize {
         let cb = self.chunk_bytes();
         if cb == 0 {
             0
@@ -141,7 +141,7 @@ impl Encoded {
 
     /// Compresses chunk `c` (the last one padded with zeros to a whole chunk) into `out`;
     /// returns its filter mask.
-    fn encode_chunk(
+    pub(crate) fn encode_chunk(
         &self,
         c: usize,
         out: &mut Vec<u8>,
@@ -198,7 +198,7 @@ pub(crate) fn h5err(path: &Path, e: H5Error) -> StoreError {
     StoreError::backend(format!("{}", path.display()), e)
 }
 
-fn corrupt(path: &Path, key: &str, reason: impl Into<String>) -> StoreError {
+pub(crate) fn corrupt(path: &Path, key: &str, reason: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         location: path.display().to_string(),
         key: key.to_owned(),
@@ -349,7 +349,7 @@ impl HDF5Store {
 
     /// Creates the dataset of `enc` anonymously; contiguous data is written at once. Call
     /// under the lock.
-    fn create_dataset(&self, inner: &Inner, enc: &Encoded) -> Result<Hid> {
+    pub(crate) fn create_dataset(&self, inner: &Inner, enc: &Encoded) -> Result<Hid> {
         let e = |e| self.err(e);
         let ftype = h5::file_type(enc.dtype).map_err(e)?;
         let space = h5::simple_space(&enc.dims).map_err(e)?;
@@ -382,7 +382,7 @@ impl HDF5Store {
     }
 
     /// Writes compressed chunk `c` of `enc` with direct chunk I/O. Call under the lock.
-    fn write_chunk(
+    pub(crate) fn write_chunk(
         &self,
         dset: &Hid,
         enc: &Encoded,
@@ -885,81 +885,6 @@ impl HDF5Store {
         }
         let epoch = epoch.unwrap_or_default();
         Ok((epoch, result.map(|()| out)))
-    }
-
-    /// Hashes (in parallel), then encodes and writes new weights in bounded groups, flushing at
-    /// the end. `items` are (name, weight, key or None to compute).
-    pub(crate) fn store_many(
-        &self,
-        items: &[(String, &WeightTensor, Option<ContentHash>)],
-    ) -> Result<BTreeMap<String, ContentHash>> {
-        let algorithm = self.opts.hash_algorithm;
-        // Largest first, one tensor per task: the hash of a large tensor is one thread's work,
-        // which the other threads overlap with the small ones.
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(items[i].1.nbytes()));
-        let mut hashed: Vec<(usize, ContentHash)> = order
-            .par_iter()
-            .with_max_len(1)
-            .map(|&i| {
-                let (_, w, given) = &items[i];
-                let actual = w.compute_hash_with(given.map(|k| k.algorithm()).unwrap_or(algorithm));
-                match given {
-                    Some(k) if *k != actual => Err(StoreError::KeyMismatch {
-                        name: w.name().to_owned(),
-                        key: *k,
-                        actual,
-                    }),
-                    _ => Ok((i, actual)),
-                }
-            })
-            .collect::<Result<_>>()?;
-        hashed.sort_unstable_by_key(|&(i, _)| i);
-        let keys: Vec<ContentHash> = hashed.into_iter().map(|(_, k)| k).collect();
-        // Which are new (not stored, not repeated in this batch).
-        let mut todo: Vec<usize> = Vec::new();
-        self.with_write(|inner| {
-            let mut seen = HashSet::new();
-            for (i, k) in keys.iter().enumerate() {
-                if seen.insert(*k) && !self.weight_present(inner, &k.to_hex())? {
-                    todo.push(i);
-                }
-            }
-            Ok(())
-        })?;
-        let plans: Vec<Encoded> = todo
-            .iter()
-            .map(|&i| {
-                let w = items[i].1;
-                self.encode(keys[i].to_hex(), w.dtype(), w.shape(), w.data())
-            })
-            .collect::<Result<_>>()?;
-        self.with_write(|inner| {
-            // Another thread may have stored some since we checked; leftovers of an interrupted
-            // write (no `hash` attribute) are replaced.
-            let mut keep: Vec<usize> = Vec::new();
-            let mut seen = HashSet::new();
-            for (p, plan) in plans.iter().enumerate() {
-                if !seen.insert(plan.key.as_str()) || self.weight_present(inner, &plan.key)? {
-                    continue;
-                }
-                if h5::link_exists(inner.weights.id(), &plan.key).map_err(|e| self.err(e))? {
-                    self.unlink(inner.weights.id(), &plan.key)?;
-                }
-                keep.push(p);
-            }
-            let encs: Vec<&Encoded> = keep.iter().map(|&p| &plans[p]).collect();
-            self.write_datasets(inner, inner.weights.id(), &encs, &|q, obj| {
-                let p = keep[q];
-                Self::weight_attrs(items[todo[p]].1.metadata(), &plans[p].key, obj)
-            })
-        })?;
-        self.with_write(|inner| self.flush(inner))?;
-        Ok(items
-            .iter()
-            .zip(keys)
-            .map(|((name, _, _), k)| (name.clone(), k))
-            .collect())
     }
 
     /// Figures of the weights group.
