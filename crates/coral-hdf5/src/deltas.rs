@@ -13,7 +13,7 @@ use coral_store_api::{
 use hdf5_sys::h5i::hid_t;
 
 use crate::h5::{self, H5Error};
-use crate::store::{HDF5Store, Inner};
+use crate::store::{HDF5Store, Inner, RawRead};
 
 /// The attribute written last on a delta (the Python store's last one): its commit marker.
 const DELTA_COMMIT: &str = "metadata";
@@ -39,7 +39,9 @@ impl HDF5Store {
         self.committed(g.id(), key, DELTA_COMMIT)
     }
 
-    fn read_delta(&self, dset: hid_t, key: &str) -> Result<Delta> {
+    /// Reads a delta's attributes and its stored payload (decoded by the caller, outside the
+    /// lock: decoding runs on rayon, which must never wait for work while holding the store).
+    fn read_delta(&self, dset: hid_t, key: &str) -> Result<(Delta, RawRead, usize)> {
         let e = |e| self.err(e);
         let s = |name: &str| -> Result<String> {
             h5::read_str_attr(dset, name)
@@ -90,18 +92,16 @@ impl HDF5Store {
             }
         };
         let raw = self.read_raw(dset, key, dtype, &shape, false)?;
-        let data = raw
-            .decode(es, None)
-            .map_err(|r| corrupt(self, key, format!("delta payload: {r}")))?;
-        Ok(Delta {
+        let delta = Delta {
             delta_type,
-            data: Bytes::from(data),
+            data: Bytes::new(),
             metadata,
             original_shape,
             original_dtype,
             reference_hash,
             compression_ratio,
-        })
+        };
+        Ok((delta, raw, es))
     }
 
     fn delta_attrs(delta: &Delta, obj: hid_t) -> std::result::Result<(), H5Error> {
@@ -295,7 +295,15 @@ impl DeltaStore for HDF5Store {
                 .ok_or_else(|| corrupt(self, &key, "no deltas group"))?;
             let d = h5::open_dataset(g.id(), &key).map_err(|e| self.err(e))?;
             self.read_delta(d.id(), &key).map(Some)
+        })?
+        .map(|(mut delta, raw, es)| {
+            let data = raw
+                .decode(es, None)
+                .map_err(|r| corrupt(self, &key, format!("delta payload: {r}")))?;
+            delta.data = Bytes::from(data);
+            Ok(delta)
         })
+        .transpose()
     }
 
     fn delta_exists(&self, delta_hash: &ContentHash) -> Result<bool> {

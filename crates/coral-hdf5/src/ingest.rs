@@ -25,6 +25,14 @@ use crate::store::{
 /// while the others compress what is already hashed.
 const HASHES_AHEAD: usize = 2;
 
+/// What the writer asks the compression threads to do.
+enum Job {
+    /// Hash item `.0`.
+    Hash(usize),
+    /// Compress chunk `.1` of plan `.0`.
+    Chunk(usize, usize, Arc<Encoded>),
+}
+
 /// What the compression threads report to the writer.
 enum Event {
     /// Item `.0` hashed to `.1`, or failed (a wrong key given, or a panic).
@@ -71,7 +79,6 @@ impl HDF5Store {
         let (tx, rx) = mpsc::channel::<Event>();
         // Buffers of written chunks are reused for the next ones: no fresh memory per chunk.
         let buffers: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-        let mut result = Ok(());
         let hash = |i: usize| -> Result<ContentHash> {
             let (_, w, given) = &items[i];
             let actual = w.compute_hash_with(given.map(|k| k.algorithm()).unwrap_or(algorithm));
@@ -84,7 +91,44 @@ impl HDF5Store {
                 _ => Ok(actual),
             }
         };
-        in_compression_scope(|rs| {
+        let (jobs, job_rx) = mpsc::channel::<Job>();
+        let stopped = || corrupt(&self.path, "", "storing: the compression threads stopped");
+        std::thread::scope(|scope| -> Result<()> {
+            // Tasks are spawned from a plain thread of our own, never from this one: waiting for
+            // them at the end makes a rayon worker run other rayon work, which on a thread that
+            // holds the store (an application storing from rayon's pool) could be another store
+            // call waiting for this very store.
+            let (tx, hash, buffers) = (tx.clone(), &hash, &buffers);
+            let spawner = scope.spawn(move || {
+                in_compression_scope(|rs| {
+                    for job in job_rx {
+                        let tx = tx.clone();
+                        match job {
+                            Job::Hash(i) => rs.spawn(move |_| {
+                                let r = std::panic::catch_unwind(AssertUnwindSafe(|| hash(i)))
+                                    .unwrap_or_else(|_| {
+                                        Err(StoreError::backend(
+                                            "hashing",
+                                            std::io::Error::other("a hashing thread panicked"),
+                                        ))
+                                    });
+                                let _ = tx.send(Event::Hashed(i, r));
+                            }),
+                            Job::Chunk(p, c, plan) => rs.spawn(move |_| {
+                                let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                    let mut buf = take_largest(buffers);
+                                    plan.encode_chunk(c, &mut buf).map(|mask| (buf, mask))
+                                }))
+                                .unwrap_or_else(|_| {
+                                    Err(ChunkError("a compression thread panicked".into()))
+                                });
+                                // The writer may have stopped on an error: nothing to do then.
+                                let _ = tx.send(Event::Chunk(p, c, done));
+                            }),
+                        }
+                    }
+                })
+            });
             let mut hashing = 0usize;
             let mut in_flight = 0usize;
             let mut plans: Vec<Arc<Encoded>> = Vec::new();
@@ -95,7 +139,7 @@ impl HDF5Store {
             let mut queue: VecDeque<(usize, usize)> = VecDeque::new();
             let mut open: HashMap<usize, (Hid, usize)> = HashMap::new();
             let mut written: Vec<(usize, Hid)> = Vec::new();
-            result = (|| -> Result<()> {
+            let result = (|| -> Result<()> {
                 loop {
                     // Chunks of what is hashed first, then the next tensor to hash: the
                     // threads take tasks in order, so compression never waits behind hashing.
@@ -107,33 +151,12 @@ impl HDF5Store {
                         }
                         queue.pop_front();
                         in_flight += cost;
-                        let (tx, plan, buffers) = (tx.clone(), Arc::clone(plan), &buffers);
-                        rs.spawn(move |_| {
-                            let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                                let mut buf = take_largest(buffers);
-                                plan.encode_chunk(c, &mut buf).map(|mask| (buf, mask))
-                            }))
-                            .unwrap_or_else(|_| {
-                                Err(ChunkError("a compression thread panicked".into()))
-                            });
-                            // The writer may have stopped on an error: nothing to do then.
-                            let _ = tx.send(Event::Chunk(p, c, done));
-                        });
+                        jobs.send(Job::Chunk(p, c, Arc::clone(plan)))
+                            .map_err(|_| stopped())?;
                     }
                     while hashing < HASHES_AHEAD {
                         let Some(i) = to_hash.pop_front() else { break };
-                        let tx = tx.clone();
-                        let hash = &hash;
-                        rs.spawn(move |_| {
-                            let r = std::panic::catch_unwind(AssertUnwindSafe(|| hash(i)))
-                                .unwrap_or_else(|_| {
-                                    Err(StoreError::backend(
-                                        "hashing",
-                                        std::io::Error::other("a hashing thread panicked"),
-                                    ))
-                                });
-                            let _ = tx.send(Event::Hashed(i, r));
-                        });
+                        jobs.send(Job::Hash(i)).map_err(|_| stopped())?;
                         hashing += 1;
                     }
                     let all_hashed = hashing == 0 && to_hash.is_empty();
@@ -217,7 +240,10 @@ impl HDF5Store {
                     }
                 }
             })();
-        });
-        result
+            drop(jobs);
+            let joined = spawner.join().map_err(|_| stopped());
+            result?;
+            joined
+        })
     }
 }

@@ -234,7 +234,10 @@ impl HDF5Store {
         &self.opts
     }
 
-    /// Runs `f` on the open file under the store's mutex and the HDF5 lock.
+    /// Runs `f` on the open file under the store's mutex and the HDF5 lock. `f` must never
+    /// wait for rayon work (a parallel iterator, `join`, a scope's end): a rayon worker that
+    /// waits runs other queued work meanwhile, and if that is a call on this store it waits for
+    /// the mutex this thread holds. Hand such work to another thread instead (see `ingest.rs`).
     pub(crate) fn with<T>(&self, f: impl FnOnce(&Inner) -> Result<T>) -> Result<T> {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let Some(inner) = guard.as_ref() else {
