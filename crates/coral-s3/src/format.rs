@@ -344,12 +344,19 @@ const DEFLATE_PIECE: usize = 4 << 20;
 type Pieces = Vec<(usize, Vec<u8>)>;
 
 fn deflate_parallel(header: &[u8], data: &[u8], level: u32) -> Result<Vec<u8>, FormatError> {
-    let mut all = Vec::new();
-    all.try_reserve_exact(header.len() + data.len())
+    // The first piece is the (small) header and the start of the data; the rest are slices of
+    // the data itself, never copied.
+    let split = DEFLATE_PIECE.saturating_sub(header.len()).min(data.len());
+    let (head, rest) = data.split_at(split);
+    let mut first = Vec::new();
+    first
+        .try_reserve_exact(header.len() + head.len())
         .map_err(|_| ferr("cannot allocate"))?;
-    all.extend_from_slice(header);
-    all.extend_from_slice(data);
-    let pieces: Vec<&[u8]> = all.chunks(DEFLATE_PIECE).collect();
+    first.extend_from_slice(header);
+    first.extend_from_slice(head);
+    let pieces: Vec<&[u8]> = std::iter::once(first.as_slice())
+        .chain(rest.chunks(DEFLATE_PIECE))
+        .collect();
     let last = pieces.len().saturating_sub(1);
     let deflate = |i: usize, piece: &[u8]| -> Result<Vec<u8>, FormatError> {
         let mut enc = flate2::write::DeflateEncoder::new(
@@ -405,7 +412,13 @@ fn deflate_parallel(header: &[u8], data: &[u8], level: u32) -> Result<Vec<u8>, F
         done.extend(r?);
     }
     done.sort_by_key(|(i, _)| *i);
-    Ok(done.into_iter().flat_map(|(_, b)| b).collect())
+    let mut out = Vec::new();
+    out.try_reserve_exact(done.iter().map(|(_, b)| b.len()).sum())
+        .map_err(|_| ferr("cannot allocate"))?;
+    for (_, b) in done {
+        out.extend_from_slice(&b);
+    }
+    Ok(out)
 }
 
 fn stored(name: &str, body: Vec<u8>) -> Member<'_> {
