@@ -276,9 +276,7 @@ impl DeltaStore for HDF5Store {
                 // An uncommitted leftover of an interrupted write.
                 self.unlink(g.id(), &key)?;
             }
-            self.write_datasets(inner, g.id(), &[&enc], &|_, obj| {
-                Self::delta_attrs(delta, obj)
-            })?;
+            self.write_dataset(inner, g.id(), &enc, &|obj| Self::delta_attrs(delta, obj))?;
             self.flush(inner)
         })?;
         Ok(*delta_hash)
@@ -374,7 +372,7 @@ impl ManifestStore for HDF5Store {
             }
             let mut enc = enc;
             enc.key = tmp.clone();
-            self.write_datasets(inner, g.id(), &[&enc], &|_, obj| {
+            self.write_dataset(inner, g.id(), &enc, &|obj| {
                 h5::write_str_attr(obj, "format", "coral.manifest.v1+json")
             })?;
             if h5::link_exists(g.id(), &name).map_err(|e| self.err(e))? {

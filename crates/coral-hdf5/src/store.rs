@@ -58,8 +58,8 @@ pub(crate) fn in_compression_scope<'scope, F>(f: F)
 where
     F: for<'s> FnOnce(&'s rayon::Scope<'scope>),
 {
-    // In place: the closure runs on this thread (it blocks while too much is in flight) and
-    // only what it spawns runs on the pool's threads.
+    // In place: the closure runs on this thread (it waits for jobs to spawn) and only what it
+    // spawns runs on the pool's threads.
     match compression_pool() {
         Some(pool) => pool.in_place_scope(f),
         None => rayon::in_place_scope(f),
@@ -412,124 +412,42 @@ impl HDF5Store {
         h5::check(r, || format!("writing chunk {c} of {}", enc.key)).map_err(|e| self.err(e))
     }
 
-    /// Writes many datasets: chunks compressed in parallel a window at a time (bounded bytes in
-    /// flight), written in order; each dataset gets `attrs` (the last one is its commit marker)
-    /// and is linked into `group` after its last chunk. Call under the lock.
-    pub(crate) fn write_datasets(
+    /// Writes one dataset (a delta or a manifest; weights go through `ingest.rs`): its chunks
+    /// are compressed on the compression threads, driven from a helper thread because this one
+    /// holds the lock and must not wait for rayon work (see [`HDF5Store::with`]), then written in
+    /// order; `attrs` (its commit marker last) and the link in `group` come after the last chunk.
+    /// Call under the lock.
+    pub(crate) fn write_dataset(
         &self,
         inner: &Inner,
         group: hid_t,
-        encs: &[&Encoded],
-        attrs: &(dyn Fn(usize, hid_t) -> std::result::Result<(), H5Error> + Sync),
+        enc: &Encoded,
+        attrs: &dyn Fn(hid_t) -> std::result::Result<(), H5Error>,
     ) -> Result<()> {
-        let e = |e| self.err(e);
-        let finish = |p: usize, dset: Hid| -> Result<()> {
-            attrs(p, dset.id()).map_err(e)?;
-            h5::link_object(dset.id(), group, &encs[p].key).map_err(e)
-        };
-        let mut tasks: Vec<(usize, usize)> = Vec::new();
-        for (p, enc) in encs.iter().enumerate() {
-            let n = enc.n_chunks();
-            if n == 0 {
-                let dset = self.create_dataset(inner, enc)?;
-                finish(p, dset)?;
+        let compress = || {
+            let run = || {
+                (0..enc.n_chunks())
+                    .into_par_iter()
+                    .map(|c| {
+                        let mut buf = Vec::new();
+                        enc.encode_chunk(c, &mut buf).map(|mask| (buf, mask))
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            };
+            match compression_pool() {
+                Some(pool) => pool.install(run),
+                None => run(),
             }
-            tasks.extend((0..n).map(|c| (p, c)));
+        };
+        let chunks = std::thread::scope(|s| s.spawn(compress).join())
+            .map_err(|_| corrupt(&self.path, &enc.key, "compressing: a worker panicked"))?
+            .map_err(|err| corrupt(&self.path, &enc.key, format!("compressing: {err}")))?;
+        let dset = self.create_dataset(inner, enc)?;
+        for (c, (bytes, mask)) in chunks.iter().enumerate() {
+            self.write_chunk(&dset, enc, c, bytes, *mask)?;
         }
-        // Chunks are compressed on rayon's threads, submitted in order by a scoped thread that
-        // never touches HDF5, at most IN_FLIGHT_BYTES of chunk bytes ahead of this thread, which
-        // holds HDF5's lock and writes each chunk as soon as it and those before it are ready:
-        // compression and writing overlap with no barrier between them.
-        struct Budget {
-            used: usize,
-            abort: bool,
-        }
-        let budget = (
-            Mutex::new(Budget {
-                used: 0,
-                abort: false,
-            }),
-            std::sync::Condvar::new(),
-        );
-        let lock_budget = || budget.0.lock().unwrap_or_else(|e| e.into_inner());
-        // Buffers of written chunks are reused for the next ones: no fresh memory per chunk.
-        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-        type Done = std::result::Result<(Vec<u8>, u32), chunk::ChunkError>;
-        let (senders, receivers): (Vec<_>, Vec<_>) = tasks
-            .iter()
-            .map(|_| std::sync::mpsc::sync_channel::<Done>(1))
-            .unzip();
-        let submit = || {
-            in_compression_scope(|rs| {
-                for (&(p, c), tx) in tasks.iter().zip(senders) {
-                    let cost = encs[p].chunk_bytes();
-                    {
-                        let mut b = lock_budget();
-                        while !b.abort && b.used > 0 && b.used + cost > IN_FLIGHT_BYTES {
-                            b = budget.1.wait(b).unwrap_or_else(|e| e.into_inner());
-                        }
-                        if b.abort {
-                            return;
-                        }
-                        b.used += cost;
-                    }
-                    let pool = &pool;
-                    rs.spawn(move |_| {
-                        let mut buf = take_largest(pool);
-                        let done = encs[p].encode_chunk(c, &mut buf).map(|mask| (buf, mask));
-                        // The writer may have stopped on an error: nothing to do then.
-                        let _ = tx.send(done);
-                    });
-                }
-            })
-        };
-        let write_all = |receivers: Vec<std::sync::mpsc::Receiver<Done>>| -> Result<()> {
-            let mut open: HashMap<usize, Hid> = HashMap::new();
-            for (&(p, c), rx) in tasks.iter().zip(receivers) {
-                let enc = encs[p];
-                let (chunk_data, mask) = rx
-                    .recv()
-                    .map_err(|_| corrupt(&self.path, &enc.key, "compressing: a worker stopped"))?
-                    .map_err(|err| corrupt(&self.path, &enc.key, format!("compressing: {err}")))?;
-                if let std::collections::hash_map::Entry::Vacant(v) = open.entry(p) {
-                    v.insert(self.create_dataset(inner, enc)?);
-                }
-                let dset = open
-                    .get(&p)
-                    .ok_or_else(|| corrupt(&self.path, &enc.key, "lost dataset"))?;
-                self.write_chunk(dset, enc, c, &chunk_data, mask)?;
-                // Small buffers are not worth keeping.
-                if chunk_data.capacity() >= 64 << 10 {
-                    pool.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(chunk_data);
-                }
-                {
-                    let mut b = lock_budget();
-                    b.used = b.used.saturating_sub(enc.chunk_bytes());
-                }
-                budget.1.notify_all();
-                if c + 1 == enc.n_chunks() {
-                    if let Some(dset) = open.remove(&p) {
-                        finish(p, dset)?;
-                    }
-                }
-            }
-            Ok(())
-        };
-        std::thread::scope(|scope| -> Result<()> {
-            let producer = scope.spawn(submit);
-            let written = write_all(receivers);
-            if written.is_err() {
-                lock_budget().abort = true;
-                budget.1.notify_all();
-            }
-            let joined = producer
-                .join()
-                .map_err(|_| corrupt(&self.path, "", "compressing: a worker panicked".to_owned()));
-            written?;
-            joined
-        })
+        attrs(dset.id()).map_err(|e| self.err(e))?;
+        h5::link_object(dset.id(), group, &enc.key).map_err(|e| self.err(e))
     }
 
     /// Writes a weight's attributes exactly as the Python store does, `hash` last.
