@@ -496,20 +496,20 @@ pub fn decode_into(
 ) -> Result<(), ChunkError> {
     struct Scratch {
         buf: Vec<u8>,
+        /// The whole unshuffled chunk, when only its start is wanted (the last, padded chunk).
+        whole: Vec<u8>,
         zstd: Option<zstd::bulk::Decompressor<'static>>,
         inflate: Option<flate2::Decompress>,
     }
     thread_local! {
         static SCRATCH: std::cell::RefCell<Scratch> = const {
-            std::cell::RefCell::new(Scratch { buf: Vec::new(), zstd: None, inflate: None })
+            std::cell::RefCell::new(Scratch { buf: Vec::new(), whole: Vec::new(), zstd: None, inflate: None })
         };
     }
-    let shuffled = matches!(pipeline.first(), Some(f) if f.id == FILTER_SHUFFLE)
-        && element_size > 1
-        && mask & 1 == 0;
-    let codec =
-        &pipeline[usize::from(matches!(pipeline.first(), Some(f) if f.id == FILTER_SHUFFLE))..];
-    let fast = dst.len() == chunk_bytes
+    let shuffle_first = matches!(pipeline.first(), Some(f) if f.id == FILTER_SHUFFLE);
+    let shuffled = shuffle_first && element_size > 1 && mask & 1 == 0;
+    let codec = &pipeline[usize::from(shuffle_first)..];
+    let fast = dst.len() <= chunk_bytes
         && mask == 0
         && match codec {
             [] => true,
@@ -524,7 +524,12 @@ pub fn decode_into(
     }
     SCRATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
-        let Scratch { buf, zstd, inflate } = &mut *guard;
+        let Scratch {
+            buf,
+            whole,
+            zstd,
+            inflate,
+        } = &mut *guard;
         let plain: &[u8] = match codec.first().map(|f| f.id) {
             None => data,
             Some(FILTER_DEFLATE) => {
@@ -556,13 +561,24 @@ pub fn decode_into(
                 plain.len()
             )));
         }
-        if shuffled {
+        let n = dst.len();
+        if !shuffled {
+            dst.copy_from_slice(&plain[..n]);
+        } else if n == chunk_bytes {
             coral_core::codec::unshuffle_into(plain, element_size, dst)
-                .map_err(|e| err(e.to_string()))
+                .map_err(|e| err(e.to_string()))?;
         } else {
-            dst.copy_from_slice(plain);
-            Ok(())
+            if whole.len() < chunk_bytes {
+                let more = chunk_bytes - whole.len();
+                room(whole, more)?;
+                whole.resize(chunk_bytes, 0);
+            }
+            let w = &mut whole[..chunk_bytes];
+            coral_core::codec::unshuffle_into(plain, element_size, w)
+                .map_err(|e| err(e.to_string()))?;
+            dst.copy_from_slice(&w[..n]);
         }
+        Ok(())
     })
 }
 
