@@ -265,32 +265,14 @@ print("ok")
 
 #[test]
 fn sync_both_ways_carries_weights_deltas_and_manifests() {
-    use coral_core::ManifestTensor;
-    use coral_store_api::testing::deltas::{lossless_delta, tuned_pair};
-    use coral_store_api::testing::manifests::sample_manifest;
+    use coral_store_api::testing::manifests::populated_store;
     use coral_store_api::{DeltaStore, ManifestStore, MemoryStore};
 
     let Some(ep) = testenv::s3_endpoint() else {
         return;
     };
-    let local = MemoryStore::new();
-    let mut m = sample_manifest(&local, "model-a", 5);
-    let (reference, tuned) = tuned_pair("emb", 7);
-    let rk = local.store(&reference).unwrap();
-    let dk = tuned.compute_hash();
-    local
-        .store_delta(&lossless_delta(&tuned, &reference, rk), &dk)
-        .unwrap();
-    for (w, k) in [(&reference, rk), (&tuned, dk)] {
-        m.tensors.push(ManifestTensor {
-            name: w.name().to_owned(),
-            key: k,
-            dtype: w.dtype(),
-            shape: w.shape().to_vec(),
-            data_offsets: None,
-        });
-    }
-    local.put_manifest(&m).unwrap();
+    let (local, m, _, dk) = populated_store(5, 7);
+    let tuned = local.load(&dk).unwrap().unwrap();
 
     let s3 = common::open(common::config(&ep, &common::unique_bucket("sync")));
     let up = s3.sync_from_local(&local).unwrap();

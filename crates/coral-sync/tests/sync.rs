@@ -5,13 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use coral_core::{
-    ContentHash, DType, Delta, DeltaType, ManifestTensor, ModelManifest, ModelName, WeightMetadata,
-    WeightTensor,
+    ContentHash, DType, Delta, DeltaType, ModelManifest, ModelName, WeightMetadata, WeightTensor,
 };
 use coral_store_api::testing::{
     assert_same_tensor,
-    deltas::{lossless_delta, sample_delta, tuned_pair},
-    manifests::sample_manifest,
+    deltas::sample_delta,
+    manifests::{populated_store, sample_manifest},
     sample_tensor,
 };
 use coral_store_api::{
@@ -125,28 +124,10 @@ impl ManifestStore for Flaky {
     }
 }
 
-/// A source with a model of `n` weights stored in full plus a reference weight and a fine-tune
-/// of it kept as a delta (n + 2 tensors), and the manifest. Returns the reference's and the
-/// delta's keys too.
+/// A source with a model of `n` weights, a reference weight and a fine-tune kept as a delta,
+/// and the manifest (`populated_store`).
 fn populated(n: usize) -> (MemoryStore, ModelManifest, ContentHash, ContentHash) {
-    let s = MemoryStore::new();
-    let mut m = sample_manifest(&s, "model-a", n);
-    let (reference, tuned) = tuned_pair("emb", 1);
-    let rk = s.store(&reference).unwrap();
-    let dk = tuned.compute_hash();
-    s.store_delta(&lossless_delta(&tuned, &reference, rk), &dk)
-        .unwrap();
-    for (w, k) in [(&reference, rk), (&tuned, dk)] {
-        m.tensors.push(ManifestTensor {
-            name: w.name().to_owned(),
-            key: k,
-            dtype: w.dtype(),
-            shape: w.shape().to_vec(),
-            data_offsets: None,
-        });
-    }
-    s.put_manifest(&m).unwrap();
-    (s, m, rk, dk)
+    populated_store(n, 1)
 }
 
 fn assert_same_store(a: &dyn Store, b: &dyn Store) {

@@ -1,6 +1,6 @@
 //! The manifest section: the [`ManifestStore`] contract.
 
-use coral_core::{DType, ManifestTensor, ModelManifest, ModelName};
+use coral_core::{ContentHash, DType, ManifestTensor, ModelManifest, ModelName};
 
 use super::{sample_tensor, Check, Harness};
 use crate::traits::{ManifestStore, WeightStore};
@@ -19,6 +19,36 @@ where
         ("manifests::delete_keeps_weights", delete_keeps_weights::<H>),
         ("manifests::persistence", persistence::<H>),
     ]
+}
+
+/// A [`crate::MemoryStore`] holding a model of `n` weights stored in full plus a reference
+/// weight and a fine-tune of it kept as a delta (`seed` picks their values), and the manifest
+/// of all `n + 2` tensors. Returns the store, the manifest, the reference's key and the fine-tune's
+/// (delta) key: a source for sync tests.
+pub fn populated_store(
+    n: usize,
+    seed: u64,
+) -> (crate::MemoryStore, ModelManifest, ContentHash, ContentHash) {
+    use super::deltas::{lossless_delta, tuned_pair};
+    use crate::traits::DeltaStore;
+    let s = crate::MemoryStore::new();
+    let mut m = sample_manifest(&s, "model-a", n);
+    let (reference, tuned) = tuned_pair("emb", seed);
+    let rk = s.store(&reference).unwrap();
+    let dk = tuned.compute_hash();
+    s.store_delta(&lossless_delta(&tuned, &reference, rk), &dk)
+        .unwrap();
+    for (w, k) in [(&reference, rk), (&tuned, dk)] {
+        m.tensors.push(ManifestTensor {
+            name: w.name().to_owned(),
+            key: k,
+            dtype: w.dtype(),
+            shape: w.shape().to_vec(),
+            data_offsets: None,
+        });
+    }
+    s.put_manifest(&m).unwrap();
+    (s, m, rk, dk)
 }
 
 /// A manifest of `n` tensors whose weights are stored in `store`, with every optional field set.
