@@ -5,8 +5,9 @@
 //! large tensor the others compress and this thread writes the tensors hashed before it. As each
 //! key arrives it checks under the lock whether the weight is new; the chunks of a new one are
 //! compressed (at most [`IN_FLIGHT_BYTES`] ahead of the writes) and written into an anonymous
-//! dataset as each is ready. Datasets get their attributes and their link in `weights/` only once
-//! every tensor of the batch is hashed, so a batch refused for a wrong key links nothing.
+//! dataset as each is ready. Datasets get their attributes once every tensor of the batch is
+//! hashed and their link in `weights/` only once every chunk of the batch is written, so a batch
+//! that fails anywhere (a wrong key, a compression or write error) links nothing.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -139,6 +140,8 @@ impl HDF5Store {
             let mut queue: VecDeque<(usize, usize)> = VecDeque::new();
             let mut open: HashMap<usize, (Hid, usize)> = HashMap::new();
             let mut written: Vec<(usize, Hid)> = Vec::new();
+            // Written, with their attributes, waiting for the end of the batch to be linked.
+            let mut complete: Vec<(usize, Hid)> = Vec::new();
             let result = (|| -> Result<()> {
                 loop {
                     // Chunks of what is hashed first, then the next tensor to hash: the
@@ -161,15 +164,24 @@ impl HDF5Store {
                     }
                     let all_hashed = hashing == 0 && to_hash.is_empty();
                     if all_hashed {
-                        // Every key is right: commit what is written (attributes, `hash` last,
-                        // then the link).
+                        // Every key is right (and each first name known): the attributes of
+                        // what is written, `hash` last.
                         for (p, dset) in written.drain(..) {
-                            let key = &plans[p].key;
-                            Self::weight_attrs(items[first[p]].1.metadata(), key, dset.id())
-                                .and_then(|()| h5::link_object(dset.id(), inner.weights.id(), key))
-                                .map_err(|e| self.err(e))?;
+                            Self::weight_attrs(
+                                items[first[p]].1.metadata(),
+                                &plans[p].key,
+                                dset.id(),
+                            )
+                            .map_err(|e| self.err(e))?;
+                            complete.push((p, dset));
                         }
                         if in_flight == 0 && queue.is_empty() {
+                            // Everything is written: only now does any of it get a name, so a
+                            // batch that fails anywhere before this links nothing.
+                            for (p, dset) in complete.drain(..) {
+                                h5::link_object(dset.id(), inner.weights.id(), &plans[p].key)
+                                    .map_err(|e| self.err(e))?;
+                            }
                             return Ok(());
                         }
                     }
