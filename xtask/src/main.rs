@@ -177,6 +177,9 @@ fn bench(paths: &Paths, extra: &[String]) -> Result<i32> {
 }
 
 fn ci(paths: &Paths, extra: &[String]) -> Result<i32> {
+    // Clippy builds every crate, and hdf5-metno-sys's build script needs libhdf5 and pkg-config:
+    // on a fresh machine they must be there before the first step, not only before the tests.
+    setup::ensure_system_packages(&[setup::PKG_CONFIG, setup::LIBHDF5_DEV])?;
     let steps: [(&str, &[&str]); 2] = [
         ("format", &["fmt", "--all", "--check"]),
         (
