@@ -1,34 +1,63 @@
-//! A rollback journal under HDF5: the `coral-journal` virtual file driver.
+//! A rollback journal, durable commits and reader/writer locks under HDF5: the `coral-journal`
+//! virtual file driver.
 //!
 //! HDF5 1.10 rewrites metadata (object headers, B-tree nodes, local heaps, the superblock) in
-//! place when it flushes, so a process killed inside `H5Fflush` can leave a half-updated file.
-//! This driver does plain POSIX I/O like HDF5's `sec2` driver, and before any write (or
-//! truncation) that would change bytes below `committed_eof` (the file size at the last commit)
-//! it appends the old bytes to a sidecar file `<file>.journal`; the journal record is written
-//! (`write()` returned) before the data write starts. The store calls [`commit`] after each
-//! `H5Fflush` returns: the journal is emptied and removed and `committed_eof` becomes the current
-//! size. [`recover`], run before HDF5 opens a file, plays a non-empty journal back in reverse and
-//! truncates the file to the committed size, which brings the file back to its state at the
-//! last commit. A torn last record (killed while appending it) is ignored: its data write had
-//! not started.
+//! place when it flushes, so a process killed or a machine losing power inside `H5Fflush` could
+//! leave a half-updated file. This driver does plain POSIX I/O like HDF5's `sec2` driver, with
+//! three differences.
+//!
+//! **Writes below the committed size wait for the commit.** `committed_eof` is the file's size
+//! at the last commit. A metadata write that would change bytes below it is kept in memory
+//! (`pending`, read back by later reads) until [`commit`]. Raw data (chunks) goes straight to
+//! the file: Coral never rewrites a stored chunk, so a chunk below `committed_eof` lands in
+//! space that was free at the last commit, which no committed object refers to. After a delete
+//! in the same transaction ([`note_free`]) that no longer holds, and such raw writes are
+//! journaled (old bytes saved, and synced, before the write) like a rollback journal.
+//!
+//! **A commit has an order** (the store calls [`commit`] after each `H5Fflush` returns):
+//! 1. `fdatasync` the file: every byte written past `committed_eof` (new chunks, new metadata)
+//!    is durable before anything refers to it;
+//! 2. write the journal `<file>.journal`: the current (committed) bytes of every pending region,
+//!    then `fsync` it and the folder;
+//! 3. wait for readers to leave (below), write the pending regions in place, `fdatasync`;
+//! 4. remove the journal and `fsync` the folder: **the commit point**;
+//! 5. cut the file to HDF5's end of allocation when that shrank (the cut bytes are free in the
+//!    new committed state, so this needs no journal).
+//!
+//! With durability off ([`OpenConfig::durable`]) the syncs are skipped and the order is the same, which
+//! still survives the death of the process (the kernel keeps every completed `write()`).
+//!
+//! [`recover`] (run when a file is opened) plays a journal back and cuts the file to the
+//! committed size, which brings it back to its last commit. A torn journal (power lost before
+//! step 2's sync) holds records whose bytes still equal the file's: restoring them is harmless.
+//!
+//! **Locks.** A writer holds `flock(LOCK_EX)` on the file for as long as it is open (h5py's
+//! HDF5 takes the same lock, so h5py readers and writers are kept out too); a second writer
+//! waits for it, up to the open's wait time. Coral's readers take no `flock`: they hold a shared
+//! open-file-description lock on byte [`READERS`] while open, taken through byte [`PENDING`]
+//! (SQLite's scheme). A committing writer takes both exclusively for steps 3 and 4 only, so a
+//! reader sees the last committed state whatever the writer is doing, and a writer's commit
+//! waits for the readers open at that moment (new readers queue behind it). Who holds a lock
+//! is read from `/proc/*/fdinfo` for the messages.
 //!
 //! Journal layout (little endian): header `b"CORALJ01"`, `u64` committed size; then records
 //! `u64` offset, `u64` length, the old bytes, `u64` FNV-1a checksum of offset, length and bytes.
-//!
-//! This protects against the death of the process (SIGKILL, abort, OOM kill): the kernel keeps
-//! every completed `write()`. It does not `fsync`, so it does not order writes for power loss.
 //!
 //! The driver's structures follow HDF5 1.10.8's `H5FDpublic.h` (which differs from
 //! `hdf5-metno-sys`'s declarations for 1.10: `terminate`, `get_eof(file, type)`,
 //! `lock(file, rw)`, `H5FD_t::access_flags`/`paged_aggr`); [`driver`] registers it only when the
 //! linked library is 1.10.8 or a later 1.10 release, and returns `None` otherwise.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::raw::{c_char, c_int, c_uint, c_ulong, c_void};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use hdf5_sys::h5::{haddr_t, herr_t, hsize_t};
 use hdf5_sys::h5fd::H5FD_mem_t;
@@ -36,6 +65,13 @@ use hdf5_sys::h5i::hid_t;
 
 const MAGIC: &[u8; 8] = b"CORALJ01";
 const HEADER: usize = 16;
+
+/// The byte a reader locks shared while it holds the file open (an open-file-description lock,
+/// far past any real file's end, so it never overlaps data).
+pub(crate) const READERS: i64 = 1 << 62;
+/// The byte a new reader passes through, and a committing writer holds, so that a writer
+/// waiting for readers is not starved by new ones.
+pub(crate) const PENDING: i64 = READERS + 1;
 
 /// `H5FD_t` of HDF5 1.10.8.
 #[repr(C)]
@@ -106,14 +142,31 @@ struct JFile {
     public: FdT,
     fd: c_int,
     eoa: u64,
+    /// The file's size as HDF5 sees it: a cut waiting for the commit is already applied here.
     eof: u64,
     dev: u64,
     ino: u64,
     writable: bool,
+    /// A write, sync or commit failed: nothing more is written or committed through this file,
+    /// and closing it rolls it back to its last commit.
     failed: bool,
+    /// This open holds the file's lock (an open that HDF5 will find shared with an earlier one
+    /// of this process takes none).
+    locked: bool,
+    /// Sync in the documented order ([`set_durable`]).
+    durable: bool,
+    /// How long to wait for readers at a commit.
+    wait: Duration,
+    path: PathBuf,
     journal_path: PathBuf,
     journal: Option<File>,
     committed_eof: u64,
+    /// Metadata writes below `committed_eof`, in order; applied at the commit.
+    pending: Vec<(u64, Vec<u8>)>,
+    /// Bytes were written to the file since the last commit.
+    dirty: bool,
+    /// HDF5 cut its allocation below the committed size: cut the file there after the commit.
+    cut: Option<u64>,
 }
 
 const ACC_RDWR: c_uint = 0x1;
@@ -121,6 +174,52 @@ const ACC_TRUNC: c_uint = 0x2;
 const ACC_EXCL: c_uint = 0x4;
 const ACC_CREAT: c_uint = 0x10;
 const MAXADDR: u64 = (1u64 << 63) - 1;
+
+/// How the next file this thread opens waits and syncs: set by the store just before
+/// `H5Fopen`/`H5Fcreate` (the driver takes no per-file info of its own).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OpenConfig {
+    /// How long an open waits for another writer, and a commit for readers.
+    pub wait: Duration,
+    /// Sync in the documented order.
+    pub durable: bool,
+}
+
+impl Default for OpenConfig {
+    fn default() -> Self {
+        OpenConfig {
+            wait: Duration::from_secs(10),
+            durable: true,
+        }
+    }
+}
+
+thread_local! {
+    static CONFIG: RefCell<OpenConfig> = RefCell::new(OpenConfig::default());
+    static LAST_ERROR: RefCell<Option<std::io::Error>> = const { RefCell::new(None) };
+}
+
+/// Sets how the files this thread opens next wait and sync.
+pub(crate) fn configure(c: OpenConfig) {
+    CONFIG.with(|x| *x.borrow_mut() = c);
+}
+
+/// The operating-system error behind the last failure of a driver call on this thread (a
+/// failed write, sync or lock), taken: HDF5's own error stack does not carry `errno`.
+pub(crate) fn take_error() -> Option<std::io::Error> {
+    LAST_ERROR.with(|e| e.borrow_mut().take())
+}
+
+fn set_error(e: std::io::Error) {
+    LAST_ERROR.with(|x| *x.borrow_mut() = Some(e));
+}
+
+/// Inodes this process holds a driver lock on: a second open of one of them is a duplicate
+/// that HDF5 shares with the first (and closes), so it must not wait for our own lock.
+fn held() -> &'static Mutex<HashSet<(u64, u64)>> {
+    static HELD: OnceLock<Mutex<HashSet<(u64, u64)>>> = OnceLock::new();
+    HELD.get_or_init(|| Mutex::new(HashSet::new()))
+}
 
 /// The journal file of `path`: `<path>.journal`.
 pub(crate) fn journal_path(path: &Path) -> PathBuf {
@@ -198,9 +297,9 @@ pub(crate) fn set_driver(fapl: hid_t) -> bool {
     }
 }
 
-/// Marks the state after a completed `H5Fflush` of `fid` as committed: empties and removes the
-/// journal. Returns an error when the journal cannot be removed (the next open would roll back
-/// to the previous commit). Files on other drivers are left alone. Call under the HDF5 lock.
+/// Commits the state after a completed `H5Fflush` of `fid`, in the order the module doc gives.
+/// On an error nothing more is committed through this file, and closing it rolls it back.
+/// Files on other drivers are left alone. Call under the HDF5 lock.
 pub(crate) fn commit(fid: hid_t) -> std::io::Result<()> {
     let Some(jf) = file_of(fid) else {
         return Ok(());
@@ -237,17 +336,72 @@ fn file_of(fid: hid_t) -> Option<*mut JFile> {
 
 impl JFile {
     fn commit(&mut self) -> std::io::Result<()> {
+        if self.failed {
+            return Err(std::io::Error::other(
+                "an earlier write to this file failed; it is rolled back to its last commit when closed",
+            ));
+        }
+        let r = self.commit_inner();
+        if let Err(e) = &r {
+            self.failed = true;
+            set_error(std::io::Error::new(e.kind(), e.to_string()));
+        }
+        r
+    }
+
+    fn commit_inner(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() && !self.dirty && self.journal.is_none() && self.cut.is_none() {
+            self.committed_eof = self.eof;
+            return Ok(());
+        }
+        // 1. New bytes are durable before anything that refers to them.
+        if self.durable && self.dirty {
+            fdatasync(self.fd)?;
+        }
+        // 2. The committed bytes of every pending region, durable before any is overwritten.
+        let pending = std::mem::take(&mut self.pending);
+        for (off, data) in &pending {
+            let end = off.saturating_add(data.len() as u64);
+            self.save(*off, end)?;
+        }
+        if let Some(j) = &self.journal {
+            if self.durable {
+                j.sync_all()?;
+                sync_dir(&self.journal_path)?;
+            }
+        }
+        // 3. Readers out, the new bytes in place.
+        let guard = lock_out_readers(self.fd, self.wait, &self.path)?;
+        for (off, data) in &pending {
+            pwrite_full(self.fd, data, *off)?;
+        }
+        if self.durable && !pending.is_empty() {
+            fdatasync(self.fd)?;
+        }
+        // 4. The commit point.
         if self.journal.take().is_some() {
             std::fs::remove_file(&self.journal_path)?;
+            if self.durable {
+                sync_dir(&self.journal_path)?;
+            }
         }
+        drop(guard);
+        // 5. Space HDF5 gave back at the end is free in the new state: cut it.
+        if let Some(cut) = self.cut.take() {
+            // SAFETY: our descriptor.
+            if unsafe { libc::ftruncate(self.fd, cut as libc::off_t) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        self.dirty = false;
         self.committed_eof = self.eof;
         Ok(())
     }
 
-    /// Appends the bytes of the file in `[addr, end)` (clipped to the committed size and the
-    /// current size) to the journal, before they are overwritten or truncated away.
+    /// Appends the bytes of the file in `[addr, end)` (clipped to the committed size) to the
+    /// journal, before they are overwritten.
     fn save(&mut self, addr: u64, end: u64) -> std::io::Result<()> {
-        let end = end.min(self.committed_eof).min(self.eof);
+        let end = end.min(self.committed_eof);
         if addr >= end {
             return Ok(());
         }
@@ -278,6 +432,256 @@ impl JFile {
             Some(f) => f.write_all(&rec),
             None => Err(std::io::Error::other("journal not open")),
         }
+    }
+
+    /// Journals and writes raw bytes that land below the committed size. The region may hold
+    /// committed bytes (a global heap collection HDF5 rewrites, space a delete in this
+    /// transaction freed), so the old bytes reach the journal, and with durability the disk,
+    /// before the new ones reach the file.
+    fn write_journaled(&mut self, addr: u64, b: &[u8]) -> std::io::Result<()> {
+        let end = addr.saturating_add(b.len() as u64);
+        self.save(addr, end)?;
+        if self.durable {
+            if let Some(j) = &self.journal {
+                j.sync_all()?;
+                sync_dir(&self.journal_path)?;
+            }
+        }
+        pwrite_full(self.fd, b, addr)
+    }
+
+    /// Keeps a metadata write below the committed size for the commit.
+    fn defer(&mut self, addr: u64, b: &[u8]) {
+        if let Some(slot) = self
+            .pending
+            .iter_mut()
+            .find(|(o, d)| *o == addr && d.len() == b.len())
+        {
+            slot.1.copy_from_slice(b);
+        } else {
+            self.pending.push((addr, b.to_vec()));
+        }
+    }
+
+    /// Rolls the file back to its last commit (closing after a failure): plays back the
+    /// journal when there is one, then cuts what was written past the committed size.
+    fn roll_back(&mut self) -> std::io::Result<()> {
+        self.pending.clear();
+        self.journal = None;
+        if self.journal_path.exists() {
+            rollback_fd(self.fd, &self.journal_path, self.wait, &self.path)?;
+        } else {
+            // SAFETY: our descriptor.
+            if unsafe { libc::ftruncate(self.fd, self.committed_eof as libc::off_t) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fdatasync(fd: c_int) -> std::io::Result<()> {
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::fdatasync(fd) } < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Syncs the folder holding `path`, so that a file created or removed there stays so.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// An open-file-description lock on one byte: `F_RDLCK`, `F_WRLCK` or `F_UNLCK`. Returns
+/// `Ok(false)` when another open holds a conflicting lock.
+fn ofd_lock(fd: c_int, byte: i64, kind: c_int) -> std::io::Result<bool> {
+    // SAFETY: an all-zero flock is valid; the fields are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    // SAFETY: a valid descriptor and lock description.
+    if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(true)
+}
+
+/// Polls `attempt` until it succeeds or `wait` has passed.
+fn wait_for(
+    wait: Duration,
+    mut attempt: impl FnMut() -> std::io::Result<bool>,
+) -> std::io::Result<bool> {
+    let deadline = Instant::now() + wait;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if attempt()? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Who else holds a lock on the file behind `fd`, as "writer (pid 12)" or "reader (pid 34)".
+fn holders(fd: c_int) -> String {
+    // SAFETY: a valid descriptor and an out struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return "another process".to_owned();
+    }
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for (pid, line) in lock_lines(st.st_dev, st.st_ino) {
+        if pid == me {
+            continue;
+        }
+        // "1: FLOCK  ADVISORY  WRITE 123 08:01:456 0 EOF" or "...OFDLCK ADVISORY READ -1 ..."
+        let role = if line.contains("FLOCK") && line.contains("WRITE") {
+            "writer"
+        } else if line.contains("OFDLCK") && line.contains("WRITE") {
+            "committing writer"
+        } else {
+            "reader"
+        };
+        let s = format!("{role} (pid {pid})");
+        if !found.contains(&s) {
+            found.push(s);
+        }
+    }
+    if found.is_empty() {
+        "another process".to_owned()
+    } else {
+        found.join(", ")
+    }
+}
+
+/// The `lock:` lines of every process's open files that name this inode, with the pid.
+fn lock_lines(dev: u64, ino: u64) -> Vec<(u32, String)> {
+    let major = libc::major(dev);
+    let minor = libc::minor(dev);
+    let tag = format!("{major:02x}:{minor:02x}:{ino} ");
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        for f in fds.flatten() {
+            let Ok(text) = std::fs::read_to_string(f.path()) else {
+                continue;
+            };
+            for line in text
+                .lines()
+                .filter(|l| l.starts_with("lock:") && l.contains(&tag))
+            {
+                out.push((pid, line.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// Holds bytes [`PENDING`] and [`READERS`] exclusively while a commit writes in place.
+struct ReadersOut(c_int);
+
+impl Drop for ReadersOut {
+    fn drop(&mut self) {
+        let _ = ofd_lock(self.0, READERS, libc::F_UNLCK);
+        let _ = ofd_lock(self.0, PENDING, libc::F_UNLCK);
+    }
+}
+
+/// Takes [`PENDING`] (new readers wait), then [`READERS`] once the readers open now are gone.
+fn lock_out_readers(fd: c_int, wait: Duration, path: &Path) -> std::io::Result<ReadersOut> {
+    let busy = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "held by {}: {what} for {:.0} s ({})",
+                holders(fd),
+                wait.as_secs_f64(),
+                path.display()
+            ),
+        )
+    };
+    if !wait_for(wait, || ofd_lock(fd, PENDING, libc::F_WRLCK))? {
+        return Err(busy("waited to commit"));
+    }
+    let guard = ReadersOut(fd);
+    if !wait_for(wait, || ofd_lock(fd, READERS, libc::F_WRLCK))? {
+        return Err(busy("waited for its readers to close it"));
+    }
+    Ok(guard)
+}
+
+/// Takes the reader locks on `fd`: through [`PENDING`], then [`READERS`] shared, held until the
+/// descriptor closes.
+fn lock_as_reader(fd: c_int, wait: Duration) -> std::io::Result<()> {
+    let busy = || {
+        std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "being committed by {}: waited {:.0} s to read it",
+                holders(fd),
+                wait.as_secs_f64()
+            ),
+        )
+    };
+    if !wait_for(wait, || ofd_lock(fd, PENDING, libc::F_RDLCK))? {
+        return Err(busy());
+    }
+    let got = wait_for(wait, || ofd_lock(fd, READERS, libc::F_RDLCK));
+    let _ = ofd_lock(fd, PENDING, libc::F_UNLCK);
+    if !got? {
+        return Err(busy());
+    }
+    Ok(())
+}
+
+/// Takes the writer lock (`flock(LOCK_EX)`) on `fd`, waiting up to `wait`.
+fn lock_as_writer(fd: c_int, wait: Duration) -> std::io::Result<()> {
+    let got = wait_for(wait, || {
+        // SAFETY: our descriptor.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => Ok(false),
+            _ => Err(e),
+        }
+    })?;
+    if got {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "held by {}: waited {:.0} s to write it",
+                holders(fd),
+                wait.as_secs_f64()
+            ),
+        ))
     }
 }
 
@@ -322,6 +726,111 @@ fn pwrite_full(fd: c_int, buf: &[u8], off: u64) -> std::io::Result<()> {
     with_fd(fd, |file| file.write_all_at(buf, off))
 }
 
+fn fstat_fd(fd: c_int) -> std::io::Result<libc::stat> {
+    // SAFETY: a valid descriptor and an out struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// Opens `name` for the driver and takes its lock: a writer's `flock`, waiting for another
+/// writer, then checks that the path still names the file it locked (a `compact` may have
+/// renamed a new file over it meanwhile) and rolls back a journal a dead writer left; a
+/// reader's shared lock. Returns the descriptor and whether it holds a lock.
+fn open_locked(
+    cname: &std::ffi::CStr,
+    flags: c_uint,
+    path: &Path,
+) -> std::io::Result<(c_int, bool)> {
+    let writable = flags & ACC_RDWR != 0;
+    let cfg = CONFIG.with(|c| *c.borrow());
+    for _ in 0..5 {
+        let mut o = if writable {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        } | libc::O_CLOEXEC;
+        if flags & ACC_CREAT != 0 {
+            o |= libc::O_CREAT;
+        }
+        if flags & ACC_EXCL != 0 {
+            o |= libc::O_EXCL;
+        }
+        // SAFETY: a valid C string. O_TRUNC waits for the lock (below): truncating first
+        // would destroy a file another writer is using.
+        let fd = unsafe { libc::open(cname.as_ptr(), o, 0o666 as c_uint) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let close = |e: std::io::Error| {
+            // SAFETY: our descriptor.
+            unsafe { libc::close(fd) };
+            e
+        };
+        let st = fstat_fd(fd).map_err(close)?;
+        let id = (st.st_dev, st.st_ino);
+        let duplicate = held()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id);
+        if duplicate {
+            return Ok((fd, false));
+        }
+        if writable {
+            lock_as_writer(fd, cfg.wait).map_err(close)?;
+            // The path must still name what we locked.
+            match std::fs::metadata(path) {
+                Ok(m) if (m.dev(), m.ino()) == id => {}
+                _ => {
+                    // SAFETY: our descriptor (closing it releases the lock).
+                    unsafe { libc::close(fd) };
+                    continue;
+                }
+            }
+            if flags & ACC_TRUNC != 0 {
+                let _ = std::fs::remove_file(journal_path(path));
+                // SAFETY: our descriptor.
+                if unsafe { libc::ftruncate(fd, 0) } < 0 {
+                    return Err(close(std::io::Error::last_os_error()));
+                }
+            } else if journal_path(path).exists() {
+                rollback_fd(fd, &journal_path(path), cfg.wait, path).map_err(close)?;
+            }
+        } else {
+            lock_as_reader(fd, cfg.wait).map_err(close)?;
+            // A journal with no live writer: a writer died while committing, and the file may
+            // be half written. Roll it back (which needs the readers' lock) and start again.
+            if journal_path(path).exists() && !writer_alive(fd) {
+                // SAFETY: our descriptor (closing it releases the reader lock).
+                unsafe { libc::close(fd) };
+                recover(path)?;
+                continue;
+            }
+        }
+        held().lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+        return Ok((fd, true));
+    }
+    Err(std::io::Error::other(format!(
+        "{} kept changing while it was being opened",
+        path.display()
+    )))
+}
+
+/// True when some process holds the writer lock (`flock`) on the file behind `fd`.
+fn writer_alive(fd: c_int) -> bool {
+    // SAFETY: our descriptor; a lock we get is released at once.
+    unsafe {
+        if libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) == 0 {
+            libc::flock(fd, libc::LOCK_UN);
+            false
+        } else {
+            true
+        }
+    }
+}
+
 unsafe extern "C" fn j_open(
     name: *const c_char,
     flags: c_uint,
@@ -333,35 +842,25 @@ unsafe extern "C" fn j_open(
     }
     // SAFETY: HDF5 passes a NUL-terminated name.
     let cname = unsafe { std::ffi::CStr::from_ptr(name) };
-    let writable = flags & ACC_RDWR != 0;
-    let mut o = if writable {
-        libc::O_RDWR
-    } else {
-        libc::O_RDONLY
-    } | libc::O_CLOEXEC;
-    if flags & ACC_TRUNC != 0 {
-        o |= libc::O_TRUNC;
-    }
-    if flags & ACC_CREAT != 0 {
-        o |= libc::O_CREAT;
-    }
-    if flags & ACC_EXCL != 0 {
-        o |= libc::O_EXCL;
-    }
-    // SAFETY: a valid C string.
-    let fd = unsafe { libc::open(cname.as_ptr(), o, 0o666 as c_uint) };
-    if fd < 0 {
-        return std::ptr::null_mut();
-    }
-    // SAFETY: a valid descriptor and an out struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
-        // SAFETY: our descriptor.
-        unsafe { libc::close(fd) };
-        return std::ptr::null_mut();
-    }
     use std::os::unix::ffi::OsStrExt;
-    let path = Path::new(std::ffi::OsStr::from_bytes(cname.to_bytes()));
+    let path = Path::new(std::ffi::OsStr::from_bytes(cname.to_bytes())).to_path_buf();
+    let (fd, locked) = match open_locked(cname, flags, &path) {
+        Ok(x) => x,
+        Err(e) => {
+            set_error(e);
+            return std::ptr::null_mut();
+        }
+    };
+    let st = match fstat_fd(fd) {
+        Ok(st) => st,
+        Err(e) => {
+            set_error(e);
+            // SAFETY: our descriptor.
+            unsafe { libc::close(fd) };
+            return std::ptr::null_mut();
+        }
+    };
+    let cfg = CONFIG.with(|c| *c.borrow());
     let eof = st.st_size as u64;
     let jf = Box::new(JFile {
         // SAFETY: all-zero is a valid FdT (HDF5 fills it in after open).
@@ -371,11 +870,18 @@ unsafe extern "C" fn j_open(
         eof,
         dev: st.st_dev,
         ino: st.st_ino,
-        writable,
+        writable: flags & ACC_RDWR != 0,
         failed: false,
-        journal_path: journal_path(path),
+        locked,
+        durable: cfg.durable,
+        wait: cfg.wait,
+        journal_path: journal_path(&path),
+        path,
         journal: None,
         committed_eof: eof,
+        pending: Vec::new(),
+        dirty: false,
+        cut: None,
     });
     Box::into_raw(jf) as *mut FdT
 }
@@ -384,17 +890,28 @@ unsafe extern "C" fn j_close(f: *mut FdT) -> herr_t {
     // SAFETY: `f` was made by `j_open` and HDF5 closes it once.
     let mut jf = unsafe { Box::from_raw(f as *mut JFile) };
     // HDF5 has written everything by now; unless a write failed, the file is consistent.
-    let committed = if jf.writable && !jf.failed {
-        jf.commit().is_ok()
+    let done = if !jf.writable {
+        Ok(())
+    } else if jf.failed {
+        jf.roll_back()
     } else {
-        true
+        jf.commit()
     };
-    // SAFETY: our descriptor.
+    if jf.locked {
+        held()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(jf.dev, jf.ino));
+    }
+    // SAFETY: our descriptor; closing it releases its locks.
     let r = unsafe { libc::close(jf.fd) };
-    if r < 0 || !committed {
-        -1
-    } else {
-        0
+    match done {
+        Err(e) => {
+            set_error(e);
+            -1
+        }
+        Ok(()) if r < 0 => -1,
+        Ok(()) => 0,
     }
 }
 
@@ -460,7 +977,10 @@ unsafe extern "C" fn j_read(
 ) -> herr_t {
     // SAFETY: our file.
     let jf = unsafe { &mut *(f as *mut JFile) };
-    if addr.checked_add(size as u64).is_none_or(|e| e > jf.eoa) || buf.is_null() && size > 0 {
+    let Some(end) = addr.checked_add(size as u64) else {
+        return -1;
+    };
+    if end > jf.eoa || buf.is_null() && size > 0 {
         return -1;
     }
     if size == 0 {
@@ -472,15 +992,28 @@ unsafe extern "C" fn j_read(
         Ok(n) => {
             // Past the end of the file reads as zeros, like sec2.
             b[n..].fill(0);
-            0
         }
-        Err(_) => -1,
+        Err(e) => {
+            set_error(e);
+            return -1;
+        }
     }
+    // Writes waiting for the commit, in order.
+    for (off, data) in &jf.pending {
+        let dend = off.saturating_add(data.len() as u64);
+        let (lo, hi) = (addr.max(*off), end.min(dend));
+        if lo < hi {
+            let (lo, hi) = ((lo - addr) as usize, (hi - addr) as usize);
+            let from = (addr + lo as u64 - off) as usize;
+            b[lo..hi].copy_from_slice(&data[from..from + (hi - lo)]);
+        }
+    }
+    0
 }
 
 unsafe extern "C" fn j_write(
     f: *mut FdT,
-    _t: H5FD_mem_t,
+    t: H5FD_mem_t,
     _dxpl: hid_t,
     addr: haddr_t,
     size: usize,
@@ -491,23 +1024,37 @@ unsafe extern "C" fn j_write(
     let Some(end) = addr.checked_add(size as u64) else {
         return -1;
     };
-    if !jf.writable || end > jf.eoa || buf.is_null() && size > 0 {
+    if !jf.writable || jf.failed || end > jf.eoa || buf.is_null() && size > 0 {
         return -1;
     }
     if size == 0 {
         return 0;
     }
-    // The old bytes reach the journal before the new ones reach the file.
-    if jf.save(addr, end).is_err() {
-        jf.failed = true;
-        return -1;
-    }
     // SAFETY: HDF5 passes a buffer of `size` bytes.
     let b = unsafe { std::slice::from_raw_parts(buf as *const u8, size) };
-    if pwrite_full(jf.fd, b, addr).is_err() {
+    let split = end.min(jf.committed_eof).max(addr);
+    let head = (split - addr) as usize;
+    let r = if head == 0 {
+        pwrite_full(jf.fd, b, addr)
+    } else if t == H5FD_mem_t::H5FD_MEM_DRAW {
+        // Raw data (and global heaps, which HDF5 hands over as raw data) straight to the file,
+        // journaled when it lands below the committed size.
+        jf.write_journaled(addr, b)
+    } else {
+        // Metadata below the committed size waits for the commit; the rest goes to the file.
+        jf.defer(addr, &b[..head]);
+        if head < size {
+            pwrite_full(jf.fd, &b[head..], split)
+        } else {
+            Ok(())
+        }
+    };
+    if let Err(e) = r {
         jf.failed = true;
+        set_error(e);
         return -1;
     }
+    jf.dirty = true;
     jf.eof = jf.eof.max(end);
     0
 }
@@ -518,44 +1065,33 @@ unsafe extern "C" fn j_truncate(f: *mut FdT, _dxpl: hid_t, _closing: u8) -> herr
     if !jf.writable || jf.eoa == jf.eof {
         return 0;
     }
-    if jf.save(jf.eoa, jf.eof).is_err() {
-        jf.failed = true;
+    if jf.failed {
         return -1;
     }
+    // Growing (HDF5 allocated space it has not written yet) happens now. So does a cut of
+    // what lies past the committed size; below it, the bytes may be committed ones, so that
+    // cut waits until after the commit.
+    let now = jf.eoa.max(jf.committed_eof.min(jf.eof));
     // SAFETY: our descriptor.
-    if unsafe { libc::ftruncate(jf.fd, jf.eoa as libc::off_t) } < 0 {
+    if now != jf.eof && unsafe { libc::ftruncate(jf.fd, now as libc::off_t) } < 0 {
         jf.failed = true;
+        set_error(std::io::Error::last_os_error());
         return -1;
     }
+    jf.cut = (jf.eoa < now).then_some(jf.eoa);
     jf.eof = jf.eoa;
+    jf.dirty = true;
     0
 }
 
-unsafe extern "C" fn j_lock(f: *mut FdT, rw: u8) -> herr_t {
-    // SAFETY: our file.
-    let jf = unsafe { &*(f as *const JFile) };
-    let op = if rw != 0 {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    } | libc::LOCK_NB;
-    // SAFETY: our descriptor.
-    if unsafe { libc::flock(jf.fd, op) } < 0 {
-        -1
-    } else {
-        0
-    }
+/// HDF5's lock call: the driver took its lock when it opened the file (so that it holds one
+/// whatever `HDF5_USE_FILE_LOCKING` says), so there is nothing left to do.
+unsafe extern "C" fn j_lock(_f: *mut FdT, _rw: u8) -> herr_t {
+    0
 }
 
-unsafe extern "C" fn j_unlock(f: *mut FdT) -> herr_t {
-    // SAFETY: our file.
-    let jf = unsafe { &*(f as *const JFile) };
-    // SAFETY: our descriptor.
-    if unsafe { libc::flock(jf.fd, libc::LOCK_UN) } < 0 {
-        -1
-    } else {
-        0
-    }
+unsafe extern "C" fn j_unlock(_f: *mut FdT) -> herr_t {
+    0
 }
 
 /// What [`recover`] did.
@@ -567,17 +1103,17 @@ pub(crate) struct Recovered {
     pub committed: u64,
 }
 
-/// Rolls `path` back to its last commit if its journal is non-empty: restores the journaled
-/// bytes in reverse order, truncates the file to the committed size, syncs it, then removes
-/// the journal. Does nothing when another process holds the file's lock (a live writer owns
-/// the journal). A torn or damaged tail of the journal is ignored.
+/// Rolls `path` back to its last commit if it has a journal: restores the journaled bytes in
+/// reverse order, truncates the file to the committed size, syncs it, then removes the journal.
+/// Does nothing when another process holds the writer lock (a live writer owns the journal).
+/// A torn or damaged tail of the journal is ignored.
 pub(crate) fn recover(path: &Path) -> std::io::Result<Option<Recovered>> {
     let jpath = journal_path(path);
-    let jlen = match std::fs::metadata(&jpath) {
-        Ok(m) => m.len(),
+    match std::fs::metadata(&jpath) {
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
-    };
+    }
     let file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -591,24 +1127,43 @@ pub(crate) fn recover(path: &Path) -> std::io::Result<Option<Recovered>> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
         return Ok(None);
     }
-    if jlen == 0 {
-        std::fs::remove_file(&jpath)?;
-        return Ok(None);
-    }
+    let wait = CONFIG.with(|c| c.borrow().wait);
+    rollback_fd(file.as_raw_fd(), &jpath, wait, path)
+}
+
+/// Plays the journal `jpath` back into `fd` (whose writer lock the caller holds), with the
+/// readers locked out: restores, cuts to the committed size, syncs, removes the journal.
+fn rollback_fd(
+    fd: c_int,
+    jpath: &Path,
+    wait: Duration,
+    path: &Path,
+) -> std::io::Result<Option<Recovered>> {
+    let _out = lock_out_readers(fd, wait, path)?;
     let mut buf = Vec::new();
-    File::open(&jpath)?.read_to_end(&mut buf)?;
+    match File::open(jpath) {
+        Ok(mut j) => j.read_to_end(&mut buf)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let (committed, records) = parse(&buf);
     let Some(committed) = committed else {
-        // Killed while writing the header: no data write had started.
-        std::fs::remove_file(&jpath)?;
+        // Killed while writing the header: no write in place had started.
+        std::fs::remove_file(jpath)?;
+        sync_dir(jpath)?;
         return Ok(None);
     };
     for &(off, ref data) in records.iter().rev() {
-        pwrite_full(file.as_raw_fd(), data, off)?;
+        pwrite_full(fd, data, off)?;
     }
-    file.set_len(committed)?;
-    file.sync_all()?;
-    std::fs::remove_file(&jpath)?;
+    with_fd(fd, |f| -> std::io::Result<()> {
+        if f.metadata()?.len() > committed {
+            f.set_len(committed)?;
+        }
+        f.sync_all()
+    })?;
+    std::fs::remove_file(jpath)?;
+    sync_dir(jpath)?;
     Ok(Some(Recovered {
         records: records.len(),
         committed,

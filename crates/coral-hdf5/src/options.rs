@@ -120,6 +120,8 @@ pub struct HDF5StoreOptions {
     pub(crate) shuffle: bool,
     pub(crate) hash_algorithm: HashAlgorithm,
     pub(crate) chunk_bytes: usize,
+    pub(crate) wait: std::time::Duration,
+    pub(crate) durable: bool,
 }
 
 impl Default for HDF5StoreOptions {
@@ -132,6 +134,8 @@ impl Default for HDF5StoreOptions {
             shuffle: true,
             hash_algorithm: HashAlgorithm::Sha256,
             chunk_bytes: 4 << 20,
+            wait: std::time::Duration::from_secs(10),
+            durable: true,
         }
     }
 }
@@ -206,6 +210,22 @@ impl HDF5StoreOptions {
             Compression::Zstd => Some(self.level.unwrap_or(1)),
             Compression::None | Compression::Lzf => None,
         }
+    }
+
+    /// How long an open waits for another writer to close the store, and a commit for the
+    /// readers that have it open (default 10 s; zero fails at once). `docs/format.md`,
+    /// "Locking", describes the locks.
+    pub fn wait(mut self, wait: std::time::Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Durable commits (default on): every write that returned survives a power cut or a
+    /// kernel crash, at the cost of a few `fsync`s per commit (the journal driver's doc gives
+    /// the order). Off, a commit survives the death of the process but not of the machine.
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
     }
 
     /// The mode.

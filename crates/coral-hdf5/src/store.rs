@@ -188,7 +188,13 @@ pub(crate) enum Layout {
     },
 }
 
+/// The error of a failed HDF5 call on the store at `path`. When the file driver saw the
+/// operating system fail (a full disk, a read-only file system, a lock held elsewhere), that
+/// is the error, in one line; HDF5's stack only adds its own layers of "unable to write".
 pub(crate) fn h5err(path: &Path, e: H5Error) -> StoreError {
+    if let Some(os) = journal::take_error() {
+        return os_error(path, &e.what, os);
+    }
     if e.is_lock_error() {
         return StoreError::Locked {
             location: path.display().to_string(),
@@ -196,6 +202,22 @@ pub(crate) fn h5err(path: &Path, e: H5Error) -> StoreError {
         };
     }
     StoreError::backend(format!("{}", path.display()), e)
+}
+
+/// An operating-system error while doing `what` on the store at `path`.
+pub(crate) fn os_error(path: &Path, what: &str, os: std::io::Error) -> StoreError {
+    if os.kind() == std::io::ErrorKind::WouldBlock {
+        return StoreError::Locked {
+            location: path.display().to_string(),
+            reason: os.to_string(),
+        };
+    }
+    let at = path.display().to_string();
+    if what.contains(&at) {
+        StoreError::backend(what.to_owned(), os)
+    } else {
+        StoreError::backend(format!("{what} {at}"), os)
+    }
 }
 
 pub(crate) fn corrupt(path: &Path, key: &str, reason: impl Into<String>) -> StoreError {
@@ -275,10 +297,11 @@ impl HDF5Store {
         let r = unsafe {
             hdf5_sys::h5f::H5Fflush(inner.file.id(), hdf5_sys::h5f::H5F_scope_t::H5F_SCOPE_LOCAL)
         };
-        h5::check(r, || "flushing".to_owned()).map_err(|e| self.err(e))?;
-        // Everything is on disk: the journal of the old bytes is no longer needed.
-        journal::commit(inner.file.id())
-            .map_err(|e| StoreError::backend(format!("committing {}", self.path.display()), e))
+        h5::check(r, || "writing".to_owned()).map_err(|e| self.err(e))?;
+        journal::commit(inner.file.id()).map_err(|e| {
+            journal::take_error();
+            os_error(&self.path, "committing", e)
+        })
     }
 
     /// The pipeline new datasets of `dtype` get.
@@ -1108,6 +1131,11 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
     h5::locked(|| {
         let fcpl = h5::make_fcpl().map_err(|e| h5err(path, e))?;
         let fapl = h5::make_fapl().map_err(|e| h5err(path, e))?;
+        journal::configure(journal::OpenConfig {
+            wait: opts.wait,
+            durable: opts.durable,
+        });
+        journal::take_error();
         // SAFETY: valid C string; default property lists.
         let fid = unsafe {
             match (open_existing, mode) {
@@ -1179,9 +1207,11 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
             let r = unsafe {
                 hdf5_sys::h5f::H5Fflush(fid, hdf5_sys::h5f::H5F_scope_t::H5F_SCOPE_LOCAL)
             };
-            h5::check(r, || "flushing".to_owned()).map_err(|e| h5err(path, e))?;
-            journal::commit(fid)
-                .map_err(|e| StoreError::backend(format!("committing {}", loc()), e))?;
+            h5::check(r, || "writing".to_owned()).map_err(|e| h5err(path, e))?;
+            journal::commit(fid).map_err(|e| {
+                journal::take_error();
+                os_error(path, "committing", e)
+            })?;
         }
         // Chunk addresses are file offsets only without a user block.
         let reader = match h5::userblock_size(fid) {

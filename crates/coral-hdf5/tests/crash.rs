@@ -190,6 +190,6 @@ fn sigkill_during_store_batch() {
         failures.len(),
         t0.elapsed().as_secs_f64()
     );
-    assert!(done >= 10, "only {done} runs in the time allowed");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(done >= 10, "only {done} runs in the time allowed");
 }

@@ -54,8 +54,8 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
-    /// Another writer holds the store.
-    #[error("store {location} is locked by another writer: {reason}")]
+    /// Another process holds the store (a writer, or readers a commit waited for).
+    #[error("store {location} is busy: {reason}")]
     Locked {
         /// The path.
         location: String,
