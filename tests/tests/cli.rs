@@ -609,3 +609,122 @@ fn an_interrupted_add_leaves_the_store_as_it_was() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn readers_are_not_refused_while_a_writer_holds_the_store() {
+    let fx = Fixture::new();
+    let store = fx.path("coral.h5");
+    let model = fx.write("m.safetensors", &synthetic_model(4, 64));
+    run_ok(&mut cmd(
+        &store,
+        &["add", model.to_str().unwrap(), "--name", "m"],
+    ));
+    // This process holds the store for writing, as a long `coral add` would.
+    let writer = coral_hdf5::HDF5Store::open(&store, coral_hdf5::HDF5StoreOptions::new()).unwrap();
+    let ls = stdout_text(&run_ok(&mut cmd(&store, &["ls"])));
+    assert!(ls.contains('m'), "{ls}");
+    run_ok(&mut cmd(&store, &["show", "m"]));
+    run_ok(&mut cmd(&store, &["verify"]));
+    export_identical(&store, "m", &model, &fx.path("out.safetensors"));
+    // A second writer waits, then says who holds the store, in one line.
+    let t = std::time::Instant::now();
+    let out = run_fail(&mut cmd(
+        &store,
+        &[
+            "--wait",
+            "0.5",
+            "add",
+            model.to_str().unwrap(),
+            "--name",
+            "m2",
+        ],
+    ));
+    assert!(t.elapsed() >= std::time::Duration::from_millis(500));
+    assert_one_line_error(&out, &format!("writer (pid {})", std::process::id()));
+    drop(writer);
+    run_ok(&mut cmd(
+        &store,
+        &["add", model.to_str().unwrap(), "--name", "m2"],
+    ));
+    let ls = stdout_text(&run_ok(&mut cmd(&store, &["ls"])));
+    assert!(ls.contains("m2"), "{ls}");
+}
+
+/// A small file system of its own for the store (a tmpfs, mounted by root; CI runs as root).
+/// `None` when this user cannot mount.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> Option<SmallFs> {
+        let uid = Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return None;
+        }
+        let mnt = dir.join("small");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "root could not mount a tmpfs");
+        Some(SmallFs(mnt))
+    }
+    fn remount(&self, opts: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_and_a_read_only_file_system_are_one_line_and_lose_nothing() {
+    let fx = Fixture::new();
+    let Some(fs) = SmallFs::mount(fx.dir.path(), "160k") else {
+        return;
+    };
+    let store = fs.0.join("coral.h5");
+    let small = fx.write("small.safetensors", &synthetic_model(2, 16));
+    let big = fx.write("big.safetensors", &synthetic_model(40, 256));
+    run_ok(&mut cmd(
+        &store,
+        &["add", small.to_str().unwrap(), "--name", "small"],
+    ));
+    // The disk fills in the middle of an add: one line that says so, and nothing half-added.
+    let out = run_fail(&mut cmd(
+        &store,
+        &["add", big.to_str().unwrap(), "--name", "big"],
+    ));
+    assert_one_line_error(&out, "No space left on device");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(store.to_str().unwrap()));
+    let ls = ok_json(&store, &["ls", "--weights"]);
+    assert_eq!(ls["weights"].as_array().map(|a| a.len()), Some(3), "{ls}");
+    let info = ok_json(&store, &["info"]);
+    assert_eq!(info["total_weights"], 3, "{info}");
+    assert_eq!(info["models"], 1, "{info}");
+    run_ok(&mut cmd(&store, &["verify"]));
+    export_identical(&store, "small", &small, &fx.path("out.safetensors"));
+    // Once there is room, the store takes the model with no manual step.
+    fs.remount("size=4m");
+    run_ok(&mut cmd(
+        &store,
+        &["add", big.to_str().unwrap(), "--name", "big"],
+    ));
+    export_identical(&store, "big", &big, &fx.path("big-out.safetensors"));
+    // A read-only file system: writes are refused in one line, reads still work.
+    fs.remount("ro");
+    let out = run_fail(&mut cmd(&store, &["rm", "big"]));
+    assert_one_line_error(&out, "Read-only file system");
+    run_ok(&mut cmd(&store, &["ls"]));
+    export_identical(&store, "big", &big, &fx.path("big-out2.safetensors"));
+}

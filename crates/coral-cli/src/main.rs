@@ -54,6 +54,10 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Seconds to wait for another writer of a local store (and, when writing, for the
+    /// readers a commit waits for) before giving up.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
+    wait: f64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -168,11 +172,28 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: library errors often show their
+/// source in their own message already ("writing X: No space left on device"), and anyhow's
+/// chain would repeat it.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 fn init_logging(cli: &Cli) {
@@ -206,7 +227,11 @@ fn s3_options(cli: &Cli) -> S3Options {
 
 fn open(cli: &Cli, addr: &str, mode: Mode) -> Result<Box<dyn Store>> {
     let addr = Address::parse(addr)?;
-    store::open(&addr, &s3_options(cli), mode)
+    if !(cli.wait.is_finite() && cli.wait >= 0.0) {
+        bail!("--wait takes a number of seconds, got {}", cli.wait);
+    }
+    let wait = std::time::Duration::from_secs_f64(cli.wait.min(1e9));
+    store::open(&addr, &s3_options(cli), mode, wait)
 }
 
 fn close(mut store: Box<dyn Store>) -> Result<()> {

@@ -84,16 +84,26 @@ pub enum Mode {
     Write,
 }
 
-/// Opens the store at `addr`.
-pub fn open(addr: &Address, s3: &S3Options, mode: Mode) -> Result<Box<dyn Store>> {
+/// Opens the store at `addr`. A local store held by another writer is waited for up to `wait`
+/// (readers are never kept out; `docs/format.md`, "Locking").
+pub fn open(
+    addr: &Address,
+    s3: &S3Options,
+    mode: Mode,
+    wait: std::time::Duration,
+) -> Result<Box<dyn Store>> {
     match addr {
-        Address::File(path) => open_file(path, mode),
+        Address::File(path) => open_file(path, mode, wait),
         Address::S3 { bucket, prefix } => open_s3(bucket, prefix, s3, mode),
     }
 }
 
 #[cfg(feature = "hdf5")]
-fn open_file(path: &std::path::Path, mode: Mode) -> Result<Box<dyn Store>> {
+fn open_file(
+    path: &std::path::Path,
+    mode: Mode,
+    wait: std::time::Duration,
+) -> Result<Box<dyn Store>> {
     use anyhow::Context;
     if mode == Mode::Read && !path.exists() {
         bail!(
@@ -111,6 +121,7 @@ fn open_file(path: &std::path::Path, mode: Mode) -> Result<Box<dyn Store>> {
     use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions, Mode as H5Mode};
     let opts = HDF5StoreOptions::new()
         .compression(Compression::Zstd)
+        .wait(wait)
         .mode(match mode {
             Mode::Read => H5Mode::Read,
             Mode::Write => H5Mode::Append,
@@ -121,7 +132,11 @@ fn open_file(path: &std::path::Path, mode: Mode) -> Result<Box<dyn Store>> {
 }
 
 #[cfg(not(feature = "hdf5"))]
-fn open_file(path: &std::path::Path, _mode: Mode) -> Result<Box<dyn Store>> {
+fn open_file(
+    path: &std::path::Path,
+    _mode: Mode,
+    _wait: std::time::Duration,
+) -> Result<Box<dyn Store>> {
     bail!(
         "cannot open {}: this coral was built without the hdf5 feature",
         path.display()

@@ -310,6 +310,13 @@ pub(crate) fn commit(fid: hid_t) -> std::io::Result<()> {
     jf.commit()
 }
 
+/// True when a write, sync or commit through `fid` failed: the file is rolled back to its last
+/// commit when it closes, and flushing it again only fails again. Call under the HDF5 lock.
+pub(crate) fn is_failed(fid: hid_t) -> bool {
+    // SAFETY: as in `commit`.
+    file_of(fid).is_some_and(|jf| unsafe { (*jf).failed })
+}
+
 fn file_of(fid: hid_t) -> Option<*mut JFile> {
     let id = driver()?;
     // SAFETY: plain HDF5 calls on a file id; the handle of our driver points to `JFile::fd`.

@@ -1368,7 +1368,10 @@ impl WeightStore for HDF5Store {
             return Ok(());
         };
         h5::locked(|| {
-            let writable = inner.writable;
+            // After a failed write the file driver rolls the file back to its last commit as
+            // it closes; a flush would only fail again.
+            let failed = inner.writable && journal::is_failed(inner.file.id());
+            let writable = inner.writable && !failed;
             if writable {
                 self.flush(&inner)?;
             }
@@ -1393,7 +1396,17 @@ impl WeightStore for HDF5Store {
             if open > 0 {
                 tracing::warn!(path = %self.path.display(), open, "objects still open at close");
             }
-            file.close().map_err(|e| self.err(e))
+            match file.close() {
+                // HDF5 tries to flush once more as it closes, which fails on a failed file;
+                // the driver has rolled it back to its last commit, and the write's own error
+                // was reported when it happened.
+                Err(e) if failed => {
+                    journal::take_error();
+                    tracing::debug!(path = %self.path.display(), error = %e, "closed after a failed write");
+                    Ok(())
+                }
+                r => r.map_err(|e| self.err(e)),
+            }
         })
     }
 }
