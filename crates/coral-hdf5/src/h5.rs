@@ -183,6 +183,11 @@ impl Hid {
         }
     }
 
+    /// An id already closed: a placeholder while a file is closed and opened again.
+    pub fn closed(kind: Kind) -> Hid {
+        Hid { id: -1, kind }
+    }
+
     /// The raw id.
     pub fn id(&self) -> hid_t {
         self.id
@@ -324,9 +329,15 @@ pub fn create_group(loc: hid_t, name: &str, heap_hint: usize) -> Result<Hid, H5E
 }
 
 /// A file creation property list with wide symbol-table nodes (128 links per leaf instead of
-/// 8), so groups split their nodes, a multi-node metadata update, far less often; and narrow
+/// 8), so groups split their nodes, a multi-node metadata update, far less often; narrow
 /// chunk-index nodes (8 chunks per node instead of 64): most weights have one to a few chunks,
-/// and HDF5 allocates every node whole (about 2.5 KiB per weight saved).
+/// and HDF5 allocates every node whole (about 2.5 KiB per weight saved); and persistent
+/// free-space tracking (`H5F_FSPACE_STRATEGY_FSM_AGGR`, persist, threshold 1): space freed by a
+/// delete is recorded in the file when it closes and reused by later writes after it is opened
+/// again (without it HDF5 forgets free space at close, and the file only grows). HDF5 writes
+/// those records only at close, so the store commits by closing ([`crate::store`]). The
+/// free-space managers need a version 2 superblock, which HDF5 then writes; object headers,
+/// groups and chunk indexes stay in the format h5py and coral-ml read.
 pub fn make_fcpl() -> Result<Hid, H5Error> {
     // SAFETY: a new property list.
     unsafe {
@@ -341,6 +352,15 @@ pub fn make_fcpl() -> Result<Hid, H5Error> {
         check(hdf5_sys::h5p::H5Pset_istore_k(p.id(), 4), || {
             "istore_k".into()
         })?;
+        check(
+            hdf5_sys::h5p::H5Pset_file_space_strategy(
+                p.id(),
+                hdf5_sys::h5f::H5F_fspace_strategy_t::H5F_FSPACE_STRATEGY_FSM_AGGR,
+                1,
+                1,
+            ),
+            || "file space strategy".into(),
+        )?;
         Ok(p)
     }
 }

@@ -14,7 +14,9 @@
 //! in the same transaction ([`note_free`]) that no longer holds, and such raw writes are
 //! journaled (old bytes saved, and synced, before the write) like a rollback journal.
 //!
-//! **A commit has an order** (the store calls [`commit`] after each `H5Fflush` returns):
+//! **A commit has an order.** The store commits by closing the file (and opening it again:
+//! HDF5's persistent free-space records are written only then), and the driver commits when
+//! HDF5 closes it, after HDF5 has written everything:
 //! 1. `fdatasync` the file: every byte written past `committed_eof` (new chunks, new metadata)
 //!    is durable before anything refers to it;
 //! 2. write the journal `<file>.journal`: the current (committed) bytes of every pending region,
@@ -297,23 +299,11 @@ pub(crate) fn set_driver(fapl: hid_t) -> bool {
     }
 }
 
-/// Commits the state after a completed `H5Fflush` of `fid`, in the order the module doc gives.
-/// On an error nothing more is committed through this file, and closing it rolls it back.
-/// Files on other drivers are left alone. Call under the HDF5 lock.
-pub(crate) fn commit(fid: hid_t) -> std::io::Result<()> {
-    let Some(jf) = file_of(fid) else {
-        return Ok(());
-    };
-    // SAFETY: the pointer comes from our driver's open file, alive while `fid` is open; the
-    // HDF5 lock serialises every callback.
-    let jf = unsafe { &mut *jf };
-    jf.commit()
-}
-
 /// True when a write, sync or commit through `fid` failed: the file is rolled back to its last
 /// commit when it closes, and flushing it again only fails again. Call under the HDF5 lock.
 pub(crate) fn is_failed(fid: hid_t) -> bool {
-    // SAFETY: as in `commit`.
+    // SAFETY: the pointer comes from our driver's open file, alive while `fid` is open; the
+    // HDF5 lock serialises every callback.
     file_of(fid).is_some_and(|jf| unsafe { (*jf).failed })
 }
 
@@ -825,6 +815,66 @@ fn open_locked(
     )))
 }
 
+/// The writer lock of a store, held by the store itself for as long as it is open, so that it
+/// stays held while the store closes and reopens its file at each commit: `flock(LOCK_EX)` on a
+/// descriptor of the file, which the driver then recognises as this process's own.
+#[derive(Debug)]
+pub(crate) struct WriterLock {
+    file: File,
+    id: (u64, u64),
+}
+
+impl WriterLock {
+    /// Opens (creating it when `create`) and locks `path`, waiting up to `wait` for another
+    /// writer; checks that the path still names the file locked (a compact may rename a new
+    /// file over it meanwhile), then rolls back a journal a dead writer left.
+    pub(crate) fn acquire(
+        path: &Path,
+        create: bool,
+        wait: Duration,
+    ) -> std::io::Result<WriterLock> {
+        for _ in 0..5 {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(path)?;
+            let fd = file.as_raw_fd();
+            lock_as_writer(fd, wait)?;
+            let m = file.metadata()?;
+            let id = (m.dev(), m.ino());
+            match std::fs::metadata(path) {
+                Ok(now) if (now.dev(), now.ino()) == id => {}
+                _ => continue,
+            }
+            if journal_path(path).exists() {
+                rollback_fd(fd, &journal_path(path), wait, path)?;
+            }
+            held().lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+            return Ok(WriterLock { file, id });
+        }
+        Err(std::io::Error::other(format!(
+            "{} kept changing while it was being opened",
+            path.display()
+        )))
+    }
+
+    /// The locked file's size.
+    pub(crate) fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+}
+
+impl Drop for WriterLock {
+    fn drop(&mut self) {
+        held()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// True when some process holds the writer lock (`flock`) on the file behind `fd`.
 fn writer_alive(fd: c_int) -> bool {
     // SAFETY: our descriptor; a lock we get is released at once.
@@ -902,7 +952,10 @@ unsafe extern "C" fn j_close(f: *mut FdT) -> herr_t {
     } else if jf.failed {
         jf.roll_back()
     } else {
-        jf.commit()
+        // A commit that fails part way leaves its journal: roll back to the last commit.
+        jf.commit().inspect_err(|_| {
+            let _ = jf.roll_back();
+        })
     };
     if jf.locked {
         held()

@@ -106,6 +106,8 @@ pub(crate) struct Inner {
     /// The same file opened again for positional reads of chunks outside HDF5's lock (`None`
     /// when the file has a user block, whose chunk addresses are not file offsets).
     pub(crate) reader: Option<std::fs::File>,
+    /// A writer's lock, held from before HDF5 opens the file until the store closes.
+    pub(crate) lock: Option<journal::WriterLock>,
 }
 
 /// A dataset to write: its layout and its data (compressed chunk by chunk while writing).
@@ -260,9 +262,9 @@ impl HDF5Store {
     /// wait for rayon work (a parallel iterator, `join`, a scope's end): a rayon worker that
     /// waits runs other queued work meanwhile, and if that is a call on this store it waits for
     /// the mutex this thread holds. Hand such work to another thread instead (see `ingest.rs`).
-    pub(crate) fn with<T>(&self, f: impl FnOnce(&Inner) -> Result<T>) -> Result<T> {
-        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(inner) = guard.as_ref() else {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(inner) = guard.as_mut() else {
             return Err(StoreError::Closed {
                 location: self.path.display().to_string(),
             });
@@ -270,7 +272,7 @@ impl HDF5Store {
         h5::locked(|| f(inner))
     }
 
-    pub(crate) fn with_write<T>(&self, f: impl FnOnce(&Inner) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_write<T>(&self, f: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
         self.with(|inner| {
             if !inner.writable {
                 return Err(StoreError::ReadOnly {
@@ -292,16 +294,9 @@ impl HDF5Store {
         h5::delete_link(group, name).map_err(|e| self.err(e))
     }
 
-    pub(crate) fn flush(&self, inner: &Inner) -> Result<()> {
-        // SAFETY: valid file id, under the lock.
-        let r = unsafe {
-            hdf5_sys::h5f::H5Fflush(inner.file.id(), hdf5_sys::h5f::H5F_scope_t::H5F_SCOPE_LOCAL)
-        };
-        h5::check(r, || "writing".to_owned()).map_err(|e| self.err(e))?;
-        journal::commit(inner.file.id()).map_err(|e| {
-            journal::take_error();
-            os_error(&self.path, "committing", e)
-        })
+    /// Commits what this store wrote ([`commit_reopen`]). Call under the lock.
+    pub(crate) fn flush(&self, inner: &mut Inner) -> Result<()> {
+        commit_reopen(&self.path, &self.opts, inner)
     }
 
     /// The pipeline new datasets of `dtype` get.
@@ -926,6 +921,7 @@ impl HDF5Store {
                     h5::check(r, || "corrupting".to_owned()).map_err(e)?;
                 }
             }
+            drop(d);
             self.flush(inner)?;
             Ok(true)
         })
@@ -1128,46 +1124,35 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
             })?;
         }
     }
+    // A writer locks the file before HDF5 opens it (creating it empty when it is new), and
+    // keeps the lock while the file is closed and opened again at each commit.
+    let lock = if mode.writable() {
+        let lock = journal::WriterLock::acquire(path, !open_existing, opts.wait)
+            .map_err(|e| os_error(path, &format!("opening (mode {})", mode.as_str()), e))?;
+        if mode == Mode::Truncate {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(0))
+                .map_err(|e| os_error(path, "truncating", e))?;
+        }
+        Some(lock)
+    } else {
+        None
+    };
+    // A file a writer created but never committed is empty: it is a new store.
+    let create = !open_existing
+        || mode == Mode::Truncate
+        || lock.as_ref().is_some_and(|l| l.len().is_ok_and(|n| n == 0));
     h5::locked(|| {
-        let fcpl = h5::make_fcpl().map_err(|e| h5err(path, e))?;
-        let fapl = h5::make_fapl().map_err(|e| h5err(path, e))?;
-        journal::configure(journal::OpenConfig {
-            wait: opts.wait,
-            durable: opts.durable,
-        });
-        journal::take_error();
-        // SAFETY: valid C string; default property lists.
-        let fid = unsafe {
-            match (open_existing, mode) {
-                (true, Mode::Read) => {
-                    hdf5_sys::h5f::H5Fopen(cpath.as_ptr(), hdf5_sys::h5f::H5F_ACC_RDONLY, fapl.id())
-                }
-                (true, _) => {
-                    hdf5_sys::h5f::H5Fopen(cpath.as_ptr(), hdf5_sys::h5f::H5F_ACC_RDWR, fapl.id())
-                }
-                (false, Mode::Truncate) => hdf5_sys::h5f::H5Fcreate(
-                    cpath.as_ptr(),
-                    hdf5_sys::h5f::H5F_ACC_TRUNC,
-                    fcpl.id(),
-                    fapl.id(),
-                ),
-                (false, _) => hdf5_sys::h5f::H5Fcreate(
-                    cpath.as_ptr(),
-                    hdf5_sys::h5f::H5F_ACC_EXCL,
-                    fcpl.id(),
-                    fapl.id(),
-                ),
-            }
-        };
-        let file = Hid::new(fid, Kind::File, || {
-            format!("opening {} (mode {})", loc(), mode.as_str())
-        })
-        .map_err(|e| h5err(path, e))?;
-        let fid = file.id();
-        set_cloexec(fid);
-        let has = |g: &str| h5::link_exists(fid, g).map_err(|e| h5err(path, e));
+        let fid = open_h5(path, opts, create)?;
+        let fid_raw = fid.id();
+        set_cloexec(fid_raw);
+        let has = |g: &str| h5::link_exists(fid_raw, g).map_err(|e| h5err(path, e));
         if !has(WEIGHTS)? {
-            let empty = h5::link_names(fid).map_err(|e| h5err(path, e))?.is_empty();
+            let empty = h5::link_names(fid_raw)
+                .map_err(|e| h5err(path, e))?
+                .is_empty();
             let may_create = match mode {
                 Mode::Read | Mode::ReadWrite => false,
                 Mode::Append => empty,
@@ -1181,54 +1166,128 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
             }
         }
         let writable = mode.writable();
-        let ensure = |g: &str| -> Result<Option<Hid>> {
-            if has(g)? {
-                h5::open_group(fid, g).map(Some).map_err(|e| h5err(path, e))
-            } else if writable {
-                // Room for about a hundred 64-character keys in `weights/`; the other groups
-                // start small. HDF5 grows a heap that fills up.
-                let hint = if g == WEIGHTS { 8 << 10 } else { 512 };
-                h5::create_group(fid, g, hint)
-                    .map(Some)
-                    .map_err(|e| h5err(path, e))
-            } else {
-                Ok(None)
-            }
-        };
-        let weights = ensure(WEIGHTS)?.ok_or_else(|| StoreError::NotAStore {
-            location: loc(),
-            reason: "no weights/ group".to_owned(),
-        })?;
-        drop(ensure(METADATA)?);
-        let deltas = ensure(DELTAS)?;
-        let models = ensure(MODELS)?;
         if writable {
-            // SAFETY: valid file id.
-            let r = unsafe {
-                hdf5_sys::h5f::H5Fflush(fid, hdf5_sys::h5f::H5F_scope_t::H5F_SCOPE_LOCAL)
-            };
-            h5::check(r, || "writing".to_owned()).map_err(|e| h5err(path, e))?;
-            journal::commit(fid).map_err(|e| {
-                journal::take_error();
-                os_error(path, "committing", e)
-            })?;
+            for g in [WEIGHTS, METADATA, DELTAS, MODELS] {
+                if !has(g)? {
+                    // Room for about a hundred 64-character keys in `weights/`; the other
+                    // groups start small. HDF5 grows a heap that fills up.
+                    let hint = if g == WEIGHTS { 8 << 10 } else { 512 };
+                    drop(h5::create_group(fid_raw, g, hint).map_err(|e| h5err(path, e))?);
+                }
+            }
         }
+        let (weights, deltas, models) = open_groups(path, fid_raw)?;
         // Chunk addresses are file offsets only without a user block.
-        let reader = match h5::userblock_size(fid) {
+        let reader = match h5::userblock_size(fid_raw) {
             Ok(0) => std::fs::File::open(path)
                 .map_err(|e| tracing::debug!(path = %loc(), error = %e, "no second descriptor"))
                 .ok(),
             _ => None,
         };
-        Ok(Inner {
+        let mut inner = Inner {
             weights,
             deltas,
             models,
-            file,
+            file: fid,
             writable,
             reader,
-        })
+            lock,
+        };
+        if writable {
+            commit_reopen(path, opts, &mut inner)?;
+        }
+        Ok(inner)
     })
+}
+
+/// Opens (or, with `create`, creates) the HDF5 file with Coral's property lists and the journal
+/// driver. Call under the HDF5 lock.
+fn open_h5(path: &Path, opts: &HDF5StoreOptions, create: bool) -> Result<Hid> {
+    let loc = || path.display().to_string();
+    let cpath = h5::cstr(&path.to_string_lossy()).map_err(|e| h5err(path, e))?;
+    let fcpl = h5::make_fcpl().map_err(|e| h5err(path, e))?;
+    let fapl = h5::make_fapl().map_err(|e| h5err(path, e))?;
+    journal::configure(journal::OpenConfig {
+        wait: opts.wait,
+        durable: opts.durable,
+    });
+    journal::take_error();
+    // SAFETY: valid C string and property lists.
+    let fid = unsafe {
+        if create {
+            hdf5_sys::h5f::H5Fcreate(
+                cpath.as_ptr(),
+                hdf5_sys::h5f::H5F_ACC_TRUNC,
+                fcpl.id(),
+                fapl.id(),
+            )
+        } else if opts.mode == Mode::Read {
+            hdf5_sys::h5f::H5Fopen(cpath.as_ptr(), hdf5_sys::h5f::H5F_ACC_RDONLY, fapl.id())
+        } else {
+            hdf5_sys::h5f::H5Fopen(cpath.as_ptr(), hdf5_sys::h5f::H5F_ACC_RDWR, fapl.id())
+        }
+    };
+    Hid::new(fid, Kind::File, || {
+        format!("opening {} (mode {})", loc(), opts.mode.as_str())
+    })
+    .map_err(|e| h5err(path, e))
+}
+
+/// The store's groups in an open file: `weights/` (required), `deltas/` and `models/`.
+fn open_groups(path: &Path, fid: hid_t) -> Result<(Hid, Option<Hid>, Option<Hid>)> {
+    let has = |g: &str| h5::link_exists(fid, g).map_err(|e| h5err(path, e));
+    let open = |g: &str| -> Result<Option<Hid>> {
+        if has(g)? {
+            h5::open_group(fid, g).map(Some).map_err(|e| h5err(path, e))
+        } else {
+            Ok(None)
+        }
+    };
+    let weights = open(WEIGHTS)?.ok_or_else(|| StoreError::NotAStore {
+        location: path.display().to_string(),
+        reason: "no weights/ group".to_owned(),
+    })?;
+    Ok((weights, open(DELTAS)?, open(MODELS)?))
+}
+
+/// Commits a writer's changes by closing the file and opening it again. HDF5 writes its
+/// persistent free-space managers only when a file closes: a flush leaves the file pointing at
+/// free-space records that the open file has already reused, which a crash then turns into a
+/// file HDF5 cannot open (seen with HDF5 1.10.8). Closing is the commit (the driver's
+/// [`journal`] commit runs as the file closes); the writer lock stays held throughout. When the
+/// commit fails, the driver rolls the file back to its last commit, and the store opens that.
+/// Call under the HDF5 lock, with no other object of the file open.
+pub(crate) fn commit_reopen(path: &Path, opts: &HDF5StoreOptions, inner: &mut Inner) -> Result<()> {
+    let fid = inner.file.id();
+    let weights = std::mem::replace(&mut inner.weights, Hid::closed(Kind::Group));
+    drop((weights, inner.deltas.take(), inner.models.take()));
+    // SAFETY: valid file id.
+    let open = unsafe { hdf5_sys::h5f::H5Fget_obj_count(fid, hdf5_sys::h5f::H5F_OBJ_ALL) };
+    let file = std::mem::replace(&mut inner.file, Hid::closed(Kind::File));
+    let closed = if open > 1 {
+        // Something else of the file is still open, so closing would not close it (and not
+        // commit): an error in Coral, reported rather than hidden.
+        drop(file);
+        Err(StoreError::backend(
+            format!("committing {}", path.display()),
+            std::io::Error::other(format!("{} objects of the file are still open", open - 1)),
+        ))
+    } else {
+        file.close().map_err(|e| h5err(path, e))
+    };
+    let fid = open_h5(path, opts, false)?;
+    let (weights, deltas, models) = open_groups(path, fid.id())?;
+    set_cloexec(fid.id());
+    *inner = Inner {
+        weights,
+        deltas,
+        models,
+        file: fid,
+        writable: inner.writable,
+        reader: inner.reader.take(),
+        lock: inner.lock.take(),
+    };
+    closed
 }
 
 impl WeightStore for HDF5Store {
@@ -1368,18 +1427,15 @@ impl WeightStore for HDF5Store {
             return Ok(());
         };
         h5::locked(|| {
-            // After a failed write the file driver rolls the file back to its last commit as
-            // it closes; a flush would only fail again.
+            // Closing the file commits what is left (the driver's commit runs as it closes);
+            // after a failed write the driver rolls the file back to its last commit instead.
             let failed = inner.writable && journal::is_failed(inner.file.id());
-            let writable = inner.writable && !failed;
-            if writable {
-                self.flush(&inner)?;
-            }
             let Inner {
                 weights,
                 deltas,
                 models,
                 file,
+                lock,
                 ..
             } = inner;
             drop((weights, deltas, models));
@@ -1396,7 +1452,7 @@ impl WeightStore for HDF5Store {
             if open > 0 {
                 tracing::warn!(path = %self.path.display(), open, "objects still open at close");
             }
-            match file.close() {
+            let r = match file.close() {
                 // HDF5 tries to flush once more as it closes, which fails on a failed file;
                 // the driver has rolled it back to its last commit, and the write's own error
                 // was reported when it happened.
@@ -1406,7 +1462,9 @@ impl WeightStore for HDF5Store {
                     Ok(())
                 }
                 r => r.map_err(|e| self.err(e)),
-            }
+            };
+            drop(lock);
+            r
         })
     }
 }
