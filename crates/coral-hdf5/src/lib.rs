@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 mod chunk;
+mod compact;
 mod deltas;
 mod h5;
 mod ingest;
@@ -37,5 +38,6 @@ mod mem;
 mod options;
 mod store;
 
+pub use compact::CompactReport;
 pub use options::{Compression, HDF5StoreOptions, Mode};
 pub use store::{HDF5Store, DELTAS, METADATA, MODELS, WEIGHTS};

@@ -108,6 +108,22 @@ pub(crate) struct Inner {
     pub(crate) reader: Option<std::fs::File>,
 }
 
+impl Inner {
+    /// Closes the groups, then the file, reporting a failure of the file's close. Call under
+    /// the lock.
+    pub(crate) fn close(self) -> std::result::Result<(), H5Error> {
+        let Inner {
+            weights,
+            deltas,
+            models,
+            file,
+            ..
+        } = self;
+        drop((weights, deltas, models));
+        file.close()
+    }
+}
+
 /// A dataset to write: its layout and its data (compressed chunk by chunk while writing).
 pub(crate) struct Encoded {
     pub(crate) key: String,
@@ -1022,7 +1038,7 @@ impl RawRead {
 
 /// Marks the file's descriptor close-on-exec: HDF5 opens it without, so a child process spawned
 /// while the store is open would inherit it, and with it the file lock, after we close.
-fn set_cloexec(fid: hid_t) {
+pub(crate) fn set_cloexec(fid: hid_t) {
     let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
     // SAFETY: for the default (sec2) driver the handle points to the `int` descriptor.
     unsafe {
@@ -1038,7 +1054,17 @@ fn set_cloexec(fid: hid_t) {
     }
 }
 
-fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
+/// The initial name-heap size of group `g` in a new file: room for about a hundred 64-character
+/// keys in `weights/`; the other groups start small. HDF5 grows a heap that fills up.
+pub(crate) fn heap_hint(g: &str) -> usize {
+    if g == WEIGHTS {
+        8 << 10
+    } else {
+        512
+    }
+}
+
+pub(crate) fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
     let loc = || path.display().to_string();
     let mode = opts.mode;
     // Roll back what a killed writer left half-done before anything reads the file.
@@ -1137,6 +1163,10 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
         .map_err(|e| h5err(path, e))?;
         let fid = file.id();
         set_cloexec(fid);
+        if mode.writable() {
+            // Holding the write lock: a `<path>.compact-tmp` now is a killed compaction's.
+            crate::compact::remove_stale_tmp(path)?;
+        }
         let has = |g: &str| h5::link_exists(fid, g).map_err(|e| h5err(path, e));
         if !has(WEIGHTS)? {
             let empty = h5::link_names(fid).map_err(|e| h5err(path, e))?.is_empty();
@@ -1157,10 +1187,7 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
             if has(g)? {
                 h5::open_group(fid, g).map(Some).map_err(|e| h5err(path, e))
             } else if writable {
-                // Room for about a hundred 64-character keys in `weights/`; the other groups
-                // start small. HDF5 grows a heap that fills up.
-                let hint = if g == WEIGHTS { 8 << 10 } else { 512 };
-                h5::create_group(fid, g, hint)
+                h5::create_group(fid, g, heap_hint(g))
                     .map(Some)
                     .map_err(|e| h5err(path, e))
             } else {
