@@ -127,7 +127,8 @@ impl HDF5Store {
     /// Errors: [`StoreError::ReadOnly`] on a store opened read-only, [`StoreError::Closed`]
     /// after close; I/O and HDF5 failures name the path. On a failure before the rename the old
     /// file is the store and stays open; if the new file, renamed into place, then fails to
-    /// open, the store is closed (reopen it).
+    /// open, the store is closed (reopen it). A failure to sync the directory after the rename
+    /// is returned with the store already on the new file.
     pub fn compact(&self) -> Result<CompactReport> {
         let t0 = Instant::now();
         let loc = || self.path.display().to_string();
@@ -151,9 +152,14 @@ impl HDF5Store {
                     return Err(StoreError::ReadOnly { location: loc() });
                 }
                 self.flush(inner)?;
-                let bytes_before = size(&self.path)?;
+                let old_meta = std::fs::metadata(&self.path)
+                    .map_err(|e| StoreError::backend(format!("compacting {}", loc()), e))?;
+                let bytes_before = old_meta.len();
                 remove_stale_tmp(&self.path)?;
                 let copied = self.write_copy(inner, &tmp).and_then(|c| {
+                    // The new file gets the old one's permission bits.
+                    std::fs::set_permissions(&tmp, old_meta.permissions())
+                        .map_err(io(&format!("setting the permissions of {}", tmp.display())))?;
                     File::open(&tmp)
                         .and_then(|f| f.sync_all())
                         .map_err(io(&format!("syncing {}", tmp.display())))?;
@@ -179,26 +185,28 @@ impl HDF5Store {
             self.space_epoch.fetch_add(1, Ordering::SeqCst);
             if let Err(e) = std::fs::rename(&tmp, &self.path) {
                 let _ = std::fs::remove_file(&tmp);
-                // The old file is still the store, but unjournaled: close it so that no write
-                // goes to it unprotected (the store is closed; reopen it).
-                let old = guard.take();
-                drop(old);
+                // The old file is still the store: a commit journals its writes again.
+                if let Some(inner) = guard.as_ref() {
+                    if let Err(e) = journal::commit(inner.file.id()) {
+                        tracing::warn!(path = %loc(), error = %e, "resuming the journal");
+                        drop(guard.take());
+                    }
+                }
                 return Err(io(&format!("renaming {} into place", tmp.display()))(e));
             }
-            // The rename is the commit point; make it durable.
+            // The rename is the commit point; make it durable. (A failure here is reported
+            // once the store is on the new file.)
             let dir = match self.path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             };
-            File::open(&dir)
+            let dir_synced = File::open(&dir)
                 .and_then(|d| d.sync_all())
-                .map_err(io(&format!("syncing the directory {}", dir.display())))?;
-            let bytes_after = size(&self.path)?;
+                .map_err(io(&format!("syncing the directory {}", dir.display())));
             // Open the new file before closing the old one, so that this process holds a lock
             // on the store at every moment.
             let opts = self.opts.clone().mode(Mode::ReadWrite);
-            let reopened = store::open_file(&self.path, &opts);
-            let old = match reopened {
+            let old = match store::open_file(&self.path, &opts) {
                 Ok(new) => guard.replace(new),
                 Err(e) => {
                     drop(guard.take());
@@ -210,6 +218,8 @@ impl HDF5Store {
                     tracing::warn!(path = %loc(), error = %e, "closing the file compacted away");
                 }
             }
+            dir_synced?;
+            let bytes_after = size(&self.path)?;
             let [weights, metadata, deltas, manifests] = copied.per_group;
             Ok(CompactReport {
                 path: self.path.clone(),

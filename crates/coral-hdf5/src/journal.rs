@@ -215,7 +215,8 @@ pub(crate) fn commit(fid: hid_t) -> std::io::Result<()> {
 /// the file unrecorded. For a file about to be replaced by a rename over its path (a
 /// compaction): from then on `<path>.journal` belongs to the new file, so nothing of the old
 /// one may be written there, not even by the writes HDF5 makes when it closes the old file.
-/// Files on other drivers are left alone. Call under the HDF5 lock.
+/// A later [`commit`] journals the file again. Files on other drivers are left alone. Call
+/// under the HDF5 lock.
 pub(crate) fn retire(fid: hid_t) -> std::io::Result<()> {
     let Some(jf) = file_of(fid) else {
         return Ok(());
