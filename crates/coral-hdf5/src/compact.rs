@@ -300,7 +300,7 @@ impl HDF5Store {
                     copied.skipped.push(format!("{group}/{name}: {reason}"));
                     continue;
                 }
-                copy_object(src, &name, dst[i].id(), ocpypl.id()).map_err(|e| tmp_err(e))?;
+                copy_object(src, &name, dst[i].id(), ocpypl.id()).map_err(&tmp_err)?;
                 copied.per_group[i] += 1;
             }
         }

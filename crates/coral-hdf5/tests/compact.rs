@@ -330,7 +330,7 @@ fn compact_leaves_leftovers_behind_and_keeps_metadata_entries() {
     assert_eq!(
         skipped,
         vec![
-            format!("models/m.tmp: leftover of a manifest write"),
+            "models/m.tmp: leftover of a manifest write".to_owned(),
             format!("weights/{fake_key}: not committed (an interrupted write)"),
             "weights/not-a-key: not a key".to_owned(),
         ],
@@ -340,7 +340,7 @@ fn compact_leaves_leftovers_behind_and_keeps_metadata_entries() {
     assert_eq!(store.load(&k).unwrap().unwrap().data(), w.data());
     drop(store);
     let f = hdf5::File::open(&path).unwrap();
-    assert!(f.link_exists("weights/not-a-key") == false);
+    assert!(!f.link_exists("weights/not-a-key"));
     let g = f.group("weights").unwrap();
     assert_eq!(g.member_names().unwrap(), vec![k.to_hex()]);
     let m = f.dataset("metadata/info").unwrap();
