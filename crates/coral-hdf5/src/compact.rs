@@ -69,9 +69,15 @@ pub(crate) fn tmp_path(path: &Path) -> PathBuf {
 }
 
 /// Removes what a killed compaction of `path` left (`<path>.compact-tmp`, and its journal had
-/// one been started). Call only while holding the store's write lock: a compaction in progress
-/// holds it until its rename, so a temporary file found then is dead.
-pub(crate) fn remove_stale_tmp(path: &Path) -> Result<()> {
+/// one been started), when `fid`, open for writing and so holding the write lock, is the file
+/// `path` names now. A compaction in progress holds that lock until its rename, so a temporary
+/// file found then is dead. A process that got the lock of a file already compacted away (a
+/// dead inode) leaves the temporary file alone: it may be a live compaction's of the new file.
+/// Call under the HDF5 lock.
+pub(crate) fn remove_stale_tmp(fid: hid_t, path: &Path) -> Result<()> {
+    if !names_file(fid, path) {
+        return Ok(());
+    }
     let tmp = tmp_path(path);
     for p in [journal::journal_path(&tmp), tmp] {
         match std::fs::remove_file(&p) {
@@ -88,6 +94,31 @@ pub(crate) fn remove_stale_tmp(path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// True when `path` names the file open as `fid` (same device and inode); false when that
+/// cannot be told.
+fn names_file(fid: hid_t, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(at_path) = std::fs::metadata(path) else {
+        return false;
+    };
+    let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
+    // SAFETY: for the journal and sec2 drivers the handle points to the `int` descriptor; the
+    // stat buffer is a local.
+    unsafe {
+        if hdf5_sys::h5f::H5Fget_vfd_handle(fid, hdf5_sys::h5p::H5P_DEFAULT, &mut handle) < 0
+            || handle.is_null()
+        {
+            return false;
+        }
+        let fd = *(handle as *const libc::c_int);
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) < 0 {
+            return false;
+        }
+        st.st_dev == at_path.dev() && st.st_ino == at_path.ino()
+    }
 }
 
 /// Which links of a group are copied.
@@ -151,11 +182,19 @@ impl HDF5Store {
                 if !inner.writable {
                     return Err(StoreError::ReadOnly { location: loc() });
                 }
+                if !names_file(inner.file.id(), &self.path) {
+                    return Err(StoreError::backend(
+                        format!("compacting {}", loc()),
+                        std::io::Error::other(
+                            "the path no longer names the file this store has open",
+                        ),
+                    ));
+                }
                 self.flush(inner)?;
                 let old_meta = std::fs::metadata(&self.path)
                     .map_err(|e| StoreError::backend(format!("compacting {}", loc()), e))?;
                 let bytes_before = old_meta.len();
-                remove_stale_tmp(&self.path)?;
+                remove_stale_tmp(inner.file.id(), &self.path)?;
                 let copied = self.write_copy(inner, &tmp).and_then(|c| {
                     // The new file gets the old one's permission bits.
                     std::fs::set_permissions(&tmp, old_meta.permissions())

@@ -1165,7 +1165,7 @@ pub(crate) fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
         set_cloexec(fid);
         if mode.writable() {
             // Holding the write lock: a `<path>.compact-tmp` now is a killed compaction's.
-            crate::compact::remove_stale_tmp(path)?;
+            crate::compact::remove_stale_tmp(fid, path)?;
         }
         let has = |g: &str| h5::link_exists(fid, g).map_err(|e| h5err(path, e));
         if !has(WEIGHTS)? {

@@ -376,3 +376,25 @@ fn a_stale_compact_tmp_is_removed_on_open_for_writing() {
     store.compact().unwrap();
     assert!(!tmp.exists());
 }
+
+/// A store whose path was renamed over (its file is a dead inode) refuses to compact, and
+/// leaves a `.compact-tmp` alone: it may belong to a compaction of the file now at the path.
+#[test]
+fn compact_refuses_when_the_path_names_another_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.h5");
+    let other = dir.path().join("other.h5");
+    let w = normal("w", &[8, 8], 3);
+    let store = HDF5Store::open(&path, options()).unwrap();
+    let k = store.store(&w).unwrap();
+    drop(HDF5Store::open(&other, options()).unwrap());
+    std::fs::rename(&other, &path).unwrap();
+    let tmp = dir.path().join("p.h5.compact-tmp");
+    std::fs::write(&tmp, b"someone else's").unwrap();
+    let e = store.compact().unwrap_err();
+    assert!(e.to_string().contains("no longer names"), "{e}");
+    assert!(e.to_string().contains("p.h5"), "{e}");
+    assert_eq!(std::fs::read(&tmp).unwrap(), b"someone else's");
+    // The store still works on the file it has.
+    assert_eq!(store.load(&k).unwrap().unwrap().data(), w.data());
+}
