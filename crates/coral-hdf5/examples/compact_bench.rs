@@ -4,7 +4,8 @@
 //! CLI's settings), builds a store holding those weights plus half as many again that are then
 //! deleted (as `coral gc` leaves a store), and times, median of 3 in the same run: `cp` of the
 //! store file, `cp` followed by an fsync of the copy, and `compact` of a fresh copy of the store
-//! (compact syncs the new file and the directory). Page cache warm for all three.
+//! (compact syncs the new file and the directory). Page cache warm for all three; every dirty
+//! page is written back (`sync`) before each timed step.
 //!
 //! ```text
 //! cargo run --release -p coral-hdf5 --example compact_bench -- [DIR] [MB...]
@@ -96,6 +97,14 @@ fn build(path: &Path, mb: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// Writes every dirty page back (`sync`), so that no timed fsync pays for earlier writes.
+fn settle() -> Result<(), Error> {
+    if !Command::new("sync").status()?.success() {
+        return Err("sync failed".into());
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -130,6 +139,7 @@ fn main() -> Result<(), Error> {
         let mut after = 0;
         for _ in 0..3 {
             let _ = std::fs::remove_file(&copy);
+            settle()?;
             let t = Instant::now();
             let status = Command::new("cp").arg(&orig).arg(&copy).status()?;
             cp.push(t.elapsed());
@@ -137,6 +147,7 @@ fn main() -> Result<(), Error> {
                 return Err("cp failed".into());
             }
             let _ = std::fs::remove_file(&copy);
+            settle()?;
             let t = Instant::now();
             let status = Command::new("cp").arg(&orig).arg(&copy).status()?;
             std::fs::File::open(&copy)?.sync_all()?;
@@ -146,6 +157,7 @@ fn main() -> Result<(), Error> {
             }
             std::fs::copy(&orig, &work)?;
             let store = HDF5Store::open(&work, options())?;
+            settle()?;
             let t = Instant::now();
             let r = store.compact()?;
             compact.push(t.elapsed());
