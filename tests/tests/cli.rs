@@ -435,6 +435,7 @@ fn a_read_only_store_is_refused_and_left_alone() {
     );
     assert_one_line_error(&run_fail(&mut cmd(&store, &["rm", "m"])), "read-only");
     assert_one_line_error(&run_fail(&mut cmd(&store, &["gc"])), "read-only");
+    assert_one_line_error(&run_fail(&mut cmd(&store, &["compact"])), "read-only");
     // Reading still works.
     assert_eq!(
         ok_json(&store, &["ls"])["models"].as_array().unwrap().len(),
@@ -727,4 +728,75 @@ fn a_full_disk_and_a_read_only_file_system_are_one_line_and_lose_nothing() {
     assert_one_line_error(&out, "Read-only file system");
     run_ok(&mut cmd(&store, &["ls"]));
     export_identical(&store, "big", &big, &fx.path("big-out2.safetensors"));
+}
+
+/// The space of removed models comes back with `coral compact`: add a model, its fine-tune (as
+/// deltas) and another model, remove that one, collect its weights, compact; the file shrinks,
+/// both remaining models export byte for byte and verify.
+#[test]
+fn compact_gives_back_the_space_of_removed_models() {
+    let fx = Fixture::new();
+    let store = fx.path("c.h5");
+    let base_bytes = synthetic_model(12, 512);
+    let base = fx.write("base.safetensors", &base_bytes);
+    let (ft_bytes, ft) =
+        finetune::make_finetune_bytes(&base_bytes, finetune::DEFAULT_SEED).unwrap();
+    let ft_path = fx.write("ft.safetensors", &ft_bytes);
+    let other = fx.write("other.safetensors", &synthetic_model(20, 700));
+    ok_json(&store, &["add", base.to_str().unwrap(), "--name", "base"]);
+    let f = ok_json(
+        &store,
+        &[
+            "add",
+            ft_path.to_str().unwrap(),
+            "--name",
+            "ft",
+            "--reference",
+            "base",
+        ],
+    );
+    assert_eq!(f["delta_coded"], ft.changed.len() as u64, "{f}");
+    ok_json(&store, &["add", other.to_str().unwrap(), "--name", "other"]);
+    run_ok(&mut cmd(&store, &["rm", "other"]));
+    let g = ok_json(&store, &["gc"]);
+    assert!(!g["weights"].as_array().unwrap().is_empty(), "{g}");
+    let before = std::fs::metadata(&store).unwrap().len();
+
+    let c = ok_json(&store, &["compact"]);
+    let after = std::fs::metadata(&store).unwrap().len();
+    assert_eq!(c["bytes_before"], before, "{c}");
+    assert_eq!(c["bytes_after"], after, "{c}");
+    assert_eq!(c["reclaimed"], before - after, "{c}");
+    assert!(after * 2 < before, "compact gave back too little: {c}");
+    assert_eq!(c["deltas"], ft.changed.len() as u64, "{c}");
+    assert_eq!(c["manifests"], 2, "{c}");
+    assert!(c["skipped"].as_array().unwrap().is_empty(), "{c}");
+    assert!(!fx.path("c.h5.compact-tmp").exists());
+
+    export_identical(&store, "base", &base, &fx.path("base.out.safetensors"));
+    export_identical(&store, "ft", &ft_path, &fx.path("ft.out.safetensors"));
+    let v = ok_json(&store, &["verify"]);
+    assert!(v["failures"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["manifests"], 2, "{v}");
+
+    // The text output is one line; a second compaction finds nothing to give back.
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["compact"])));
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    assert!(
+        text.starts_with(&format!("compacted {}: ", store.display()))
+            && text.contains("(0 B reclaimed) in "),
+        "{text}"
+    );
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), after);
+
+    // Not for S3 stores, nor a missing store (which is not created).
+    assert_one_line_error(
+        &run_fail(&mut cmd(Path::new("s3://bucket/prefix"), &["compact"])),
+        "compact applies to HDF5 stores",
+    );
+    assert_one_line_error(
+        &run_fail(&mut cmd(&fx.path("absent.h5"), &["compact"])),
+        "no store at",
+    );
+    assert!(!fx.path("absent.h5").exists());
 }

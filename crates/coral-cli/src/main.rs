@@ -118,6 +118,8 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Rewrite the HDF5 store without the space of removed weights (after `coral gc`).
+    Compact,
     /// Copy what DST lacks from SRC (weights, deltas, manifests).
     Sync {
         /// Source store.
@@ -486,6 +488,21 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     if r.dry_run { "would remove" } else { "removed" },
                     r.weights.len(),
                     r.deltas.len()
+                );
+            }
+        }
+        Cmd::Compact => {
+            let r = store::compact(&Address::parse(&cli.store)?)?;
+            if cli.json {
+                print_json(&serde_json::to_value(&r)?)?;
+            } else {
+                println!(
+                    "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
+                    r.store,
+                    human_bytes(r.bytes_before),
+                    human_bytes(r.bytes_after),
+                    human_bytes(r.reclaimed),
+                    r.seconds
                 );
             }
         }

@@ -143,6 +143,77 @@ fn open_file(
     )
 }
 
+/// What `coral compact` did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CompactSummary {
+    /// The store's path.
+    pub store: String,
+    /// File size before.
+    pub bytes_before: u64,
+    /// File size after.
+    pub bytes_after: u64,
+    /// Bytes given back.
+    pub reclaimed: u64,
+    /// Weights copied.
+    pub weights: usize,
+    /// Deltas copied.
+    pub deltas: usize,
+    /// Manifests copied.
+    pub manifests: usize,
+    /// Entries of `metadata/` copied.
+    pub metadata: usize,
+    /// Links left behind (`group/name: reason`).
+    pub skipped: Vec<String>,
+    /// Seconds taken.
+    pub seconds: f64,
+}
+
+/// Compacts the HDF5 store at `addr` (see `HDF5Store::compact`); S3 stores are refused.
+pub fn compact(addr: &Address) -> Result<CompactSummary> {
+    match addr {
+        Address::File(path) => compact_file(path),
+        Address::S3 { .. } => bail!("compact applies to HDF5 stores, not to {addr}"),
+    }
+}
+
+#[cfg(feature = "hdf5")]
+fn compact_file(path: &std::path::Path) -> Result<CompactSummary> {
+    use anyhow::Context;
+    use coral_hdf5::{HDF5Store, HDF5StoreOptions, Mode as H5Mode};
+    if !path.exists() {
+        bail!("no store at {}", path.display());
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().readonly()) {
+        bail!("store {} is read-only", path.display());
+    }
+    let mut store = HDF5Store::open(path, HDF5StoreOptions::new().mode(H5Mode::ReadWrite))
+        .with_context(|| format!("opening store {}", path.display()))?;
+    let r = store
+        .compact()
+        .with_context(|| format!("compacting {}", path.display()))?;
+    coral_store_api::WeightStore::close(&mut store).context("closing the store")?;
+    Ok(CompactSummary {
+        store: path.display().to_string(),
+        bytes_before: r.bytes_before,
+        bytes_after: r.bytes_after,
+        reclaimed: r.reclaimed(),
+        weights: r.weights,
+        deltas: r.deltas,
+        manifests: r.manifests,
+        metadata: r.metadata,
+        skipped: r.skipped,
+        seconds: r.elapsed.as_secs_f64(),
+    })
+}
+
+#[cfg(not(feature = "hdf5"))]
+fn compact_file(path: &std::path::Path) -> Result<CompactSummary> {
+    bail!(
+        "cannot compact {}: this coral was built without the hdf5 feature",
+        path.display()
+    )
+}
+
 #[cfg(feature = "s3")]
 fn open_s3(bucket: &str, prefix: &str, o: &S3Options, _mode: Mode) -> Result<Box<dyn Store>> {
     use anyhow::Context;

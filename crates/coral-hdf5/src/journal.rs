@@ -307,6 +307,25 @@ pub(crate) fn is_failed(fid: hid_t) -> bool {
     file_of(fid).is_some_and(|jf| unsafe { (*jf).failed })
 }
 
+/// Commits `fid` (what the driver still holds for it) and stops journaling it: later writes go to
+/// the file unrecorded. For a file about to be replaced by a rename over its path (a
+/// compaction): from then on `<path>.journal` belongs to the new file, so nothing of the old
+/// one may be written there, not even by the writes HDF5 makes when it closes the old file.
+/// The file opened again is journaled again. Files on other drivers are left alone. Call
+/// under the HDF5 lock.
+pub(crate) fn retire(fid: hid_t) -> std::io::Result<()> {
+    let Some(jf) = file_of(fid) else {
+        return Ok(());
+    };
+    // SAFETY: the pointer comes from our driver's open file, alive while `fid` is open; the
+    // HDF5 lock serialises every callback.
+    let jf = unsafe { &mut *jf };
+    jf.commit()?;
+    // `save` journals only bytes below the committed size.
+    jf.committed_eof = 0;
+    Ok(())
+}
+
 fn file_of(fid: hid_t) -> Option<*mut JFile> {
     let id = driver()?;
     // SAFETY: plain HDF5 calls on a file id; the handle of our driver points to `JFile::fd`.

@@ -8,7 +8,8 @@
 //! `docs/format.md` describes the file precisely. Files are written through a small HDF5 file
 //! driver that keeps a rollback journal (`<store>.h5.journal`) of the bytes each flush rewrites
 //! in place, so a process killed mid-write leaves the store as its last completed call left it
-//! (`docs/reliability.md`).
+//! (`docs/reliability.md`). HDF5 does not reuse the space of deleted objects across sessions:
+//! [`HDF5Store::compact`] rewrites the file without it, crash-safely (a rename is the commit).
 //!
 //! ```
 //! use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions};
@@ -29,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod chunk;
+mod compact;
 mod deltas;
 mod h5;
 mod ingest;
@@ -37,5 +39,6 @@ mod mem;
 mod options;
 mod store;
 
+pub use compact::CompactReport;
 pub use options::{Compression, HDF5StoreOptions, Mode};
 pub use store::{HDF5Store, DELTAS, METADATA, MODELS, WEIGHTS};

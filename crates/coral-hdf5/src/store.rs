@@ -110,6 +110,22 @@ pub(crate) struct Inner {
     pub(crate) lock: Option<journal::WriterLock>,
 }
 
+impl Inner {
+    /// Closes the groups, then the file, reporting a failure of the file's close. Call under
+    /// the lock.
+    pub(crate) fn close(self) -> std::result::Result<(), H5Error> {
+        let Inner {
+            weights,
+            deltas,
+            models,
+            file,
+            ..
+        } = self;
+        drop((weights, deltas, models));
+        file.close()
+    }
+}
+
 /// A dataset to write: its layout and its data (compressed chunk by chunk while writing).
 pub(crate) struct Encoded {
     pub(crate) key: String,
@@ -1041,7 +1057,7 @@ impl RawRead {
 
 /// Marks the file's descriptor close-on-exec: HDF5 opens it without, so a child process spawned
 /// while the store is open would inherit it, and with it the file lock, after we close.
-fn set_cloexec(fid: hid_t) {
+pub(crate) fn set_cloexec(fid: hid_t) {
     let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
     // SAFETY: for the default (sec2) driver the handle points to the `int` descriptor.
     unsafe {
@@ -1057,7 +1073,27 @@ fn set_cloexec(fid: hid_t) {
     }
 }
 
-fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
+/// The initial name-heap size of group `g` in a new file: room for about a hundred 64-character
+/// keys in `weights/`; the other groups start small. HDF5 grows a heap that fills up.
+pub(crate) fn heap_hint(g: &str) -> usize {
+    if g == WEIGHTS {
+        8 << 10
+    } else {
+        512
+    }
+}
+
+pub(crate) fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
+    open_file_locked(path, opts, None)
+}
+
+/// [`open_file`] with the writer lock of `path` already held (a compaction locks its new file
+/// before renaming it into place, so that no other writer gets in between).
+pub(crate) fn open_file_locked(
+    path: &Path,
+    opts: &HDF5StoreOptions,
+    held: Option<journal::WriterLock>,
+) -> Result<Inner> {
     let loc = || path.display().to_string();
     let mode = opts.mode;
     // Roll back what a killed writer left half-done before anything reads the file.
@@ -1127,8 +1163,11 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
     // A writer locks the file before HDF5 opens it (creating it empty when it is new), and
     // keeps the lock while the file is closed and opened again at each commit.
     let lock = if mode.writable() {
-        let lock = journal::WriterLock::acquire(path, !open_existing, opts.wait)
-            .map_err(|e| os_error(path, &format!("opening (mode {})", mode.as_str()), e))?;
+        let lock = match held {
+            Some(l) => l,
+            None => journal::WriterLock::acquire(path, !open_existing, opts.wait)
+                .map_err(|e| os_error(path, &format!("opening (mode {})", mode.as_str()), e))?,
+        };
         if mode == Mode::Truncate {
             std::fs::OpenOptions::new()
                 .write(true)
@@ -1149,6 +1188,10 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
         let fid_raw = fid.id();
         set_cloexec(fid_raw);
         let has = |g: &str| h5::link_exists(fid_raw, g).map_err(|e| h5err(path, e));
+        if mode.writable() {
+            // Holding the write lock: a `<path>.compact-tmp` now is a killed compaction's.
+            crate::compact::remove_stale_tmp(fid_raw, path)?;
+        }
         if !has(WEIGHTS)? {
             let empty = h5::link_names(fid_raw)
                 .map_err(|e| h5err(path, e))?
@@ -1169,10 +1212,7 @@ fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
         if writable {
             for g in [WEIGHTS, METADATA, DELTAS, MODELS] {
                 if !has(g)? {
-                    // Room for about a hundred 64-character keys in `weights/`; the other
-                    // groups start small. HDF5 grows a heap that fills up.
-                    let hint = if g == WEIGHTS { 8 << 10 } else { 512 };
-                    drop(h5::create_group(fid_raw, g, hint).map_err(|e| h5err(path, e))?);
+                    drop(h5::create_group(fid_raw, g, heap_hint(g)).map_err(|e| h5err(path, e))?);
                 }
             }
         }
