@@ -800,3 +800,55 @@ fn compact_gives_back_the_space_of_removed_models() {
     );
     assert!(!fx.path("absent.h5").exists());
 }
+
+/// Keeping the last two of nine checkpoints (`rm` and `gc` after each add): freed space is
+/// reused, and `gc` compacts once a quarter of the file is free, so the store ends within 1.25x
+/// of a new store holding the same two models, with no explicit step.
+#[test]
+fn a_rotation_of_checkpoints_stays_near_the_size_of_a_new_store() {
+    let fx = Fixture::new();
+    let store = fx.path("rot.h5");
+    let base = synthetic_model(30, 512);
+    let steps: Vec<PathBuf> = (1..=9u64)
+        .map(|k| {
+            let (bytes, _) = finetune::make_finetune_bytes(&base, 1000 + k).unwrap();
+            fx.write(&format!("step{k}.safetensors"), &bytes)
+        })
+        .collect();
+    for (i, step) in steps.iter().enumerate() {
+        let name = format!("s{}", i + 1);
+        run_ok(&mut cmd(
+            &store,
+            &["add", step.to_str().unwrap(), "--name", &name],
+        ));
+        if i >= 2 {
+            run_ok(&mut cmd(&store, &["rm", &format!("s{}", i - 1)]));
+            let gc = ok_json(&store, &["gc"]);
+            assert!(gc["bytes"].as_u64().unwrap_or(0) > 0, "{gc}");
+        }
+    }
+    let fresh = fx.path("fresh.h5");
+    for k in [8, 9] {
+        let p = steps[k - 1].to_str().unwrap();
+        run_ok(&mut cmd(&fresh, &["add", p, "--name", &format!("s{k}")]));
+    }
+    let (a, b) = (
+        std::fs::metadata(&store).unwrap().len(),
+        std::fs::metadata(&fresh).unwrap().len(),
+    );
+    let ratio = a as f64 / b as f64;
+    eprintln!("rotation: {a} B, a new store: {b} B, {ratio:.3}x");
+    assert!(ratio <= 1.25, "the rotated store is {ratio:.3}x a new one");
+    for k in [8, 9] {
+        export_identical(
+            &store,
+            &format!("s{k}"),
+            &steps[k - 1],
+            &fx.path(&format!("out{k}.safetensors")),
+        );
+    }
+    let info = ok_json(&store, &["info"]);
+    let free = info["reclaimable_bytes"].as_u64().unwrap();
+    assert!(free < a, "{info}");
+    run_ok(&mut cmd(&store, &["verify"]));
+}

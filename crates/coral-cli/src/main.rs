@@ -117,6 +117,10 @@ enum Cmd {
         /// Only report what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// Never compact a local store afterwards (by default it is compacted once a quarter
+        /// of the file is free space).
+        #[arg(long)]
+        no_compact: bool,
     },
     /// Rewrite the HDF5 store without the space of removed weights (after `coral gc`).
     Compact,
@@ -229,11 +233,15 @@ fn s3_options(cli: &Cli) -> S3Options {
 
 fn open(cli: &Cli, addr: &str, mode: Mode) -> Result<Box<dyn Store>> {
     let addr = Address::parse(addr)?;
+    store::open(&addr, &s3_options(cli), mode, wait(cli)?)
+}
+
+/// `--wait` as a duration.
+fn wait(cli: &Cli) -> Result<std::time::Duration> {
     if !(cli.wait.is_finite() && cli.wait >= 0.0) {
         bail!("--wait takes a number of seconds, got {}", cli.wait);
     }
-    let wait = std::time::Duration::from_secs_f64(cli.wait.min(1e9));
-    store::open(&addr, &s3_options(cli), mode, wait)
+    Ok(std::time::Duration::from_secs_f64(cli.wait.min(1e9)))
 }
 
 fn close(mut store: Box<dyn Store>) -> Result<()> {
@@ -383,7 +391,16 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 print_json(&v)?;
             } else {
                 println!("store        {} ({})", info.location, info.backend);
-                println!("size         {}", human_bytes(info.file_size));
+                if info.reclaimable_bytes > 0 {
+                    println!(
+                        "size         {} ({} live, {} free for later writes: `coral compact` gives it back)",
+                        human_bytes(info.file_size),
+                        human_bytes(info.file_size.saturating_sub(info.reclaimable_bytes)),
+                        human_bytes(info.reclaimable_bytes)
+                    );
+                } else {
+                    println!("size         {}", human_bytes(info.file_size));
+                }
                 println!("models       {models}");
                 println!(
                     "weights      {} ({} raw, {} stored, {:.1}% saved, {})",
@@ -472,7 +489,10 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 println!("removed {name} (run `coral gc` to free its weights)");
             }
         }
-        Cmd::Gc { dry_run } => {
+        Cmd::Gc {
+            dry_run,
+            no_compact,
+        } => {
             let store = open(
                 cli,
                 &cli.store,
@@ -480,19 +500,45 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             )?;
             let r = ops::gc(&*store, *dry_run)?;
             close(store)?;
+            // Free space is reused by later writes; once it is a quarter of the file, the
+            // file is rewritten without it (`coral compact`), unless told not to.
+            let compacted = if !r.dry_run && !no_compact && ops::worth_compacting(&r) {
+                Some(store::compact(&Address::parse(&cli.store)?, wait(cli)?)?)
+            } else {
+                None
+            };
             if cli.json {
-                print_json(&serde_json::to_value(&r)?)?;
+                let mut v = serde_json::to_value(&r)?;
+                v["compacted"] = serde_json::to_value(&compacted)?;
+                print_json(&v)?;
             } else {
                 println!(
-                    "{} {} weights and {} deltas",
+                    "{} {} weights and {} deltas ({})",
                     if r.dry_run { "would remove" } else { "removed" },
                     r.weights.len(),
-                    r.deltas.len()
+                    r.deltas.len(),
+                    human_bytes(r.bytes)
                 );
+                match &compacted {
+                    Some(c) => println!(
+                        "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
+                        c.store,
+                        human_bytes(c.bytes_before),
+                        human_bytes(c.bytes_after),
+                        human_bytes(c.reclaimed),
+                        c.seconds
+                    ),
+                    None if r.reclaimable_bytes > 0 => println!(
+                        "{} of the {} file is free for later writes; `coral compact` gives it back",
+                        human_bytes(r.reclaimable_bytes),
+                        human_bytes(r.store_bytes)
+                    ),
+                    None => {}
+                }
             }
         }
         Cmd::Compact => {
-            let r = store::compact(&Address::parse(&cli.store)?)?;
+            let r = store::compact(&Address::parse(&cli.store)?, wait(cli)?)?;
             if cli.json {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {

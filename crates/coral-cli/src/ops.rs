@@ -643,8 +643,21 @@ pub struct GcReport {
     pub weights: Vec<String>,
     /// Deltas not needed.
     pub deltas: Vec<String>,
-    /// Bytes they took as stored (weights' compressed size when known, deltas' payload).
+    /// Bytes they took as stored: in a dry run, weights' compressed size when known and
+    /// deltas' payload; otherwise how much less the store's live bytes are (file or objects).
     pub bytes: u64,
+    /// Bytes of free space in the store afterwards (a local file's, which later writes reuse
+    /// and `compact` gives back; 0 for object stores).
+    pub reclaimable_bytes: u64,
+    /// The store's size afterwards.
+    pub store_bytes: u64,
+}
+
+/// True when a store after `r` is worth compacting: a quarter of its file (and at least 1 MiB)
+/// is free space. Below that, later writes reuse the space, and a rewrite of the whole file
+/// would cost more than it gives back.
+pub fn worth_compacting(r: &GcReport) -> bool {
+    r.reclaimable_bytes >= (1 << 20) && r.reclaimable_bytes.saturating_mul(4) >= r.store_bytes
 }
 
 /// Every key the store's manifests need, with the references of needed deltas (transitively).
@@ -697,6 +710,9 @@ pub fn gc(store: &dyn Store, dry_run: bool) -> Result<GcReport> {
                 .unwrap_or(0);
         }
     }
+    let live = |i: &coral_store_api::StorageInfo| i.file_size.saturating_sub(i.reclaimable_bytes);
+    let before = store.storage_info()?;
+    let mut after = before.clone();
     if !dry_run {
         for k in &deltas {
             store
@@ -708,12 +724,16 @@ pub fn gc(store: &dyn Store, dry_run: bool) -> Result<GcReport> {
                 .delete(k)
                 .with_context(|| format!("deleting weight {k}"))?;
         }
+        after = store.storage_info()?;
+        bytes = live(&before).saturating_sub(live(&after));
     }
     Ok(GcReport {
         dry_run,
         weights: weights.iter().map(|k| k.to_hex()).collect(),
         deltas: deltas.iter().map(|k| k.to_hex()).collect(),
         bytes,
+        reclaimable_bytes: after.reclaimable_bytes,
+        store_bytes: after.file_size,
     })
 }
 

@@ -169,15 +169,15 @@ pub struct CompactSummary {
 }
 
 /// Compacts the HDF5 store at `addr` (see `HDF5Store::compact`); S3 stores are refused.
-pub fn compact(addr: &Address) -> Result<CompactSummary> {
+pub fn compact(addr: &Address, wait: std::time::Duration) -> Result<CompactSummary> {
     match addr {
-        Address::File(path) => compact_file(path),
+        Address::File(path) => compact_file(path, wait),
         Address::S3 { .. } => bail!("compact applies to HDF5 stores, not to {addr}"),
     }
 }
 
 #[cfg(feature = "hdf5")]
-fn compact_file(path: &std::path::Path) -> Result<CompactSummary> {
+fn compact_file(path: &std::path::Path, wait: std::time::Duration) -> Result<CompactSummary> {
     use anyhow::Context;
     use coral_hdf5::{HDF5Store, HDF5StoreOptions, Mode as H5Mode};
     if !path.exists() {
@@ -186,8 +186,11 @@ fn compact_file(path: &std::path::Path) -> Result<CompactSummary> {
     if std::fs::metadata(path).is_ok_and(|m| m.permissions().readonly()) {
         bail!("store {} is read-only", path.display());
     }
-    let mut store = HDF5Store::open(path, HDF5StoreOptions::new().mode(H5Mode::ReadWrite))
-        .with_context(|| format!("opening store {}", path.display()))?;
+    let mut store = HDF5Store::open(
+        path,
+        HDF5StoreOptions::new().mode(H5Mode::ReadWrite).wait(wait),
+    )
+    .with_context(|| format!("opening store {}", path.display()))?;
     let r = store
         .compact()
         .with_context(|| format!("compacting {}", path.display()))?;
@@ -207,7 +210,7 @@ fn compact_file(path: &std::path::Path) -> Result<CompactSummary> {
 }
 
 #[cfg(not(feature = "hdf5"))]
-fn compact_file(path: &std::path::Path) -> Result<CompactSummary> {
+fn compact_file(path: &std::path::Path, _wait: std::time::Duration) -> Result<CompactSummary> {
     bail!(
         "cannot compact {}: this coral was built without the hdf5 feature",
         path.display()

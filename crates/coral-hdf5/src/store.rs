@@ -1439,12 +1439,16 @@ impl WeightStore for HDF5Store {
     }
 
     fn storage_info(&self) -> Result<StorageInfo> {
-        let (n, total, stored) = self.with(|inner| {
-            let r = self.weights_info(inner)?;
+        let (n, total, stored, free) = self.with(|inner| {
+            let (n, total, stored) = self.weights_info(inner)?;
             if inner.writable {
                 self.flush(inner)?;
             }
-            Ok(r)
+            // SAFETY: valid file id, under the lock. HDF5 counts the sections of its
+            // free-space managers (what a delete freed and later writes reuse).
+            let free = unsafe { hdf5_sys::h5f::H5Fget_freespace(inner.file.id()) };
+            journal::take_error();
+            Ok((n, total, stored, u64::try_from(free).unwrap_or(0)))
         })?;
         let deltas = coral_store_api::DeltaStore::get_delta_storage_info(self)?;
         let file_size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
@@ -1452,6 +1456,7 @@ impl WeightStore for HDF5Store {
             backend: "hdf5".to_owned(),
             location: self.path.display().to_string(),
             file_size,
+            reclaimable_bytes: free.min(file_size),
             total_weights: n,
             total_bytes: total,
             compressed_bytes: stored,

@@ -914,6 +914,7 @@ impl WeightStore for S3Store {
                 backend: "s3".to_owned(),
                 location: inner.location.clone(),
                 file_size,
+                reclaimable_bytes: 0,
                 total_weights: records.len() as u64,
                 total_bytes,
                 compressed_bytes,

@@ -11,6 +11,10 @@ pub struct StorageInfo {
     pub location: String,
     /// Bytes the store takes where it lives (file size, object bytes).
     pub file_size: u64,
+    /// Of `file_size`, the bytes that hold nothing live: free space inside a local file, which
+    /// later writes reuse and a compaction gives back (0 where the backend has none).
+    #[serde(default)]
+    pub reclaimable_bytes: u64,
     /// Number of weights stored in full.
     pub total_weights: u64,
     /// Uncompressed bytes of those weights.

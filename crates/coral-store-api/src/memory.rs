@@ -191,6 +191,7 @@ impl WeightStore for MemoryStore {
             backend: "memory".to_owned(),
             location: "memory".to_owned(),
             file_size: total_bytes,
+            reclaimable_bytes: 0,
             total_weights: inner.weights.len() as u64,
             total_bytes,
             compressed_bytes: total_bytes,
