@@ -17,14 +17,20 @@
 //! **A commit has an order.** The store commits by closing the file (and opening it again:
 //! HDF5's persistent free-space records are written only then), and the driver commits when
 //! HDF5 closes it, after HDF5 has written everything:
-//! 1. `fdatasync` the file: every byte written past `committed_eof` (new chunks, new metadata)
-//!    is durable before anything refers to it;
-//! 2. write the journal `<file>.journal`: the current (committed) bytes of every pending region,
+//! 1. write the journal `<file>.journal`: the current (committed) bytes of every pending region,
 //!    then `fsync` it and the folder;
-//! 3. wait for readers to leave (below), write the pending regions in place, `fdatasync`;
-//! 4. remove the journal and `fsync` the folder: **the commit point**;
-//! 5. cut the file to HDF5's end of allocation when that shrank (the cut bytes are free in the
+//! 2. wait for readers to leave (below), write the pending regions in place, `fdatasync` the
+//!    file: this makes the in-place bytes durable together with every byte written past
+//!    `committed_eof` since the last commit (new chunks, new metadata), which nothing
+//!    committed refers to until then;
+//! 3. remove the journal and `fsync` the folder: **the commit point**; a cut before it finds
+//!    the journal, synced in step 1, and rolls back;
+//! 4. cut the file to HDF5's end of allocation when that shrank (the cut bytes are free in the
 //!    new committed state, so this needs no journal).
+//!
+//! No sync of the new bytes is needed before step 1: until the journal is gone, a power cut
+//! rolls back, whatever of them reached the disk. `tests/powercut.rs` checks the order by
+//! rebuilding the disk as cuts would leave it (and fails when the journal's sync is skipped).
 //!
 //! With durability off ([`OpenConfig::durable`]) the syncs are skipped and the order is the same, which
 //! still survives the death of the process (the kernel keeps every completed `write()`).
@@ -53,7 +59,7 @@
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::raw::{c_char, c_int, c_uint, c_ulong, c_void};
 use std::os::unix::fs::MetadataExt;
@@ -162,6 +168,8 @@ struct JFile {
     path: PathBuf,
     journal_path: PathBuf,
     journal: Option<File>,
+    /// Bytes written to the open journal.
+    journal_len: u64,
     committed_eof: u64,
     /// Metadata writes below `committed_eof`, in order; applied at the commit.
     pending: Vec<(u64, Vec<u8>)>,
@@ -370,11 +378,7 @@ impl JFile {
             self.committed_eof = self.eof;
             return Ok(());
         }
-        // 1. New bytes are durable before anything that refers to them.
-        if self.durable && self.dirty {
-            fdatasync(self.fd)?;
-        }
-        // 2. The committed bytes of every pending region, durable before any is overwritten.
+        // 1. The committed bytes of every pending region, durable before any is overwritten.
         let pending = std::mem::take(&mut self.pending);
         for (off, data) in &pending {
             let end = off.saturating_add(data.len() as u64);
@@ -382,32 +386,30 @@ impl JFile {
         }
         if let Some(j) = &self.journal {
             if self.durable {
-                j.sync_all()?;
+                fsync_journal(j, &self.journal_path)?;
                 sync_dir(&self.journal_path)?;
             }
         }
-        // 3. Readers out, the new bytes in place.
+        // 2. Readers out, the new bytes in place (with the bytes written since the last
+        //    commit, made durable by the same sync).
         let guard = lock_out_readers(self.fd, self.wait, &self.path)?;
         for (off, data) in &pending {
             pwrite_full(self.fd, data, *off)?;
         }
-        if self.durable && !pending.is_empty() {
+        if self.durable && (self.dirty || !pending.is_empty()) {
             fdatasync(self.fd)?;
         }
-        // 4. The commit point.
+        // 3. The commit point.
         if self.journal.take().is_some() {
-            std::fs::remove_file(&self.journal_path)?;
+            remove_journal(&self.journal_path)?;
             if self.durable {
                 sync_dir(&self.journal_path)?;
             }
         }
         drop(guard);
-        // 5. Space HDF5 gave back at the end is free in the new state: cut it.
+        // 4. Space HDF5 gave back at the end is free in the new state: cut it.
         if let Some(cut) = self.cut.take() {
-            // SAFETY: our descriptor.
-            if unsafe { libc::ftruncate(self.fd, cut as libc::off_t) } < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            set_len_fd(self.fd, cut)?;
         }
         self.dirty = false;
         self.committed_eof = self.eof;
@@ -432,7 +434,10 @@ impl JFile {
         let sum = fnv(&rec);
         rec.extend_from_slice(&sum.to_le_bytes());
         if self.journal.is_none() {
-            let mut f = OpenOptions::new()
+            record::op(|| record::DiskOp::Create {
+                path: self.journal_path.clone(),
+            });
+            let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
@@ -441,11 +446,16 @@ impl JFile {
             let mut h = Vec::with_capacity(HEADER);
             h.extend_from_slice(MAGIC);
             h.extend_from_slice(&self.committed_eof.to_le_bytes());
-            f.write_all(&h)?;
+            pwrite_full(f.as_raw_fd(), &h, 0)?;
+            self.journal_len = HEADER as u64;
             self.journal = Some(f);
         }
-        match self.journal.as_mut() {
-            Some(f) => f.write_all(&rec),
+        match self.journal.as_ref() {
+            Some(f) => {
+                pwrite_full(f.as_raw_fd(), &rec, self.journal_len)?;
+                self.journal_len += rec.len() as u64;
+                Ok(())
+            }
             None => Err(std::io::Error::other("journal not open")),
         }
     }
@@ -459,7 +469,7 @@ impl JFile {
         self.save(addr, end)?;
         if self.durable {
             if let Some(j) = &self.journal {
-                j.sync_all()?;
+                fsync_journal(j, &self.journal_path)?;
                 sync_dir(&self.journal_path)?;
             }
         }
@@ -487,16 +497,16 @@ impl JFile {
         if self.journal_path.exists() {
             rollback_fd(self.fd, &self.journal_path, self.wait, &self.path)?;
         } else {
-            // SAFETY: our descriptor.
-            if unsafe { libc::ftruncate(self.fd, self.committed_eof as libc::off_t) } < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            set_len_fd(self.fd, self.committed_eof)?;
         }
         Ok(())
     }
 }
 
 fn fdatasync(fd: c_int) -> std::io::Result<()> {
+    record::op(|| record::DiskOp::Sync {
+        path: record::path_of(fd),
+    });
     // SAFETY: a valid descriptor.
     if unsafe { libc::fdatasync(fd) } < 0 {
         Err(std::io::Error::last_os_error())
@@ -505,13 +515,140 @@ fn fdatasync(fd: c_int) -> std::io::Result<()> {
     }
 }
 
+/// Syncs a journal's contents.
+fn fsync_journal(j: &File, path: &Path) -> std::io::Result<()> {
+    record::op(|| record::DiskOp::Sync {
+        path: path.to_path_buf(),
+    });
+    j.sync_all()
+}
+
+/// Sets the size of the file behind `fd`.
+fn set_len_fd(fd: c_int, len: u64) -> std::io::Result<()> {
+    record::op(|| record::DiskOp::SetLen {
+        path: record::path_of(fd),
+        len,
+    });
+    let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::ftruncate(fd, len) } < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Removes a journal.
+fn remove_journal(path: &Path) -> std::io::Result<()> {
+    record::op(|| record::DiskOp::Remove {
+        path: path.to_path_buf(),
+    });
+    std::fs::remove_file(path)
+}
+
 /// Syncs the folder holding `path`, so that a file created or removed there stays so.
 fn sync_dir(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    record::op(|| record::DiskOp::SyncDir {
+        dir: dir.to_path_buf(),
+    });
     File::open(dir)?.sync_all()
+}
+
+/// A record of every change the driver makes to files, in order, for the power-cut simulation
+/// (`tests/powercut.rs`): with the `testing` feature, [`record::start`] turns it on for the
+/// whole process. Without the feature every hook is empty.
+pub(crate) mod record {
+    use std::path::PathBuf;
+
+    /// One change to the disk's state, as the kernel sees it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum DiskOp {
+        /// Bytes written at an offset.
+        Write {
+            /// The file.
+            path: PathBuf,
+            /// Where.
+            off: u64,
+            /// What.
+            data: Vec<u8>,
+        },
+        /// The file cut or grown to a size.
+        SetLen {
+            /// The file.
+            path: PathBuf,
+            /// The new size.
+            len: u64,
+        },
+        /// `fsync`/`fdatasync`: every earlier change to the file is durable.
+        Sync {
+            /// The file.
+            path: PathBuf,
+        },
+        /// A file created empty (or emptied).
+        Create {
+            /// The file.
+            path: PathBuf,
+        },
+        /// A file removed.
+        Remove {
+            /// The file.
+            path: PathBuf,
+        },
+        /// A folder synced: every earlier creation and removal in it is durable.
+        SyncDir {
+            /// The folder.
+            dir: PathBuf,
+        },
+        /// A mark of the caller's ("batch 3 returned").
+        Mark(String),
+    }
+
+    #[cfg(feature = "testing")]
+    static LOG: std::sync::Mutex<Option<Vec<DiskOp>>> = std::sync::Mutex::new(None);
+
+    /// Records `op()` when recording is on.
+    #[cfg(feature = "testing")]
+    pub(crate) fn op(op: impl FnOnce() -> DiskOp) {
+        let mut g = LOG.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = g.as_mut() {
+            log.push(op());
+        }
+    }
+
+    #[cfg(not(feature = "testing"))]
+    #[inline(always)]
+    pub(crate) fn op(_op: impl FnOnce() -> DiskOp) {}
+
+    /// The path behind a descriptor (only ever asked while recording).
+    pub(crate) fn path_of(fd: std::os::raw::c_int) -> PathBuf {
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+    }
+
+    /// Starts recording (dropping what was recorded before).
+    #[cfg(feature = "testing")]
+    pub fn start() {
+        *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// Adds a mark of the caller's to the record.
+    #[cfg(feature = "testing")]
+    pub fn mark(text: impl Into<String>) {
+        let text = text.into();
+        op(move || DiskOp::Mark(text));
+    }
+
+    /// Stops recording and returns the record.
+    #[cfg(feature = "testing")]
+    pub fn stop() -> Vec<DiskOp> {
+        LOG.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
+    }
 }
 
 /// An open-file-description lock on one byte: `F_RDLCK`, `F_WRLCK` or `F_UNLCK`. Returns
@@ -739,6 +876,11 @@ fn pread_full(fd: c_int, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
 /// Writes all of `buf` at `off`.
 fn pwrite_full(fd: c_int, buf: &[u8], off: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
+    record::op(|| record::DiskOp::Write {
+        path: record::path_of(fd),
+        off,
+        data: buf.to_vec(),
+    });
     with_fd(fd, |file| file.write_all_at(buf, off))
 }
 
@@ -806,11 +948,8 @@ fn open_locked(
                 }
             }
             if flags & ACC_TRUNC != 0 {
-                let _ = std::fs::remove_file(journal_path(path));
-                // SAFETY: our descriptor.
-                if unsafe { libc::ftruncate(fd, 0) } < 0 {
-                    return Err(close(std::io::Error::last_os_error()));
-                }
+                let _ = remove_journal(&journal_path(path));
+                set_len_fd(fd, 0).map_err(close)?;
             } else if journal_path(path).exists() {
                 rollback_fd(fd, &journal_path(path), cfg.wait, path).map_err(close)?;
             }
@@ -954,6 +1093,7 @@ unsafe extern "C" fn j_open(
         journal_path: journal_path(&path),
         path,
         journal: None,
+        journal_len: 0,
         committed_eof: eof,
         pending: Vec::new(),
         dirty: false,
@@ -1151,11 +1291,12 @@ unsafe extern "C" fn j_truncate(f: *mut FdT, _dxpl: hid_t, _closing: u8) -> herr
     // what lies past the committed size; below it, the bytes may be committed ones, so that
     // cut waits until after the commit.
     let now = jf.eoa.max(jf.committed_eof.min(jf.eof));
-    // SAFETY: our descriptor.
-    if now != jf.eof && unsafe { libc::ftruncate(jf.fd, now as libc::off_t) } < 0 {
-        jf.failed = true;
-        set_error(std::io::Error::last_os_error());
-        return -1;
+    if now != jf.eof {
+        if let Err(e) = set_len_fd(jf.fd, now) {
+            jf.failed = true;
+            set_error(e);
+            return -1;
+        }
     }
     jf.cut = (jf.eoa < now).then_some(jf.eoa);
     jf.eof = jf.eoa;
@@ -1197,7 +1338,7 @@ pub(crate) fn recover(path: &Path) -> std::io::Result<Option<Recovered>> {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // A journal without its file: nothing to restore.
-            std::fs::remove_file(&jpath)?;
+            remove_journal(&jpath)?;
             return Ok(None);
         }
         Err(e) => return Err(e),
@@ -1228,20 +1369,18 @@ fn rollback_fd(
     let (committed, records) = parse(&buf);
     let Some(committed) = committed else {
         // Killed while writing the header: no write in place had started.
-        std::fs::remove_file(jpath)?;
+        remove_journal(jpath)?;
         sync_dir(jpath)?;
         return Ok(None);
     };
     for &(off, ref data) in records.iter().rev() {
         pwrite_full(fd, data, off)?;
     }
-    with_fd(fd, |f| -> std::io::Result<()> {
-        if f.metadata()?.len() > committed {
-            f.set_len(committed)?;
-        }
-        f.sync_all()
-    })?;
-    std::fs::remove_file(jpath)?;
+    if fstat_fd(fd)?.st_size as u64 > committed {
+        set_len_fd(fd, committed)?;
+    }
+    fdatasync(fd)?;
+    remove_journal(jpath)?;
     sync_dir(jpath)?;
     Ok(Some(Recovered {
         records: records.len(),

@@ -41,4 +41,11 @@ mod store;
 
 pub use compact::CompactReport;
 pub use options::{Compression, HDF5StoreOptions, Mode};
+
+/// Test support (feature `testing`): the record of every change the file driver makes to the
+/// disk, for simulating power cuts (`tests/powercut.rs`).
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::journal::record::{mark, start, stop, DiskOp};
+}
 pub use store::{HDF5Store, DELTAS, METADATA, MODELS, WEIGHTS};
