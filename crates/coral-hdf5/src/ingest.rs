@@ -8,6 +8,11 @@
 //! dataset as each is ready. Datasets get their attributes once every tensor of the batch is
 //! hashed and their link in `weights/` only once every chunk of the batch is written, so a batch
 //! that fails anywhere (a wrong key, a compression or write error) links nothing.
+//!
+//! The threads finish in any order, but the writer takes their results one at a time in the
+//! order it handed out the work, holding early finishers until their turn, and hands out more
+//! work only between two results: the same batch gives the same sequence of HDF5 calls, and so
+//! the same file, byte for byte, on every run.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -28,18 +33,19 @@ const HASHES_AHEAD: usize = 2;
 
 /// What the writer asks the compression threads to do.
 enum Job {
-    /// Hash item `.0`.
-    Hash(usize),
-    /// Compress chunk `.1` of plan `.0`.
-    Chunk(usize, usize, Arc<Encoded>),
+    /// Hash item `.1`, the `.0`-th job handed out.
+    Hash(u64, usize),
+    /// Compress chunk `.2` of plan `.1`, the `.0`-th job handed out.
+    Chunk(u64, usize, usize, Arc<Encoded>),
 }
 
 /// What the compression threads report to the writer.
 enum Event {
-    /// Item `.0` hashed to `.1`, or failed (a wrong key given, or a panic).
-    Hashed(usize, Result<ContentHash>),
-    /// Chunk `.1` of plan `.0` compressed, with its filter mask.
+    /// Item `.1` (the `.0`-th job) hashed to `.2`, or failed (a wrong key given, or a panic).
+    Hashed(u64, usize, Result<ContentHash>),
+    /// Chunk `.2` of plan `.1` (the `.0`-th job) compressed, with its filter mask.
     Chunk(
+        u64,
         usize,
         usize,
         std::result::Result<(Vec<u8>, u32), ChunkError>,
@@ -105,7 +111,7 @@ impl HDF5Store {
                     for job in job_rx {
                         let tx = tx.clone();
                         match job {
-                            Job::Hash(i) => rs.spawn(move |_| {
+                            Job::Hash(seq, i) => rs.spawn(move |_| {
                                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| hash(i)))
                                     .unwrap_or_else(|_| {
                                         Err(StoreError::backend(
@@ -113,9 +119,9 @@ impl HDF5Store {
                                             std::io::Error::other("a hashing thread panicked"),
                                         ))
                                     });
-                                let _ = tx.send(Event::Hashed(i, r));
+                                let _ = tx.send(Event::Hashed(seq, i, r));
                             }),
-                            Job::Chunk(p, c, plan) => rs.spawn(move |_| {
+                            Job::Chunk(seq, p, c, plan) => rs.spawn(move |_| {
                                 let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
                                     let mut buf = take_largest(buffers);
                                     plan.encode_chunk(c, &mut buf).map(|mask| (buf, mask))
@@ -124,7 +130,7 @@ impl HDF5Store {
                                     Err(ChunkError("a compression thread panicked".into()))
                                 });
                                 // The writer may have stopped on an error: nothing to do then.
-                                let _ = tx.send(Event::Chunk(p, c, done));
+                                let _ = tx.send(Event::Chunk(seq, p, c, done));
                             }),
                         }
                     }
@@ -142,6 +148,9 @@ impl HDF5Store {
             let mut written: Vec<(usize, Hid)> = Vec::new();
             // Written, with their attributes, waiting for the end of the batch to be linked.
             let mut complete: Vec<(usize, Hid)> = Vec::new();
+            // Results waiting for their turn, by job number.
+            let mut done_jobs: BTreeMap<u64, Event> = BTreeMap::new();
+            let (mut next_seq, mut next_turn) = (0u64, 0u64);
             let result = (|| -> Result<()> {
                 loop {
                     // Chunks of what is hashed first, then the next tensor to hash: the
@@ -154,12 +163,14 @@ impl HDF5Store {
                         }
                         queue.pop_front();
                         in_flight += cost;
-                        jobs.send(Job::Chunk(p, c, Arc::clone(plan)))
+                        jobs.send(Job::Chunk(next_seq, p, c, Arc::clone(plan)))
                             .map_err(|_| stopped())?;
+                        next_seq += 1;
                     }
                     while hashing < HASHES_AHEAD {
                         let Some(i) = to_hash.pop_front() else { break };
-                        jobs.send(Job::Hash(i)).map_err(|_| stopped())?;
+                        jobs.send(Job::Hash(next_seq, i)).map_err(|_| stopped())?;
+                        next_seq += 1;
                         hashing += 1;
                     }
                     let all_hashed = hashing == 0 && to_hash.is_empty();
@@ -185,11 +196,23 @@ impl HDF5Store {
                             return Ok(());
                         }
                     }
-                    let event = rx.recv().map_err(|_| {
-                        corrupt(&self.path, "", "storing: the compression threads stopped")
-                    })?;
+                    // The next result in turn, one per round, so that what is handed out
+                    // next depends only on what came before, never on timing.
+                    let event = loop {
+                        if let Some(e) = done_jobs.remove(&next_turn) {
+                            next_turn += 1;
+                            break e;
+                        }
+                        let e = rx.recv().map_err(|_| {
+                            corrupt(&self.path, "", "storing: the compression threads stopped")
+                        })?;
+                        let seq = match &e {
+                            Event::Hashed(seq, ..) | Event::Chunk(seq, ..) => *seq,
+                        };
+                        done_jobs.insert(seq, e);
+                    };
                     match event {
-                        Event::Hashed(i, key) => {
+                        Event::Hashed(_, i, key) => {
                             hashing -= 1;
                             let key = key?;
                             keys[i] = Some(key);
@@ -222,7 +245,7 @@ impl HDF5Store {
                                 queue.extend((0..n).map(|c| (p, c)));
                             }
                         }
-                        Event::Chunk(p, c, done) => {
+                        Event::Chunk(_, p, c, done) => {
                             let plan = &plans[p];
                             in_flight = in_flight.saturating_sub(plan.chunk_bytes());
                             let (bytes, mask) = done.map_err(|err| {

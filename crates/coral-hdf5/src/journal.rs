@@ -566,6 +566,7 @@ pub(crate) mod record {
 
     /// One change to the disk's state, as the kernel sees it.
     #[derive(Debug, Clone, PartialEq, Eq)]
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub enum DiskOp {
         /// Bytes written at an offset.
         Write {
