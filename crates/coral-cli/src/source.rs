@@ -209,10 +209,17 @@ impl SourceFile {
                 self.tensors.len()
             );
         }
-        let created_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        // `SOURCE_DATE_EPOCH` (the reproducible-builds convention) fixes the time recorded, so
+        // that the same model added to two new stores gives the same file, byte for byte.
+        let created_unix = std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            });
         Ok(ModelManifest {
             version: 1,
             name: name.clone(),
