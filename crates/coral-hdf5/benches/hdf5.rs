@@ -42,6 +42,11 @@ fn opts(config: &str) -> HDF5StoreOptions {
         "zstd1" => HDF5StoreOptions::new()
             .compression(Compression::Zstd)
             .level(1),
+        // The same without the commit's syncs: what durability costs on this disk.
+        "zstd1-nosync" => HDF5StoreOptions::new()
+            .compression(Compression::Zstd)
+            .level(1)
+            .durable(false),
         other => panic!("unknown config {other}"),
     }
 }
@@ -249,6 +254,10 @@ fn main() {
         for (config, label) in [
             ("gzip4", "coral-hdf5, gzip-4 + shuffle (default)"),
             ("zstd1", "coral-hdf5, zstd-1 + shuffle"),
+            (
+                "zstd1-nosync",
+                "coral-hdf5, zstd-1 + shuffle, `durable(false)` (no syncs)",
+            ),
         ] {
             let file = dir.path().join(format!("{config}-{dtype}.h5"));
             let r = measure(
