@@ -122,6 +122,7 @@ fn open_file(
     let opts = HDF5StoreOptions::new()
         .compression(Compression::Zstd)
         .wait(wait)
+        .allow_unjournaled(std::env::var_os("CORAL_ALLOW_UNJOURNALED").is_some_and(|v| v == "1"))
         .mode(match mode {
             Mode::Read => H5Mode::Read,
             Mode::Write => H5Mode::Append,

@@ -122,6 +122,7 @@ pub struct HDF5StoreOptions {
     pub(crate) chunk_bytes: usize,
     pub(crate) wait: std::time::Duration,
     pub(crate) durable: bool,
+    pub(crate) allow_unjournaled: bool,
 }
 
 impl Default for HDF5StoreOptions {
@@ -136,6 +137,7 @@ impl Default for HDF5StoreOptions {
             chunk_bytes: 4 << 20,
             wait: std::time::Duration::from_secs(10),
             durable: true,
+            allow_unjournaled: false,
         }
     }
 }
@@ -225,6 +227,15 @@ impl HDF5StoreOptions {
     /// the order). Off, a commit survives the death of the process but not of the machine.
     pub fn durable(mut self, durable: bool) -> Self {
         self.durable = durable;
+        self
+    }
+
+    /// Writes even where Coral's crash-safe file driver cannot be used (a linked HDF5 other than
+    /// a 1.10 release from 1.10.8 on): such a store can be left unreadable by a crash. Off by
+    /// default: opening for writing is then refused with [`StoreError::InvalidConfig`] rather
+    /// than silently losing crash safety. (`coral`: `CORAL_ALLOW_UNJOURNALED=1`.)
+    pub fn allow_unjournaled(mut self, allow: bool) -> Self {
+        self.allow_unjournaled = allow;
         self
     }
 

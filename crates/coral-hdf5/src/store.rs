@@ -1160,6 +1160,19 @@ pub(crate) fn open_file_locked(
             })?;
         }
     }
+    // Never silently without crash safety (checked before anything touches the file).
+    if mode.writable() && !opts.allow_unjournaled && h5::locked(|| journal::driver().is_none()) {
+        let (mut maj, mut min, mut rel) = (0, 0, 0);
+        // SAFETY: out-pointers to locals, under the HDF5 lock.
+        h5::locked(|| unsafe { hdf5_sys::h5::H5get_libversion(&mut maj, &mut min, &mut rel) });
+        return Err(StoreError::InvalidConfig(format!(
+            "{}: the linked HDF5 is {maj}.{min}.{rel}, and Coral's crash-safe file driver \
+                 needs a 1.10 release from 1.10.8 on; writing would not survive a crash \
+                 (HDF5StoreOptions::allow_unjournaled, or CORAL_ALLOW_UNJOURNALED=1, to write \
+                 anyway)",
+            loc()
+        )));
+    }
     // A writer locks the file before HDF5 opens it (creating it empty when it is new), and
     // keeps the lock while the file is closed and opened again at each commit.
     let lock = if mode.writable() {
