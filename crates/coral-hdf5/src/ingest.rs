@@ -9,10 +9,12 @@
 //! hashed and their link in `weights/` only once every chunk of the batch is written, so a batch
 //! that fails anywhere (a wrong key, a compression or write error) links nothing.
 //!
-//! The threads finish in any order, but the writer takes their results one at a time in the
-//! order it handed out the work, holding early finishers until their turn, and hands out more
-//! work only between two results: the same batch gives the same sequence of HDF5 calls, and so
-//! the same file, byte for byte, on every run.
+//! The threads finish in any order, but the writer takes their results in the order it handed
+//! out the work (hashes in hashing order, chunks in queue order, each stream on its own),
+//! holding early finishers until their turn. Until the end of the batch only chunk writes (and
+//! the creation of a dataset at its first chunk) change the file, in queue order, which
+//! depends only on the batch; datasets without chunks, attributes and links follow in plan
+//! order. So the same batch gives the same file, byte for byte, on every run.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -33,17 +35,17 @@ const HASHES_AHEAD: usize = 2;
 
 /// What the writer asks the compression threads to do.
 enum Job {
-    /// Hash item `.1`, the `.0`-th job handed out.
+    /// Hash item `.1`, the `.0`-th hash handed out.
     Hash(u64, usize),
-    /// Compress chunk `.2` of plan `.1`, the `.0`-th job handed out.
+    /// Compress chunk `.2` of plan `.1`, the `.0`-th chunk handed out.
     Chunk(u64, usize, usize, Arc<Encoded>),
 }
 
 /// What the compression threads report to the writer.
 enum Event {
-    /// Item `.1` (the `.0`-th job) hashed to `.2`, or failed (a wrong key given, or a panic).
+    /// Item `.1` (the `.0`-th hash) hashed to `.2`, or failed (a wrong key given, or a panic).
     Hashed(u64, usize, Result<ContentHash>),
-    /// Chunk `.2` of plan `.1` (the `.0`-th job) compressed, with its filter mask.
+    /// Chunk `.2` of plan `.1` (the `.0`-th chunk) compressed, with its filter mask.
     Chunk(
         u64,
         usize,
@@ -146,11 +148,13 @@ impl HDF5Store {
             let mut queue: VecDeque<(usize, usize)> = VecDeque::new();
             let mut open: HashMap<usize, (Hid, usize)> = HashMap::new();
             let mut written: Vec<(usize, Hid)> = Vec::new();
-            // Written, with their attributes, waiting for the end of the batch to be linked.
-            let mut complete: Vec<(usize, Hid)> = Vec::new();
-            // Results waiting for their turn, by job number.
-            let mut done_jobs: BTreeMap<u64, Event> = BTreeMap::new();
-            let (mut next_seq, mut next_turn) = (0u64, 0u64);
+            // Plans without chunks (empty tensors, scalars): their datasets come at the end.
+            let mut empty: Vec<usize> = Vec::new();
+            // Results waiting for their turn, by number: hashes and chunks count apart.
+            let mut hashes_done: BTreeMap<u64, Event> = BTreeMap::new();
+            let mut chunks_done: BTreeMap<u64, Event> = BTreeMap::new();
+            let (mut next_hash_seq, mut next_hash_turn) = (0u64, 0u64);
+            let (mut next_chunk_seq, mut next_chunk_turn) = (0u64, 0u64);
             let result = (|| -> Result<()> {
                 loop {
                     // Chunks of what is hashed first, then the next tensor to hash: the
@@ -163,57 +167,67 @@ impl HDF5Store {
                         }
                         queue.pop_front();
                         in_flight += cost;
-                        jobs.send(Job::Chunk(next_seq, p, c, Arc::clone(plan)))
+                        jobs.send(Job::Chunk(next_chunk_seq, p, c, Arc::clone(plan)))
                             .map_err(|_| stopped())?;
-                        next_seq += 1;
+                        next_chunk_seq += 1;
                     }
                     while hashing < HASHES_AHEAD {
                         let Some(i) = to_hash.pop_front() else { break };
-                        jobs.send(Job::Hash(next_seq, i)).map_err(|_| stopped())?;
-                        next_seq += 1;
+                        jobs.send(Job::Hash(next_hash_seq, i))
+                            .map_err(|_| stopped())?;
+                        next_hash_seq += 1;
                         hashing += 1;
                     }
-                    let all_hashed = hashing == 0 && to_hash.is_empty();
-                    if all_hashed {
-                        // Every key is right (and each first name known): the attributes of
-                        // what is written, `hash` last.
-                        for (p, dset) in written.drain(..) {
+                    let all_hashed = next_hash_turn == next_hash_seq && to_hash.is_empty();
+                    if all_hashed && in_flight == 0 && queue.is_empty() {
+                        // Every key is right, every chunk written (and each dataset's attributes,
+                        // `hash` last, with its last chunk): the datasets without chunks, then
+                        // the links, in plan order; only now does any of it get a name, so a
+                        // batch that fails anywhere before this links nothing.
+                        for p in empty.drain(..) {
+                            let dset = self.create_dataset(inner, &plans[p])?;
                             Self::weight_attrs(
                                 items[first[p]].1.metadata(),
                                 &plans[p].key,
                                 dset.id(),
                             )
                             .map_err(|e| self.err(e))?;
-                            complete.push((p, dset));
+                            written.push((p, dset));
                         }
-                        if in_flight == 0 && queue.is_empty() {
-                            // Everything is written: only now does any of it get a name, so a
-                            // batch that fails anywhere before this links nothing.
-                            for (p, dset) in complete.drain(..) {
-                                h5::link_object(dset.id(), inner.weights.id(), &plans[p].key)
-                                    .map_err(|e| self.err(e))?;
-                            }
-                            return Ok(());
+                        written.sort_by_key(|(p, _)| *p);
+                        for (p, dset) in written.drain(..) {
+                            h5::link_object(dset.id(), inner.weights.id(), &plans[p].key)
+                                .map_err(|e| self.err(e))?;
                         }
+                        return Ok(());
                     }
-                    // The next result in turn, one per round, so that what is handed out
-                    // next depends only on what came before, never on timing.
-                    let event = loop {
-                        if let Some(e) = done_jobs.remove(&next_turn) {
-                            next_turn += 1;
-                            break e;
-                        }
-                        let e = rx.recv().map_err(|_| {
+                    // The next result in its turn: hashes in the order handed out, chunks in
+                    // queue order (either may go first; only chunk writes change the file
+                    // before the end, and they keep their order).
+                    let event = if let Some(e) = hashes_done.remove(&next_hash_turn) {
+                        next_hash_turn += 1;
+                        e
+                    } else if let Some(e) = chunks_done.remove(&next_chunk_turn) {
+                        next_chunk_turn += 1;
+                        e
+                    } else {
+                        match rx.recv().map_err(|_| {
                             corrupt(&self.path, "", "storing: the compression threads stopped")
-                        })?;
-                        let seq = match &e {
-                            Event::Hashed(seq, ..) | Event::Chunk(seq, ..) => *seq,
-                        };
-                        done_jobs.insert(seq, e);
+                        })? {
+                            e @ Event::Hashed(seq, ..) => {
+                                // The thread is free again (the top of the loop hands it the
+                                // next tensor), though the result waits its turn.
+                                hashing -= 1;
+                                hashes_done.insert(seq, e);
+                            }
+                            e @ Event::Chunk(seq, ..) => {
+                                chunks_done.insert(seq, e);
+                            }
+                        }
+                        continue;
                     };
                     match event {
                         Event::Hashed(_, i, key) => {
-                            hashing -= 1;
                             let key = key?;
                             keys[i] = Some(key);
                             if let Some(plan) = by_key.get(&key) {
@@ -240,7 +254,7 @@ impl HDF5Store {
                             first.push(i);
                             by_key.insert(key, Some(p));
                             if n == 0 {
-                                written.push((p, self.create_dataset(inner, &plans[p])?));
+                                empty.push(p);
                             } else {
                                 queue.extend((0..n).map(|c| (p, c)));
                             }
@@ -268,6 +282,14 @@ impl HDF5Store {
                             }
                             if *count == plan.n_chunks() {
                                 if let Some((dset, _)) = open.remove(&p) {
+                                    // Its first name is known: equal content has equal size,
+                                    // and hashes are taken by size, then batch order.
+                                    Self::weight_attrs(
+                                        items[first[p]].1.metadata(),
+                                        &plan.key,
+                                        dset.id(),
+                                    )
+                                    .map_err(|e| self.err(e))?;
                                     written.push((p, dset));
                                 }
                             }
