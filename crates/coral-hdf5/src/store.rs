@@ -1452,11 +1452,9 @@ impl WeightStore for HDF5Store {
     }
 
     fn storage_info(&self) -> Result<StorageInfo> {
+        // Every call that writes commits before it returns: nothing to flush here.
         let (n, total, stored, free) = self.with(|inner| {
             let (n, total, stored) = self.weights_info(inner)?;
-            if inner.writable {
-                self.flush(inner)?;
-            }
             // SAFETY: valid file id, under the lock. HDF5 counts the sections of its
             // free-space managers (what a delete freed and later writes reuse).
             let free = unsafe { hdf5_sys::h5f::H5Fget_freespace(inner.file.id()) };
