@@ -44,8 +44,8 @@ impl HDF5Store {
     fn read_delta(&self, dset: hid_t, key: &str) -> Result<(Delta, RawRead, usize)> {
         let e = |e| self.err(e);
         let s = |name: &str| -> Result<String> {
-            h5::read_str_attr(dset, name)
-                .map_err(e)?
+            h5::read_str_attr(dset, name, self.raw())
+                .map_err(|err| corrupt(self, key, err.to_string()))?
                 .ok_or_else(|| corrupt(self, key, format!("delta without attribute {name}")))
         };
         let delta_type: DeltaType = s("delta_type")?
@@ -64,7 +64,10 @@ impl HDF5Store {
         let compression_ratio = h5::read_f64_attr(dset, "compression_ratio")
             .map_err(e)?
             .unwrap_or(0.0);
-        let metadata: JsonMap = match h5::read_str_attr(dset, "metadata").map_err(e)?.as_deref() {
+        let metadata: JsonMap = match h5::read_str_attr(dset, "metadata", self.raw())
+            .map_err(|err| corrupt(self, key, err.to_string()))?
+            .as_deref()
+        {
             None | Some("") => JsonMap::new(),
             Some(m) => match serde_json::from_str(m) {
                 Ok(serde_json::Value::Object(m)) => m,
@@ -148,7 +151,7 @@ impl HDF5Store {
                     continue; // an interrupted write
                 };
                 if name != hex
-                    && h5::read_str_attr(d.id(), "reference_hash")
+                    && h5::read_str_attr(d.id(), "reference_hash", self.raw())
                         .map_err(|e| self.err(e))?
                         .as_deref()
                         == Some(hex.as_str())

@@ -744,7 +744,14 @@ fn open_attr(obj: hid_t, name: &str) -> Result<Option<Hid>, H5Error> {
 }
 
 /// Reads a string attribute (variable- or fixed-length, scalar or one element); `None` when absent.
-pub fn read_str_attr(obj: hid_t, name: &str) -> Result<Option<String>, H5Error> {
+/// With `raw` (a store opened read-only), a variable-length string is read from the file's bytes
+/// with every length checked ([`crate::vlen`]) instead of through libhdf5's global heap, which
+/// trusts them.
+pub fn read_str_attr(
+    obj: hid_t,
+    name: &str,
+    raw: Option<&crate::vlen::RawFile>,
+) -> Result<Option<String>, H5Error> {
     let Some(a) = open_attr(obj, name)? else {
         return Ok(None);
     };
@@ -766,6 +773,19 @@ pub fn read_str_attr(obj: hid_t, name: &str) -> Result<Option<String>, H5Error> 
             });
         }
         if H5Tis_variable_str(ft.id()) > 0 {
+            if let Some(raw) = raw {
+                match raw.read_vlen_str(obj, name) {
+                    Ok(Some(s)) => return Ok(Some(s)),
+                    // Not in a form the checked reader knows: libhdf5 reads it.
+                    Ok(None) => {}
+                    Err(why) => {
+                        return Err(H5Error {
+                            what: format!("attribute {name}"),
+                            stack: format!("damaged: {why}"),
+                        })
+                    }
+                }
+            }
             let mt = copy_type(ft.id())?;
             let mut p: *mut c_char = ptr::null_mut();
             check(

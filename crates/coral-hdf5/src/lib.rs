@@ -30,12 +30,14 @@
 
 mod chunk;
 mod deltas;
+mod extents;
 mod h5;
 mod ingest;
 mod journal;
 mod mem;
 mod options;
 mod store;
+mod vlen;
 
 pub use options::{Compression, HDF5StoreOptions, Mode};
 pub use store::{HDF5Store, DELTAS, METADATA, MODELS, WEIGHTS};

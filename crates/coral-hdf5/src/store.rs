@@ -83,6 +83,8 @@ pub struct HDF5Store {
     /// locations under the mutex and the chunks themselves outside it checks that it did not
     /// change in between (see [`HDF5Store::load_full`]).
     pub(crate) space_epoch: AtomicU64,
+    /// The file's bytes for the checked string reader, opened on first use (`crate::vlen`).
+    pub(crate) raw: std::sync::OnceLock<Option<crate::vlen::RawFile>>,
 }
 
 impl std::fmt::Debug for HDF5Store {
@@ -221,6 +223,7 @@ impl HDF5Store {
             opts,
             inner: Mutex::new(Some(inner)),
             space_epoch: AtomicU64::new(0),
+            raw: std::sync::OnceLock::new(),
         })
     }
 
@@ -493,12 +496,14 @@ impl HDF5Store {
     pub(crate) fn read_meta(&self, dset: hid_t, key: &ContentHash) -> Result<WeightMetadata> {
         let k = key.to_hex();
         let e = |e| self.err(e);
-        let name = h5::read_str_attr(dset, "name")
-            .map_err(e)?
-            .unwrap_or_default();
-        let dtype_name = h5::read_str_attr(dset, "dtype")
-            .map_err(e)?
-            .ok_or_else(|| corrupt(&self.path, &k, "no dtype attribute"))?;
+        // An attribute that does not read is damage to this weight: the error names its key.
+        let s = |name: &str| {
+            h5::read_str_attr(dset, name, self.raw())
+                .map_err(|err| corrupt(&self.path, &k, err.to_string()))
+        };
+        let name = s("name")?.unwrap_or_default();
+        let dtype_name =
+            s("dtype")?.ok_or_else(|| corrupt(&self.path, &k, "no dtype attribute"))?;
         let dtype = DType::from_name(&dtype_name)
             .map_err(|err| corrupt(&self.path, &k, err.to_string()))?;
         let shape = h5::read_i64s_attr(dset, "shape")
@@ -512,9 +517,9 @@ impl HDF5Store {
             })
             .collect::<Result<Vec<usize>>>()?;
         let opt = |s: Option<String>| s.filter(|s| !s.is_empty());
-        let layer_type = opt(h5::read_str_attr(dset, "layer_type").map_err(e)?);
-        let model_name = opt(h5::read_str_attr(dset, "model_name").map_err(e)?);
-        let ci = h5::read_str_attr(dset, "compression_info").map_err(e)?;
+        let layer_type = opt(s("layer_type")?);
+        let model_name = opt(s("model_name")?);
+        let ci = s("compression_info")?;
         let compression_info: JsonMap = match ci.as_deref() {
             None | Some("") => JsonMap::new(),
             Some(s) => match serde_json::from_str::<serde_json::Value>(s) {

@@ -1,0 +1,134 @@
+//! Damaged lengths in the global heap, where HDF5 keeps variable-length string attributes: a
+//! store opened read-only reports the weight whose string is damaged (and those whose strings
+//! HDF5's walk of the collection can no longer reach), loads the others, and never hands the
+//! damaged lengths to libhdf5 (which crashed with SIGSEGV in `H5HG_read` or looped forever).
+
+use std::path::Path;
+
+use coral_core::{ContentHash, DType, WeightTensor};
+use coral_hdf5::{HDF5Store, HDF5StoreOptions, Mode};
+use coral_store_api::testing::sample_tensor;
+use coral_store_api::{StoreError, WeightStore};
+
+/// A store of `n` weights (stored one by one, so their strings lie in the heap in that order).
+fn store(path: &Path, n: usize) -> Vec<(ContentHash, WeightTensor)> {
+    let s = HDF5Store::open(path, HDF5StoreOptions::new()).unwrap();
+    (0..n)
+        .map(|i| {
+            let t = sample_tensor(&format!("layer.{i}"), DType::F32, &[8, 4], i as u64);
+            (s.store(&t).unwrap(), t)
+        })
+        .collect()
+}
+
+/// The file offset of the global heap object whose bytes are `content`, and of its collection.
+fn heap_object(file: &[u8], content: &[u8]) -> (usize, usize) {
+    let coll = file.windows(4).position(|w| w == b"GCOL").unwrap();
+    let mut p = coll + 16;
+    loop {
+        let idx = u16::from_le_bytes([file[p], file[p + 1]]);
+        let len = u64::from_le_bytes(file[p + 8..p + 16].try_into().unwrap()) as usize;
+        assert_ne!(idx, 0, "{content:?} is not in the first collection");
+        if &file[p + 16..p + 16 + len] == content {
+            return (p, coll);
+        }
+        p += 16 + len.div_ceil(8) * 8;
+    }
+}
+
+fn open_read(path: &Path) -> HDF5Store {
+    HDF5Store::open(
+        path,
+        HDF5StoreOptions::new()
+            .mode(Mode::Read)
+            .strict_integrity(true),
+    )
+    .unwrap()
+}
+
+fn assert_damaged(e: StoreError, key: &ContentHash, want: &str) {
+    let s = e.to_string();
+    assert!(s.contains(&key.to_hex()) || s.contains(want), "{s}");
+    assert!(s.contains(want), "{want:?} not in {s}");
+}
+
+#[test]
+fn a_flipped_heap_object_length_fails_that_weight_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let ws = store(&path, 4);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The `dtype` string of weight 2 ("float32", 7 bytes, the object after its name) becomes
+    // 7 + 2^40 bytes long.
+    let (name_obj, _) = heap_object(&bytes, b"layer.2");
+    let obj = name_obj + 16 + 8;
+    assert_eq!(&bytes[obj + 16..obj + 23], b"float32");
+    bytes[obj + 8 + 5] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    assert_eq!(s.list_weights().unwrap().len(), 4);
+    // Weights 0 and 1 come before the damage in the heap: they load as before.
+    for (k, t) in &ws[..2] {
+        assert_eq!(s.load(k).unwrap().unwrap().data(), t.data());
+    }
+    // Weight 2's dtype is damaged: an error naming the attribute and what is wrong.
+    let e = s.load(&ws[2].0).unwrap_err();
+    assert_damaged(e, &ws[2].0, "attribute dtype");
+    // Weight 3's strings lie past the damaged length, out of HDF5's reach: reported too.
+    assert!(s.load(&ws[3].0).is_err());
+}
+
+#[test]
+fn a_flipped_string_length_in_an_object_header_fails_that_weight_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let ws = store(&path, 3);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The attribute `name` of weight 1 points at its heap object with (length 7, collection
+    // address, index): make the length 7 + 64 (HDF5 would copy 71 bytes into a 7-byte buffer).
+    let (obj, coll) = heap_object(&bytes, b"layer.1");
+    let idx = u16::from_le_bytes([bytes[obj], bytes[obj + 1]]) as u32;
+    let mut desc = 7u32.to_le_bytes().to_vec();
+    desc.extend((coll as u64).to_le_bytes());
+    desc.extend(idx.to_le_bytes());
+    let at = bytes
+        .windows(desc.len())
+        .position(|w| w == desc.as_slice())
+        .expect("the attribute's heap reference");
+    bytes[at] ^= 64;
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    let e = s.load(&ws[1].0).unwrap_err();
+    assert_damaged(e, &ws[1].0, "attribute name");
+    for i in [0, 2] {
+        assert_eq!(s.load(&ws[i].0).unwrap().unwrap().data(), ws[i].1.data());
+    }
+}
+
+#[test]
+fn a_zero_length_free_space_does_not_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let ws = store(&path, 2);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The free-space object at the end of the collection: length 0 made HDF5 loop forever.
+    let (_, coll) = heap_object(&bytes, b"layer.0");
+    let size = u64::from_le_bytes(bytes[coll + 8..coll + 16].try_into().unwrap()) as usize;
+    let mut p = coll + 16;
+    loop {
+        let idx = u16::from_le_bytes([bytes[p], bytes[p + 1]]);
+        let len = u64::from_le_bytes(bytes[p + 8..p + 16].try_into().unwrap()) as usize;
+        if idx == 0 {
+            bytes[p + 8..p + 16].copy_from_slice(&0u64.to_le_bytes());
+            break;
+        }
+        p += 16 + len.div_ceil(8) * 8;
+        assert!(p < coll + size);
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    // The objects before the free space still read; a lookup that reaches it fails.
+    for (k, t) in &ws {
+        assert_eq!(s.load(k).unwrap().unwrap().data(), t.data());
+    }
+}
