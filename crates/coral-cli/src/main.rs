@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgAction, Parser, Subcommand};
+use coral_cli::guard;
 use coral_cli::ops::{self, AddOptions};
 use coral_cli::source::SourceFile;
 use coral_cli::store::{self, Address, Mode, S3Options};
@@ -54,6 +55,9 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Set on the child process that does the reading for the parent (see `coral_cli::guard`).
+    #[arg(long = "guarded-child", global = true, hide = true)]
+    guarded_child: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -165,6 +169,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli);
+    if !cli.guarded_child && reads_a_file_store(&cli) {
+        if let Some(code) = relay(&cli) {
+            return code;
+        }
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
@@ -173,6 +182,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// True for the commands that only read a local HDF5 store: they run in a child process.
+fn reads_a_file_store(cli: &Cli) -> bool {
+    matches!(
+        cli.cmd,
+        Cmd::Export { .. }
+            | Cmd::Ls { .. }
+            | Cmd::Show { .. }
+            | Cmd::Info
+            | Cmd::Diff { .. }
+            | Cmd::Verify
+    ) && matches!(Address::parse(&cli.store), Ok(Address::File(_)))
+}
+
+/// Runs this command in a child process (this binary again, with the hidden flag) and relays
+/// how it ended; `None` when no child could be started (the command then runs here).
+fn relay(cli: &Cli) -> Option<ExitCode> {
+    let exe = std::env::current_exe()
+        .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
+        .ok()?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let outcome = guard::run_child(&exe, &args)
+        .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
+        .ok()?;
+    if let Some(m) = outcome.message(&cli.store) {
+        eprintln!("error: {m}");
+        if let Cmd::Export { out, .. } = &cli.cmd {
+            ops::clean_stale_tmp(out);
+        }
+    }
+    Some(ExitCode::from(outcome.exit_status()))
 }
 
 fn init_logging(cli: &Cli) {

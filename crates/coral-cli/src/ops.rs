@@ -318,6 +318,7 @@ pub fn export(
     let m = store
         .get_manifest(name)?
         .ok_or_else(|| anyhow!("model {name} is not in the store"))?;
+    clean_stale_tmp(out);
     let tmp = tmp_path(out);
     let res = (|| -> Result<u64> {
         let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -342,13 +343,72 @@ pub fn export(
     }
 }
 
+/// The suffix of an export's temporary file, before the exporting process's id.
+const TMP_SUFFIX: &str = ".coral-tmp-";
+
 fn tmp_path(out: &Path) -> PathBuf {
     let mut name = out
         .file_name()
         .map(|s| s.to_os_string())
         .unwrap_or_default();
-    name.push(format!(".coral-tmp-{}", std::process::id()));
+    name.push(format!("{TMP_SUFFIX}{}", std::process::id()));
     out.with_file_name(name)
+}
+
+/// True while a process with this id exists (`kill(pid, 0)`: permission denied means it does).
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Removes the temporary files that exports killed or crashed before their end left in `out`'s
+/// folder (`NAME.coral-tmp-PID` whose process no longer exists; a live export's is left alone).
+/// Returns the paths removed. Failures to list or remove are logged, never fatal.
+pub fn clean_stale_tmp(out: &Path) -> Vec<PathBuf> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "not looking for stale exports");
+            return removed;
+        }
+    };
+    let me = std::process::id();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((_, pid)) = name.rsplit_once(TMP_SUFFIX) else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid == me || pid_alive(pid) || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed the temporary file of an export that did not finish");
+                removed.push(path);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale export")
+            }
+        }
+    }
+    removed
 }
 
 /// Loads the manifest's tensors in groups, in parallel within a group, and hands each to `f` in
@@ -910,6 +970,29 @@ mod tests {
         assert!(e.to_string().contains("interrupted"), "{e}");
         assert!(store.list_weights().unwrap().is_empty());
         assert!(store.list_manifests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn stale_export_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.safetensors");
+        let dead = {
+            let mut c = std::process::Command::new("true").spawn().unwrap();
+            let pid = c.id();
+            c.wait().unwrap();
+            pid
+        };
+        let me = std::process::id();
+        let stale = dir.path().join(format!("other.npz.coral-tmp-{dead}"));
+        let mine = dir.path().join(format!("m.safetensors.coral-tmp-{me}"));
+        let live = dir.path().join("m.safetensors.coral-tmp-1");
+        let unrelated = dir.path().join("m.safetensors.coral-tmp-x");
+        for p in [&stale, &mine, &live, &unrelated] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        assert_eq!(clean_stale_tmp(&out), vec![stale.clone()]);
+        assert!(!stale.exists());
+        assert!(mine.exists() && live.exists() && unrelated.exists());
     }
 
     #[test]
