@@ -355,17 +355,29 @@ fn tmp_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// True while a process with this id exists (`kill(pid, 0)`: permission denied means it does).
-fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+/// True while a process with this id exists (`kill(pid, 0)`: permission denied means it does)
+/// and has not exited (a zombie, not yet reaped, is dead).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(id) = libc::pid_t::try_from(pid) else {
         return false;
     };
-    if pid <= 0 {
+    if id <= 0 {
         return false;
     }
     // SAFETY: signal 0 only checks that the process exists.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let r = unsafe { libc::kill(id, 0) };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses, STATE follows the last ')'.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X'))
+        ),
+        Err(_) => true,
+    }
 }
 
 /// Removes the temporary files that exports killed or crashed before their end left in `out`'s
@@ -662,6 +674,8 @@ pub fn verify(store: &dyn Store, progress: &(dyn Fn(u64) + Sync)) -> Result<Veri
             .filter_map(|k| check("delta", k))
             .collect::<Vec<_>>(),
     );
+    // A model is as damaged as the weights and deltas it needs.
+    let failed: HashSet<String> = failures.iter().map(|f| f.id.clone()).collect();
     for name in &models {
         let r = (|| -> Result<()> {
             let m = store
@@ -671,6 +685,18 @@ pub fn verify(store: &dyn Store, progress: &(dyn Fn(u64) + Sync)) -> Result<Veri
                 bail!("manifest names model {}", m.name);
             }
             for t in &m.tensors {
+                if failed.contains(&t.key.to_hex()) {
+                    bail!(
+                        "tensor {:?}: {} {} failed verification",
+                        t.name,
+                        if delta_set.contains(&t.key) {
+                            "delta"
+                        } else {
+                            "weight"
+                        },
+                        t.key
+                    );
+                }
                 if !store.exists(&t.key)? && !store.delta_exists(&t.key)? {
                     bail!("tensor {:?}: weight {} is missing", t.name, t.key);
                 }
@@ -1012,10 +1038,26 @@ mod tests {
         )
         .unwrap();
         let key = store.list_weights().unwrap()[0];
+        let q = model_file(dir.path(), "n.safetensors", &[("y", vec![3], vec![4.0; 3])]);
+        add(
+            &store,
+            &SourceFile::open(&q).unwrap(),
+            &opts("n", None),
+            &|_| {},
+        )
+        .unwrap();
         assert!(store.corrupt_for_testing(&key, vec![0; 8]));
         let r = verify(&store, &|_| {}).unwrap();
-        assert_eq!(r.failures.len(), 1, "{r:?}");
-        assert_eq!(r.failures[0].kind, "weight");
+        // The damaged weight and the model that uses it; the other model is fine.
+        let failed: Vec<(&str, &str)> =
+            r.failures.iter().map(|f| (f.kind, f.id.as_str())).collect();
+        let hex = key.to_hex();
+        assert_eq!(
+            failed,
+            [("weight", hex.as_str()), ("manifest", "m")],
+            "{r:?}"
+        );
+        assert!(r.failures[1].error.contains("failed verification"), "{r:?}");
         let out = dir.path().join("o.safetensors");
         assert!(export(&store, &name("m"), &out, 1 << 20, &|_| {}).is_err());
         assert!(!out.exists(), "a failed export leaves no file");
