@@ -15,6 +15,9 @@ use hdf5_sys::h5i::hid_t;
 use crate::h5::{self, H5Error};
 use crate::store::{HDF5Store, Inner, RawRead};
 
+/// The largest manifest read (its JSON; a model of a million tensors needs about 250 MB).
+const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
 /// The attribute written last on a delta (the Python store's last one): its commit marker.
 const DELTA_COMMIT: &str = "metadata";
 
@@ -398,6 +401,19 @@ impl ManifestStore for HDF5Store {
             let d = h5::open_dataset(g.id(), n).map_err(|e| self.err(e))?;
             let space = h5::dataset_space(d.id()).map_err(|e| self.err(e))?;
             let dims = h5::space_dims(space.id()).map_err(|e| self.err(e))?;
+            // The size comes from the file alone (no attribute to check it against).
+            match dims.as_slice() {
+                [len] if *len <= MAX_MANIFEST_BYTES => {}
+                _ => {
+                    return Err(corrupt(
+                        self,
+                        n,
+                        format!(
+                        "manifest dataset of shape {dims:?} (at most {MAX_MANIFEST_BYTES} bytes)"
+                    ),
+                    ))
+                }
+            }
             let shape: Vec<usize> = dims.iter().map(|&x| x as usize).collect();
             self.read_raw(d.id(), n, DType::U8, &shape, false).map(Some)
         })?;

@@ -592,9 +592,19 @@ impl HDF5Store {
         if ours {
             let rows = chunk_dims[0];
             let n_chunks = dims[0].div_ceil(rows);
-            let row_bytes: usize = shape[1..].iter().product::<usize>() * dtype.size();
-            let chunk_bytes = row_bytes * rows as usize;
-            let mut chunks = Vec::with_capacity(n_chunks as usize);
+            // Sizes read from the file: checked, and allocations that may fail do (no abort).
+            let chunk_bytes = shape[1..]
+                .iter()
+                .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+                .and_then(|row| row.checked_mul(usize::try_from(rows).ok()?))
+                .ok_or_else(|| {
+                    corrupt(&self.path, key, format!("chunks of {rows} rows overflow"))
+                })?;
+            let mut chunks = Vec::new();
+            usize::try_from(n_chunks)
+                .ok()
+                .and_then(|n| chunks.try_reserve(n).ok())
+                .ok_or_else(|| corrupt(&self.path, key, format!("{n_chunks} chunks")))?;
             let mut offset = vec![0u64; dims.len()];
             for i in 0..n_chunks {
                 offset[0] = i * rows;
@@ -631,7 +641,16 @@ impl HDF5Store {
                     chunks.push(Some((ChunkSrc::At { addr, size }, mask)));
                     continue;
                 }
-                let mut buf = vec![0u8; size as usize];
+                let mut buf = usize::try_from(size)
+                    .ok()
+                    .and_then(crate::mem::zeroed)
+                    .ok_or_else(|| {
+                        corrupt(
+                            &self.path,
+                            key,
+                            format!("cannot hold chunk {i} of {size} bytes"),
+                        )
+                    })?;
                 let mut filters: u32 = 0;
                 // SAFETY: buffer of the chunk's stored size.
                 let r = unsafe {
@@ -653,7 +672,8 @@ impl HDF5Store {
                 nbytes,
             })
         } else {
-            let mut buf = vec![0u8; nbytes];
+            let mut buf = crate::mem::zeroed(nbytes)
+                .ok_or_else(|| corrupt(&self.path, key, format!("cannot hold {nbytes} bytes")))?;
             if nbytes > 0 {
                 // SAFETY: reading the whole dataset in its own (little-endian) file type into a
                 // buffer of exactly its size.

@@ -132,3 +132,41 @@ fn a_zero_length_free_space_does_not_hang() {
         assert_eq!(s.load(k).unwrap().unwrap().data(), t.data());
     }
 }
+
+/// A manifest's size comes from its dataset's dataspace alone: a flipped high bit there asked
+/// for terabytes (the allocation aborted the process). Now that manifest fails, the other reads.
+#[test]
+fn a_flipped_manifest_size_fails_that_manifest_only() {
+    use coral_store_api::testing::manifests::sample_manifest;
+    use coral_store_api::ManifestStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let (a, b) = {
+        let s = HDF5Store::open(&path, HDF5StoreOptions::new()).unwrap();
+        let a = sample_manifest(&s, "a", 3);
+        let b = sample_manifest(&s, "b", 5);
+        s.put_manifest(&a).unwrap();
+        s.put_manifest(&b).unwrap();
+        (a, b)
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Manifest a's dataspace message (version 1, rank 1, then its one dimension).
+    let len = a.to_json().unwrap().len() as u64;
+    let at = bytes
+        .windows(16)
+        .position(|w| w[..2] == [1, 1] && w[3..8] == [0; 5] && w[8..] == len.to_le_bytes())
+        .expect("manifest a's dataspace");
+    bytes[at + 8 + 5] ^= 0x20; // + 2^45 bytes
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    let names: Vec<String> = s
+        .list_manifests()
+        .unwrap()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    let e = s.get_manifest(&a.name).unwrap_err().to_string();
+    assert!(e.contains("manifest dataset of shape"), "{e}");
+    assert_eq!(s.get_manifest(&b.name).unwrap().unwrap(), b);
+}
