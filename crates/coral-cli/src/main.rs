@@ -512,8 +512,15 @@ fn run(cli: &Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Lists models (or weights, or deltas). An entry that does not read (a damaged store) is listed
+/// with its error, the others as usual, and the command then fails with one line.
 fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
     let mut out = serde_json::Map::new();
+    let mut damaged = 0usize;
+    let mut failed = |field: &str, id: String, e: anyhow::Error| {
+        damaged += 1;
+        json!({ field: id, "error": format!("{e:#}") })
+    };
     if weights {
         let delta_keys: std::collections::HashSet<ContentHash> =
             store.list_deltas()?.into_iter().collect();
@@ -522,28 +529,32 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
             if delta_keys.contains(&k) {
                 continue;
             }
-            let m = store.get_metadata(&k)?;
-            rows.push(json!({
-                "key": k.to_hex(),
-                "name": m.as_ref().map(|m| m.name.clone()),
-                "dtype": m.as_ref().map(|m| m.dtype.name()),
-                "shape": m.as_ref().map(|m| m.shape.clone()),
-            }));
+            rows.push(match store.get_metadata(&k) {
+                Ok(m) => json!({
+                    "key": k.to_hex(),
+                    "name": m.as_ref().map(|m| m.name.clone()),
+                    "dtype": m.as_ref().map(|m| m.dtype.name()),
+                    "shape": m.as_ref().map(|m| m.shape.clone()),
+                }),
+                Err(e) => failed("key", k.to_hex(), e.into()),
+            });
         }
         out.insert("weights".into(), json!(rows));
     }
     if deltas {
         let mut rows = Vec::new();
         for k in store.list_deltas()? {
-            if let Some(d) = store.load_delta(&k)? {
-                rows.push(json!({
+            match store.load_delta(&k) {
+                Ok(Some(d)) => rows.push(json!({
                     "key": k.to_hex(),
                     "type": d.delta_type.name(),
                     "reference": d.reference_hash.to_hex(),
                     "bytes": d.nbytes(),
                     "dtype": d.original_dtype.name(),
                     "shape": d.original_shape,
-                }));
+                })),
+                Ok(None) => {}
+                Err(e) => rows.push(failed("key", k.to_hex(), e.into())),
             }
         }
         out.insert("deltas".into(), json!(rows));
@@ -551,23 +562,37 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
     if !weights && !deltas {
         let mut rows = Vec::new();
         for n in store.list_manifests()? {
-            if let Some(m) = store.get_manifest(&n)? {
-                rows.push(json!({
+            match store.get_manifest(&n) {
+                Ok(Some(m)) => rows.push(json!({
                     "name": n,
                     "format": m.format,
                     "tensors": m.tensors.len(),
                     "file_size": m.file_size,
                     "parent": m.parent,
-                }));
+                })),
+                Ok(None) => {}
+                Err(e) => rows.push(failed("name", n.to_string(), e.into())),
             }
         }
         out.insert("models".into(), json!(rows));
     }
+    let done = || -> Result<()> {
+        if damaged > 0 {
+            bail!("could not read {damaged} of the entries (listed with their errors)");
+        }
+        Ok(())
+    };
     if cli.json {
-        return print_json(&serde_json::Value::Object(out));
+        print_json(&serde_json::Value::Object(out))?;
+        return done();
     }
     for (kind, rows) in &out {
         for r in rows.as_array().into_iter().flatten() {
+            if let Some(e) = r["error"].as_str() {
+                let id = r["name"].as_str().or(r["key"].as_str()).unwrap_or("");
+                println!("{id}\tDAMAGED: {e}");
+                continue;
+            }
             let line = match kind.as_str() {
                 "models" => format!(
                     "{}\t{}\t{} tensors\t{}{}",
@@ -598,7 +623,7 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
             println!("{line}");
         }
     }
-    Ok(())
+    done()
 }
 
 fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
