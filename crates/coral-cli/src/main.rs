@@ -209,9 +209,11 @@ fn relay(cli: &Cli) -> Option<ExitCode> {
         .ok()?;
     if let Some(m) = outcome.message(&cli.store) {
         eprintln!("error: {m}");
-        if let Cmd::Export { out, .. } = &cli.cmd {
-            ops::clean_stale_tmp(out);
-        }
+    }
+    // A child that did not finish its export cleanly may have left its temporary file (it is
+    // dead now, so only files of live exports remain).
+    if let (Cmd::Export { out, .. }, false) = (&cli.cmd, outcome == guard::Outcome::Exited(0)) {
+        ops::clean_stale_tmp(out);
     }
     Some(ExitCode::from(outcome.exit_status()))
 }

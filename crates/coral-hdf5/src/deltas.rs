@@ -349,8 +349,14 @@ impl DeltaStore for HDF5Store {
             };
             info.total_deltas += 1;
             info.total_delta_bytes += d.nbytes() as u64;
-            let elements: usize = d.original_shape.iter().product();
-            info.total_original_bytes += (elements * d.original_dtype.size()) as u64;
+            // Sizes read from the file: saturating (a figure, not an allocation).
+            let bytes = d
+                .original_shape
+                .iter()
+                .fold(d.original_dtype.size() as u64, |a, &x| {
+                    a.saturating_mul(x as u64)
+                });
+            info.total_original_bytes = info.total_original_bytes.saturating_add(bytes);
             *info
                 .by_type
                 .entry(d.delta_type.name().to_owned())

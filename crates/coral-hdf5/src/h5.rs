@@ -743,6 +743,16 @@ fn open_attr(obj: hid_t, name: &str) -> Result<Option<Hid>, H5Error> {
     .map(Some)
 }
 
+/// The number of elements of an attribute's dataspace `dims` (read from the file: checked).
+fn elements(dims: &[u64], name: &str) -> Result<u64, H5Error> {
+    dims.iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| H5Error {
+            what: format!("attribute {name}"),
+            stack: format!("dimensions {dims:?} overflow"),
+        })
+}
+
 /// Reads a string attribute (variable- or fixed-length, scalar or one element); `None` when absent.
 /// With `raw` (a store opened read-only), a variable-length string is read from the file's bytes
 /// with every length checked ([`crate::vlen`]) instead of through libhdf5's global heap, which
@@ -765,7 +775,7 @@ pub fn read_str_attr(
             });
         }
         let space = Hid::new(H5Aget_space(a.id()), Kind::Space, || "attr space".into())?;
-        let n: u64 = space_dims(space.id())?.iter().product();
+        let n = elements(&space_dims(space.id())?, name)?;
         if n > 1 {
             return Err(H5Error {
                 what: format!("attribute {name}"),
@@ -821,7 +831,7 @@ pub fn read_i64s_attr(obj: hid_t, name: &str) -> Result<Option<Vec<i64>>, H5Erro
     // SAFETY: valid attribute; buffer sized from its space.
     unsafe {
         let space = Hid::new(H5Aget_space(a.id()), Kind::Space, || "attr space".into())?;
-        let n: u64 = space_dims(space.id())?.iter().product();
+        let n = elements(&space_dims(space.id())?, name)?;
         let class = H5Sget_simple_extent_type(space.id());
         let n = match class {
             H5S_class_t::H5S_NULL => 0,

@@ -570,10 +570,12 @@ impl HDF5Store {
         let space = h5::dataset_space(dset).map_err(e)?;
         let dims = h5::space_dims(space.id()).map_err(e)?;
         let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        let n_elems: u64 = dims.iter().product();
+        let dims_bytes = dims
+            .iter()
+            .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d));
         if dims != want && !(dims.is_empty() && shape.is_empty()) {
             // h5py stores what numpy gives; accept any shape with the same element count.
-            if n_elems as usize * dtype.size() != nbytes {
+            if dims_bytes != Some(nbytes as u64) {
                 return Err(corrupt(
                     &self.path,
                     key,

@@ -170,3 +170,32 @@ fn a_flipped_manifest_size_fails_that_manifest_only() {
     assert!(e.contains("manifest dataset of shape"), "{e}");
     assert_eq!(s.get_manifest(&b.name).unwrap().unwrap(), b);
 }
+
+/// A flipped high bit in a dataset's dimension overflowed the element count read from the
+/// file (a panic in debug builds): the weight fails with the mismatch, the others load.
+#[test]
+fn a_flipped_dimension_fails_that_weight_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let ws = store(&path, 3);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The weights' dataspace messages (version 1, rank 2, max dims present): dims 8 and 4.
+    let mut dims = vec![1u8, 2, 1, 0, 0, 0, 0, 0];
+    dims.extend(8u64.to_le_bytes());
+    dims.extend(4u64.to_le_bytes());
+    let at: Vec<usize> = bytes
+        .windows(dims.len())
+        .enumerate()
+        .filter(|(_, w)| *w == dims.as_slice())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 3, "one dataspace per weight");
+    bytes[at[1] + 16 + 7] ^= 0x40; // the second dimension + 2^62
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    let results: Vec<bool> = ws.iter().map(|(k, _)| s.load(k).is_ok()).collect();
+    assert_eq!(results.iter().filter(|ok| !**ok).count(), 1, "{results:?}");
+    let bad = results.iter().position(|ok| !ok).unwrap();
+    let e = s.load(&ws[bad].0).unwrap_err().to_string();
+    assert!(e.contains("does not match the shape attribute"), "{e}");
+}
