@@ -15,6 +15,9 @@ use hdf5_sys::h5i::hid_t;
 use crate::h5::{self, H5Error};
 use crate::store::{HDF5Store, Inner, RawRead};
 
+/// The attribute of a manifest dataset holding the content hash of its bytes.
+const MANIFEST_HASH: &str = "hash";
+
 /// The largest manifest read (its JSON; a model of a million tensors needs about 250 MB).
 const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 
@@ -372,6 +375,9 @@ impl ManifestStore for HDF5Store {
             .to_json()
             .map_err(|e| StoreError::core(format!("manifest {}", manifest.name), e))?;
         let name = manifest.name.as_str().to_owned();
+        // The content hash of the bytes (as a 1-D uint8 weight's): zstd frames carry no
+        // checksum, so a flipped bit could otherwise decode to another manifest that parses.
+        let hash = ContentHash::sha256(DType::U8, &[json.len()], &json).to_hex();
         let enc = self.encode(name.clone(), DType::U8, &[json.len()], &Bytes::from(json))?;
         self.with_write(|inner| {
             let g = inner.models.as_ref().ok_or_else(|| StoreError::ReadOnly {
@@ -385,7 +391,8 @@ impl ManifestStore for HDF5Store {
             let mut enc = enc;
             enc.key = tmp.clone();
             self.write_dataset(inner, g.id(), &enc, &|obj| {
-                h5::write_str_attr(obj, "format", "coral.manifest.v1+json")
+                h5::write_str_attr(obj, "format", "coral.manifest.v1+json")?;
+                h5::write_str_attr(obj, MANIFEST_HASH, &hash)
             })?;
             if h5::link_exists(g.id(), &name).map_err(|e| self.err(e))? {
                 self.unlink(g.id(), &name)?;
@@ -421,12 +428,28 @@ impl ManifestStore for HDF5Store {
                 }
             }
             let shape: Vec<usize> = dims.iter().map(|&x| x as usize).collect();
-            self.read_raw(d.id(), n, DType::U8, &shape, false).map(Some)
+            let hash = h5::read_str_attr(d.id(), MANIFEST_HASH, self.raw())
+                .map_err(|err| corrupt(self, n, err.to_string()))?;
+            let raw = self.read_raw(d.id(), n, DType::U8, &shape, false)?;
+            Ok(Some((raw, hash)))
         })?;
-        let Some(raw) = bytes else { return Ok(None) };
+        let Some((raw, hash)) = bytes else {
+            return Ok(None);
+        };
         let data = raw
             .decode(1, None)
             .map_err(|r| corrupt(self, n, format!("manifest: {r}")))?;
+        // Manifests written before the hash existed have none: they are taken as they read.
+        if let Some(want) = hash {
+            let got = ContentHash::sha256(DType::U8, &[data.len()], &data).to_hex();
+            if got != want {
+                return Err(corrupt(
+                    self,
+                    n,
+                    format!("manifest: its bytes hash to {got}, its {MANIFEST_HASH} attribute says {want}"),
+                ));
+            }
+        }
         ModelManifest::from_json(&data)
             .map(Some)
             .map_err(|e| corrupt(self, n, e.to_string()))

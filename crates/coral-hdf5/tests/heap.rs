@@ -1,7 +1,8 @@
-//! Damaged lengths in the global heap, where HDF5 keeps variable-length string attributes: a
-//! store opened read-only reports the weight whose string is damaged (and those whose strings
-//! HDF5's walk of the collection can no longer reach), loads the others, and never hands the
-//! damaged lengths to libhdf5 (which crashed with SIGSEGV in `H5HG_read` or looped forever).
+//! Damaged metadata, read from a store opened read-only: lengths in the global heap (where HDF5
+//! keeps variable-length string attributes; libhdf5 crashed with SIGSEGV in `H5HG_read` or
+//! looped forever on them), sizes in dataspaces, and bytes of a manifest. The weight or
+//! manifest whose metadata is damaged fails (and those HDF5's walk of a damaged heap collection
+//! can no longer reach); the others load.
 
 use std::path::Path;
 
@@ -198,4 +199,41 @@ fn a_flipped_dimension_fails_that_weight_only() {
     let bad = results.iter().position(|ok| !ok).unwrap();
     let e = s.load(&ws[bad].0).unwrap_err().to_string();
     assert!(e.contains("does not match the shape attribute"), "{e}");
+}
+
+/// A manifest's bytes carry no checksum in their zstd frame (nor uncompressed): a flipped bit
+/// gave another manifest that parsed ("nafetensors"), and an export of other bytes. Its `hash`
+/// attribute catches it.
+#[test]
+fn a_flipped_bit_in_a_manifest_is_caught_by_its_hash() {
+    use coral_hdf5::Compression;
+    use coral_store_api::testing::manifests::sample_manifest;
+    use coral_store_api::ManifestStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let (a, b) = {
+        let s = HDF5Store::open(
+            &path,
+            HDF5StoreOptions::new().compression(Compression::None),
+        )
+        .unwrap();
+        let a = sample_manifest(&s, "a", 3);
+        let b = sample_manifest(&s, "b", 2);
+        s.put_manifest(&a).unwrap();
+        s.put_manifest(&b).unwrap();
+        (a, b)
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let json = a.to_json().unwrap();
+    let at = bytes
+        .windows(json.len())
+        .position(|w| w == json.as_slice())
+        .expect("manifest a's bytes");
+    let f = at + json.windows(11).position(|w| w == b"safetensors").unwrap();
+    bytes[f] ^= 0x1d; // "safetensors" -> "nafetensors"
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    let e = s.get_manifest(&a.name).unwrap_err().to_string();
+    assert!(e.contains("its hash attribute says"), "{e}");
+    assert_eq!(s.get_manifest(&b.name).unwrap().unwrap(), b);
 }
