@@ -460,12 +460,23 @@ impl ManifestStore for HDF5Store {
             let Some(g) = inner.models.as_ref() else {
                 return Ok(Vec::new());
             };
+            // Coral only writes valid names (and `.tmp` leftovers): any other name is a damaged
+            // link, reported rather than skipped (a skipped one would hide the model from
+            // `coral verify`).
             let mut out: Vec<ModelName> = h5::link_names(g.id())
                 .map_err(|e| self.err(e))?
                 .into_iter()
                 .filter(|n| !n.ends_with(".tmp"))
-                .filter_map(|n| ModelName::new(n).ok())
-                .collect();
+                .map(|n| {
+                    ModelName::new(&n).map_err(|err| {
+                        corrupt(
+                            self,
+                            &n,
+                            format!("models/ holds an entry whose name is not a model name: {err}"),
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?;
             out.sort();
             Ok(out)
         })

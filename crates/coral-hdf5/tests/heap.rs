@@ -237,3 +237,32 @@ fn a_flipped_bit_in_a_manifest_is_caught_by_its_hash() {
     assert!(e.contains("its hash attribute says"), "{e}");
     assert_eq!(s.get_manifest(&b.name).unwrap().unwrap(), b);
 }
+
+/// A flipped bit in a link name of `models/` (in its group's local heap) that makes it no model
+/// name is reported, not skipped: skipped, the model vanished from `coral verify` unnoticed.
+#[test]
+fn a_damaged_model_name_is_reported() {
+    use coral_store_api::testing::manifests::sample_manifest;
+    use coral_store_api::ManifestStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    {
+        let s = HDF5Store::open(&path, HDF5StoreOptions::new()).unwrap();
+        for n in ["model-a", "model-b"] {
+            let m = sample_manifest(&s, n, 2);
+            s.put_manifest(&m).unwrap();
+        }
+    }
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(8)
+        .position(|w| w == b"model-a\0")
+        .expect("the link name in the local heap");
+    bytes[at] ^= 0x40; // "model-a" -> "-odel-a", which no model name starts with
+    std::fs::write(&path, &bytes).unwrap();
+    let e = open_read(&path).list_manifests().unwrap_err().to_string();
+    assert!(
+        e.contains("-odel-a") && e.contains("not a model name"),
+        "{e}"
+    );
+}
