@@ -377,7 +377,7 @@ impl ManifestStore for HDF5Store {
         let name = manifest.name.as_str().to_owned();
         // The content hash of the bytes (as a 1-D uint8 weight's): zstd frames carry no
         // checksum, so a flipped bit could otherwise decode to another manifest that parses.
-        let hash = ContentHash::sha256(DType::U8, &[json.len()], &json).to_hex();
+        let hash = ContentHash::sha256(DType::U8, &[json.len()], &json);
         let enc = self.encode(name.clone(), DType::U8, &[json.len()], &Bytes::from(json))?;
         self.with_write(|inner| {
             let g = inner.models.as_ref().ok_or_else(|| StoreError::ReadOnly {
@@ -392,7 +392,9 @@ impl ManifestStore for HDF5Store {
             enc.key = tmp.clone();
             self.write_dataset(inner, g.id(), &enc, &|obj| {
                 h5::write_str_attr(obj, "format", "coral.manifest.v1+json")?;
-                h5::write_str_attr(obj, MANIFEST_HASH, &hash)
+                // Bytes, not a string: strings live in the global heap, where damage to one
+                // makes those after it unreadable.
+                h5::write_u8s_attr(obj, MANIFEST_HASH, hash.as_bytes())
             })?;
             if h5::link_exists(g.id(), &name).map_err(|e| self.err(e))? {
                 self.unlink(g.id(), &name)?;
@@ -428,8 +430,15 @@ impl ManifestStore for HDF5Store {
                 }
             }
             let shape: Vec<usize> = dims.iter().map(|&x| x as usize).collect();
-            let hash = h5::read_str_attr(d.id(), MANIFEST_HASH, self.raw())
-                .map_err(|err| corrupt(self, n, err.to_string()))?;
+            let hash = h5::read_i64s_attr(d.id(), MANIFEST_HASH)
+                .map_err(|err| corrupt(self, n, err.to_string()))?
+                .map(|v| {
+                    v.iter()
+                        .map(|&x| u8::try_from(x).ok())
+                        .collect::<Option<Vec<u8>>>()
+                        .ok_or_else(|| corrupt(self, n, "manifest hash holds values above 255"))
+                })
+                .transpose()?;
             let raw = self.read_raw(d.id(), n, DType::U8, &shape, false)?;
             Ok(Some((raw, hash)))
         })?;
@@ -441,8 +450,9 @@ impl ManifestStore for HDF5Store {
             .map_err(|r| corrupt(self, n, format!("manifest: {r}")))?;
         // Manifests written before the hash existed have none: they are taken as they read.
         if let Some(want) = hash {
-            let got = ContentHash::sha256(DType::U8, &[data.len()], &data).to_hex();
-            if got != want {
+            let got = ContentHash::sha256(DType::U8, &[data.len()], &data);
+            if got.as_bytes() != want.as_slice() {
+                let want: String = want.iter().map(|b| format!("{b:02x}")).collect();
                 return Err(corrupt(
                     self,
                     n,

@@ -701,6 +701,19 @@ pub fn write_i64s_attr(obj: hid_t, name: &str, values: &[i64]) -> Result<(), H5E
     )
 }
 
+/// Writes a 1-D uint8 attribute (stored in the object header itself: no global heap).
+pub fn write_u8s_attr(obj: hid_t, name: &str, values: &[u8]) -> Result<(), H5Error> {
+    // SAFETY: predefined type valid after H5open.
+    let t = copy_type(*H5T_STD_U8LE)?;
+    let s = simple_space(&[values.len() as u64])?;
+    let a = create_attr(obj, name, t.id(), s.id())?;
+    // SAFETY: buffer of values.len() bytes in the attribute's own type.
+    check(
+        unsafe { H5Awrite(a.id(), t.id(), values.as_ptr() as *const c_void) },
+        || format!("writing attribute {name}"),
+    )
+}
+
 /// Writes a scalar float64 attribute.
 pub fn write_f64_attr(obj: hid_t, name: &str, value: f64) -> Result<(), H5Error> {
     // SAFETY: predefined type valid after H5open.
