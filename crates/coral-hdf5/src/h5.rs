@@ -446,6 +446,28 @@ pub fn space_dims(space: hid_t) -> Result<Vec<u64>, H5Error> {
     Ok(dims)
 }
 
+/// The maximum dimensions of a simple dataspace (empty for scalar and null spaces;
+/// `u64::MAX` for an unlimited one).
+pub fn space_max_dims(space: hid_t) -> Result<Vec<u64>, H5Error> {
+    // SAFETY: valid dataspace id.
+    let class = unsafe { H5Sget_simple_extent_type(space) };
+    if class != H5S_class_t::H5S_SIMPLE {
+        return Ok(Vec::new());
+    }
+    // SAFETY: valid id; buffer of ndims entries.
+    let n = unsafe { H5Sget_simple_extent_ndims(space) };
+    if n < 0 {
+        return Err(fail("dataspace rank"));
+    }
+    let mut max = vec![0u64; n as usize];
+    // SAFETY: buffer has n entries.
+    check(
+        unsafe { H5Sget_simple_extent_dims(space, ptr::null_mut(), max.as_mut_ptr()) },
+        || "dataspace max dims".to_owned(),
+    )?;
+    Ok(max)
+}
+
 fn copy_type(t: hid_t) -> Result<Hid, H5Error> {
     // SAFETY: copying a valid predefined type.
     Hid::new(unsafe { H5Tcopy(t) }, Kind::Type, || {

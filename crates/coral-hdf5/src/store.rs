@@ -585,6 +585,24 @@ impl HDF5Store {
         }
         let dcpl = h5::dataset_dcpl(dset).map_err(e)?;
         let (pipeline, chunk_dims) = h5::dcpl_layout(dcpl.id()).map_err(e)?;
+        // HDF5 creates no chunk larger than a fixed-size dimension; a layout that says so is
+        // damaged, and libhdf5 would copy whole chunks of that size out of the smaller ones the
+        // filters decode (SIGSEGV in H5Dread).
+        if !chunk_dims.is_empty() {
+            let max = h5::space_max_dims(space.id()).map_err(e)?;
+            let too_big = chunk_dims.len() != dims.len()
+                || chunk_dims
+                    .iter()
+                    .zip(dims.iter().zip(&max))
+                    .any(|(&c, (&d, &m))| c > d && m == d);
+            if too_big {
+                return Err(corrupt(
+                    &self.path,
+                    key,
+                    format!("chunks of {chunk_dims:?} for a dataset of {dims:?}"),
+                ));
+            }
+        }
         let ours = !chunk_dims.is_empty()
             && chunk_dims.len() == dims.len()
             && chunk_dims[1..] == dims[1..]

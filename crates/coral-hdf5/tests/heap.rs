@@ -266,3 +266,37 @@ fn a_damaged_model_name_is_reported() {
         "{e}"
     );
 }
+
+/// A flipped bit that makes a chunk dimension larger than its fixed-size dimension (which HDF5
+/// never creates) sent the dataset through `H5Dread`, which copied whole chunks of that size out
+/// of the smaller ones zstd decoded: SIGSEGV. Now that weight fails, the others load.
+#[test]
+fn a_chunk_larger_than_its_dataset_fails_that_weight_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let ws = store(&path, 3);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Layout messages (version 3, chunked, rank 2 + 1): address, then chunk dims 8, 4 and the
+    // element size 4.
+    let mut tail = 8u32.to_le_bytes().to_vec();
+    tail.extend(4u32.to_le_bytes());
+    tail.extend(4u32.to_le_bytes());
+    let at: Vec<usize> = bytes
+        .windows(23)
+        .enumerate()
+        .filter(|(_, w)| w[..3] == [3, 2, 3] && w[11..] == tail[..])
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 3, "one layout message per weight");
+    bytes[at[2] + 15 + 1] ^= 0x04; // chunk dims [8, 4] -> [8, 1028]
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    let results: Vec<bool> = ws.iter().map(|(k, _)| s.load(k).is_ok()).collect();
+    assert_eq!(results.iter().filter(|ok| !**ok).count(), 1, "{results:?}");
+    let bad = results.iter().position(|ok| !ok).unwrap();
+    let e = s.load(&ws[bad].0).unwrap_err().to_string();
+    assert!(
+        e.contains("chunks of [8, 1028] for a dataset of [8, 4]"),
+        "{e}"
+    );
+}
