@@ -48,6 +48,10 @@ impl HDF5Store {
     /// Reads a delta's attributes and its stored payload (decoded by the caller, outside the
     /// lock: decoding runs on rayon, which must never wait for work while holding the store).
     fn read_delta(&self, dset: hid_t, key: &str) -> Result<(Delta, RawRead, usize)> {
+        if let Some(raw) = self.raw() {
+            raw.check_header(dset)
+                .map_err(|why| corrupt(self, key, format!("object header: {why}")))?;
+        }
         let e = |e| self.err(e);
         let s = |name: &str| -> Result<String> {
             h5::read_str_attr(dset, name, self.raw())
@@ -414,6 +418,10 @@ impl ManifestStore for HDF5Store {
                 return Ok(None);
             }
             let d = h5::open_dataset(g.id(), n).map_err(|e| self.err(e))?;
+            if let Some(raw) = self.raw() {
+                raw.check_header(d.id())
+                    .map_err(|why| corrupt(self, n, format!("object header: {why}")))?;
+            }
             let space = h5::dataset_space(d.id()).map_err(|e| self.err(e))?;
             let dims = h5::space_dims(space.id()).map_err(|e| self.err(e))?;
             // The size comes from the file alone (no attribute to check it against).

@@ -489,12 +489,23 @@ impl HDF5Store {
                 return Ok(false);
             }
         };
+        if let Some(raw) = self.raw() {
+            if let Err(why) = raw.check_header(d.id()) {
+                // Damaged, not absent: listed, and its load fails naming it (`read_meta`).
+                tracing::debug!(path = %self.path.display(), name, error = %why, "damaged object header");
+                return Ok(true);
+            }
+        }
         Ok(h5::attr_exists(d.id(), marker).unwrap_or(false))
     }
 
     /// Reads a weight's metadata from its dataset's attributes.
     pub(crate) fn read_meta(&self, dset: hid_t, key: &ContentHash) -> Result<WeightMetadata> {
         let k = key.to_hex();
+        if let Some(raw) = self.raw() {
+            raw.check_header(dset)
+                .map_err(|why| corrupt(&self.path, &k, format!("object header: {why}")))?;
+        }
         let e = |e| self.err(e);
         // An attribute that does not read is damage to this weight: the error names its key.
         let s = |name: &str| {

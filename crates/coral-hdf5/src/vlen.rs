@@ -126,6 +126,20 @@ impl RawFile {
         Ok(Some(String::from_utf8_lossy(&bytes[..end]).into_owned()))
     }
 
+    /// Checks that every message of the object `obj`'s header, attribute messages included,
+    /// lies inside its chunk, before libhdf5 reads its attributes (which trusts their sizes).
+    pub(crate) fn check_header(&self, obj: hid_t) -> Result<(), String> {
+        let mut info = hdf5_sys::h5o::H5O_info1_t::default();
+        // SAFETY: valid object id and out pointer; only the basic fields are filled.
+        let r =
+            unsafe { hdf5_sys::h5o::H5Oget_info2(obj, &mut info, hdf5_sys::h5o::H5O_INFO_BASIC) };
+        if r < 0 {
+            return Err("cannot get the object's address".to_owned());
+        }
+        // No attribute has an empty name: the walk visits (and checks) every message.
+        self.attribute_value(info.addr, "").map(|_| ())
+    }
+
     /// The stored value of attribute `name` in the object header at `addr` (versions 1 and 2
     /// of the header, 1 to 3 of the attribute message); `None` when not found.
     fn attribute_value(&self, addr: u64, name: &str) -> Result<Option<Vec<u8>>, String> {
@@ -294,17 +308,21 @@ fn attribute_message(d: &[u8], name: &str) -> Option<Result<Vec<u8>, String>> {
         Some(3) => 9,
         other => return Some(Err(format!("attribute message version {other:?}"))),
     };
-    let stored = d.get(name_at..name_at + name_size)?;
+    // Every attribute message must hold its parts (libhdf5 copies them by these sizes, past the
+    // message if they lie: SIGSEGV in H5Aexists).
+    let data_at = name_at + pad(name_size) + pad(dt_size) + pad(ds_size);
+    if name_size == 0 || data_at > d.len() {
+        return Some(Err(format!(
+            "an attribute message of {} bytes declares a {name_size}-byte name, a {dt_size}-byte type and a {ds_size}-byte space",
+            d.len()
+        )));
+    }
+    let stored = &d[name_at..name_at + name_size];
     let stored = &stored[..stored.iter().position(|&b| b == 0).unwrap_or(stored.len())];
     if stored != name.as_bytes() {
         return None;
     }
-    let data_at = name_at + pad(name_size) + pad(dt_size) + pad(ds_size);
-    Some(
-        d.get(data_at..)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| format!("attribute {name}: its value runs past its message")),
-    )
+    Some(Ok(d[data_at..].to_vec()))
 }
 
 impl crate::HDF5Store {

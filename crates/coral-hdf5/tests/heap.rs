@@ -300,3 +300,37 @@ fn a_chunk_larger_than_its_dataset_fails_that_weight_only() {
         "{e}"
     );
 }
+
+/// An attribute message whose part sizes run past it (a flipped bit in the dataspace size of
+/// `shape`) made libhdf5 copy past the message in `H5Aexists`: SIGSEGV. The object header is
+/// checked first: that weight fails, the others load.
+#[test]
+fn an_attribute_message_that_lies_about_its_sizes_fails_that_weight_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let ws = store(&path, 3);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Attribute messages (version 1) named "shape": name size 6, then the type and space sizes.
+    let at: Vec<usize> = bytes
+        .windows(16)
+        .enumerate()
+        .filter(|(_, w)| w[0] == 1 && w[2..4] == [6, 0] && &w[8..14] == b"shape\0")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 3, "one shape attribute per weight");
+    bytes[at[1] + 7] ^= 0x80; // the dataspace size + 32768
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    let results: Vec<bool> = ws.iter().map(|(k, _)| s.load(k).is_ok()).collect();
+    assert_eq!(results, [true, false, true]);
+    let e = s.load(&ws[1].0).unwrap_err().to_string();
+    assert!(
+        e.contains(&ws[1].0.to_hex()) && e.contains("an attribute message of"),
+        "{e}"
+    );
+    assert_eq!(
+        s.list_weights().unwrap().len(),
+        3,
+        "a damaged weight is still listed"
+    );
+}
