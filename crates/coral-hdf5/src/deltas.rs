@@ -304,7 +304,7 @@ impl DeltaStore for HDF5Store {
             let g = self
                 .deltas_group(inner)
                 .ok_or_else(|| corrupt(self, &key, "no deltas group"))?;
-            let d = h5::open_dataset(g.id(), &key).map_err(|e| self.err(e))?;
+            let d = self.open_dataset(g.id(), &key).map_err(|e| self.err(e))?;
             self.read_delta(d.id(), &key).map(Some)
         })?
         .map(|(mut delta, raw, es)| {
@@ -417,7 +417,7 @@ impl ManifestStore for HDF5Store {
             if !h5::link_exists(g.id(), n).map_err(|e| self.err(e))? {
                 return Ok(None);
             }
-            let d = h5::open_dataset(g.id(), n).map_err(|e| self.err(e))?;
+            let d = self.open_dataset(g.id(), n).map_err(|e| self.err(e))?;
             if let Some(raw) = self.raw() {
                 raw.check_header(d.id())
                     .map_err(|why| corrupt(self, n, format!("object header: {why}")))?;

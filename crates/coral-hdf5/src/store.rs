@@ -482,8 +482,11 @@ impl HDF5Store {
         if !h5::link_exists(group, name).map_err(|e| self.err(e))? {
             return Ok(false);
         }
-        let d = match h5::open_dataset(group, name) {
+        let d = match self.open_dataset(group, name) {
             Ok(d) => d,
+            // Found damaged by the checked walk (read-only stores): listed, and its load fails
+            // naming it.
+            Err(e) if e.stack.starts_with(crate::vlen::DAMAGED) => return Ok(true),
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), name, error = %e, "ignoring an entry that does not open (interrupted write)");
                 return Ok(false);
@@ -803,7 +806,9 @@ impl HDF5Store {
                     if !self.weight_present(inner, &k)? {
                         continue;
                     }
-                    let d = h5::open_dataset(inner.weights.id(), &k).map_err(|e| self.err(e))?;
+                    let d = self
+                        .open_dataset(inner.weights.id(), &k)
+                        .map_err(|e| self.err(e))?;
                     let meta = self.read_meta(d.id(), &key)?;
                     let raw =
                         self.read_raw(d.id(), &k, meta.dtype, &meta.shape, reader.is_some())?;
@@ -876,7 +881,7 @@ impl HDF5Store {
             if !self.committed(inner.weights.id(), &name, "hash")? {
                 continue;
             }
-            let d = h5::open_dataset(inner.weights.id(), &name).map_err(e)?;
+            let d = self.open_dataset(inner.weights.id(), &name).map_err(e)?;
             let meta = self.read_meta(d.id(), &key)?;
             n += 1;
             total += meta.checked_nbytes().unwrap_or(0) as u64;
@@ -899,7 +904,7 @@ impl HDF5Store {
                 return Ok(false);
             }
             let e = |e| self.err(e);
-            let d = h5::open_dataset(inner.weights.id(), &k).map_err(e)?;
+            let d = self.open_dataset(inner.weights.id(), &k).map_err(e)?;
             let meta = self.read_meta(d.id(), key)?;
             let es = meta.dtype.size();
             let raw = self.read_raw(d.id(), &k, meta.dtype, &meta.shape, false)?;

@@ -20,6 +20,8 @@ use hdf5_sys::h5i::hid_t;
 const MAX_BLOCK: u64 = 16 << 20;
 /// Most object header chunks (continuations) followed in one header.
 const MAX_CHUNKS: usize = 64;
+/// How the error of a dataset whose object header fails the checks begins.
+pub(crate) const DAMAGED: &str = "damaged object header: ";
 /// Signature of the superblock.
 const SUPERBLOCK: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 
@@ -126,6 +128,36 @@ impl RawFile {
         Ok(Some(String::from_utf8_lossy(&bytes[..end]).into_owned()))
     }
 
+    /// Opens dataset `name` of `group` once its object header has passed [`check_message`] and the attribute checks
+    /// (libhdf5 decodes the layout while opening).
+    pub(crate) fn open_dataset(
+        &self,
+        group: hid_t,
+        name: &str,
+    ) -> Result<crate::h5::Hid, crate::h5::H5Error> {
+        let c = crate::h5::cstr(name)?;
+        let mut info = hdf5_sys::h5o::H5O_info1_t::default();
+        // SAFETY: valid group id, C string and out pointer; only the basic fields are filled.
+        let r = unsafe {
+            hdf5_sys::h5o::H5Oget_info_by_name2(
+                group,
+                c.as_ptr(),
+                &mut info,
+                hdf5_sys::h5o::H5O_INFO_BASIC,
+                hdf5_sys::h5p::H5P_DEFAULT,
+            )
+        };
+        if r < 0 {
+            return Err(crate::h5::fail(format!("opening dataset {name}")));
+        }
+        self.attribute_value(info.addr, "")
+            .map_err(|why| crate::h5::H5Error {
+                what: format!("opening dataset {name}"),
+                stack: format!("{DAMAGED}{why}"),
+            })?;
+        crate::h5::open_dataset(group, name)
+    }
+
     /// Checks that every message of the object `obj`'s header, attribute messages included,
     /// lies inside its chunk, before libhdf5 reads its attributes (which trusts their sizes).
     pub(crate) fn check_header(&self, obj: hid_t) -> Result<(), String> {
@@ -141,7 +173,8 @@ impl RawFile {
     }
 
     /// The stored value of attribute `name` in the object header at `addr` (versions 1 and 2
-    /// of the header, 1 to 3 of the attribute message); `None` when not found.
+    /// of the header, 1 to 3 of the attribute message); `None` when not found. Every message
+    /// is checked on the way (see [`check_message`]).
     fn attribute_value(&self, addr: u64, name: &str) -> Result<Option<Vec<u8>>, String> {
         let head = self.read_addr(addr, 16)?;
         // (address, length, v2 layout) of each chunk of messages.
@@ -234,7 +267,8 @@ impl RawFile {
                                 .map_err(|e| format!("object header at {addr}: {e}"));
                         }
                     }
-                    _ => {}
+                    _ => check_message(kind, data)
+                        .map_err(|e| format!("object header at {addr}: {e}"))?,
                 }
                 p += hdr + msize;
             }
@@ -285,6 +319,33 @@ impl RawFile {
         }
         Err(at(format!("no object {idx}")))
     }
+}
+
+/// Checks what libhdf5 trusts in a message before it decodes it: a chunked layout (versions 1
+/// to 3) has a rank of at least 1 and no chunk dimension of 0 (it divides by them: SIGFPE in
+/// `H5Dopen2`), all inside the message.
+fn check_message(kind: u16, d: &[u8]) -> Result<(), String> {
+    if kind != 0x08 {
+        return Ok(());
+    }
+    // Version 3: class, rank + 1, address, dims; versions 1 and 2: rank + 1, class, 5 reserved
+    // bytes, address, dims (the version itself may be the flipped byte).
+    let (n, at) = match (d.first(), d.get(1), d.get(2)) {
+        (Some(3), Some(2), Some(&n)) => (usize::from(n), 11),
+        (Some(1 | 2), Some(&n), Some(2)) => (usize::from(n), 16),
+        _ => return Ok(()),
+    };
+    let dims = d.get(at..at + 4 * n).ok_or_else(|| {
+        format!(
+            "a layout message of {} bytes for {n} chunk dimensions",
+            d.len()
+        )
+    })?;
+    let zero = dims.chunks_exact(4).any(|c| c.iter().all(|&b| b == 0));
+    if n < 2 || zero {
+        return Err(format!("a chunked layout of {n} dimensions, one of them 0"));
+    }
+    Ok(())
 }
 
 /// The stored value of an attribute message when it is named `name` (`None` otherwise).
@@ -341,5 +402,20 @@ impl crate::HDF5Store {
                     .ok()
             })
             .as_ref()
+    }
+}
+
+impl crate::HDF5Store {
+    /// Opens a dataset for reading: through the checked header walk when the store is opened
+    /// read-only ([`RawFile::open_dataset`]), else directly.
+    pub(crate) fn open_dataset(
+        &self,
+        group: hid_t,
+        name: &str,
+    ) -> Result<crate::h5::Hid, crate::h5::H5Error> {
+        match self.raw() {
+            Some(raw) => raw.open_dataset(group, name),
+            None => crate::h5::open_dataset(group, name),
+        }
     }
 }

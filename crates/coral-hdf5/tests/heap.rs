@@ -334,3 +334,43 @@ fn an_attribute_message_that_lies_about_its_sizes_fails_that_weight_only() {
         "a damaged weight is still listed"
     );
 }
+
+/// A layout message whose version byte flipped (3 to 2) reads its chunk dimensions from other
+/// bytes, one of them 0, and libhdf5 divided by it while opening the 1-D dataset (a delta's, in
+/// the fuzz test): SIGFPE in `H5Dopen2`. The header is walked before the open: that weight
+/// fails, the others load.
+#[test]
+fn a_layout_with_a_zero_chunk_dimension_fails_that_weight_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.h5");
+    let ws: Vec<(ContentHash, WeightTensor)> = {
+        let s = HDF5Store::open(&path, HDF5StoreOptions::new()).unwrap();
+        (0..3)
+            .map(|i| {
+                let t = sample_tensor(&format!("v.{i}"), DType::F32, &[32], i as u64);
+                (s.store(&t).unwrap(), t)
+            })
+            .collect()
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Layout messages (version 3, chunked, rank 1 + 1): address, chunk dim 32, element size 4.
+    let mut tail = 32u32.to_le_bytes().to_vec();
+    tail.extend(4u32.to_le_bytes());
+    let at: Vec<usize> = bytes
+        .windows(19)
+        .enumerate()
+        .filter(|(_, w)| w[..3] == [3, 2, 2] && w[11..] == tail[..])
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 3, "one layout message per weight");
+    bytes[at[1]] ^= 1; // version 3 -> 2
+    std::fs::write(&path, &bytes).unwrap();
+    let s = open_read(&path);
+    let results: Vec<bool> = ws.iter().map(|(k, _)| s.load(k).is_ok()).collect();
+    assert_eq!(results, [true, false, true]);
+    let e = s.load(&ws[1].0).unwrap_err().to_string();
+    assert!(
+        e.contains(&ws[1].0.to_hex()) && e.contains("damaged object header"),
+        "{e}"
+    );
+}
