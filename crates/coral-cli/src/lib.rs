@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod guard;
 pub mod npy;
 pub mod npz;
 pub mod ops;

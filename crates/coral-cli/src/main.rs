@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgAction, Parser, Subcommand};
+use coral_cli::guard;
 use coral_cli::ops::{self, AddOptions};
 use coral_cli::source::SourceFile;
 use coral_cli::store::{self, Address, Mode, S3Options};
@@ -58,6 +59,9 @@ struct Cli {
     /// readers a commit waits for) before giving up.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
     wait: f64,
+    /// Set on the child process that does the reading for the parent (see `coral_cli::guard`).
+    #[arg(long = "guarded-child", global = true, hide = true)]
+    guarded_child: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -175,6 +179,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli);
+    if !cli.guarded_child && reads_a_file_store(&cli) {
+        if let Some(code) = relay(&cli) {
+            return code;
+        }
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
@@ -200,6 +209,40 @@ fn one_line(e: &anyhow::Error) -> String {
         msg.push_str(&text);
     }
     msg
+}
+
+/// True for the commands that only read a local HDF5 store: they run in a child process.
+fn reads_a_file_store(cli: &Cli) -> bool {
+    matches!(
+        cli.cmd,
+        Cmd::Export { .. }
+            | Cmd::Ls { .. }
+            | Cmd::Show { .. }
+            | Cmd::Info
+            | Cmd::Diff { .. }
+            | Cmd::Verify
+    ) && matches!(Address::parse(&cli.store), Ok(Address::File(_)))
+}
+
+/// Runs this command in a child process (this binary again, with the hidden flag) and relays
+/// how it ended; `None` when no child could be started (the command then runs here).
+fn relay(cli: &Cli) -> Option<ExitCode> {
+    let exe = std::env::current_exe()
+        .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
+        .ok()?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let outcome = guard::run_child(&exe, &args)
+        .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
+        .ok()?;
+    if let Some(m) = outcome.message(&cli.store) {
+        eprintln!("error: {m}");
+    }
+    // A child that did not finish its export cleanly may have left its temporary file (it is
+    // dead now, so only files of live exports remain).
+    if let (Cmd::Export { out, .. }, false) = (&cli.cmd, outcome == guard::Outcome::Exited(0)) {
+        ops::clean_stale_tmp(out);
+    }
+    Some(ExitCode::from(outcome.exit_status()))
 }
 
 fn init_logging(cli: &Cli) {
@@ -559,8 +602,15 @@ fn run(cli: &Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Lists models (or weights, or deltas). An entry that does not read (a damaged store) is listed
+/// with its error, the others as usual, and the command then fails with one line.
 fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
     let mut out = serde_json::Map::new();
+    let mut damaged = 0usize;
+    let mut failed = |field: &str, id: String, e: anyhow::Error| {
+        damaged += 1;
+        json!({ field: id, "error": format!("{e:#}") })
+    };
     if weights {
         let delta_keys: std::collections::HashSet<ContentHash> =
             store.list_deltas()?.into_iter().collect();
@@ -569,28 +619,32 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
             if delta_keys.contains(&k) {
                 continue;
             }
-            let m = store.get_metadata(&k)?;
-            rows.push(json!({
-                "key": k.to_hex(),
-                "name": m.as_ref().map(|m| m.name.clone()),
-                "dtype": m.as_ref().map(|m| m.dtype.name()),
-                "shape": m.as_ref().map(|m| m.shape.clone()),
-            }));
+            rows.push(match store.get_metadata(&k) {
+                Ok(m) => json!({
+                    "key": k.to_hex(),
+                    "name": m.as_ref().map(|m| m.name.clone()),
+                    "dtype": m.as_ref().map(|m| m.dtype.name()),
+                    "shape": m.as_ref().map(|m| m.shape.clone()),
+                }),
+                Err(e) => failed("key", k.to_hex(), e.into()),
+            });
         }
         out.insert("weights".into(), json!(rows));
     }
     if deltas {
         let mut rows = Vec::new();
         for k in store.list_deltas()? {
-            if let Some(d) = store.load_delta(&k)? {
-                rows.push(json!({
+            match store.load_delta(&k) {
+                Ok(Some(d)) => rows.push(json!({
                     "key": k.to_hex(),
                     "type": d.delta_type.name(),
                     "reference": d.reference_hash.to_hex(),
                     "bytes": d.nbytes(),
                     "dtype": d.original_dtype.name(),
                     "shape": d.original_shape,
-                }));
+                })),
+                Ok(None) => {}
+                Err(e) => rows.push(failed("key", k.to_hex(), e.into())),
             }
         }
         out.insert("deltas".into(), json!(rows));
@@ -598,23 +652,37 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
     if !weights && !deltas {
         let mut rows = Vec::new();
         for n in store.list_manifests()? {
-            if let Some(m) = store.get_manifest(&n)? {
-                rows.push(json!({
+            match store.get_manifest(&n) {
+                Ok(Some(m)) => rows.push(json!({
                     "name": n,
                     "format": m.format,
                     "tensors": m.tensors.len(),
                     "file_size": m.file_size,
                     "parent": m.parent,
-                }));
+                })),
+                Ok(None) => {}
+                Err(e) => rows.push(failed("name", n.to_string(), e.into())),
             }
         }
         out.insert("models".into(), json!(rows));
     }
+    let done = || -> Result<()> {
+        if damaged > 0 {
+            bail!("could not read {damaged} of the entries (listed with their errors)");
+        }
+        Ok(())
+    };
     if cli.json {
-        return print_json(&serde_json::Value::Object(out));
+        print_json(&serde_json::Value::Object(out))?;
+        return done();
     }
     for (kind, rows) in &out {
         for r in rows.as_array().into_iter().flatten() {
+            if let Some(e) = r["error"].as_str() {
+                let id = r["name"].as_str().or(r["key"].as_str()).unwrap_or("");
+                println!("{id}\tDAMAGED: {e}");
+                continue;
+            }
             let line = match kind.as_str() {
                 "models" => format!(
                     "{}\t{}\t{} tensors\t{}{}",
@@ -645,7 +713,7 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
             println!("{line}");
         }
     }
-    Ok(())
+    done()
 }
 
 fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {

@@ -318,6 +318,7 @@ pub fn export(
     let m = store
         .get_manifest(name)?
         .ok_or_else(|| anyhow!("model {name} is not in the store"))?;
+    clean_stale_tmp(out);
     let tmp = tmp_path(out);
     let res = (|| -> Result<u64> {
         let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -342,13 +343,84 @@ pub fn export(
     }
 }
 
+/// The suffix of an export's temporary file, before the exporting process's id.
+const TMP_SUFFIX: &str = ".coral-tmp-";
+
 fn tmp_path(out: &Path) -> PathBuf {
     let mut name = out
         .file_name()
         .map(|s| s.to_os_string())
         .unwrap_or_default();
-    name.push(format!(".coral-tmp-{}", std::process::id()));
+    name.push(format!("{TMP_SUFFIX}{}", std::process::id()));
     out.with_file_name(name)
+}
+
+/// True while a process with this id exists (`kill(pid, 0)`: permission denied means it does)
+/// and has not exited (a zombie, not yet reaped, is dead).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(id) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if id <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(id, 0) };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses, STATE follows the last ')'.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X'))
+        ),
+        Err(_) => true,
+    }
+}
+
+/// Removes the temporary files that exports killed or crashed before their end left in `out`'s
+/// folder (`NAME.coral-tmp-PID` whose process no longer exists; a live export's is left alone).
+/// Returns the paths removed. Failures to list or remove are logged, never fatal.
+pub fn clean_stale_tmp(out: &Path) -> Vec<PathBuf> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "not looking for stale exports");
+            return removed;
+        }
+    };
+    let me = std::process::id();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((_, pid)) = name.rsplit_once(TMP_SUFFIX) else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid == me || pid_alive(pid) || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed the temporary file of an export that did not finish");
+                removed.push(path);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale export")
+            }
+        }
+    }
+    removed
 }
 
 /// Loads the manifest's tensors in groups, in parallel within a group, and hands each to `f` in
@@ -602,6 +674,8 @@ pub fn verify(store: &dyn Store, progress: &(dyn Fn(u64) + Sync)) -> Result<Veri
             .filter_map(|k| check("delta", k))
             .collect::<Vec<_>>(),
     );
+    // A model is as damaged as the weights and deltas it needs.
+    let failed: HashSet<String> = failures.iter().map(|f| f.id.clone()).collect();
     for name in &models {
         let r = (|| -> Result<()> {
             let m = store
@@ -611,6 +685,18 @@ pub fn verify(store: &dyn Store, progress: &(dyn Fn(u64) + Sync)) -> Result<Veri
                 bail!("manifest names model {}", m.name);
             }
             for t in &m.tensors {
+                if failed.contains(&t.key.to_hex()) {
+                    bail!(
+                        "tensor {:?}: {} {} failed verification",
+                        t.name,
+                        if delta_set.contains(&t.key) {
+                            "delta"
+                        } else {
+                            "weight"
+                        },
+                        t.key
+                    );
+                }
                 if !store.exists(&t.key)? && !store.delta_exists(&t.key)? {
                     bail!("tensor {:?}: weight {} is missing", t.name, t.key);
                 }
@@ -933,6 +1019,29 @@ mod tests {
     }
 
     #[test]
+    fn stale_export_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.safetensors");
+        let dead = {
+            let mut c = std::process::Command::new("true").spawn().unwrap();
+            let pid = c.id();
+            c.wait().unwrap();
+            pid
+        };
+        let me = std::process::id();
+        let stale = dir.path().join(format!("other.npz.coral-tmp-{dead}"));
+        let mine = dir.path().join(format!("m.safetensors.coral-tmp-{me}"));
+        let live = dir.path().join("m.safetensors.coral-tmp-1");
+        let unrelated = dir.path().join("m.safetensors.coral-tmp-x");
+        for p in [&stale, &mine, &live, &unrelated] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        assert_eq!(clean_stale_tmp(&out), vec![stale.clone()]);
+        assert!(!stale.exists());
+        assert!(mine.exists() && live.exists() && unrelated.exists());
+    }
+
+    #[test]
     fn verify_reports_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let store = MemoryStore::new();
@@ -949,10 +1058,26 @@ mod tests {
         )
         .unwrap();
         let key = store.list_weights().unwrap()[0];
+        let q = model_file(dir.path(), "n.safetensors", &[("y", vec![3], vec![4.0; 3])]);
+        add(
+            &store,
+            &SourceFile::open(&q).unwrap(),
+            &opts("n", None),
+            &|_| {},
+        )
+        .unwrap();
         assert!(store.corrupt_for_testing(&key, vec![0; 8]));
         let r = verify(&store, &|_| {}).unwrap();
-        assert_eq!(r.failures.len(), 1, "{r:?}");
-        assert_eq!(r.failures[0].kind, "weight");
+        // The damaged weight and the model that uses it; the other model is fine.
+        let failed: Vec<(&str, &str)> =
+            r.failures.iter().map(|f| (f.kind, f.id.as_str())).collect();
+        let hex = key.to_hex();
+        assert_eq!(
+            failed,
+            [("weight", hex.as_str()), ("manifest", "m")],
+            "{r:?}"
+        );
+        assert!(r.failures[1].error.contains("failed verification"), "{r:?}");
         let out = dir.path().join("o.safetensors");
         assert!(export(&store, &name("m"), &out, 1 << 20, &|_| {}).is_err());
         assert!(!out.exists(), "a failed export leaves no file");

@@ -15,6 +15,12 @@ use hdf5_sys::h5i::hid_t;
 use crate::h5::{self, H5Error};
 use crate::store::{HDF5Store, Inner, RawRead};
 
+/// The attribute of a manifest dataset holding the content hash of its bytes.
+const MANIFEST_HASH: &str = "hash";
+
+/// The largest manifest read (its JSON; a model of a million tensors needs about 250 MB).
+const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
 /// The attribute written last on a delta (the Python store's last one): its commit marker.
 const DELTA_COMMIT: &str = "metadata";
 
@@ -42,10 +48,14 @@ impl HDF5Store {
     /// Reads a delta's attributes and its stored payload (decoded by the caller, outside the
     /// lock: decoding runs on rayon, which must never wait for work while holding the store).
     fn read_delta(&self, dset: hid_t, key: &str) -> Result<(Delta, RawRead, usize)> {
+        if let Some(raw) = self.raw() {
+            raw.check_header(dset)
+                .map_err(|why| corrupt(self, key, format!("object header: {why}")))?;
+        }
         let e = |e| self.err(e);
         let s = |name: &str| -> Result<String> {
-            h5::read_str_attr(dset, name)
-                .map_err(e)?
+            h5::read_str_attr(dset, name, self.raw())
+                .map_err(|err| corrupt(self, key, err.to_string()))?
                 .ok_or_else(|| corrupt(self, key, format!("delta without attribute {name}")))
         };
         let delta_type: DeltaType = s("delta_type")?
@@ -64,7 +74,10 @@ impl HDF5Store {
         let compression_ratio = h5::read_f64_attr(dset, "compression_ratio")
             .map_err(e)?
             .unwrap_or(0.0);
-        let metadata: JsonMap = match h5::read_str_attr(dset, "metadata").map_err(e)?.as_deref() {
+        let metadata: JsonMap = match h5::read_str_attr(dset, "metadata", self.raw())
+            .map_err(|err| corrupt(self, key, err.to_string()))?
+            .as_deref()
+        {
             None | Some("") => JsonMap::new(),
             Some(m) => match serde_json::from_str(m) {
                 Ok(serde_json::Value::Object(m)) => m,
@@ -148,7 +161,7 @@ impl HDF5Store {
                     continue; // an interrupted write
                 };
                 if name != hex
-                    && h5::read_str_attr(d.id(), "reference_hash")
+                    && h5::read_str_attr(d.id(), "reference_hash", self.raw())
                         .map_err(|e| self.err(e))?
                         .as_deref()
                         == Some(hex.as_str())
@@ -291,7 +304,7 @@ impl DeltaStore for HDF5Store {
             let g = self
                 .deltas_group(inner)
                 .ok_or_else(|| corrupt(self, &key, "no deltas group"))?;
-            let d = h5::open_dataset(g.id(), &key).map_err(|e| self.err(e))?;
+            let d = self.open_dataset(g.id(), &key).map_err(|e| self.err(e))?;
             self.read_delta(d.id(), &key).map(Some)
         })?
         .map(|(mut delta, raw, es)| {
@@ -343,8 +356,14 @@ impl DeltaStore for HDF5Store {
             };
             info.total_deltas += 1;
             info.total_delta_bytes += d.nbytes() as u64;
-            let elements: usize = d.original_shape.iter().product();
-            info.total_original_bytes += (elements * d.original_dtype.size()) as u64;
+            // Sizes read from the file: saturating (a figure, not an allocation).
+            let bytes = d
+                .original_shape
+                .iter()
+                .fold(d.original_dtype.size() as u64, |a, &x| {
+                    a.saturating_mul(x as u64)
+                });
+            info.total_original_bytes = info.total_original_bytes.saturating_add(bytes);
             *info
                 .by_type
                 .entry(d.delta_type.name().to_owned())
@@ -360,6 +379,9 @@ impl ManifestStore for HDF5Store {
             .to_json()
             .map_err(|e| StoreError::core(format!("manifest {}", manifest.name), e))?;
         let name = manifest.name.as_str().to_owned();
+        // The content hash of the bytes (as a 1-D uint8 weight's): zstd frames carry no
+        // checksum, so a flipped bit could otherwise decode to another manifest that parses.
+        let hash = ContentHash::sha256(DType::U8, &[json.len()], &json);
         let enc = self.encode(name.clone(), DType::U8, &[json.len()], &Bytes::from(json))?;
         self.with_write(|inner| {
             let g = inner.models.as_ref().ok_or_else(|| StoreError::ReadOnly {
@@ -373,7 +395,10 @@ impl ManifestStore for HDF5Store {
             let mut enc = enc;
             enc.key = tmp.clone();
             self.write_dataset(inner, g.id(), &enc, &|obj| {
-                h5::write_str_attr(obj, "format", "coral.manifest.v1+json")
+                h5::write_str_attr(obj, "format", "coral.manifest.v1+json")?;
+                // Bytes, not a string: strings live in the global heap, where damage to one
+                // makes those after it unreadable.
+                h5::write_u8s_attr(obj, MANIFEST_HASH, hash.as_bytes())
             })?;
             if h5::link_exists(g.id(), &name).map_err(|e| self.err(e))? {
                 self.unlink(g.id(), &name)?;
@@ -392,16 +417,57 @@ impl ManifestStore for HDF5Store {
             if !h5::link_exists(g.id(), n).map_err(|e| self.err(e))? {
                 return Ok(None);
             }
-            let d = h5::open_dataset(g.id(), n).map_err(|e| self.err(e))?;
+            let d = self.open_dataset(g.id(), n).map_err(|e| self.err(e))?;
+            if let Some(raw) = self.raw() {
+                raw.check_header(d.id())
+                    .map_err(|why| corrupt(self, n, format!("object header: {why}")))?;
+            }
             let space = h5::dataset_space(d.id()).map_err(|e| self.err(e))?;
             let dims = h5::space_dims(space.id()).map_err(|e| self.err(e))?;
+            // The size comes from the file alone (no attribute to check it against).
+            match dims.as_slice() {
+                [len] if *len <= MAX_MANIFEST_BYTES => {}
+                _ => {
+                    return Err(corrupt(
+                        self,
+                        n,
+                        format!(
+                        "manifest dataset of shape {dims:?} (at most {MAX_MANIFEST_BYTES} bytes)"
+                    ),
+                    ))
+                }
+            }
             let shape: Vec<usize> = dims.iter().map(|&x| x as usize).collect();
-            self.read_raw(d.id(), n, DType::U8, &shape, false).map(Some)
+            let hash = h5::read_i64s_attr(d.id(), MANIFEST_HASH)
+                .map_err(|err| corrupt(self, n, err.to_string()))?
+                .map(|v| {
+                    v.iter()
+                        .map(|&x| u8::try_from(x).ok())
+                        .collect::<Option<Vec<u8>>>()
+                        .ok_or_else(|| corrupt(self, n, "manifest hash holds values above 255"))
+                })
+                .transpose()?;
+            let raw = self.read_raw(d.id(), n, DType::U8, &shape, false)?;
+            Ok(Some((raw, hash)))
         })?;
-        let Some(raw) = bytes else { return Ok(None) };
+        let Some((raw, hash)) = bytes else {
+            return Ok(None);
+        };
         let data = raw
             .decode(1, None)
             .map_err(|r| corrupt(self, n, format!("manifest: {r}")))?;
+        // Manifests written before the hash existed have none: they are taken as they read.
+        if let Some(want) = hash {
+            let got = ContentHash::sha256(DType::U8, &[data.len()], &data);
+            if got.as_bytes() != want.as_slice() {
+                let want: String = want.iter().map(|b| format!("{b:02x}")).collect();
+                return Err(corrupt(
+                    self,
+                    n,
+                    format!("manifest: its bytes hash to {got}, its {MANIFEST_HASH} attribute says {want}"),
+                ));
+            }
+        }
         ModelManifest::from_json(&data)
             .map(Some)
             .map_err(|e| corrupt(self, n, e.to_string()))
@@ -412,12 +478,23 @@ impl ManifestStore for HDF5Store {
             let Some(g) = inner.models.as_ref() else {
                 return Ok(Vec::new());
             };
+            // Coral only writes valid names (and `.tmp` leftovers): any other name is a damaged
+            // link, reported rather than skipped (a skipped one would hide the model from
+            // `coral verify`).
             let mut out: Vec<ModelName> = h5::link_names(g.id())
                 .map_err(|e| self.err(e))?
                 .into_iter()
                 .filter(|n| !n.ends_with(".tmp"))
-                .filter_map(|n| ModelName::new(n).ok())
-                .collect();
+                .map(|n| {
+                    ModelName::new(&n).map_err(|err| {
+                        corrupt(
+                            self,
+                            &n,
+                            format!("models/ holds an entry whose name is not a model name: {err}"),
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?;
             out.sort();
             Ok(out)
         })

@@ -336,9 +336,10 @@ pub fn create_group(loc: hid_t, name: &str, heap_hint: usize) -> Result<Hid, H5E
 /// delete is recorded in the file when it closes and reused by later writes after it is opened
 /// again (without it HDF5 forgets free space at close, and the file only grows). HDF5 writes
 /// those records only at close, so the store commits by closing ([`crate::store`]). The
-/// free-space managers need a version 2 superblock, which HDF5 then writes; object headers,
-/// groups and chunk indexes stay in the format h5py and coral-ml read.
-pub fn make_fcpl() -> Result<Hid, H5Error> {
+/// free-space managers need a version 2 superblock, and HDF5 then writes version 2 object
+/// headers (with checksums) too; h5py and coral-ml read both. `persistent_free_space` off gives
+/// the older layout.
+pub fn make_fcpl(persistent_free_space: bool) -> Result<Hid, H5Error> {
     // SAFETY: a new property list.
     unsafe {
         let p = Hid::new(
@@ -352,15 +353,17 @@ pub fn make_fcpl() -> Result<Hid, H5Error> {
         check(hdf5_sys::h5p::H5Pset_istore_k(p.id(), 4), || {
             "istore_k".into()
         })?;
-        check(
-            hdf5_sys::h5p::H5Pset_file_space_strategy(
-                p.id(),
-                hdf5_sys::h5f::H5F_fspace_strategy_t::H5F_FSPACE_STRATEGY_FSM_AGGR,
-                1,
-                1,
-            ),
-            || "file space strategy".into(),
-        )?;
+        if persistent_free_space {
+            check(
+                hdf5_sys::h5p::H5Pset_file_space_strategy(
+                    p.id(),
+                    hdf5_sys::h5f::H5F_fspace_strategy_t::H5F_FSPACE_STRATEGY_FSM_AGGR,
+                    1,
+                    1,
+                ),
+                || "file space strategy".into(),
+            )?;
+        }
         Ok(p)
     }
 }
@@ -464,6 +467,28 @@ pub fn space_dims(space: hid_t) -> Result<Vec<u64>, H5Error> {
         || "dataspace dims".to_owned(),
     )?;
     Ok(dims)
+}
+
+/// The maximum dimensions of a simple dataspace (empty for scalar and null spaces;
+/// `u64::MAX` for an unlimited one).
+pub fn space_max_dims(space: hid_t) -> Result<Vec<u64>, H5Error> {
+    // SAFETY: valid dataspace id.
+    let class = unsafe { H5Sget_simple_extent_type(space) };
+    if class != H5S_class_t::H5S_SIMPLE {
+        return Ok(Vec::new());
+    }
+    // SAFETY: valid id; buffer of ndims entries.
+    let n = unsafe { H5Sget_simple_extent_ndims(space) };
+    if n < 0 {
+        return Err(fail("dataspace rank"));
+    }
+    let mut max = vec![0u64; n as usize];
+    // SAFETY: buffer has n entries.
+    check(
+        unsafe { H5Sget_simple_extent_dims(space, ptr::null_mut(), max.as_mut_ptr()) },
+        || "dataspace max dims".to_owned(),
+    )?;
+    Ok(max)
 }
 
 fn copy_type(t: hid_t) -> Result<Hid, H5Error> {
@@ -721,6 +746,19 @@ pub fn write_i64s_attr(obj: hid_t, name: &str, values: &[i64]) -> Result<(), H5E
     )
 }
 
+/// Writes a 1-D uint8 attribute (stored in the object header itself: no global heap).
+pub fn write_u8s_attr(obj: hid_t, name: &str, values: &[u8]) -> Result<(), H5Error> {
+    // SAFETY: predefined type valid after H5open.
+    let t = copy_type(*H5T_STD_U8LE)?;
+    let s = simple_space(&[values.len() as u64])?;
+    let a = create_attr(obj, name, t.id(), s.id())?;
+    // SAFETY: buffer of values.len() bytes in the attribute's own type.
+    check(
+        unsafe { H5Awrite(a.id(), t.id(), values.as_ptr() as *const c_void) },
+        || format!("writing attribute {name}"),
+    )
+}
+
 /// Writes a scalar float64 attribute.
 pub fn write_f64_attr(obj: hid_t, name: &str, value: f64) -> Result<(), H5Error> {
     // SAFETY: predefined type valid after H5open.
@@ -763,8 +801,25 @@ fn open_attr(obj: hid_t, name: &str) -> Result<Option<Hid>, H5Error> {
     .map(Some)
 }
 
+/// The number of elements of an attribute's dataspace `dims` (read from the file: checked).
+fn elements(dims: &[u64], name: &str) -> Result<u64, H5Error> {
+    dims.iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| H5Error {
+            what: format!("attribute {name}"),
+            stack: format!("dimensions {dims:?} overflow"),
+        })
+}
+
 /// Reads a string attribute (variable- or fixed-length, scalar or one element); `None` when absent.
-pub fn read_str_attr(obj: hid_t, name: &str) -> Result<Option<String>, H5Error> {
+/// With `raw` (a store opened read-only), a variable-length string is read from the file's bytes
+/// with every length checked ([`crate::vlen`]) instead of through libhdf5's global heap, which
+/// trusts them.
+pub fn read_str_attr(
+    obj: hid_t,
+    name: &str,
+    raw: Option<&crate::vlen::RawFile>,
+) -> Result<Option<String>, H5Error> {
     let Some(a) = open_attr(obj, name)? else {
         return Ok(None);
     };
@@ -778,7 +833,7 @@ pub fn read_str_attr(obj: hid_t, name: &str) -> Result<Option<String>, H5Error> 
             });
         }
         let space = Hid::new(H5Aget_space(a.id()), Kind::Space, || "attr space".into())?;
-        let n: u64 = space_dims(space.id())?.iter().product();
+        let n = elements(&space_dims(space.id())?, name)?;
         if n > 1 {
             return Err(H5Error {
                 what: format!("attribute {name}"),
@@ -786,6 +841,19 @@ pub fn read_str_attr(obj: hid_t, name: &str) -> Result<Option<String>, H5Error> 
             });
         }
         if H5Tis_variable_str(ft.id()) > 0 {
+            if let Some(raw) = raw {
+                match raw.read_vlen_str(obj, name) {
+                    Ok(Some(s)) => return Ok(Some(s)),
+                    // Not in a form the checked reader knows: libhdf5 reads it.
+                    Ok(None) => {}
+                    Err(why) => {
+                        return Err(H5Error {
+                            what: format!("attribute {name}"),
+                            stack: format!("damaged: {why}"),
+                        })
+                    }
+                }
+            }
             let mt = copy_type(ft.id())?;
             let mut p: *mut c_char = ptr::null_mut();
             check(
@@ -821,7 +889,7 @@ pub fn read_i64s_attr(obj: hid_t, name: &str) -> Result<Option<Vec<i64>>, H5Erro
     // SAFETY: valid attribute; buffer sized from its space.
     unsafe {
         let space = Hid::new(H5Aget_space(a.id()), Kind::Space, || "attr space".into())?;
-        let n: u64 = space_dims(space.id())?.iter().product();
+        let n = elements(&space_dims(space.id())?, name)?;
         let class = H5Sget_simple_extent_type(space.id());
         let n = match class {
             H5S_class_t::H5S_NULL => 0,

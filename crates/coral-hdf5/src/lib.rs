@@ -32,12 +32,14 @@
 mod chunk;
 mod compact;
 mod deltas;
+mod extents;
 mod h5;
 mod ingest;
 mod journal;
 mod mem;
 mod options;
 mod store;
+mod vlen;
 
 pub use compact::CompactReport;
 pub use options::{Compression, HDF5StoreOptions, Mode};

@@ -123,6 +123,7 @@ pub struct HDF5StoreOptions {
     pub(crate) wait: std::time::Duration,
     pub(crate) durable: bool,
     pub(crate) allow_unjournaled: bool,
+    pub(crate) persistent_free_space: bool,
 }
 
 impl Default for HDF5StoreOptions {
@@ -138,6 +139,7 @@ impl Default for HDF5StoreOptions {
             wait: std::time::Duration::from_secs(10),
             durable: true,
             allow_unjournaled: false,
+            persistent_free_space: true,
         }
     }
 }
@@ -236,6 +238,16 @@ impl HDF5StoreOptions {
     /// than silently losing crash safety. (`coral`: `CORAL_ALLOW_UNJOURNALED=1`.)
     pub fn allow_unjournaled(mut self, allow: bool) -> Self {
         self.allow_unjournaled = allow;
+        self
+    }
+
+    /// Files this store creates (and compacts into) record their free space, so later writes
+    /// reuse the space deletes free (default on). That takes HDF5's 1.10 file-space records
+    /// (a version 2 superblock and version 2 object headers, with checksums), which HDF5
+    /// 1.10.1 and later read; off, the files are in the 1.8-compatible layout older stores
+    /// have, and freed space is reused only until the file closes. Existing files keep theirs.
+    pub fn persistent_free_space(mut self, on: bool) -> Self {
+        self.persistent_free_space = on;
         self
     }
 

@@ -83,6 +83,8 @@ pub struct HDF5Store {
     /// locations under the mutex and the chunks themselves outside it checks that it did not
     /// change in between (see [`HDF5Store::load_full`]).
     pub(crate) space_epoch: AtomicU64,
+    /// The file's bytes for the checked string reader, opened on first use (`crate::vlen`).
+    pub(crate) raw: std::sync::OnceLock<Option<crate::vlen::RawFile>>,
 }
 
 impl std::fmt::Debug for HDF5Store {
@@ -261,6 +263,7 @@ impl HDF5Store {
             opts,
             inner: Mutex::new(Some(inner)),
             space_epoch: AtomicU64::new(0),
+            raw: std::sync::OnceLock::new(),
         })
     }
 
@@ -513,26 +516,42 @@ impl HDF5Store {
         if !h5::link_exists(group, name).map_err(|e| self.err(e))? {
             return Ok(false);
         }
-        let d = match h5::open_dataset(group, name) {
+        let d = match self.open_dataset(group, name) {
             Ok(d) => d,
+            // Found damaged by the checked walk (read-only stores): listed, and its load fails
+            // naming it.
+            Err(e) if e.stack.starts_with(crate::vlen::DAMAGED) => return Ok(true),
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), name, error = %e, "ignoring an entry that does not open (interrupted write)");
                 return Ok(false);
             }
         };
+        if let Some(raw) = self.raw() {
+            if let Err(why) = raw.check_header(d.id()) {
+                // Damaged, not absent: listed, and its load fails naming it (`read_meta`).
+                tracing::debug!(path = %self.path.display(), name, error = %why, "damaged object header");
+                return Ok(true);
+            }
+        }
         Ok(h5::attr_exists(d.id(), marker).unwrap_or(false))
     }
 
     /// Reads a weight's metadata from its dataset's attributes.
     pub(crate) fn read_meta(&self, dset: hid_t, key: &ContentHash) -> Result<WeightMetadata> {
         let k = key.to_hex();
+        if let Some(raw) = self.raw() {
+            raw.check_header(dset)
+                .map_err(|why| corrupt(&self.path, &k, format!("object header: {why}")))?;
+        }
         let e = |e| self.err(e);
-        let name = h5::read_str_attr(dset, "name")
-            .map_err(e)?
-            .unwrap_or_default();
-        let dtype_name = h5::read_str_attr(dset, "dtype")
-            .map_err(e)?
-            .ok_or_else(|| corrupt(&self.path, &k, "no dtype attribute"))?;
+        // An attribute that does not read is damage to this weight: the error names its key.
+        let s = |name: &str| {
+            h5::read_str_attr(dset, name, self.raw())
+                .map_err(|err| corrupt(&self.path, &k, err.to_string()))
+        };
+        let name = s("name")?.unwrap_or_default();
+        let dtype_name =
+            s("dtype")?.ok_or_else(|| corrupt(&self.path, &k, "no dtype attribute"))?;
         let dtype = DType::from_name(&dtype_name)
             .map_err(|err| corrupt(&self.path, &k, err.to_string()))?;
         let shape = h5::read_i64s_attr(dset, "shape")
@@ -546,9 +565,9 @@ impl HDF5Store {
             })
             .collect::<Result<Vec<usize>>>()?;
         let opt = |s: Option<String>| s.filter(|s| !s.is_empty());
-        let layer_type = opt(h5::read_str_attr(dset, "layer_type").map_err(e)?);
-        let model_name = opt(h5::read_str_attr(dset, "model_name").map_err(e)?);
-        let ci = h5::read_str_attr(dset, "compression_info").map_err(e)?;
+        let layer_type = opt(s("layer_type")?);
+        let model_name = opt(s("model_name")?);
+        let ci = s("compression_info")?;
         let compression_info: JsonMap = match ci.as_deref() {
             None | Some("") => JsonMap::new(),
             Some(s) => match serde_json::from_str::<serde_json::Value>(s) {
@@ -599,10 +618,12 @@ impl HDF5Store {
         let space = h5::dataset_space(dset).map_err(e)?;
         let dims = h5::space_dims(space.id()).map_err(e)?;
         let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        let n_elems: u64 = dims.iter().product();
+        let dims_bytes = dims
+            .iter()
+            .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d));
         if dims != want && !(dims.is_empty() && shape.is_empty()) {
             // h5py stores what numpy gives; accept any shape with the same element count.
-            if n_elems as usize * dtype.size() != nbytes {
+            if dims_bytes != Some(nbytes as u64) {
                 return Err(corrupt(
                     &self.path,
                     key,
@@ -612,6 +633,24 @@ impl HDF5Store {
         }
         let dcpl = h5::dataset_dcpl(dset).map_err(e)?;
         let (pipeline, chunk_dims) = h5::dcpl_layout(dcpl.id()).map_err(e)?;
+        // HDF5 creates no chunk larger than a fixed-size dimension; a layout that says so is
+        // damaged, and libhdf5 would copy whole chunks of that size out of the smaller ones the
+        // filters decode (SIGSEGV in H5Dread).
+        if !chunk_dims.is_empty() {
+            let max = h5::space_max_dims(space.id()).map_err(e)?;
+            let too_big = chunk_dims.len() != dims.len()
+                || chunk_dims
+                    .iter()
+                    .zip(dims.iter().zip(&max))
+                    .any(|(&c, (&d, &m))| c > d && m == d);
+            if too_big {
+                return Err(corrupt(
+                    &self.path,
+                    key,
+                    format!("chunks of {chunk_dims:?} for a dataset of {dims:?}"),
+                ));
+            }
+        }
         let ours = !chunk_dims.is_empty()
             && chunk_dims.len() == dims.len()
             && chunk_dims[1..] == dims[1..]
@@ -621,9 +660,19 @@ impl HDF5Store {
         if ours {
             let rows = chunk_dims[0];
             let n_chunks = dims[0].div_ceil(rows);
-            let row_bytes: usize = shape[1..].iter().product::<usize>() * dtype.size();
-            let chunk_bytes = row_bytes * rows as usize;
-            let mut chunks = Vec::with_capacity(n_chunks as usize);
+            // Sizes read from the file: checked, and allocations that may fail do (no abort).
+            let chunk_bytes = shape[1..]
+                .iter()
+                .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+                .and_then(|row| row.checked_mul(usize::try_from(rows).ok()?))
+                .ok_or_else(|| {
+                    corrupt(&self.path, key, format!("chunks of {rows} rows overflow"))
+                })?;
+            let mut chunks = Vec::new();
+            usize::try_from(n_chunks)
+                .ok()
+                .and_then(|n| chunks.try_reserve(n).ok())
+                .ok_or_else(|| corrupt(&self.path, key, format!("{n_chunks} chunks")))?;
             let mut offset = vec![0u64; dims.len()];
             for i in 0..n_chunks {
                 offset[0] = i * rows;
@@ -660,7 +709,16 @@ impl HDF5Store {
                     chunks.push(Some((ChunkSrc::At { addr, size }, mask)));
                     continue;
                 }
-                let mut buf = vec![0u8; size as usize];
+                let mut buf = usize::try_from(size)
+                    .ok()
+                    .and_then(crate::mem::zeroed)
+                    .ok_or_else(|| {
+                        corrupt(
+                            &self.path,
+                            key,
+                            format!("cannot hold chunk {i} of {size} bytes"),
+                        )
+                    })?;
                 let mut filters: u32 = 0;
                 // SAFETY: buffer of the chunk's stored size.
                 let r = unsafe {
@@ -682,7 +740,8 @@ impl HDF5Store {
                 nbytes,
             })
         } else {
-            let mut buf = vec![0u8; nbytes];
+            let mut buf = crate::mem::zeroed(nbytes)
+                .ok_or_else(|| corrupt(&self.path, key, format!("cannot hold {nbytes} bytes")))?;
             if nbytes > 0 {
                 // SAFETY: reading the whole dataset in its own (little-endian) file type into a
                 // buffer of exactly its size.
@@ -781,7 +840,9 @@ impl HDF5Store {
                     if !self.weight_present(inner, &k)? {
                         continue;
                     }
-                    let d = h5::open_dataset(inner.weights.id(), &k).map_err(|e| self.err(e))?;
+                    let d = self
+                        .open_dataset(inner.weights.id(), &k)
+                        .map_err(|e| self.err(e))?;
                     let meta = self.read_meta(d.id(), &key)?;
                     let raw =
                         self.read_raw(d.id(), &k, meta.dtype, &meta.shape, reader.is_some())?;
@@ -854,7 +915,7 @@ impl HDF5Store {
             if !self.committed(inner.weights.id(), &name, "hash")? {
                 continue;
             }
-            let d = h5::open_dataset(inner.weights.id(), &name).map_err(e)?;
+            let d = self.open_dataset(inner.weights.id(), &name).map_err(e)?;
             let meta = self.read_meta(d.id(), &key)?;
             n += 1;
             total += meta.checked_nbytes().unwrap_or(0) as u64;
@@ -877,7 +938,7 @@ impl HDF5Store {
                 return Ok(false);
             }
             let e = |e| self.err(e);
-            let d = h5::open_dataset(inner.weights.id(), &k).map_err(e)?;
+            let d = self.open_dataset(inner.weights.id(), &k).map_err(e)?;
             let meta = self.read_meta(d.id(), key)?;
             let es = meta.dtype.size();
             let raw = self.read_raw(d.id(), &k, meta.dtype, &meta.shape, false)?;
@@ -1258,7 +1319,7 @@ pub(crate) fn open_file_locked(
 fn open_h5(path: &Path, opts: &HDF5StoreOptions, create: bool) -> Result<Hid> {
     let loc = || path.display().to_string();
     let cpath = h5::cstr(&path.to_string_lossy()).map_err(|e| h5err(path, e))?;
-    let fcpl = h5::make_fcpl().map_err(|e| h5err(path, e))?;
+    let fcpl = h5::make_fcpl(opts.persistent_free_space).map_err(|e| h5err(path, e))?;
     let fapl = h5::make_fapl().map_err(|e| h5err(path, e))?;
     journal::configure(journal::OpenConfig {
         wait: opts.wait,

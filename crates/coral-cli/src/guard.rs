@@ -1,0 +1,130 @@
+//! The last line of defence against a damaged store: the reading side of a command runs in a
+//! child process (the `coral` binary itself, re-executed with [`CHILD_FLAG`]), so a crash inside
+//! libhdf5 on bytes it trusts becomes a one-line report instead of a signal.
+//!
+//! The child inherits stdin, stdout and stderr (its output, progress bar included, goes straight
+//! to the user) and its exit status becomes the parent's. Only when the child dies by a signal
+//! does the parent speak: [`Outcome::message`].
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+/// The hidden argument that marks the child (which then runs the command itself).
+pub const CHILD_FLAG: &str = "--guarded-child";
+
+/// How the child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It exited with this status.
+    Exited(u8),
+    /// It was killed by this signal.
+    Signaled(i32),
+}
+
+impl Outcome {
+    /// True when the signal is one a crash raises (a bad memory access, an abort, a bad
+    /// instruction), as opposed to one sent from outside (Ctrl-C, `kill`).
+    pub fn is_crash(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Signaled(
+                libc::SIGSEGV
+                    | libc::SIGBUS
+                    | libc::SIGABRT
+                    | libc::SIGFPE
+                    | libc::SIGILL
+                    | libc::SIGSYS
+                    | libc::SIGTRAP
+            )
+        )
+    }
+
+    /// The one line to print for a child killed by a signal (`None` when it exited).
+    pub fn message(&self, store: &str) -> Option<String> {
+        let Outcome::Signaled(sig) = *self else {
+            return None;
+        };
+        Some(if self.is_crash() {
+            format!(
+                "the store {store} is damaged: reading it crashed libhdf5 (signal {sig}); \
+                 run `coral verify` to see what still reads, and restore the file from a copy"
+            )
+        } else {
+            format!("interrupted by signal {sig}")
+        })
+    }
+
+    /// The exit status for the parent: the child's own, 1 after a crash, 128 + N after signal
+    /// N from outside (as a shell reports it).
+    pub fn exit_status(&self) -> u8 {
+        match *self {
+            Outcome::Exited(c) => c,
+            Outcome::Signaled(_) if self.is_crash() => 1,
+            Outcome::Signaled(s) => u8::try_from(128 + s.clamp(0, 127)).unwrap_or(u8::MAX),
+        }
+    }
+}
+
+/// Runs `exe` with [`CHILD_FLAG`] and then `args` (the parent's own arguments), with the
+/// parent's stdio and environment, and waits for it.
+pub fn run_child(exe: &Path, args: &[OsString]) -> Result<Outcome> {
+    let status = Command::new(exe)
+        .arg(CHILD_FLAG)
+        .args(args)
+        .status()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    if let Some(code) = status.code() {
+        return Ok(Outcome::Exited(u8::try_from(code).unwrap_or(1)));
+    }
+    Ok(Outcome::Signaled(status.signal().unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_map_to_messages_and_statuses() {
+        assert_eq!(Outcome::Exited(0).message("s.h5"), None);
+        assert_eq!(Outcome::Exited(3).exit_status(), 3);
+        let segv = Outcome::Signaled(libc::SIGSEGV);
+        assert!(segv.is_crash());
+        assert_eq!(segv.exit_status(), 1);
+        let m = segv.message("s.h5").unwrap_or_default();
+        assert!(
+            m.contains("s.h5 is damaged") && m.contains("signal 11"),
+            "{m}"
+        );
+        let int = Outcome::Signaled(libc::SIGINT);
+        assert!(!int.is_crash());
+        assert_eq!(int.exit_status(), 130);
+        assert_eq!(
+            int.message("s.h5").as_deref(),
+            Some("interrupted by signal 2")
+        );
+    }
+
+    #[test]
+    fn a_child_killed_by_a_signal_is_reported() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let script = dir.path().join("child.sh");
+        // The script ignores its arguments (the flag) and dies like a crashed reader, or exits.
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nif [ \"$3\" = crash ]; then kill -SEGV $$; fi\nexit 4\n",
+        )?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        let crash = run_child(&script, &["x".into(), "crash".into()])?;
+        assert_eq!(crash, Outcome::Signaled(libc::SIGSEGV));
+        assert_eq!(
+            run_child(&script, &["x".into(), "y".into()])?,
+            Outcome::Exited(4)
+        );
+        Ok(())
+    }
+}
