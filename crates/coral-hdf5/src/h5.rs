@@ -450,6 +450,17 @@ pub fn simple_space(dims: &[u64]) -> Result<Hid, H5Error> {
 
 /// The dimensions of a dataspace (empty for scalar and null spaces).
 pub fn space_dims(space: hid_t) -> Result<Vec<u64>, H5Error> {
+    space_extent(space, false)
+}
+
+/// The maximum dimensions of a simple dataspace (empty for scalar and null spaces;
+/// `u64::MAX` for an unlimited one).
+pub fn space_max_dims(space: hid_t) -> Result<Vec<u64>, H5Error> {
+    space_extent(space, true)
+}
+
+/// The current (or, with `max`, the maximum) dimensions of a simple dataspace.
+fn space_extent(space: hid_t, max: bool) -> Result<Vec<u64>, H5Error> {
     // SAFETY: valid dataspace id.
     let class = unsafe { H5Sget_simple_extent_type(space) };
     if class != H5S_class_t::H5S_SIMPLE {
@@ -461,34 +472,16 @@ pub fn space_dims(space: hid_t) -> Result<Vec<u64>, H5Error> {
         return Err(fail("dataspace rank"));
     }
     let mut dims = vec![0u64; n as usize];
-    // SAFETY: buffer has n entries.
-    check(
-        unsafe { H5Sget_simple_extent_dims(space, dims.as_mut_ptr(), ptr::null_mut()) },
-        || "dataspace dims".to_owned(),
-    )?;
+    let (cur, mx) = if max {
+        (ptr::null_mut(), dims.as_mut_ptr())
+    } else {
+        (dims.as_mut_ptr(), ptr::null_mut())
+    };
+    // SAFETY: the buffer has n entries; the other pointer is null.
+    check(unsafe { H5Sget_simple_extent_dims(space, cur, mx) }, || {
+        "dataspace dims".to_owned()
+    })?;
     Ok(dims)
-}
-
-/// The maximum dimensions of a simple dataspace (empty for scalar and null spaces;
-/// `u64::MAX` for an unlimited one).
-pub fn space_max_dims(space: hid_t) -> Result<Vec<u64>, H5Error> {
-    // SAFETY: valid dataspace id.
-    let class = unsafe { H5Sget_simple_extent_type(space) };
-    if class != H5S_class_t::H5S_SIMPLE {
-        return Ok(Vec::new());
-    }
-    // SAFETY: valid id; buffer of ndims entries.
-    let n = unsafe { H5Sget_simple_extent_ndims(space) };
-    if n < 0 {
-        return Err(fail("dataspace rank"));
-    }
-    let mut max = vec![0u64; n as usize];
-    // SAFETY: buffer has n entries.
-    check(
-        unsafe { H5Sget_simple_extent_dims(space, ptr::null_mut(), max.as_mut_ptr()) },
-        || "dataspace max dims".to_owned(),
-    )?;
-    Ok(max)
 }
 
 fn copy_type(t: hid_t) -> Result<Hid, H5Error> {
