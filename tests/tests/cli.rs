@@ -873,3 +873,111 @@ fn the_same_model_gives_the_same_store_file() {
         "the files differ"
     );
 }
+
+/// `coral repair OUT` on a store with one damaged weight: everything that verifies is copied
+/// into OUT (which verifies clean and exports byte for byte), and the weight and the models
+/// that need it are listed as lost, with the reason.
+#[test]
+fn repair_copies_what_verifies_and_lists_what_was_lost() {
+    let Some(python) = testenv::python() else {
+        return;
+    };
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let base_bytes = synthetic_model(12, 512);
+    let base = fx.write("base.safetensors", &base_bytes);
+    let (ft_bytes, _) = finetune::make_finetune_bytes(&base_bytes, finetune::DEFAULT_SEED).unwrap();
+    let ft = fx.write("ft.safetensors", &ft_bytes);
+    let other = fx.write("other.safetensors", &synthetic_model(20, 700));
+    ok_json(&store, &["add", base.to_str().unwrap(), "--name", "base"]);
+    let f = ok_json(
+        &store,
+        &[
+            "add",
+            ft.to_str().unwrap(),
+            "--name",
+            "ft",
+            "--reference",
+            "base",
+        ],
+    );
+    assert!(f["delta_coded"].as_u64().unwrap() > 0, "{f}");
+    ok_json(&store, &["add", other.to_str().unwrap(), "--name", "other"]);
+
+    // Damage one byte inside the stored data of base's first tensor (found with h5py).
+    let shown = ok_json(&store, &["show", "base"]);
+    let key = shown["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "layer.00.weight")
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let script = format!(
+        "import h5py\nf = h5py.File({:?}, 'r')\ni = f['weights'][{key:?}].id.get_chunk_info(0)\nprint(i.byte_offset, i.size)\n",
+        store.to_str().unwrap()
+    );
+    let out = run_ok(Command::new(&python).args(["-c", &script]));
+    let text = stdout_text(&out);
+    let mut it = text.split_whitespace().map(|x| x.parse::<u64>().unwrap());
+    let (offset, size) = (it.next().unwrap(), it.next().unwrap());
+    let mut bytes = std::fs::read(&store).unwrap();
+    bytes[(offset + size / 2) as usize] ^= 0x10;
+    std::fs::write(&store, &bytes).unwrap();
+
+    let damaged = stdout_json(&run_fail(&mut cmd(&store, &["verify", "--json"])));
+    assert!(damaged.to_string().contains(&key), "{damaged}");
+
+    let out = fx.path("repaired.h5");
+    let r = ok_json(&store, &["repair", out.to_str().unwrap()]);
+    let lost = r["lost"].as_array().unwrap();
+    let lost_ids: Vec<&str> = lost.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert!(lost_ids.contains(&key.as_str()), "{r}");
+    assert!(lost_ids.contains(&"base"), "{r}");
+    assert!(lost_ids.contains(&"ft"), "{r}");
+    assert!(!lost_ids.contains(&"other"), "{r}");
+    let base_lost = lost.iter().find(|l| l["id"] == "base").unwrap();
+    assert!(
+        base_lost["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("\"layer.00.weight\": {key} was lost")),
+        "{r}"
+    );
+    assert_eq!(r["manifests"], 1, "{r}");
+    // Everything else made it: the whole store but the lost weight (and deltas that need it).
+    let copied = r["weights"].as_u64().unwrap() + r["deltas"].as_u64().unwrap();
+    let lost_objects = lost.iter().filter(|l| l["kind"] != "manifest").count() as u64;
+    assert_eq!(
+        copied + lost_objects,
+        damaged["weights"].as_u64().unwrap() + damaged["deltas"].as_u64().unwrap(),
+        "{r} {damaged}"
+    );
+
+    let v = ok_json(&out, &["verify"]);
+    assert!(v["failures"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["manifests"], 1, "{v}");
+    export_identical(&out, "other", &other, &fx.path("other.out.safetensors"));
+    // The text form lists each loss on a line of its own, then the totals.
+    let text = stdout_text(&run_ok(&mut cmd(
+        &store,
+        &["repair", fx.path("again.h5").to_str().unwrap()],
+    )));
+    assert!(text.contains(&format!("LOST weight {key}: ")), "{text}");
+    assert!(
+        text.trim_end().ends_with(&format!("{} lost", lost.len())),
+        "{text}"
+    );
+
+    // A new store only: not the store itself, not a file that exists.
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["repair", store.to_str().unwrap()])),
+        "is the store itself",
+    );
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["repair", out.to_str().unwrap()])),
+        "exists",
+    );
+}

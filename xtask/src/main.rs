@@ -5,7 +5,10 @@
 //! - `cargo xtask test [ARGS...]`: installs what the tests need when it is missing, starts the
 //!   S3-compatible test server on loopback, runs
 //!   `cargo test --workspace --all-features --no-fail-fast ARGS...`
-//!   with the test environment set, stops the server, and exits with the tests' status.
+//!   with the test environment set, stops the server; then, when no ARGS were given, runs
+//!   `coral-hdf5`'s tests again on a second library, the HDF5 2.x that `hdf5-metno-src` builds
+//!   from source (`cargo xtask test-hdf5-static [ARGS]` runs only those), and exits with the
+//!   tests' status.
 //! - `cargo xtask ci`: `cargo fmt --check`, clippy with warnings denied, `cargo deny check`, then
 //!   the same as `cargo xtask test`. `.ci/run` runs it.
 //! - `cargo xtask bench [ARGS...]`: the same set-up and server, then `cargo bench --workspace
@@ -30,7 +33,10 @@ tasks:
   demo            the README's main job: the real model in and out of a local store, a
                   fine-tune of it, verify and info (in target/demo)
   test [ARGS]     set up, start the S3 test server, run `cargo test --workspace --all-features --no-fail-fast ARGS`
-  ci              fmt check, clippy -D warnings, cargo deny, then `test`
+  test-hdf5-static [ARGS]
+                  coral-hdf5's tests on the HDF5 2.x built from source (hdf5-metno-src);
+                  `test` without ARGS runs them after the workspace's
+  ci              fmt check, clippy -D warnings (on both libraries), cargo deny, then `test`
   bench [ARGS]    set up, start the S3 test server, run `cargo bench --workspace ARGS`
   with-env -- COMMAND...
                   set up, start the S3 test server, run COMMAND with the test environment
@@ -65,6 +71,7 @@ fn dispatch(args: &[String]) -> Result<i32> {
             Ok(0)
         }
         "test" => test(&paths, rest),
+        "test-hdf5-static" => test_static_hdf5(&paths, rest),
         "ci" => ci(&paths, rest),
         "bench" => bench(&paths, rest),
         "with-env" => with_env(&paths, rest),
@@ -114,15 +121,55 @@ fn test(paths: &Paths, extra: &[String]) -> Result<i32> {
         .args(extra)
         .envs(env.iter().map(|(k, v)| (k, v)));
     let status = setup::run_status(&mut cmd)?;
-    let code = exit_code(status);
+    let mut code = exit_code(status);
     if code != 0 {
         server.keep_log();
     }
     drop(server);
+    // The second library: on a filtered run only when asked (`test-hdf5-static`).
+    if extra.is_empty() {
+        let second = test_static_hdf5_with(paths, &env, &[])?;
+        if code == 0 {
+            code = second;
+        }
+    }
     if code != 0 {
         eprintln!("xtask: tests failed (exit status {code})");
     }
     Ok(code)
+}
+
+/// `coral-hdf5`'s whole suite (the SIGKILL and power-cut runs, interop with h5py and coral-ml,
+/// locking, damage) against the second library: the HDF5 2.x that `hdf5-metno-src` builds from
+/// source, linked statically (`cfg(coral_hdf5_static)`, in `target/hdf5-static`).
+fn test_static_hdf5_with(paths: &Paths, env: &[(String, String)], extra: &[String]) -> Result<i32> {
+    eprintln!("xtask: coral-hdf5's tests on the HDF5 built from source (hdf5-metno-src)");
+    let mut cmd = setup::cargo();
+    cmd.current_dir(&paths.root)
+        .args([
+            "test",
+            "-p",
+            "coral-hdf5",
+            "--features",
+            "testing",
+            "--no-fail-fast",
+        ])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(setup::static_hdf5_env(paths)?);
+    let code = exit_code(setup::run_status(&mut cmd)?);
+    if code != 0 {
+        eprintln!(
+            "xtask: coral-hdf5's tests on the HDF5 built from source failed (exit status {code})"
+        );
+    }
+    Ok(code)
+}
+
+fn test_static_hdf5(paths: &Paths, extra: &[String]) -> Result<i32> {
+    let (server, env) = prepare(paths)?;
+    drop(server);
+    test_static_hdf5_with(paths, &env, extra)
 }
 
 fn with_env(paths: &Paths, args: &[String]) -> Result<i32> {
@@ -202,6 +249,28 @@ fn ci(paths: &Paths, extra: &[String]) -> Result<i32> {
             eprintln!("xtask ci: {name} failed");
             return Ok(exit_code(status));
         }
+    }
+
+    eprintln!("xtask ci: clippy on the second HDF5 library");
+    let status = setup::run_status(
+        setup::cargo()
+            .current_dir(&paths.root)
+            .args([
+                "clippy",
+                "-p",
+                "coral-hdf5",
+                "--all-targets",
+                "--features",
+                "testing",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .envs(setup::static_hdf5_env(paths)?),
+    )?;
+    if !status.success() {
+        eprintln!("xtask ci: clippy on the second HDF5 library failed");
+        return Ok(exit_code(status));
     }
 
     eprintln!("xtask ci: cargo deny");

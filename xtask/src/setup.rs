@@ -349,6 +349,62 @@ pub fn ensure_python_packages(paths: &Paths) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The second HDF5 library: the one `hdf5-metno-src` builds from source.
+
+/// The folder of the second test library's build (`cfg(coral_hdf5_static)`): a target folder
+/// of its own, so that switching libraries does not rebuild the main one.
+pub fn static_hdf5_target(paths: &Paths) -> PathBuf {
+    paths.target.join("hdf5-static")
+}
+
+/// The `cfg` that makes `coral-hdf5` link the HDF5 that `hdf5-metno-src` builds (2.x).
+pub const STATIC_HDF5_CFG: &str = "--cfg coral_hdf5_static";
+
+fn cmake_version(program: &Path) -> Option<(u32, u32)> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.lines().next()?.rsplit(' ').next()?;
+    let mut it = v.split('.').map(|x| x.parse::<u32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// A CMake of 3.26 or later (HDF5 2.x needs it; Debian 12 has 3.25): the system's when it is
+/// new enough, else CMake from PyPI in the venv.
+pub fn ensure_cmake(paths: &Paths) -> Result<PathBuf> {
+    let system = PathBuf::from("cmake");
+    if cmake_version(&system).is_some_and(|v| v >= (3, 26)) {
+        return Ok(system);
+    }
+    ensure_venv(paths)?;
+    let venv = paths.venv().join("bin").join("cmake");
+    if cmake_version(&venv).is_none_or(|v| v < (3, 26)) {
+        run(pip(paths).args(["install", "cmake>=3.26,<4"]))?;
+    }
+    match cmake_version(&venv) {
+        Some(v) if v >= (3, 26) => Ok(venv),
+        _ => bail!("{} is not a CMake of 3.26 or later", venv.display()),
+    }
+}
+
+/// The environment of a cargo command on the second library: its cfg (added to any
+/// `RUSTFLAGS` of the caller's), its target folder and CMake.
+pub fn static_hdf5_env(paths: &Paths) -> Result<Vec<(String, String)>> {
+    let cmake = ensure_cmake(paths)?;
+    let flags = match std::env::var("RUSTFLAGS") {
+        Ok(f) if !f.trim().is_empty() => format!("{f} {STATIC_HDF5_CFG}"),
+        _ => STATIC_HDF5_CFG.to_owned(),
+    };
+    Ok(vec![
+        ("RUSTFLAGS".into(), flags),
+        (
+            "CARGO_TARGET_DIR".into(),
+            static_hdf5_target(paths).display().to_string(),
+        ),
+        ("CMAKE".into(), cmake.display().to_string()),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
 // The real model.
 
 /// SHA-256 of a file, as lowercase hex.

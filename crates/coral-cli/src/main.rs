@@ -111,6 +111,11 @@ enum Cmd {
     },
     /// Check every weight, delta and manifest; exit non-zero on any failure.
     Verify,
+    /// Copy everything that still verifies into a new store OUT, and list what was lost.
+    Repair {
+        /// The new store (a path that does not exist yet or is empty, or an empty s3:// prefix).
+        out: String,
+    },
     /// Remove a model's manifest (its weights go with `coral gc`).
     Rm {
         /// The model.
@@ -221,6 +226,7 @@ fn reads_a_file_store(cli: &Cli) -> bool {
             | Cmd::Info
             | Cmd::Diff { .. }
             | Cmd::Verify
+            | Cmd::Repair { .. }
     ) && matches!(Address::parse(&cli.store), Ok(Address::File(_)))
 }
 
@@ -519,6 +525,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Cmd::Repair { out } => repair(cli, out)?,
         Cmd::Rm { model } => {
             let name = model_name(model)?;
             let store = open(cli, &cli.store, Mode::Write)?;
@@ -791,6 +798,58 @@ fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
         );
         Ok(())
     }
+}
+
+/// `coral repair OUT`: everything of the store that verifies, copied into the new store OUT.
+fn repair(cli: &Cli, out: &str) -> Result<()> {
+    let out_addr = Address::parse(out)?;
+    if let Address::File(p) = &out_addr {
+        if let Address::File(src) = Address::parse(&cli.store)? {
+            let same = match (std::fs::canonicalize(&src), std::fs::canonicalize(p)) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => src == *p,
+            };
+            if same {
+                bail!("coral repair writes a new store: {out} is the store itself");
+            }
+        }
+        match std::fs::metadata(p) {
+            Ok(m) if m.len() > 0 || !m.is_file() => {
+                bail!("{out} exists: coral repair writes a new store (give a path that does not exist)")
+            }
+            _ => {}
+        }
+    }
+    let src = open(cli, &cli.store, Mode::Read)?;
+    let total = src.list_weights()?.len() + src.list_manifests()?.len();
+    let dst = open(cli, out, Mode::Write)?;
+    if !dst.list_weights()?.is_empty() || !dst.list_manifests()?.is_empty() {
+        bail!("{out} is not empty: coral repair writes a new store");
+    }
+    let pb = progress_bar(cli, total as u64, false);
+    let r = ops::repair(&*src, &*dst, &|n| pb.inc(n));
+    pb.finish_and_clear();
+    let r = r.with_context(|| format!("repairing {} into {out}", cli.store))?;
+    close(dst)?;
+    if cli.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        for f in &r.lost {
+            println!("LOST {} {}: {}", f.kind, f.id, f.error);
+        }
+        println!(
+            "copied {} weights, {} deltas, {} manifests to {out}: {}",
+            r.weights,
+            r.deltas,
+            r.manifests,
+            if r.lost.is_empty() {
+                "nothing lost".to_owned()
+            } else {
+                format!("{} lost", r.lost.len())
+            }
+        );
+    }
+    Ok(())
 }
 
 fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {

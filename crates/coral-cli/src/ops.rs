@@ -1,4 +1,4 @@
-//! What the commands do, on any [`Store`]: add, export, diff, verify, gc.
+//! What the commands do, on any [`Store`]: add, export, diff, verify, repair, gc.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
@@ -718,6 +718,175 @@ pub fn verify(store: &dyn Store, progress: &(dyn Fn(u64) + Sync)) -> Result<Veri
         manifests: models.len(),
         failures,
     })
+}
+
+/// What [`repair`] copied, and what it could not.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RepairReport {
+    /// Weights copied (each verified against its key on the way).
+    pub weights: usize,
+    /// Deltas copied (each decoded against its reference and verified).
+    pub deltas: usize,
+    /// Manifests copied (each with every tensor it needs copied).
+    pub manifests: usize,
+    /// What was lost: the weights, deltas and manifests that did not verify or need something
+    /// lost, with the reason.
+    pub lost: Vec<Failure>,
+}
+
+/// Largest sum of weight bytes [`repair`] holds at once.
+const REPAIR_GROUP_BYTES: usize = 256 << 20;
+
+/// Copies everything of `src` that still verifies into `dst` (a new store): every weight whose
+/// data matches its key, every delta that decodes against a reference that verifies, every
+/// manifest whose tensors are all copied; lists the rest as lost. Keys stay as they were
+/// (legacy keys too). Nothing is decoded twice that `verify` decodes once, and at most
+/// about 256 MB of weights are held at a time.
+pub fn repair(
+    src: &dyn Store,
+    dst: &dyn Store,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<RepairReport> {
+    let weights = src.list_weights().context("listing the weights")?;
+    let deltas = src.list_deltas().context("listing the deltas")?;
+    let delta_set: HashSet<ContentHash> = deltas.iter().copied().collect();
+    let models = src.list_manifests().context("listing the models")?;
+    let mut report = RepairReport {
+        weights: 0,
+        deltas: 0,
+        manifests: 0,
+        lost: Vec::new(),
+    };
+    let mut copied: HashSet<ContentHash> = HashSet::new();
+    let lost = |kind: &'static str, id: String, e: anyhow::Error| Failure {
+        kind,
+        id,
+        error: format!("{e:#}"),
+    };
+
+    // Whole weights, a group at a time: loaded and verified in parallel, stored in one batch.
+    let full: Vec<ContentHash> = weights
+        .into_iter()
+        .filter(|k| !delta_set.contains(k))
+        .collect();
+    let sizes: Vec<usize> = full
+        .iter()
+        .map(|k| {
+            src.get_metadata(k).ok().flatten().map_or(0, |m| {
+                m.shape
+                    .iter()
+                    .try_fold(m.dtype.size(), |a, &d| a.checked_mul(d))
+                    .unwrap_or(usize::MAX)
+            })
+        })
+        .collect();
+    let mut start = 0;
+    while start < full.len() {
+        let mut end = start + 1;
+        let mut bytes = sizes[start];
+        while end < full.len() && bytes.saturating_add(sizes[end]) <= REPAIR_GROUP_BYTES {
+            bytes += sizes[end];
+            end += 1;
+        }
+        let group = &full[start..end];
+        start = end;
+        let loaded: Vec<(ContentHash, Result<WeightTensor>)> = group
+            .par_iter()
+            .map(|k| {
+                let r = src
+                    .load(k)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|w| w.ok_or_else(|| anyhow!("listed but cannot be loaded")))
+                    .and_then(|w| {
+                        w.verify(k)?;
+                        Ok(w)
+                    });
+                progress(1);
+                (*k, r)
+            })
+            .collect();
+        let mut batch: Vec<(String, WeightTensor)> = Vec::new();
+        for (k, r) in loaded {
+            match r {
+                Ok(w) if w.compute_hash() == k => batch.push((k.to_hex(), w)),
+                // A legacy key (coral-ml's xxh3): stored under it as it was.
+                Ok(w) => {
+                    let got = dst
+                        .store_with_key(&w, &k)
+                        .with_context(|| format!("storing weight {k}"))?;
+                    if got != k {
+                        bail!("the new store keyed weight {k} as {got}");
+                    }
+                    copied.insert(k);
+                }
+                Err(e) => report.lost.push(lost("weight", k.to_hex(), e)),
+            }
+        }
+        if !batch.is_empty() {
+            let stored = dst.store_batch(&batch).context("storing weights")?;
+            for (hex, _) in &batch {
+                match stored.get(hex) {
+                    Some(k) if k.to_hex() == *hex => {
+                        copied.insert(*k);
+                    }
+                    _ => bail!("the new store did not keep weight {hex} under its key"),
+                }
+            }
+        }
+    }
+    report.weights = copied.len();
+
+    // Deltas: one that decodes and verifies has a whole chain of references that verify, all
+    // copied (the weights above, the deltas here).
+    for k in &deltas {
+        let r = load_resolved(src, k).and_then(|_| {
+            src.load_delta(k)?
+                .ok_or_else(|| anyhow!("listed but cannot be loaded"))
+        });
+        progress(1);
+        match r {
+            Ok(d) => {
+                let got = dst
+                    .store_delta(&d, k)
+                    .with_context(|| format!("storing delta {k}"))?;
+                if got != *k {
+                    bail!("the new store keyed delta {k} as {got}");
+                }
+                copied.insert(*k);
+                report.deltas += 1;
+            }
+            Err(e) => report.lost.push(lost("delta", k.to_hex(), e)),
+        }
+    }
+
+    // Manifests whose every tensor made it.
+    for name in &models {
+        let r = (|| -> Result<ModelManifest> {
+            let m = src
+                .get_manifest(name)?
+                .ok_or_else(|| anyhow!("listed but cannot be loaded"))?;
+            if m.name != *name {
+                bail!("manifest names model {}", m.name);
+            }
+            crate::source::check_manifest(&m)?;
+            for t in &m.tensors {
+                if !copied.contains(&t.key) {
+                    bail!("tensor {:?}: {} was lost", t.name, t.key);
+                }
+            }
+            Ok(m)
+        })();
+        progress(1);
+        match r {
+            Ok(m) => {
+                dst.put_manifest(&m)
+                    .with_context(|| format!("storing model {name}"))?;
+                report.manifests += 1;
+            }
+            Err(e) => report.lost.push(lost("manifest", name.to_string(), e)),
+        }
+    }
+    Ok(report)
 }
 
 /// What [`gc`] removed (or would remove, in a dry run).

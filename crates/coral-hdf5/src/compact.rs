@@ -312,7 +312,7 @@ impl HDF5Store {
         };
         let ctmp = h5::cstr(&tmp.to_string_lossy()).map_err(tmp_err)?;
         let fcpl = h5::make_fcpl(self.opts.persistent_free_space).map_err(tmp_err)?;
-        let fapl = h5::make_fapl().map_err(tmp_err)?;
+        let fapl = h5::make_fapl(true).map_err(tmp_err)?;
         // SAFETY: valid C string and property lists.
         let fid = unsafe {
             hdf5_sys::h5f::H5Fcreate(

@@ -62,6 +62,135 @@ impl H5Error {
     }
 }
 
+#[cfg(hdf5_1_12)]
+unsafe extern "C" {
+    // `H5VLnative.h` since 1.12; not declared by `hdf5-metno-sys`.
+    fn H5VLnative_token_to_addr(
+        loc_id: hid_t,
+        token: hdf5_sys::h5o::H5O_token_t,
+        addr: *mut hdf5_sys::h5::haddr_t,
+    ) -> herr_t;
+}
+
+/// The file address of the object header of `obj`, or of the object `name` in it when `name`
+/// is given: `H5Oget_info2`'s address on 1.10, the native token turned into an address from
+/// 1.12 on. `None` when HDF5 cannot tell. Call under the HDF5 lock.
+pub fn object_addr(obj: hid_t, name: Option<&std::ffi::CStr>) -> Option<u64> {
+    #[cfg(hdf5_1_12)]
+    {
+        // SAFETY: a plain C struct, all zeros a valid value.
+        let mut info: hdf5_sys::h5o::H5O_info2_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid object id, C string and out pointer; only the basic fields are
+        // filled.
+        let r = unsafe {
+            match name {
+                Some(n) => hdf5_sys::h5o::H5Oget_info_by_name3(
+                    obj,
+                    n.as_ptr(),
+                    &mut info,
+                    hdf5_sys::h5o::H5O_INFO_BASIC,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                ),
+                None => hdf5_sys::h5o::H5Oget_info3(obj, &mut info, hdf5_sys::h5o::H5O_INFO_BASIC),
+            }
+        };
+        if r < 0 {
+            return None;
+        }
+        let mut addr: hdf5_sys::h5::haddr_t = 0;
+        // SAFETY: a token HDF5 just gave for an object of the file `obj` is in.
+        let r = unsafe { H5VLnative_token_to_addr(obj, info.token, &mut addr) };
+        (r >= 0).then_some(addr)
+    }
+    #[cfg(not(hdf5_1_12))]
+    {
+        let mut info = hdf5_sys::h5o::H5O_info1_t::default();
+        // SAFETY: a valid object id, C string and out pointer; only the basic fields are
+        // filled.
+        let r = unsafe {
+            match name {
+                Some(n) => hdf5_sys::h5o::H5Oget_info_by_name2(
+                    obj,
+                    n.as_ptr(),
+                    &mut info,
+                    hdf5_sys::h5o::H5O_INFO_BASIC,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                ),
+                None => hdf5_sys::h5o::H5Oget_info2(obj, &mut info, hdf5_sys::h5o::H5O_INFO_BASIC),
+            }
+        };
+        (r >= 0).then_some(info.addr)
+    }
+}
+
+/// True when HDF5 recognises the file at `path` as HDF5 (`H5Fis_hdf5`, `H5Fis_accessible` from
+/// 1.12 on); negative on error. Call under the HDF5 lock.
+pub fn is_hdf5(path: &std::ffi::CStr) -> htri_t {
+    // SAFETY: a C string; the default file access list.
+    #[cfg(hdf5_1_12)]
+    unsafe {
+        hdf5_sys::h5f::H5Fis_accessible(path.as_ptr(), hdf5_sys::h5p::H5P_DEFAULT)
+    }
+    // SAFETY: a C string.
+    #[cfg(not(hdf5_1_12))]
+    unsafe {
+        hdf5_sys::h5f::H5Fis_hdf5(path.as_ptr())
+    }
+}
+
+/// Switches HDF5's own file locking off on `fapl` (the store's writer lock stands in for it).
+#[cfg(hdf5_file_locking)]
+fn set_no_file_locking(fapl: hid_t) -> Result<(), H5Error> {
+    // SAFETY: a valid fapl.
+    check(
+        unsafe { hdf5_sys::h5p::H5Pset_file_locking(fapl, 0, 1) },
+        || "file locking".into(),
+    )
+}
+
+/// `H5Pset_file_locking` came with 1.10.7 and 1.12.1: before them, HDF5's lock stays, and a
+/// writer without the journal driver fails to open against the store's own lock (saying so).
+#[cfg(not(hdf5_file_locking))]
+fn set_no_file_locking(_fapl: hid_t) -> Result<(), H5Error> {
+    Ok(())
+}
+
+/// Reads one stored chunk as it is on disk (filters not applied) into `buf`, which holds its
+/// stored size: `H5Dread_chunk` of 1.10 and 1.14, `H5Dread_chunk2` (which is told the buffer's
+/// size) of 2.x.
+///
+/// # Safety
+/// `dset` is an open chunked dataset and `offset` has one entry per dimension. Call under the
+/// HDF5 lock.
+pub unsafe fn read_chunk(dset: hid_t, offset: &[u64], filters: &mut u32, buf: &mut [u8]) -> herr_t {
+    #[cfg(hdf5_2)]
+    {
+        let mut size = buf.len();
+        // SAFETY: the caller's dataset and offset; `buf` holds `size` bytes.
+        unsafe {
+            hdf5_sys::h5d::H5Dread_chunk(
+                dset,
+                hdf5_sys::h5p::H5P_DEFAULT,
+                offset.as_ptr(),
+                filters,
+                buf.as_mut_ptr() as *mut _,
+                &mut size,
+            )
+        }
+    }
+    #[cfg(not(hdf5_2))]
+    // SAFETY: the caller's dataset and offset; `buf` holds the chunk's stored size.
+    unsafe {
+        hdf5_sys::h5d::H5Dread_chunk(
+            dset,
+            hdf5_sys::h5p::H5P_DEFAULT,
+            offset.as_ptr(),
+            filters,
+            buf.as_mut_ptr() as *mut _,
+        )
+    }
+}
+
 /// Runs `f` holding the process-wide HDF5 lock (shared with `hdf5-metno`), with automatic error
 /// printing off for this thread.
 pub fn locked<T>(f: impl FnOnce() -> T) -> T {
@@ -369,7 +498,11 @@ pub fn make_fcpl(persistent_free_space: bool) -> Result<Hid, H5Error> {
 }
 
 /// A file access property list with the journal driver (`crate::journal`).
-pub fn make_fapl() -> Result<Hid, H5Error> {
+/// The file access list of every open: the journal driver (when the library has it) and the
+/// format bounds. `writable`: the open is a writer's, which holds the store's own writer lock
+/// (`journal::WriterLock`); without the journal driver, HDF5's `sec2` driver would then try the
+/// same `flock` again and fail against it, so its file locking is switched off for writers.
+pub fn make_fapl(writable: bool) -> Result<Hid, H5Error> {
     // SAFETY: a new property list.
     unsafe {
         let p = Hid::new(
@@ -383,6 +516,20 @@ pub fn make_fapl() -> Result<Hid, H5Error> {
                 stack: String::new(),
             });
         }
+        if writable && crate::journal::driver().is_none() {
+            set_no_file_locking(p.id())?;
+        }
+        // The earliest format that holds each object, and nothing newer than 1.10's: what
+        // HDF5 1.10.8 writes by default, written the same on 1.14 and 2.x (whose defaults
+        // differ), so a store stays readable by every library from 1.10 on.
+        check(
+            hdf5_sys::h5p::H5Pset_libver_bounds(
+                p.id(),
+                hdf5_sys::h5f::H5F_libver_t::H5F_LIBVER_EARLIEST,
+                hdf5_sys::h5f::H5F_libver_t::H5F_LIBVER_V110,
+            ),
+            || "library version bounds".into(),
+        )?;
         Ok(p)
     }
 }

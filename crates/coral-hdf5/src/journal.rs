@@ -51,10 +51,15 @@
 //! Journal layout (little endian): header `b"CORALJ01"`, `u64` committed size; then records
 //! `u64` offset, `u64` length, the old bytes, `u64` FNV-1a checksum of offset, length and bytes.
 //!
-//! The driver's structures follow HDF5 1.10.8's `H5FDpublic.h` (which differs from
-//! `hdf5-metno-sys`'s declarations for 1.10: `terminate`, `get_eof(file, type)`,
-//! `lock(file, rw)`, `H5FD_t::access_flags`/`paged_aggr`); [`driver`] registers it only when the
-//! linked library is 1.10.8 or a later 1.10 release, and returns `None` otherwise.
+//! **Libraries.** The driver's structures are declared here, from HDF5's headers, in two
+//! layouts: that of 1.10.8's `H5FDpublic.h` (which differs from `hdf5-metno-sys`'s declarations
+//! for 1.10: `terminate`, `get_eof(file, type)`, `lock(file, rw)`,
+//! `H5FD_t::access_flags`/`paged_aggr`), and that of `H5FDdevelop.h` in 1.14 and 2.x (class
+//! version 1; `hdf5-metno-sys` lacks its `version` field and the vector and selection
+//! callbacks). [`driver`] picks the layout from the version the linked library reports, so one
+//! build is right for whichever libhdf5 it is linked to, and returns `None` for a release it
+//! does not know (1.12, before 1.10.8, 3.x): the store then refuses to write unless allowed.
+//! `H5FD_t` is the same in all of them.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -81,68 +86,243 @@ pub(crate) const READERS: i64 = 1 << 62;
 /// waiting for readers is not starved by new ones.
 pub(crate) const PENDING: i64 = READERS + 1;
 
-/// `H5FD_t` of HDF5 1.10.8.
-#[repr(C)]
-struct FdT {
-    driver_id: hid_t,
-    cls: *const ClassT,
-    fileno: c_ulong,
-    access_flags: c_uint,
-    feature_flags: c_ulong,
-    maxaddr: haddr_t,
-    base_addr: haddr_t,
-    threshold: hsize_t,
-    alignment: hsize_t,
-    paged_aggr: u8,
+/// A `repr(C)` struct with the list of its field names in order (`FIELDS`), which a test
+/// compares with the C declaration in the headers of the linked HDF5.
+macro_rules! c_struct {
+    ($(#[$m:meta])* struct $name:ident { $($(#[$fm:meta])* $f:ident: $t:ty,)* }) => {
+        $(#[$m])*
+        #[repr(C)]
+        struct $name { $($(#[$fm])* $f: $t,)* }
+        impl $name {
+            #[cfg(test)]
+            const FIELDS: &'static [&'static str] = &[$(stringify!($f)),*];
+        }
+    };
+}
+
+c_struct! {
+    /// `H5FD_t` of HDF5 1.10.8.
+    struct FdT {
+        driver_id: hid_t,
+        cls: *const ClassT,
+        fileno: c_ulong,
+        access_flags: c_uint,
+        feature_flags: c_ulong,
+        maxaddr: haddr_t,
+        base_addr: haddr_t,
+        threshold: hsize_t,
+        alignment: hsize_t,
+        paged_aggr: u8,
+    }
 }
 
 type Unused = Option<unsafe extern "C" fn()>;
 
-/// `H5FD_class_t` of HDF5 1.10.8.
-#[repr(C)]
-struct ClassT {
-    name: *const c_char,
-    maxaddr: haddr_t,
-    fc_degree: c_int,
-    terminate: Unused,
-    sb_size: Unused,
-    sb_encode: Unused,
-    sb_decode: Unused,
-    fapl_size: usize,
-    fapl_get: Unused,
-    fapl_copy: Unused,
-    fapl_free: Unused,
-    dxpl_size: usize,
-    dxpl_copy: Unused,
-    dxpl_free: Unused,
-    open: Option<unsafe extern "C" fn(*const c_char, c_uint, hid_t, haddr_t) -> *mut FdT>,
-    close: Option<unsafe extern "C" fn(*mut FdT) -> herr_t>,
-    cmp: Option<unsafe extern "C" fn(*const FdT, *const FdT) -> c_int>,
-    query: Option<unsafe extern "C" fn(*const FdT, *mut c_ulong) -> herr_t>,
-    get_type_map: Unused,
-    alloc: Unused,
-    free: Unused,
-    get_eoa: Option<unsafe extern "C" fn(*const FdT, H5FD_mem_t) -> haddr_t>,
-    set_eoa: Option<unsafe extern "C" fn(*mut FdT, H5FD_mem_t, haddr_t) -> herr_t>,
-    get_eof: Option<unsafe extern "C" fn(*const FdT, H5FD_mem_t) -> haddr_t>,
-    get_handle: Option<unsafe extern "C" fn(*mut FdT, hid_t, *mut *mut c_void) -> herr_t>,
-    read: Option<
-        unsafe extern "C" fn(*mut FdT, H5FD_mem_t, hid_t, haddr_t, usize, *mut c_void) -> herr_t,
-    >,
-    write: Option<
-        unsafe extern "C" fn(*mut FdT, H5FD_mem_t, hid_t, haddr_t, usize, *const c_void) -> herr_t,
-    >,
-    flush: Option<unsafe extern "C" fn(*mut FdT, hid_t, u8) -> herr_t>,
-    truncate: Option<unsafe extern "C" fn(*mut FdT, hid_t, u8) -> herr_t>,
-    lock: Option<unsafe extern "C" fn(*mut FdT, u8) -> herr_t>,
-    unlock: Option<unsafe extern "C" fn(*mut FdT) -> herr_t>,
-    fl_map: [H5FD_mem_t; 7],
+c_struct! {
+    /// `H5FD_class_t` of HDF5 1.10.8.
+    struct ClassT {
+        name: *const c_char,
+        maxaddr: haddr_t,
+        fc_degree: c_int,
+        terminate: Unused,
+        sb_size: Unused,
+        sb_encode: Unused,
+        sb_decode: Unused,
+        fapl_size: usize,
+        fapl_get: Unused,
+        fapl_copy: Unused,
+        fapl_free: Unused,
+        dxpl_size: usize,
+        dxpl_copy: Unused,
+        dxpl_free: Unused,
+        open: Option<unsafe extern "C" fn(*const c_char, c_uint, hid_t, haddr_t) -> *mut FdT>,
+        close: Option<unsafe extern "C" fn(*mut FdT) -> herr_t>,
+        cmp: Option<unsafe extern "C" fn(*const FdT, *const FdT) -> c_int>,
+        query: Option<unsafe extern "C" fn(*const FdT, *mut c_ulong) -> herr_t>,
+        get_type_map: Unused,
+        alloc: Unused,
+        free: Unused,
+        get_eoa: Option<unsafe extern "C" fn(*const FdT, H5FD_mem_t) -> haddr_t>,
+        set_eoa: Option<unsafe extern "C" fn(*mut FdT, H5FD_mem_t, haddr_t) -> herr_t>,
+        get_eof: Option<unsafe extern "C" fn(*const FdT, H5FD_mem_t) -> haddr_t>,
+        get_handle: Option<unsafe extern "C" fn(*mut FdT, hid_t, *mut *mut c_void) -> herr_t>,
+        read: Option<
+            unsafe extern "C" fn(*mut FdT, H5FD_mem_t, hid_t, haddr_t, usize, *mut c_void) -> herr_t,
+        >,
+        write: Option<
+            unsafe extern "C" fn(*mut FdT, H5FD_mem_t, hid_t, haddr_t, usize, *const c_void) -> herr_t,
+        >,
+        flush: Option<unsafe extern "C" fn(*mut FdT, hid_t, u8) -> herr_t>,
+        truncate: Option<unsafe extern "C" fn(*mut FdT, hid_t, u8) -> herr_t>,
+        lock: Option<unsafe extern "C" fn(*mut FdT, u8) -> herr_t>,
+        unlock: Option<unsafe extern "C" fn(*mut FdT) -> herr_t>,
+        fl_map: [H5FD_mem_t; 7],
+    }
 }
 
-struct Class(ClassT);
+c_struct! {
+    /// `H5FD_class_t` of HDF5 1.14 and 2.x (`H5FDdevelop.h`, class version 1): 1.10.8's with a
+    /// version and a driver number first, the vector and selection I/O callbacks after `write`,
+    /// and `del` and `ctl` before the free-list map. Checked against the headers of HDF5 1.14.6
+    /// and of the 2.2.0 that `hdf5-metno-src` builds (`tests/driver_layout.rs`).
+    struct ClassT2 {
+        version: c_uint,
+        value: c_int,
+        name: *const c_char,
+        maxaddr: haddr_t,
+        fc_degree: c_int,
+        terminate: Unused,
+        sb_size: Unused,
+        sb_encode: Unused,
+        sb_decode: Unused,
+        fapl_size: usize,
+        fapl_get: Unused,
+        fapl_copy: Unused,
+        fapl_free: Unused,
+        dxpl_size: usize,
+        dxpl_copy: Unused,
+        dxpl_free: Unused,
+        open: Option<unsafe extern "C" fn(*const c_char, c_uint, hid_t, haddr_t) -> *mut FdT>,
+        close: Option<unsafe extern "C" fn(*mut FdT) -> herr_t>,
+        cmp: Option<unsafe extern "C" fn(*const FdT, *const FdT) -> c_int>,
+        query: Option<unsafe extern "C" fn(*const FdT, *mut c_ulong) -> herr_t>,
+        get_type_map: Unused,
+        alloc: Unused,
+        free: Unused,
+        get_eoa: Option<unsafe extern "C" fn(*const FdT, H5FD_mem_t) -> haddr_t>,
+        set_eoa: Option<unsafe extern "C" fn(*mut FdT, H5FD_mem_t, haddr_t) -> herr_t>,
+        get_eof: Option<unsafe extern "C" fn(*const FdT, H5FD_mem_t) -> haddr_t>,
+        get_handle: Option<unsafe extern "C" fn(*mut FdT, hid_t, *mut *mut c_void) -> herr_t>,
+        read: Option<
+            unsafe extern "C" fn(*mut FdT, H5FD_mem_t, hid_t, haddr_t, usize, *mut c_void) -> herr_t,
+        >,
+        write: Option<
+            unsafe extern "C" fn(*mut FdT, H5FD_mem_t, hid_t, haddr_t, usize, *const c_void) -> herr_t,
+        >,
+        /// HDF5 falls back to `read`/`write` per piece when these four are null.
+        read_vector: Unused,
+        write_vector: Unused,
+        read_selection: Unused,
+        write_selection: Unused,
+        flush: Option<unsafe extern "C" fn(*mut FdT, hid_t, u8) -> herr_t>,
+        truncate: Option<unsafe extern "C" fn(*mut FdT, hid_t, u8) -> herr_t>,
+        lock: Option<unsafe extern "C" fn(*mut FdT, u8) -> herr_t>,
+        unlock: Option<unsafe extern "C" fn(*mut FdT) -> herr_t>,
+        del: Unused,
+        ctl: Unused,
+        fl_map: [H5FD_mem_t; 7],
+    }
+}
+
+/// `H5FD_CLASS_VERSION` of HDF5 1.14 and 2.x.
+const CLASS_VERSION: c_uint = 1;
+/// The driver's number: HDF5 keeps 0-255 for its own drivers (`H5_VFD_RESERVED`).
+const CLASS_VALUE: c_int = 0x0c07;
+
+/// The class as the linked library lays it out.
+enum Class {
+    V110(ClassT),
+    V114(ClassT2),
+}
 // SAFETY: the class is immutable after construction; its pointers are 'static.
 unsafe impl Sync for Class {}
 unsafe impl Send for Class {}
+
+impl Class {
+    /// The class for HDF5 `maj.min.rel`, or `None` for a release whose layout this driver
+    /// does not know (1.12, anything before 1.10.8, 3.x and later).
+    fn for_version(maj: c_uint, min: c_uint, rel: c_uint) -> Option<Class> {
+        let fc_degree = hdf5_sys::h5f::H5F_close_degree_t::H5F_CLOSE_WEAK as c_int;
+        let fl_map = hdf5_sys::h5fd::H5FD_FLMAP_DICHOTOMY;
+        let name = c"coral-journal".as_ptr();
+        match (maj, min) {
+            (1, 10) if rel >= 8 => Some(Class::V110(ClassT {
+                name,
+                maxaddr: MAXADDR,
+                fc_degree,
+                terminate: None,
+                sb_size: None,
+                sb_encode: None,
+                sb_decode: None,
+                fapl_size: 0,
+                fapl_get: None,
+                fapl_copy: None,
+                fapl_free: None,
+                dxpl_size: 0,
+                dxpl_copy: None,
+                dxpl_free: None,
+                open: Some(j_open),
+                close: Some(j_close),
+                cmp: Some(j_cmp),
+                query: Some(j_query),
+                get_type_map: None,
+                alloc: None,
+                free: None,
+                get_eoa: Some(j_get_eoa),
+                set_eoa: Some(j_set_eoa),
+                get_eof: Some(j_get_eof),
+                get_handle: Some(j_get_handle),
+                read: Some(j_read),
+                write: Some(j_write),
+                flush: None,
+                truncate: Some(j_truncate),
+                lock: Some(j_lock),
+                unlock: Some(j_unlock),
+                fl_map,
+            })),
+            (1, 14) | (2, _) => Some(Class::V114(ClassT2 {
+                version: CLASS_VERSION,
+                value: CLASS_VALUE,
+                name,
+                maxaddr: MAXADDR,
+                fc_degree,
+                terminate: None,
+                sb_size: None,
+                sb_encode: None,
+                sb_decode: None,
+                fapl_size: 0,
+                fapl_get: None,
+                fapl_copy: None,
+                fapl_free: None,
+                dxpl_size: 0,
+                dxpl_copy: None,
+                dxpl_free: None,
+                open: Some(j_open),
+                close: Some(j_close),
+                cmp: Some(j_cmp),
+                query: Some(j_query),
+                get_type_map: None,
+                alloc: None,
+                free: None,
+                get_eoa: Some(j_get_eoa),
+                set_eoa: Some(j_set_eoa),
+                get_eof: Some(j_get_eof),
+                get_handle: Some(j_get_handle),
+                read: Some(j_read),
+                write: Some(j_write),
+                read_vector: None,
+                write_vector: None,
+                read_selection: None,
+                write_selection: None,
+                flush: None,
+                truncate: Some(j_truncate),
+                lock: Some(j_lock),
+                unlock: Some(j_unlock),
+                del: None,
+                ctl: None,
+                fl_map,
+            })),
+            _ => None,
+        }
+    }
+
+    fn as_ptr(&self) -> *const c_void {
+        match self {
+            Class::V110(c) => c as *const ClassT as *const c_void,
+            Class::V114(c) => c as *const ClassT2 as *const c_void,
+        }
+    }
+}
 
 /// One open file: HDF5's public part first, then ours.
 #[repr(C)]
@@ -238,62 +418,44 @@ pub(crate) fn journal_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The driver's id, registered on first use; `None` when the linked HDF5 is not a 1.10 release
-/// from 1.10.8 on (the class layout is that of 1.10.8). Call under the HDF5 lock.
+/// The linked HDF5's version.
+pub(crate) fn lib_version() -> (c_uint, c_uint, c_uint) {
+    let (mut maj, mut min, mut rel) = (0, 0, 0);
+    // SAFETY: out-pointers to locals.
+    if unsafe { hdf5_sys::h5::H5get_libversion(&mut maj, &mut min, &mut rel) } < 0 {
+        return (0, 0, 0);
+    }
+    (maj, min, rel)
+}
+
+/// The driver's id, registered on first use; `None` when the linked HDF5 is a release whose
+/// driver class layout this driver does not know (see [`Class::for_version`]), or when
+/// registering failed. Call under the HDF5 lock.
 pub(crate) fn driver() -> Option<hid_t> {
     static ID: OnceLock<Option<hid_t>> = OnceLock::new();
-    static CLASS: OnceLock<Class> = OnceLock::new();
+    static CLASS: OnceLock<Option<Class>> = OnceLock::new();
+    #[cfg(feature = "testing")]
+    if record::without_driver() {
+        return None;
+    }
     *ID.get_or_init(|| {
-        let (mut maj, mut min, mut rel) = (0, 0, 0);
-        // SAFETY: out-pointers to locals.
-        if unsafe { hdf5_sys::h5::H5get_libversion(&mut maj, &mut min, &mut rel) } < 0
-            || (maj, min) != (1, 10)
-            || rel < 8
-        {
+        let (maj, min, rel) = lib_version();
+        let Some(cls) = CLASS
+            .get_or_init(|| Class::for_version(maj, min, rel))
+            .as_ref()
+        else {
             tracing::warn!(
-                "HDF5 {maj}.{min}.{rel}: the journal driver needs 1.10.8+ (1.10 series); \
+                "HDF5 {maj}.{min}.{rel}: the journal driver knows 1.10.8+, 1.14 and 2.x; \
                  writes are not crash-safe"
             );
             return None;
+        };
+        // SAFETY: the class lives for the whole process, laid out as this release expects
+        // (`Class::for_version`); HDF5 copies it.
+        let id = unsafe { hdf5_sys::h5fd::H5FDregister(cls.as_ptr() as *const _) };
+        if id < 0 {
+            tracing::warn!("HDF5 {maj}.{min}.{rel}: registering the journal driver failed");
         }
-        let cls = CLASS.get_or_init(|| {
-            Class(ClassT {
-                name: c"coral-journal".as_ptr(),
-                maxaddr: MAXADDR,
-                fc_degree: hdf5_sys::h5f::H5F_close_degree_t::H5F_CLOSE_WEAK as c_int,
-                terminate: None,
-                sb_size: None,
-                sb_encode: None,
-                sb_decode: None,
-                fapl_size: 0,
-                fapl_get: None,
-                fapl_copy: None,
-                fapl_free: None,
-                dxpl_size: 0,
-                dxpl_copy: None,
-                dxpl_free: None,
-                open: Some(j_open),
-                close: Some(j_close),
-                cmp: Some(j_cmp),
-                query: Some(j_query),
-                get_type_map: None,
-                alloc: None,
-                free: None,
-                get_eoa: Some(j_get_eoa),
-                set_eoa: Some(j_set_eoa),
-                get_eof: Some(j_get_eof),
-                get_handle: Some(j_get_handle),
-                read: Some(j_read),
-                write: Some(j_write),
-                flush: None,
-                truncate: Some(j_truncate),
-                lock: Some(j_lock),
-                unlock: Some(j_unlock),
-                fl_map: hdf5_sys::h5fd::H5FD_FLMAP_DICHOTOMY,
-            })
-        });
-        // SAFETY: the class lives for the whole process; HDF5 copies it.
-        let id = unsafe { hdf5_sys::h5fd::H5FDregister(&cls.0 as *const ClassT as *const _) };
         (id >= 0).then_some(id)
     })
 }
@@ -627,6 +789,23 @@ pub(crate) mod record {
     /// The path behind a descriptor (only ever asked while recording).
     pub(crate) fn path_of(fd: std::os::raw::c_int) -> PathBuf {
         std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+    }
+
+    #[cfg(feature = "testing")]
+    static WITHOUT_DRIVER: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+
+    /// Makes this process behave as if the linked HDF5 had no journal driver (`true`), as on a
+    /// release whose driver layout Coral does not know: the refusal to write, and writing
+    /// without the journal when allowed, are tested on any library this way.
+    #[cfg(feature = "testing")]
+    pub fn without_journal(on: bool) {
+        WITHOUT_DRIVER.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[cfg(feature = "testing")]
+    pub(crate) fn without_driver() -> bool {
+        WITHOUT_DRIVER.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Starts recording (dropping what was recorded before).
@@ -1422,6 +1601,63 @@ fn parse(buf: &[u8]) -> (Option<u64>, Vec<(u64, Vec<u8>)>) {
 
 #[cfg(test)]
 mod tests {
+
+    /// The field names of the C struct `name` in the header text `h`, in order.
+    fn c_fields(h: &str, open: &str, close: &str) -> Vec<String> {
+        let start = h
+            .find(open)
+            .unwrap_or_else(|| panic!("{open} in the header"));
+        let body = &h[start + open.len()..];
+        let body = &body[..body.find(close).unwrap_or_else(|| panic!("{close}"))];
+        // Comments out.
+        let mut text = String::new();
+        let mut rest = body;
+        while let Some(a) = rest.find("/*") {
+            text.push_str(&rest[..a]);
+            rest = rest[a..].find("*/").map_or("", |b| &rest[a + b + 2..]);
+        }
+        text.push_str(rest);
+        text.split(';')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                if let Some(a) = d.find("(*") {
+                    let n = &d[a + 2..];
+                    n[..n.find(')').expect("a function pointer")]
+                        .trim()
+                        .to_owned()
+                } else {
+                    let d = d.split('[').next().unwrap_or(d).trim();
+                    d.rsplit(|c: char| c.is_whitespace() || c == '*')
+                        .next()
+                        .unwrap_or(d)
+                        .to_owned()
+                }
+            })
+            .collect()
+    }
+
+    /// The structures the driver declares are those of the linked library's headers, field
+    /// for field (a field missing, added or moved shifts every callback after it).
+    #[test]
+    fn the_driver_structs_match_the_linked_librarys_headers() {
+        let inc = std::path::Path::new(env!("CORAL_HDF5_INCLUDE"));
+        let (maj, min, _) = crate::h5::locked(lib_version);
+        let (header, class): (&str, &[&str]) = match (maj, min) {
+            (1, 10) => ("H5FDpublic.h", ClassT::FIELDS),
+            _ => ("H5FDdevelop.h", ClassT2::FIELDS),
+        };
+        let h = std::fs::read_to_string(inc.join(header)).expect("the linked library's header");
+        assert_eq!(
+            c_fields(&h, "typedef struct H5FD_class_t {", "} H5FD_class_t;"),
+            class,
+            "H5FD_class_t in {}",
+            inc.join(header).display()
+        );
+        let fd = c_fields(&h, "struct H5FD_t {", "};");
+        assert_eq!(fd, FdT::FIELDS, "H5FD_t in {}", inc.join(header).display());
+        assert!(crate::h5::locked(driver).is_some(), "the driver registers");
+    }
     use super::*;
     use proptest::prelude::*;
 

@@ -8,8 +8,9 @@
 //! `docs/format.md` describes the file precisely. Files are written through a small HDF5 file
 //! driver that keeps a rollback journal (`<store>.h5.journal`) of the bytes each flush rewrites
 //! in place, so a process killed mid-write leaves the store as its last completed call left it
-//! (`docs/reliability.md`). HDF5 does not reuse the space of deleted objects across sessions:
-//! [`HDF5Store::compact`] rewrites the file without it, crash-safely (a rename is the commit).
+//! (`docs/reliability.md`), on HDF5 1.10.8+, 1.14 and 2.x alike ([`journaled`]). Space freed by
+//! deletes is tracked in the file and reused by later writes; [`HDF5Store::compact`] rewrites
+//! the file without it, crash-safely (a rename is the commit).
 //!
 //! ```
 //! use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions};
@@ -42,12 +43,25 @@ mod store;
 mod vlen;
 
 pub use compact::CompactReport;
+
+/// The version of the HDF5 library Coral is linked to: `(major, minor, release)`.
+pub fn hdf5_version() -> (u32, u32, u32) {
+    h5::locked(journal::lib_version)
+}
+
+/// True when writes go through Coral's journal driver on this library (HDF5 1.10.8 and later
+/// 1.10 releases, 1.14 and 2.x): a killed process or a power cut leaves the store as its last
+/// commit left it. Without it, a writable open is refused unless
+/// [`HDF5StoreOptions::allow_unjournaled`] says otherwise.
+pub fn journaled() -> bool {
+    h5::locked(|| journal::driver().is_some())
+}
 pub use options::{Compression, HDF5StoreOptions, Mode};
 
 /// Test support (feature `testing`): the record of every change the file driver makes to the
 /// disk, for simulating power cuts (`tests/powercut.rs`).
 #[cfg(feature = "testing")]
 pub mod testing {
-    pub use crate::journal::record::{mark, start, stop, DiskOp};
+    pub use crate::journal::record::{mark, start, stop, without_journal, DiskOp};
 }
 pub use store::{HDF5Store, DELTAS, METADATA, MODELS, WEIGHTS};

@@ -94,14 +94,9 @@ impl RawFile {
     /// open in this file): `Ok(None)` when its header holds no such attribute in a form this
     /// reader knows (the caller then asks libhdf5).
     pub(crate) fn read_vlen_str(&self, obj: hid_t, name: &str) -> Result<Option<String>, String> {
-        let mut info = hdf5_sys::h5o::H5O_info1_t::default();
-        // SAFETY: valid object id and out pointer; only the basic fields are filled.
-        let r =
-            unsafe { hdf5_sys::h5o::H5Oget_info2(obj, &mut info, hdf5_sys::h5o::H5O_INFO_BASIC) };
-        if r < 0 {
-            return Err("cannot get the object's address".to_owned());
-        }
-        let Some(value) = self.attribute_value(info.addr, name)? else {
+        let addr = crate::h5::object_addr(obj, None)
+            .ok_or_else(|| "cannot get the object's address".to_owned())?;
+        let Some(value) = self.attribute_value(addr, name)? else {
             return Ok(None);
         };
         // One element: sequence length (4), collection address (8), object index (4).
@@ -136,21 +131,10 @@ impl RawFile {
         name: &str,
     ) -> Result<crate::h5::Hid, crate::h5::H5Error> {
         let c = crate::h5::cstr(name)?;
-        let mut info = hdf5_sys::h5o::H5O_info1_t::default();
-        // SAFETY: valid group id, C string and out pointer; only the basic fields are filled.
-        let r = unsafe {
-            hdf5_sys::h5o::H5Oget_info_by_name2(
-                group,
-                c.as_ptr(),
-                &mut info,
-                hdf5_sys::h5o::H5O_INFO_BASIC,
-                hdf5_sys::h5p::H5P_DEFAULT,
-            )
-        };
-        if r < 0 {
+        let Some(addr) = crate::h5::object_addr(group, Some(&c)) else {
             return Err(crate::h5::fail(format!("opening dataset {name}")));
-        }
-        self.attribute_value(info.addr, "")
+        };
+        self.attribute_value(addr, "")
             .map_err(|why| crate::h5::H5Error {
                 what: format!("opening dataset {name}"),
                 stack: format!("{DAMAGED}{why}"),
@@ -161,15 +145,10 @@ impl RawFile {
     /// Checks that every message of the object `obj`'s header, attribute messages included,
     /// lies inside its chunk, before libhdf5 reads its attributes (which trusts their sizes).
     pub(crate) fn check_header(&self, obj: hid_t) -> Result<(), String> {
-        let mut info = hdf5_sys::h5o::H5O_info1_t::default();
-        // SAFETY: valid object id and out pointer; only the basic fields are filled.
-        let r =
-            unsafe { hdf5_sys::h5o::H5Oget_info2(obj, &mut info, hdf5_sys::h5o::H5O_INFO_BASIC) };
-        if r < 0 {
-            return Err("cannot get the object's address".to_owned());
-        }
+        let addr = crate::h5::object_addr(obj, None)
+            .ok_or_else(|| "cannot get the object's address".to_owned())?;
         // No attribute has an empty name: the walk visits (and checks) every message.
-        self.attribute_value(info.addr, "").map(|_| ())
+        self.attribute_value(addr, "").map(|_| ())
     }
 
     /// The stored value of attribute `name` in the object header at `addr` (versions 1 and 2

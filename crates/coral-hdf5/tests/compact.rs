@@ -183,10 +183,15 @@ fn compact_keeps_every_object_and_shrinks_to_a_new_stores_size() {
     let before = size(&path);
     let r = store.compact().unwrap();
     assert_eq!(r.path, path);
-    assert_eq!(r.bytes_before, before);
+    // The commit a compaction starts with may write HDF5's free-space records again, a few
+    // hundred bytes (HDF5 2.x does; 1.10.8 does not).
+    assert!(
+        (before..before + 4096).contains(&r.bytes_before),
+        "{before}: {r:?}"
+    );
     assert_eq!(r.bytes_after, size(&path));
     assert!(r.bytes_after < before, "{r:?}");
-    assert_eq!(r.reclaimed(), before - r.bytes_after);
+    assert_eq!(r.reclaimed(), r.bytes_before - r.bytes_after);
     assert_eq!(r.weights, c.weights.len(), "{r:?}");
     assert_eq!(r.deltas, c.deltas.len(), "{r:?}");
     assert_eq!(r.manifests, c.manifests.len(), "{r:?}");

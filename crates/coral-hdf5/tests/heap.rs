@@ -191,9 +191,17 @@ fn a_flipped_manifest_size_fails_that_manifest_only() {
         .map(|n| n.to_string())
         .collect();
     assert_eq!(names, ["a", "b"]);
-    let e = s.get_manifest(&a.name).unwrap_err().to_string();
-    assert!(e.contains("manifest dataset of shape"), "{e}");
     assert_eq!(s.get_manifest(&b.name).unwrap().unwrap(), b);
+    let e = s.get_manifest(&a.name).unwrap_err().to_string();
+    if coral_hdf5::hdf5_version().1 == 10 {
+        assert!(e.contains("manifest dataset of shape"), "{e}");
+    } else {
+        // HDF5 1.14 and 2.x check a dimension against its maximum themselves.
+        assert!(
+            e.contains("opening dataset a") && e.contains("maxdim"),
+            "{e}"
+        );
+    }
 }
 
 /// A flipped high bit in a dataset's dimension overflowed the element count read from the
@@ -219,6 +227,21 @@ fn a_flipped_dimension_fails_that_weight_only() {
     std::fs::write(&path, &bytes).unwrap();
     let s = open_read(&path);
     let results: Vec<bool> = ws.iter().map(|(k, _)| s.load(k).is_ok()).collect();
+    // Whatever loads is the weight stored (loads are verified).
+    for (k, t) in &ws {
+        if let Ok(w) = s.load(k) {
+            assert_eq!(w.unwrap().data(), t.data());
+        }
+    }
+    if coral_hdf5::hdf5_version().1 != 10 {
+        // HDF5 1.14 and 2.x do not read this dimension on the way Coral loads a weight (the
+        // chunk index is read from the layout), so the damage does not show.
+        assert!(
+            results.iter().filter(|ok| !**ok).count() <= 1,
+            "{results:?}"
+        );
+        return;
+    }
     assert_eq!(results.iter().filter(|ok| !**ok).count(), 1, "{results:?}");
     let bad = results.iter().position(|ok| !ok).unwrap();
     let e = s.load(&ws[bad].0).unwrap_err().to_string();
