@@ -981,3 +981,49 @@ fn repair_copies_what_verifies_and_lists_what_was_lost() {
         "exists",
     );
 }
+
+/// Reading a bucket that does not exist says so in one line and creates nothing; the first
+/// write creates it (the seed's auto-creation).
+#[test]
+fn reads_never_create_the_bucket() {
+    let Some(endpoint) = testenv::s3_endpoint() else {
+        return;
+    };
+    let bucket = unique_name("coral-missing");
+    let store = format!("s3://{bucket}/coral");
+    for args in [
+        &["ls"][..],
+        &["info"],
+        &["verify"],
+        &["show", "m"],
+        &["export", "m", "/nonexistent/out.safetensors"],
+    ] {
+        let mut c = coral();
+        with_s3_env(&mut c, &endpoint);
+        c.args(["--store", &store]).args(args);
+        assert_one_line_error(&run_fail(&mut c), "does not exist");
+    }
+    // Still not there: a sync from it fails the same way, and creates nothing either.
+    let fx = Fixture::new();
+    let mut c = coral();
+    with_s3_env(&mut c, &endpoint);
+    c.args(["sync", &store, fx.path("d.h5").to_str().unwrap()]);
+    assert_one_line_error(&run_fail(&mut c), "does not exist");
+    // A write creates it.
+    let model = fx.write("m.safetensors", &synthetic_model(2, 8));
+    let mut c = coral();
+    with_s3_env(&mut c, &endpoint);
+    c.args([
+        "--store",
+        &store,
+        "add",
+        model.to_str().unwrap(),
+        "--name",
+        "m",
+    ]);
+    run_ok(&mut c);
+    let mut c = coral();
+    with_s3_env(&mut c, &endpoint);
+    c.args(["--store", &store, "ls"]);
+    assert!(stdout_text(&run_ok(&mut c)).contains('m'));
+}

@@ -1,7 +1,9 @@
 //! "No byte can crash Coral": single bits flipped anywhere in a store file (data chunks, object
 //! headers, B-tree nodes, local and global heaps, the superblock, and the length fields inside
-//! them), then `coral verify`, `coral export` and `coral ls` on the damaged copy. None may die by
-//! a signal, hang, panic, leave a temporary file behind, or export bytes other than the model's.
+//! them), then `coral verify`, `coral export`, `coral ls` and `coral repair` on the damaged copy,
+//! and a writer (`coral rm`) on a writable copy. None may die by a signal, hang, panic, leave a
+//! temporary file behind, or export bytes other than the model's; a store that `repair` wrote
+//! must verify.
 //!
 //! Each case flips one bit of a fresh copy: half uniformly over the file, a quarter uniformly
 //! over everything outside the datasets' raw data (HDF5 metadata), a quarter in the headers and
@@ -323,6 +325,14 @@ struct Counts {
     export_failed: usize,
     /// Ls failed.
     ls_failed: usize,
+    /// Repair exited 0 but the store it wrote does not verify.
+    repair_bad: usize,
+    /// Repair failed (the store did not open, or a write failed).
+    repair_failed: usize,
+    /// Repair lost something (its report lists losses).
+    repair_lost: usize,
+    /// A writer (`rm`) on the damaged store failed.
+    rm_failed: usize,
     by_region: BTreeMap<&'static str, (usize, usize)>,
 }
 
@@ -389,15 +399,65 @@ fn flip_case(fx: &Fixture, seed: u64, case: usize, work: &Path, counts: &Mutex<C
         &dir,
         "ls",
     );
+    let repaired = dir.join("repaired.h5");
+    let repair = run(
+        {
+            let mut c = coral(&copy);
+            c.args(["--json", "repair"]).arg(&repaired);
+            c
+        },
+        &dir,
+        "repair",
+    );
+    // What repair wrote verifies, whatever it found.
+    let repaired_verify = matches!(repair.end, End::Exit(0)).then(|| {
+        run(
+            {
+                let mut c = coral(&repaired);
+                c.arg("verify");
+                c
+            },
+            &dir,
+            "verify-repaired",
+        )
+    });
+    // A writer on the damaged store (a writable copy): libhdf5 reads what it opens too.
+    let writable = dir.join("writable.h5");
+    std::fs::write(&writable, &bytes).unwrap();
+    let rm = run(
+        {
+            let mut c = coral(&writable);
+            c.arg("rm").arg(model);
+            c
+        },
+        &dir,
+        "rm",
+    );
     let mut bad: Vec<String> = Vec::new();
     let mut c = counts.lock().unwrap();
     c.cases += 1;
     let mut failed = false;
     let mut contained = false;
-    for (name, r) in [("verify", &verify), ("export", &export), ("ls", &ls)] {
+    if let Some(v) = &repaired_verify {
+        if !matches!(v.end, End::Exit(0)) {
+            c.repair_bad += 1;
+            bad.push(format!(
+                "repair exited 0 but its store does not verify: {}",
+                v.stderr.trim()
+            ));
+        }
+    }
+    for (name, r) in [
+        ("verify", &verify),
+        ("export", &export),
+        ("ls", &ls),
+        ("repair", &repair),
+        ("rm", &rm),
+    ] {
         match r.end {
             End::Exit(0) => {}
-            End::Exit(_) => failed = true,
+            // Detection is counted for the reading commands only.
+            End::Exit(_) => failed |= !matches!(name, "repair" | "rm"),
             End::Signal(s) => {
                 c.crash += 1;
                 bad.push(format!("{name} died by signal {s}"));
@@ -453,6 +513,17 @@ fn flip_case(fx: &Fixture, seed: u64, case: usize, work: &Path, counts: &Mutex<C
     }
     c.export_failed += usize::from(!matches!(export.end, End::Exit(0)));
     c.ls_failed += usize::from(!matches!(ls.end, End::Exit(0)));
+    c.repair_failed += usize::from(!matches!(repair.end, End::Exit(0)));
+    c.rm_failed += usize::from(!matches!(rm.end, End::Exit(0)));
+    let repair_report: serde_json::Value = std::fs::read(dir.join("repair.out"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    c.repair_lost += usize::from(
+        repair_report["lost"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty()),
+    );
     if report["manifests"].as_u64() == Some(fx.keys.len() as u64) {
         let failures = report["failures"].as_array().cloned().unwrap_or_default();
         let failed = |kind: &[&str], id: &str| {
@@ -549,7 +620,7 @@ fn single_bit_flips_never_crash_hang_or_export_wrong_bytes() {
     });
     let c = counts.into_inner().unwrap();
     eprintln!(
-        "flipfuzz: seed {seed}: {} cases in {:.0?}: {} clean, {} detected damage; {} crashes, {} hangs, {} panics, {} wrong exports, {} leftover temporary files; {} libhdf5 crashes contained by the child process; {} exports failed where verify passed; {} models not failed with their weights; verify reported damage item by item in {} cases and failed as a whole in {}; export failed in {}, ls in {}; by region (cases, detected): {:?}",
+        "flipfuzz: seed {seed}: {} cases in {:.0?}: {} clean, {} detected damage; {} crashes, {} hangs, {} panics, {} wrong exports, {} leftover temporary files; {} libhdf5 crashes contained by the child process; {} exports failed where verify passed; {} models not failed with their weights; verify reported damage item by item in {} cases and failed as a whole in {}; export failed in {}, ls in {}; repair failed in {}, lost something in {}, wrote a store that does not verify in {}; a writer (rm) failed in {}; by region (cases, detected): {:?}",
         c.cases,
         started.elapsed(),
         c.clean,
@@ -566,6 +637,10 @@ fn single_bit_flips_never_crash_hang_or_export_wrong_bytes() {
         c.verify_whole,
         c.export_failed,
         c.ls_failed,
+        c.repair_failed,
+        c.repair_lost,
+        c.repair_bad,
+        c.rm_failed,
         c.by_region
     );
     assert_eq!(c.cases, todo.len());
@@ -576,8 +651,9 @@ fn single_bit_flips_never_crash_hang_or_export_wrong_bytes() {
         c.wrong_bytes,
         c.leftover,
         c.model_missed,
+        c.repair_bad,
     );
-    if failed != (0, 0, 0, 0, 0, 0) || c.contained_crash > 0 {
+    if failed != (0, 0, 0, 0, 0, 0, 0) || c.contained_crash > 0 {
         let kept = work.keep();
         eprintln!(
             "flipfuzz: the failed cases' files are in {}",
@@ -586,9 +662,9 @@ fn single_bit_flips_never_crash_hang_or_export_wrong_bytes() {
     }
     assert_eq!(
         failed,
-        (0, 0, 0, 0, 0, 0),
+        (0, 0, 0, 0, 0, 0, 0),
         "seed {seed}: crashes, hangs, panics, wrong exports, leftovers, models not failed with \
-         their weights (see the cases above)"
+         their weights, repaired stores that do not verify (see the cases above)"
     );
 }
 

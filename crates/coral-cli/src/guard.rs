@@ -1,15 +1,20 @@
-//! The last line of defence against a damaged store: the reading side of a command runs in a
+//! The last line of defence against a damaged store: a command on a local store runs in a
 //! child process (the `coral` binary itself, re-executed with [`CHILD_FLAG`]), so a crash inside
-//! libhdf5 on bytes it trusts becomes a one-line report instead of a signal.
+//! libhdf5 on bytes it trusts becomes a one-line report instead of a signal. A writing command
+//! that crashes leaves its journal behind, and the next open rolls the store back to its last
+//! commit, as after any killed writer.
 //!
 //! The child inherits stdin, stdout and stderr (its output, progress bar included, goes straight
-//! to the user) and its exit status becomes the parent's. Only when the child dies by a signal
-//! does the parent speak: [`Outcome::message`].
+//! to the user) and its exit status becomes the parent's. SIGINT, SIGTERM and SIGHUP sent to
+//! the parent are passed on to the child (which stops cleanly: an add rolls back), and the
+//! parent waits for it. Only when the child dies by a signal does the parent speak:
+//! [`Outcome::message`].
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, Result};
 
@@ -51,7 +56,8 @@ impl Outcome {
         Some(if self.is_crash() {
             format!(
                 "the store {store} is damaged: reading it crashed libhdf5 (signal {sig}); \
-                 run `coral verify` to see what still reads, and restore the file from a copy"
+                 run `coral verify` to see what still reads, and `coral repair NEW` to copy \
+                 it into a new store"
             )
         } else {
             format!("interrupted by signal {sig}")
@@ -69,14 +75,36 @@ impl Outcome {
     }
 }
 
+/// The child being waited for (0: none), for [`forward`].
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
 /// Runs `exe` with [`CHILD_FLAG`] and then `args` (the parent's own arguments), with the
-/// parent's stdio and environment, and waits for it.
+/// parent's stdio and environment, and waits for it, passing SIGINT, SIGTERM and SIGHUP on.
 pub fn run_child(exe: &Path, args: &[OsString]) -> Result<Outcome> {
-    let status = Command::new(exe)
+    let mut child = Command::new(exe)
         .arg(CHILD_FLAG)
         .args(args)
-        .status()
+        .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
+    CHILD.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
+    let handler = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only reads an atomic and calls kill(2), both async-signal-safe.
+    unsafe {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, handler);
+        }
+    }
+    let status = child.wait();
+    CHILD.store(0, Ordering::SeqCst);
+    let status = status.with_context(|| format!("waiting for {}", exe.display()))?;
     if let Some(code) = status.code() {
         return Ok(Outcome::Exited(u8::try_from(code).unwrap_or(1)));
     }

@@ -184,7 +184,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli);
-    if !cli.guarded_child && reads_a_file_store(&cli) {
+    if !cli.guarded_child && uses_a_file_store(&cli) {
         if let Some(code) = relay(&cli) {
             return code;
         }
@@ -216,18 +216,15 @@ fn one_line(e: &anyhow::Error) -> String {
     msg
 }
 
-/// True for the commands that only read a local HDF5 store: they run in a child process.
-fn reads_a_file_store(cli: &Cli) -> bool {
-    matches!(
-        cli.cmd,
-        Cmd::Export { .. }
-            | Cmd::Ls { .. }
-            | Cmd::Show { .. }
-            | Cmd::Info
-            | Cmd::Diff { .. }
-            | Cmd::Verify
-            | Cmd::Repair { .. }
-    ) && matches!(Address::parse(&cli.store), Ok(Address::File(_)))
+/// True for the commands on a local HDF5 store (any of a sync's two): they run in a child
+/// process. Readers and writers alike: libhdf5 reads what a writer opens too, and a writer
+/// that crashes leaves its journal, which the next open rolls back.
+fn uses_a_file_store(cli: &Cli) -> bool {
+    let file = |a: &str| matches!(Address::parse(a), Ok(Address::File(_)));
+    match &cli.cmd {
+        Cmd::Sync { src, dst, .. } => file(src) || file(dst),
+        _ => file(&cli.store),
+    }
 }
 
 /// Runs this command in a child process (this binary again, with the hidden flag) and relays

@@ -219,9 +219,12 @@ fn compact_file(path: &std::path::Path, _wait: std::time::Duration) -> Result<Co
 }
 
 #[cfg(feature = "s3")]
-fn open_s3(bucket: &str, prefix: &str, o: &S3Options, _mode: Mode) -> Result<Box<dyn Store>> {
+fn open_s3(bucket: &str, prefix: &str, o: &S3Options, mode: Mode) -> Result<Box<dyn Store>> {
     use anyhow::Context;
-    let mut c = coral_s3::S3Config::new(bucket).with_prefix(prefix);
+    // Only a writer creates a missing bucket.
+    let mut c = coral_s3::S3Config::new(bucket)
+        .with_prefix(prefix)
+        .with_create_bucket(mode == Mode::Write);
     if let Some(e) = &o.endpoint_url {
         c = c.with_endpoint(e);
     }

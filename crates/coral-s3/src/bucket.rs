@@ -1,4 +1,5 @@
-//! Creating the bucket when it does not exist: object_store has no create-bucket call, so this
+//! Creating the bucket when it does not exist (when the config allows it; otherwise a missing
+//! bucket is `StoreError::NotAStore`): object_store has no create-bucket call, so this
 //! sends one signed request (HEAD, then PUT when missing) with object_store's own SigV4 signer
 //! (`AwsAuthorizer`) and HTTP client.
 
@@ -28,7 +29,8 @@ pub(crate) enum BucketState {
     Created,
 }
 
-/// Makes sure the bucket exists, creating it when the server says it does not.
+/// Makes sure the bucket exists, creating it when the server says it does not and
+/// `config.create_bucket` allows it.
 pub(crate) async fn ensure_bucket(
     s3: &AmazonS3,
     config: &S3Config,
@@ -72,6 +74,15 @@ pub(crate) async fn ensure_bucket(
         .map_err(|e| StoreError::backend(ctx("checking"), e))?;
     match head.status().as_u16() {
         200..=299 => return Ok(BucketState::Existed),
+        404 if !config.create_bucket => {
+            return Err(StoreError::NotAStore {
+                location: location.clone(),
+                reason: format!(
+                    "bucket {:?} does not exist (a reading command never creates it)",
+                    config.bucket
+                ),
+            })
+        }
         404 => {}
         s => {
             return Err(StoreError::backend(

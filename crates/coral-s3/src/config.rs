@@ -18,7 +18,7 @@ use coral_store_api::StoreError;
 /// ```
 #[derive(Clone, PartialEq)]
 pub struct S3Config {
-    /// The bucket; created when it does not exist.
+    /// The bucket; created when it does not exist and `create_bucket` is set.
     pub bucket: String,
     /// Key prefix of every object ("coral/" by default); normalised to end in "/" (or empty).
     pub prefix: String,
@@ -47,6 +47,9 @@ pub struct S3Config {
     pub max_retries: usize,
     /// Upper bound of the time spent retrying one request.
     pub retry_timeout: std::time::Duration,
+    /// Create the bucket when it does not exist (true: the seed's behaviour). A reader sets it
+    /// to false, so that a mistyped name is an error rather than a new, empty bucket.
+    pub create_bucket: bool,
 }
 
 /// The smallest part S3 accepts in a multipart upload (except the last).
@@ -68,7 +71,14 @@ impl S3Config {
             strict_integrity: true,
             max_retries: 5,
             retry_timeout: std::time::Duration::from_secs(60),
+            create_bucket: true,
         }
+    }
+
+    /// Whether opening creates a missing bucket (true by default).
+    pub fn with_create_bucket(mut self, create: bool) -> Self {
+        self.create_bucket = create;
+        self
     }
 
     /// Sets the key prefix.
@@ -246,6 +256,7 @@ impl fmt::Debug for S3Config {
             .field("strict_integrity", &self.strict_integrity)
             .field("max_retries", &self.max_retries)
             .field("retry_timeout", &self.retry_timeout)
+            .field("create_bucket", &self.create_bucket)
             .finish()
     }
 }
