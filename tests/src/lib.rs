@@ -213,6 +213,44 @@ pub fn with_s3_env<'a>(cmd: &'a mut Command, endpoint: &str) -> &'a mut Command 
         .env("AWS_EC2_METADATA_DISABLED", "true")
 }
 
+/// Sets the endpoint, key and region of `engine` on a `coral` command.
+pub fn with_engine_env<'a>(cmd: &'a mut Command, engine: &testenv::S3Engine) -> &'a mut Command {
+    cmd.env("AWS_ENDPOINT_URL", &engine.endpoint)
+        .env("AWS_ACCESS_KEY_ID", &engine.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &engine.secret_key)
+        .env("AWS_REGION", &engine.region)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+}
+
+/// Creates a bucket on `engine`: moto takes an unsigned `PUT` ([`create_bucket`]); Garage gets
+/// a signed one from boto3 (the venv's Python).
+pub fn create_bucket_on(engine: &testenv::S3Engine, bucket: &str) -> Result<()> {
+    if engine.name == "moto" {
+        return create_bucket(&engine.endpoint, bucket);
+    }
+    let python = testenv::python().context("no Python in the test environment")?;
+    let script = format!(
+        "import boto3\ns3 = boto3.client('s3', endpoint_url={ep:?}, aws_access_key_id={k:?}, aws_secret_access_key={s:?}, region_name={r:?})\ns3.create_bucket(Bucket={bucket:?}, CreateBucketConfiguration={{'LocationConstraint': {r:?}}})\n",
+        ep = engine.endpoint,
+        k = engine.access_key,
+        s = engine.secret_key,
+        r = engine.region,
+    );
+    let out = Command::new(python)
+        .args(["-c", &script])
+        .output()
+        .context("running boto3")?;
+    if !out.status.success() {
+        bail!(
+            "creating bucket {bucket} on {}: {}",
+            engine.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Creates a bucket on the S3 test server (an unsigned `PUT /bucket`, which the loopback test
 /// server accepts). Only loopback endpoints are allowed: a test never reaches anything else.
 pub fn create_bucket(endpoint: &str, bucket: &str) -> Result<()> {

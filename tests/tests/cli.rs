@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use coral_tests::{
-    coral, create_bucket, finetune, run_fail, run_ok, sha256_file, stdout_json, stdout_text,
-    testenv, unique_name, with_s3_env,
+    coral, create_bucket_on, finetune, run_fail, run_ok, sha256_file, stdout_json, stdout_text,
+    testenv, unique_name, with_engine_env, with_s3_env,
 };
 use serde_json::Value;
 
@@ -490,9 +490,12 @@ fn npy_and_npz_go_in_and_out() {
 
 #[test]
 fn sync_to_s3_and_back_into_a_second_store() {
-    let Some(endpoint) = testenv::s3_endpoint() else {
-        return;
-    };
+    for engine in testenv::s3_engines() {
+        sync_round_trip(&engine);
+    }
+}
+
+fn sync_round_trip(engine: &testenv::S3Engine) {
     let fx = Fixture::new();
     let base = match testenv::model_path() {
         Some(m) => m,
@@ -516,11 +519,11 @@ fn sync_to_s3_and_back_into_a_second_store() {
     assert_eq!(f["delta_coded"], ft.changed.len() as u64);
 
     let bucket = unique_name("coral-cli");
-    create_bucket(&endpoint, &bucket).unwrap();
+    create_bucket_on(engine, &bucket).unwrap();
     let remote = format!("s3://{bucket}/models");
     let sync = |src: &str, dst: &str, extra: &[&str]| -> Value {
         let mut c = coral();
-        with_s3_env(&mut c, &endpoint);
+        with_engine_env(&mut c, engine);
         c.args(["sync", src, dst, "--json"]).args(extra);
         stdout_json(&run_ok(&mut c))
     };
@@ -544,7 +547,7 @@ fn sync_to_s3_and_back_into_a_second_store() {
     );
     // The remote store through the command itself.
     let mut ls = coral();
-    with_s3_env(&mut ls, &endpoint);
+    with_engine_env(&mut ls, engine);
     ls.args(["--store", &remote, "ls", "--json"]);
     assert_eq!(
         stdout_json(&run_ok(&mut ls))["models"]
@@ -986,9 +989,12 @@ fn repair_copies_what_verifies_and_lists_what_was_lost() {
 /// write creates it (the seed's auto-creation).
 #[test]
 fn reads_never_create_the_bucket() {
-    let Some(endpoint) = testenv::s3_endpoint() else {
-        return;
-    };
+    for engine in testenv::s3_engines() {
+        reads_never_create_on(&engine);
+    }
+}
+
+fn reads_never_create_on(engine: &testenv::S3Engine) {
     let bucket = unique_name("coral-missing");
     let store = format!("s3://{bucket}/coral");
     for args in [
@@ -999,20 +1005,20 @@ fn reads_never_create_the_bucket() {
         &["export", "m", "/nonexistent/out.safetensors"],
     ] {
         let mut c = coral();
-        with_s3_env(&mut c, &endpoint);
+        with_engine_env(&mut c, engine);
         c.args(["--store", &store]).args(args);
         assert_one_line_error(&run_fail(&mut c), "does not exist");
     }
     // Still not there: a sync from it fails the same way, and creates nothing either.
     let fx = Fixture::new();
     let mut c = coral();
-    with_s3_env(&mut c, &endpoint);
+    with_engine_env(&mut c, engine);
     c.args(["sync", &store, fx.path("d.h5").to_str().unwrap()]);
     assert_one_line_error(&run_fail(&mut c), "does not exist");
     // A write creates it.
     let model = fx.write("m.safetensors", &synthetic_model(2, 8));
     let mut c = coral();
-    with_s3_env(&mut c, &endpoint);
+    with_engine_env(&mut c, engine);
     c.args([
         "--store",
         &store,
@@ -1023,7 +1029,7 @@ fn reads_never_create_the_bucket() {
     ]);
     run_ok(&mut c);
     let mut c = coral();
-    with_s3_env(&mut c, &endpoint);
+    with_engine_env(&mut c, engine);
     c.args(["--store", &store, "ls"]);
     assert!(stdout_text(&run_ok(&mut c)).contains('m'));
 }

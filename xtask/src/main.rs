@@ -3,7 +3,8 @@
 //! - `cargo xtask demo`: the README's main job: the real model through the `coral` command, a
 //!   fine-tune of it, `coral verify` and `coral info`, on a local store under `target/demo`.
 //! - `cargo xtask test [ARGS...]`: installs what the tests need when it is missing, starts the
-//!   S3-compatible test server on loopback, runs
+//!   S3-compatible test servers on loopback (moto, and a 3-node Garage cluster: see
+//!   [`garage`]), runs
 //!   `cargo test --workspace --all-features --no-fail-fast ARGS...`
 //!   with the test environment set, stops the server; then, when no ARGS were given, runs
 //!   `coral-hdf5`'s tests again on a second library, the HDF5 2.x that `hdf5-metno-src` builds
@@ -18,6 +19,7 @@
 
 mod demo;
 mod finetune;
+mod garage;
 mod setup;
 
 use std::process::ExitStatus;
@@ -95,14 +97,36 @@ fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-/// Everything the tests and benches need: system packages, the venv, the model, the server.
-fn prepare(paths: &Paths) -> Result<(S3Server, Vec<(String, String)>)> {
+/// The S3 engines of a run: moto and the Garage cluster, stopped when dropped.
+#[derive(Debug)]
+struct Servers {
+    moto: S3Server,
+    garage: garage::Garage,
+}
+
+impl Servers {
+    fn keep_log(&mut self) {
+        self.moto.keep_log();
+        self.garage.keep_logs();
+    }
+}
+
+/// Everything the tests and benches need: system packages, the venv, the model, the servers.
+fn prepare(paths: &Paths) -> Result<(Servers, Vec<(String, String)>)> {
     setup::ensure_system_packages(&[setup::PKG_CONFIG, setup::LIBHDF5_DEV, setup::RCLONE])?;
     setup::ensure_python_packages(paths)?;
     let model = setup::ensure_model(paths)?;
+    let garage = garage::Garage::start(paths)?;
     let server = S3Server::start(paths)?;
-    let env = setup::test_env(paths, &model, &server.endpoint());
-    Ok((server, env))
+    let mut env = setup::test_env(paths, &model, &server.endpoint());
+    env.extend(garage.env());
+    Ok((
+        Servers {
+            moto: server,
+            garage: garage,
+        },
+        env,
+    ))
 }
 
 fn test(paths: &Paths, extra: &[String]) -> Result<i32> {

@@ -555,7 +555,7 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// Whether an HTTP server answers on 127.0.0.1:port (any status line counts).
-fn answers_http(port: u16) -> bool {
+pub fn answers_http(port: u16) -> bool {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;

@@ -1,5 +1,5 @@
-//! The shared conformance suite against the S3-compatible test server
-//! (`CORAL_TEST_S3_ENDPOINT`; `cargo xtask test` starts it).
+//! The shared conformance suite against both S3 engines of the test environment: moto and the
+//! 3-node Garage cluster (`cargo xtask test` starts both).
 
 mod common;
 
@@ -9,7 +9,7 @@ use coral_store_api::testenv;
 use coral_store_api::testing::{self, flip_one_bit, Harness};
 
 struct S3Harness {
-    endpoint: String,
+    engine: testenv::S3Engine,
     bucket: String,
     compression: coral_core::Codec,
 }
@@ -19,7 +19,7 @@ impl Harness for S3Harness {
 
     fn open(&self, strict_integrity: bool) -> S3Store {
         common::open(
-            common::config(&self.endpoint, &self.bucket)
+            common::engine_config(&self.engine, &self.bucket)
                 .with_compression(self.compression)
                 .with_strict_integrity(strict_integrity),
         )
@@ -41,32 +41,34 @@ impl Harness for S3Harness {
     }
 }
 
-fn harness(compression: &str) -> Option<S3Harness> {
-    let endpoint = testenv::s3_endpoint()?;
-    Some(S3Harness {
-        endpoint,
-        bucket: common::unique_bucket("conf"),
-        compression: compression.parse().unwrap(),
-    })
+fn harnesses(compression: &str) -> Vec<S3Harness> {
+    common::engines()
+        .into_iter()
+        .map(|engine| S3Harness {
+            bucket: common::unique_bucket(&format!("conf-{}", engine.name)),
+            engine,
+            compression: compression.parse().unwrap(),
+        })
+        .collect()
 }
 
 #[test]
 fn conformance_gzip_npz() {
-    if let Some(h) = harness("gzip-6") {
+    for h in harnesses("gzip-6") {
         testing::run_all(&h);
     }
 }
 
 #[test]
 fn conformance_zstd_raw() {
-    if let Some(h) = harness("zstd-3") {
+    for h in harnesses("zstd-3") {
         testing::run_all(&h);
     }
 }
 
 #[test]
 fn conformance_uncompressed() {
-    if let Some(h) = harness("none") {
+    for h in harnesses("none") {
         testing::run_weights(&h);
     }
 }

@@ -29,6 +29,19 @@ pub fn config(endpoint: &str, bucket: &str) -> S3Config {
         .with_retries(2, std::time::Duration::from_secs(10))
 }
 
+/// The engines of the test environment (moto and Garage).
+pub fn engines() -> Vec<coral_store_api::testenv::S3Engine> {
+    coral_store_api::testenv::s3_engines()
+}
+
+/// A config for `engine` (its endpoint, region and key), with a prefix no other store of this
+/// process uses.
+pub fn engine_config(engine: &coral_store_api::testenv::S3Engine, bucket: &str) -> S3Config {
+    config(&engine.endpoint, bucket)
+        .with_region(&engine.region)
+        .with_credentials(&engine.access_key, &engine.secret_key)
+}
+
 /// Opens a store or panics with the error.
 pub fn open(config: S3Config) -> S3Store {
     S3Store::new(config).expect("opening the S3 store")
