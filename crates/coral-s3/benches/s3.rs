@@ -1,4 +1,5 @@
-//! S3Store against the local S3-compatible server, side by side with rclone, in one run.
+//! S3Store against each S3 engine of the environment (moto, and the 3-node Garage cluster),
+//! side by side with rclone on the same engine, in one run.
 //!
 //! Needs `CORAL_TEST_S3_ENDPOINT` and `CORAL_TEST_MODEL` (`cargo xtask bench` sets them) and
 //! `rclone` on the PATH. Prints a markdown table (medians of `CORAL_BENCH_RUNS`, default 3).
@@ -88,7 +89,7 @@ fn tune(w: &WeightTensor) -> WeightTensor {
 }
 
 struct Bench {
-    endpoint: String,
+    engine: coral_store_api::testenv::S3Engine,
     bucket: String,
     counter: std::cell::Cell<usize>,
 }
@@ -99,9 +100,9 @@ impl Bench {
         self.counter.set(n + 1);
         S3Store::new(
             S3Config::new(&self.bucket)
-                .with_endpoint(&self.endpoint)
-                .with_region("us-east-1")
-                .with_credentials("bench", "bench")
+                .with_endpoint(&self.engine.endpoint)
+                .with_region(&self.engine.region)
+                .with_credentials(&self.engine.access_key, &self.engine.secret_key)
                 .with_prefix(format!("bench{n}/coral"))
                 .with_compression(codec),
         )
@@ -114,10 +115,16 @@ impl Bench {
                 .args(args)
                 .env("RCLONE_CONFIG_CORALBENCH_TYPE", "s3")
                 .env("RCLONE_CONFIG_CORALBENCH_PROVIDER", "Other")
-                .env("RCLONE_CONFIG_CORALBENCH_ENDPOINT", &self.endpoint)
-                .env("RCLONE_CONFIG_CORALBENCH_ACCESS_KEY_ID", "bench")
-                .env("RCLONE_CONFIG_CORALBENCH_SECRET_ACCESS_KEY", "bench")
-                .env("RCLONE_CONFIG_CORALBENCH_REGION", "us-east-1")
+                .env("RCLONE_CONFIG_CORALBENCH_ENDPOINT", &self.engine.endpoint)
+                .env(
+                    "RCLONE_CONFIG_CORALBENCH_ACCESS_KEY_ID",
+                    &self.engine.access_key,
+                )
+                .env(
+                    "RCLONE_CONFIG_CORALBENCH_SECRET_ACCESS_KEY",
+                    &self.engine.secret_key,
+                )
+                .env("RCLONE_CONFIG_CORALBENCH_REGION", &self.engine.region)
                 .env("RCLONE_CONFIG_CORALBENCH_FORCE_PATH_STYLE", "true")
                 .env_remove("AWS_CA_BUNDLE")
                 .arg("-q")
@@ -141,21 +148,30 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let (Ok(endpoint), Ok(model)) = (
-        std::env::var("CORAL_TEST_S3_ENDPOINT"),
-        std::env::var("CORAL_TEST_MODEL"),
-    ) else {
-        eprintln!("s3 bench: CORAL_TEST_S3_ENDPOINT and CORAL_TEST_MODEL are not set (run `cargo xtask bench`); skipping");
+    let Ok(model) = std::env::var("CORAL_TEST_MODEL") else {
+        eprintln!("s3 bench: CORAL_TEST_MODEL is not set (run `cargo xtask bench`); skipping");
         return;
     };
+    let engines = coral_store_api::testenv::s3_engines();
+    if engines.is_empty() {
+        eprintln!("s3 bench: no S3 engine in the environment (run `cargo xtask bench`); skipping");
+        return;
+    }
     let runs: usize = std::env::var("CORAL_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3)
         .max(1);
+    for engine in engines {
+        bench_engine(engine, &model, runs);
+    }
+}
+
+fn bench_engine(engine: coral_store_api::testenv::S3Engine, model: &str, runs: usize) {
+    let name = engine.name;
     let bench = Bench {
-        endpoint,
-        bucket: format!("coral-bench-{}", std::process::id()),
+        engine,
+        bucket: format!("coral-bench-{}-{name}", std::process::id()),
         counter: std::cell::Cell::new(0),
     };
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -293,10 +309,16 @@ fn main() {
         }
     }
 
-    println!("### S3Store against rclone, local moto server (medians of {runs} runs)\n");
+    let server = if name == "moto" {
+        "local moto server".to_owned()
+    } else {
+        "Garage 2.5, 3 nodes on loopback, replication 3".to_owned()
+    };
+    println!("### S3Store against rclone, {server} (medians of {runs} runs)\n");
     println!("| model | operation | up / sync s | up rate | down s | down rate | stored | time vs rclone (up / down) |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }
+    println!();
 }
