@@ -48,10 +48,7 @@ fn kill_node(dir: &Path) {
 fn s3_port(dir: &Path) -> u16 {
     let cfg = std::fs::read_to_string(dir.join("garage.toml")).unwrap();
     let s3 = cfg.split("[s3_api]").nth(1).unwrap();
-    let line = s3
-        .lines()
-        .find(|l| l.starts_with("api_bind_addr"))
-        .unwrap();
+    let line = s3.lines().find(|l| l.starts_with("api_bind_addr")).unwrap();
     line.trim_end_matches('"')
         .rsplit(':')
         .next()
@@ -166,13 +163,21 @@ fn node_failures_during_sync() {
     let first_moved = if first.status.success() {
         moved(&serde_json::from_slice(&first.stdout).unwrap())
     } else {
-        eprintln!("garage: the sync with a node down failed: {}", one_line_error(&first));
+        eprintln!(
+            "garage: the sync with a node down failed: {}",
+            one_line_error(&first)
+        );
         0
     };
     let second = stdout_json(&run_ok(&mut sync(&engine, local_s, &remote)));
     let total = 104 + 1;
     if first.status.success() {
-        assert_eq!(first_moved, total, "{}", String::from_utf8_lossy(&first.stdout));
+        assert_eq!(
+            first_moved,
+            total,
+            "{}",
+            String::from_utf8_lossy(&first.stdout)
+        );
         assert_eq!(moved(&second), 0, "the re-run moved again: {second}");
     } else {
         // Only what the first run did not finish.
@@ -185,7 +190,11 @@ fn node_failures_during_sync() {
     }
     eprintln!(
         "garage: node 3 killed mid-sync: the sync {} ({} moved), the re-run moved {}",
-        if first.status.success() { "completed" } else { "failed" },
+        if first.status.success() {
+            "completed"
+        } else {
+            "failed"
+        },
         first_moved,
         moved(&second)
     );
@@ -222,7 +231,8 @@ fn node_failures_during_sync() {
         assert_eq!(report["weights"], 104, "{endpoint}: {report}");
         let mut x = coral();
         with_engine_env(&mut x, &e);
-        x.args(["--store", &remote, "export", "base"]).arg(&out_file);
+        x.args(["--store", &remote, "export", "base"])
+            .arg(&out_file);
         run_ok(&mut x);
         assert_eq!(
             sha256_file(&out_file).unwrap(),

@@ -112,17 +112,7 @@ pub fn start_node(bin: &Path, node: &Node) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err);
-    {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-        // SAFETY: prctl(2) is async-signal-safe; the node dies if xtask is killed outright.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-    }
+    setup::as_test_server(&mut cmd);
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {} -c {}", bin.display(), node.config.display()))?;

@@ -545,6 +545,19 @@ pub struct S3Server {
     keep_log: bool,
 }
 
+/// Makes `cmd` a test server's: its own process group (its guard stops the whole group, and a
+/// terminal's Ctrl-C does not race the guard), and SIGTERM when xtask dies outright.
+pub fn as_test_server(cmd: &mut Command) {
+    cmd.process_group(0);
+    // SAFETY: prctl(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bind port 0 and ask the kernel).
 pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
@@ -600,17 +613,8 @@ impl S3Server {
             cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(out)
-                .stderr(err)
-                // Its own process group: the guard stops the whole group, and a terminal's
-                // Ctrl-C does not race the guard.
-                .process_group(0);
-            // SAFETY: prctl(2) is async-signal-safe; the server dies if xtask is killed outright.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    Ok(())
-                });
-            }
+                .stderr(err);
+            as_test_server(&mut cmd);
             let child = cmd
                 .spawn()
                 .with_context(|| format!("starting {}", program.display()))?;

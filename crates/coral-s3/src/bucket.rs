@@ -38,7 +38,19 @@ pub(crate) async fn ensure_bucket(
     options: &ClientOptions,
 ) -> Result<BucketState, StoreError> {
     let location = config.location();
-    let ctx = |what: &str| format!("{what} bucket {:?} ({location})", config.bucket);
+    // The endpoint, so that a server that does not answer is named (`https://s3.REGION...`
+    // when none is configured).
+    let endpoint = bucket_url(config, region);
+    let endpoint = endpoint
+        .strip_suffix(&format!("/{}", config.bucket))
+        .unwrap_or(&endpoint)
+        .to_owned();
+    let ctx = |what: &str| {
+        format!(
+            "{what} bucket {:?} at {endpoint} ({location})",
+            config.bucket
+        )
+    };
     let credential: Arc<AwsCredential> = match (&config.access_key, &config.secret_key) {
         (Some(k), Some(s)) => Arc::new(AwsCredential {
             key_id: k.clone(),
