@@ -123,7 +123,7 @@ fn prepare(paths: &Paths) -> Result<(Servers, Vec<(String, String)>)> {
     Ok((
         Servers {
             moto: server,
-            garage: garage,
+            garage,
         },
         env,
     ))
