@@ -75,7 +75,16 @@ struct Inner {
     s3: AmazonS3,
     config: S3Config,
     location: String,
+    /// The committed weights of the last listing of `metadata/`, and when it was taken: a
+    /// store of a key it did not hold skips the HEAD request that would ask again (see
+    /// [`LISTING_HINT`]).
+    listed: std::sync::Mutex<Option<(std::time::Instant, BTreeSet<ContentHash>)>>,
 }
+
+/// How long a listing of `metadata/` stands in for the HEAD request of a store. Writing a
+/// weight that another writer committed in between is harmless (the same content under the
+/// same key, its objects written again); the HEAD only saves that upload.
+const LISTING_HINT: Duration = Duration::from_secs(60);
 
 /// Weights, deltas and manifests in an S3 bucket (or any S3-compatible service), under a key
 /// prefix, with the seed's layout (`weights/`, `metadata/`, `deltas/`, plus `models/` and
@@ -233,7 +242,8 @@ impl Inner {
         check: bool,
     ) -> Result<bool> {
         let meta_rel = Self::meta_rel(&key);
-        if check && self.head_exists(&meta_rel).await? {
+        let listed_absent = self.listed_absent(&key);
+        if check && !listed_absent && self.head_exists(&meta_rel).await? {
             return Ok(false);
         }
         let codec = self.config.compression;
@@ -267,6 +277,7 @@ impl Inner {
         let json = serde_json::to_vec_pretty(&record)
             .map_err(|e| StoreError::backend(format!("encoding metadata of {key}"), e))?;
         self.put_rel(&meta_rel, Bytes::from(json)).await?;
+        self.note_committed(&key);
         Ok(true)
     }
 
@@ -318,6 +329,7 @@ impl Inner {
 
     /// Keys of objects `{dir}/{hash}{ext}`; other names are ignored.
     async fn list_keys(&self, dir: &str, ext: &str) -> Result<Vec<ContentHash>> {
+        let started = std::time::Instant::now();
         let objects = self.list_rel(dir).await?;
         let mut keys: Vec<ContentHash> = objects
             .iter()
@@ -327,7 +339,31 @@ impl Inner {
             .collect();
         keys.sort();
         keys.dedup();
+        if dir == "metadata" {
+            let set: BTreeSet<ContentHash> = keys.iter().copied().collect();
+            *self.listed.lock().unwrap_or_else(|e| e.into_inner()) = Some((started, set));
+        }
         Ok(keys)
+    }
+
+    /// Notes that `key` is committed now (a later store of it asks again).
+    fn note_committed(&self, key: &ContentHash) {
+        if let Some((_, keys)) = self
+            .listed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            keys.insert(*key);
+        }
+    }
+
+    /// True when a listing of `metadata/` begun less than [`LISTING_HINT`] ago did not hold
+    /// `key` (and no store of this process committed it since).
+    fn listed_absent(&self, key: &ContentHash) -> bool {
+        let g = self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref()
+            .is_some_and(|(at, keys)| at.elapsed() < LISTING_HINT && !keys.contains(key))
     }
 
     async fn dependents(&self, key: &ContentHash) -> Result<usize> {
@@ -400,6 +436,7 @@ impl S3Store {
             s3,
             config,
             location,
+            listed: std::sync::Mutex::new(None),
         });
         let state = {
             let inner = inner.clone();

@@ -100,7 +100,9 @@ impl Default for SyncOptions {
     fn default() -> Self {
         SyncOptions {
             dry_run: false,
-            concurrency: 8,
+            // Per entry a load, then requests in turn (the data, then the commit object), each
+            // waiting for a replicated engine's quorum: more in flight hides that latency.
+            concurrency: 16,
             progress: None,
         }
     }
