@@ -6,6 +6,8 @@
 //!   storage info, close), blocking and `Send + Sync`;
 //! - [`DeltaStore`]: the seed's delta methods;
 //! - [`StoreError`]: typed errors with context, among them [`StoreError::Integrity`];
+//! - [`lease`]: how several writers share one store (shared and exclusive leases, provided by
+//!   [`ManifestStore`] with defaults for single-writer stores);
 //! - [`MemoryStore`]: the in-memory reference backend, for users' tests too;
 //! - [`resolve`]: rebuilding weights kept as deltas, shared by every backend;
 //! - `testing` (feature `testing`): the conformance suite every backend runs with one call.
@@ -27,6 +29,7 @@
 
 mod error;
 mod info;
+pub mod lease;
 mod memory;
 pub mod resolve;
 #[cfg(feature = "testing")]
@@ -37,6 +40,7 @@ mod traits;
 
 pub use error::{Result, StoreError};
 pub use info::{DeltaStorageInfo, StorageInfo};
+pub use lease::{Lease, LeaseKind, Leftovers};
 pub use memory::MemoryStore;
 pub use traits::{DeltaStore, ManifestStore, Store, WeightStore};
 

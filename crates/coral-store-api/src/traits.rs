@@ -1,11 +1,13 @@
 //! The store traits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 
 use coral_core::{ContentHash, Delta, ModelManifest, ModelName, WeightMetadata, WeightTensor};
 
 use crate::error::Result;
 use crate::info::{DeltaStorageInfo, StorageInfo};
+use crate::lease::{Lease, LeaseKind, Leftovers};
 
 /// A content-addressed weight store: the seed's `WeightStore`.
 ///
@@ -89,7 +91,13 @@ pub trait DeltaStore: WeightStore {
     fn get_delta_storage_info(&self) -> Result<DeltaStorageInfo>;
 }
 
-/// Model manifests kept beside the weights.
+/// Model manifests kept beside the weights, and how the writers of a shared store keep out of
+/// each other's way.
+///
+/// The last five methods (sharing, leases, commit times, leftovers) are provided: their
+/// defaults suit a store with one writer at a time (an HDF5 file under its lock, the memory
+/// store), and do nothing. A store that several processes may write at once (S3) overrides
+/// them; see [`crate::lease`].
 pub trait ManifestStore: WeightStore {
     /// Stores (or replaces) a model's manifest.
     fn put_manifest(&self, manifest: &ModelManifest) -> Result<()>;
@@ -102,6 +110,45 @@ pub trait ManifestStore: WeightStore {
 
     /// Deletes a manifest (not its weights); `Ok(false)` when absent.
     fn delete_manifest(&self, name: &ModelName) -> Result<bool>;
+
+    /// True when other processes may write this store while this one does (an S3 prefix).
+    /// Then a writer must not delete what it stored (another writer may already reference
+    /// it), and a garbage collector must spare what was committed recently. False by default:
+    /// one writer at a time.
+    fn shares_writers(&self) -> bool {
+        false
+    }
+
+    /// Takes a lease of `kind` for `operation` (a word shown to whoever waits for it, such as
+    /// `"add"` or `"gc"`), waiting up to `wait` for conflicting leases to go; past that, fails
+    /// with [`crate::StoreError::Locked`] naming a holder. By default a lease that holds
+    /// nothing.
+    fn acquire_lease(&self, kind: LeaseKind, operation: &str, wait: Duration) -> Result<Lease> {
+        let _ = (operation, wait);
+        Ok(Lease::none(kind))
+    }
+
+    /// Gives a lease back. By default nothing to do.
+    fn release_lease(&self, lease: Lease) -> Result<()> {
+        let _ = lease;
+        Ok(())
+    }
+
+    /// The weights and deltas whose commit object (S3: the metadata object, or the delta
+    /// object) was written less than `age` ago, by the store's clock. By default none: a store
+    /// with one writer at a time has no write in progress while a garbage collector runs.
+    fn committed_within(&self, age: Duration) -> Result<BTreeSet<ContentHash>> {
+        let _ = age;
+        Ok(BTreeSet::new())
+    }
+
+    /// Removes (or, with `dry_run`, only counts) what writes that never finished left and that
+    /// is older than `older_than`: data objects without a commit object, reference markers of
+    /// missing deltas, multipart uploads never completed. By default nothing.
+    fn remove_leftovers(&self, older_than: Duration, dry_run: bool) -> Result<Leftovers> {
+        let _ = (older_than, dry_run);
+        Ok(Leftovers::default())
+    }
 }
 
 /// A complete store: weights, deltas and manifests. Every backend is one; sync and the `coral`
