@@ -3,24 +3,13 @@
 //! sends one signed request (HEAD, then PUT when missing) with object_store's own SigV4 signer
 //! (`AwsAuthorizer`) and HTTP client.
 
-use std::sync::Arc;
-
-use object_store::aws::{AmazonS3, AwsAuthorizer, AwsCredential};
-use object_store::client::{
-    ClientOptions, HttpConnector, HttpRequest, HttpRequestBody, ReqwestConnector,
-};
+use object_store::aws::AmazonS3;
+use object_store::client::{ClientOptions, HttpRequestBody};
 
 use coral_store_api::StoreError;
 
 use crate::config::S3Config;
-
-/// The bucket's URL, path style, as object_store addresses it.
-pub(crate) fn bucket_url(config: &S3Config, region: &str) -> String {
-    match &config.endpoint_url {
-        Some(ep) => format!("{}/{}", ep.trim_end_matches('/'), config.bucket),
-        None => format!("https://s3.{region}.amazonaws.com/{}", config.bucket),
-    }
-}
+use crate::signed::{bucket_url, Signed};
 
 /// What `ensure_bucket` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,40 +40,19 @@ pub(crate) async fn ensure_bucket(
             config.bucket
         )
     };
-    let credential: Arc<AwsCredential> = match (&config.access_key, &config.secret_key) {
-        (Some(k), Some(s)) => Arc::new(AwsCredential {
-            key_id: k.clone(),
-            secret_key: s.clone(),
-            token: None,
-        }),
-        _ => s3
-            .credentials()
-            .get_credential()
-            .await
-            .map_err(|e| StoreError::backend(ctx("getting credentials for"), e))?,
-    };
-    let client = ReqwestConnector::default()
-        .connect(options)
-        .map_err(|e| StoreError::backend(ctx("HTTP client for"), e))?;
-    let url = bucket_url(config, region);
-    let authorizer = AwsAuthorizer::new(&credential, "s3", region);
+    let bucket = format!("bucket {:?} at {endpoint} ({location})", config.bucket);
+    let signed = Signed::new(s3, config, region, options, &bucket).await?;
+    let url = signed.url.clone();
 
-    let request =
-        |method: http::Method, body: HttpRequestBody| -> Result<HttpRequest, StoreError> {
-            let mut req = http::Request::builder()
-                .method(method)
-                .uri(url.as_str())
-                .body(body)
-                .map_err(|e| StoreError::InvalidConfig(format!("bucket URL {url:?}: {e}")))?;
-            authorizer.authorize(&mut req, None);
-            Ok(req)
-        };
-
-    let head = client
-        .execute(request(http::Method::HEAD, HttpRequestBody::empty())?)
-        .await
-        .map_err(|e| StoreError::backend(ctx("checking"), e))?;
-    match head.status().as_u16() {
+    let head = signed
+        .send(
+            http::Method::HEAD,
+            &url,
+            HttpRequestBody::empty(),
+            &ctx("checking"),
+        )
+        .await?;
+    match head.status {
         200..=299 => return Ok(BucketState::Existed),
         404 if !config.create_bucket => {
             return Err(StoreError::NotAStore {
@@ -111,11 +79,10 @@ pub(crate) async fn ensure_bucket(
              <LocationConstraint>{region}</LocationConstraint></CreateBucketConfiguration>"
         ))
     };
-    let put = client
-        .execute(request(http::Method::PUT, body)?)
-        .await
-        .map_err(|e| StoreError::backend(ctx("creating"), e))?;
-    match put.status().as_u16() {
+    let put = signed
+        .send(http::Method::PUT, &url, body, &ctx("creating"))
+        .await?;
+    match put.status {
         200..=299 => {
             tracing::info!(bucket = %config.bucket, "created bucket");
             Ok(BucketState::Created)

@@ -50,6 +50,11 @@ pub struct S3Config {
     /// Create the bucket when it does not exist (true: the seed's behaviour). A reader sets it
     /// to false, so that a mistyped name is an error rather than a new, empty bucket.
     pub create_bucket: bool,
+    /// How long a lease of this store's (see [`coral_store_api::lease`]) stays valid without a
+    /// refresh: its holder refreshes it every fifteenth of this, and another process ignores
+    /// it, and a garbage collector removes it, once it is this old (30 minutes). Written into
+    /// each lease object, so a lease is judged by its holder's setting.
+    pub lease_stale_after: std::time::Duration,
 }
 
 /// The smallest part S3 accepts in a multipart upload (except the last).
@@ -72,7 +77,14 @@ impl S3Config {
             max_retries: 5,
             retry_timeout: std::time::Duration::from_secs(60),
             create_bucket: true,
+            lease_stale_after: coral_store_api::lease::DEFAULT_LEASE_STALE_AFTER,
         }
+    }
+
+    /// Sets how long a lease stays valid without a refresh (30 minutes by default).
+    pub fn with_lease_stale_after(mut self, stale_after: std::time::Duration) -> Self {
+        self.lease_stale_after = stale_after;
+        self
     }
 
     /// Whether opening creates a missing bucket (true by default).
@@ -192,6 +204,12 @@ impl S3Config {
                 self.chunk_size
             ));
         }
+        if self.lease_stale_after < std::time::Duration::from_secs(1) {
+            return bad(format!(
+                "lease_stale_after {:?} is below one second",
+                self.lease_stale_after
+            ));
+        }
         self.compression
             .validate()
             .map_err(|e| StoreError::InvalidConfig(format!("compression: {e}")))?;
@@ -257,6 +275,7 @@ impl fmt::Debug for S3Config {
             .field("max_retries", &self.max_retries)
             .field("retry_timeout", &self.retry_timeout)
             .field("create_bucket", &self.create_bucket)
+            .field("lease_stale_after", &self.lease_stale_after)
             .finish()
     }
 }
@@ -310,6 +329,10 @@ mod tests {
             .is_err());
         assert!(S3Config::new("b1b")
             .with_chunk_size(1024)
+            .validated()
+            .is_err());
+        assert!(S3Config::new("b1b")
+            .with_lease_stale_after(std::time::Duration::from_millis(10))
             .validated()
             .is_err());
         let mut half = S3Config::new("b1b");

@@ -13,7 +13,11 @@
 //! - never half a weight: the data object goes up first and the metadata object, written last,
 //!   commits it; a batch that fails part way says what was stored and what was not
 //!   ([`BatchError`]); [`S3Store::remove_orphans`] cleans what interrupted uploads left;
-//! - the seed's [`S3Store::sync_from_local`] / [`S3Store::sync_to_local`], through `coral-sync`.
+//! - the seed's [`S3Store::sync_from_local`] / [`S3Store::sync_to_local`], through `coral-sync`;
+//! - safe for many writers on one prefix: shared and exclusive leases under `{prefix}locks/`
+//!   ([`coral_store_api::lease`]), the commit times a garbage collector's grace period needs,
+//!   and the removal of what unfinished writes left, abandoned multipart uploads included
+//!   (the provided methods of [`ManifestStore`](coral_store_api::ManifestStore), overridden).
 //!
 //! ```
 //! use coral_s3::{S3Config, S3Store};
@@ -36,9 +40,15 @@
 #![warn(missing_docs)]
 
 mod bucket;
+mod clock;
 pub mod config;
 pub mod format;
+mod lease;
+mod signed;
 mod store;
+mod uploads;
 
 pub use config::S3Config;
-pub use store::{BatchError, DownloadStats, FailedItem, OrphanReport, S3Store, UploadStats};
+pub use store::{
+    BatchError, DownloadStats, FailedItem, OrphanReport, S3Store, UploadStats, SYNC_LEASE_WAIT,
+};

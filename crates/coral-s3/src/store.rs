@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,8 @@ use coral_core::{
 };
 use coral_store_api::resolve::{self, DeltaSource};
 use coral_store_api::{
-    DeltaStorageInfo, DeltaStore, ManifestStore, Result, StorageInfo, StoreError, WeightStore,
+    DeltaStorageInfo, DeltaStore, Lease, LeaseKind, Leftovers, ManifestStore, Result, StorageInfo,
+    StoreError, WeightStore,
 };
 
 use crate::bucket::{ensure_bucket, BucketState};
@@ -58,6 +59,9 @@ fn first_failure(failed: &[FailedItem]) -> String {
         .unwrap_or_default()
 }
 
+/// How long [`S3Store::sync_from_local`] waits for a garbage collector's lease.
+pub const SYNC_LEASE_WAIT: Duration = Duration::from_secs(60);
+
 /// Batches of at least this many distinct weights list the committed keys once rather than
 /// checking each weight with a HEAD request.
 const LIST_THRESHOLD: usize = 32;
@@ -71,10 +75,19 @@ pub struct OrphanReport {
     pub reference_markers: Vec<String>,
 }
 
-struct Inner {
-    s3: AmazonS3,
-    config: S3Config,
-    location: String,
+pub(crate) struct Inner {
+    pub(crate) s3: AmazonS3,
+    pub(crate) config: S3Config,
+    pub(crate) location: String,
+    /// The region requests are signed for.
+    pub(crate) region: String,
+    /// The HTTP client's options (for the requests object_store has no call for).
+    pub(crate) client_options: ClientOptions,
+    /// The service's clock minus ours, in ms, as the last lease write showed (0 when within
+    /// the service's timestamp precision).
+    pub(crate) clock_offset_ms: AtomicI64,
+    /// The leases this store holds.
+    pub(crate) leases: crate::lease::HeldLeases,
     /// The committed weights of the last listing of `metadata/`, and when it was taken: a
     /// store of a key it did not hold skips the HEAD request that would ask again (see
     /// [`LISTING_HINT`]).
@@ -113,7 +126,7 @@ fn not_found(e: &object_store::Error) -> bool {
 }
 
 impl Inner {
-    fn path(&self, rel: &str) -> Result<Path> {
+    pub(crate) fn path(&self, rel: &str) -> Result<Path> {
         let full = format!("{}{rel}", self.config.prefix);
         Path::parse(&full)
             .map_err(|e| StoreError::InvalidConfig(format!("object key {full:?}: {e}")))
@@ -155,7 +168,7 @@ impl Inner {
         }
     }
 
-    async fn get_opt(&self, rel: &str) -> Result<Option<Bytes>> {
+    pub(crate) async fn get_opt(&self, rel: &str) -> Result<Option<Bytes>> {
         let path = self.path(rel)?;
         match self.s3.get(&path).await {
             Ok(r) => match r.bytes().await {
@@ -167,7 +180,7 @@ impl Inner {
         }
     }
 
-    async fn head_exists(&self, rel: &str) -> Result<bool> {
+    pub(crate) async fn head_exists(&self, rel: &str) -> Result<bool> {
         let path = self.path(rel)?;
         match self.s3.head(&path).await {
             Ok(_) => Ok(true),
@@ -176,7 +189,7 @@ impl Inner {
         }
     }
 
-    async fn delete_rel(&self, rel: &str) -> Result<()> {
+    pub(crate) async fn delete_rel(&self, rel: &str) -> Result<()> {
         let path = self.path(rel)?;
         match self.s3.delete(&path).await {
             Ok(()) => Ok(()),
@@ -186,7 +199,7 @@ impl Inner {
     }
 
     /// Puts one object; above `chunk_size` as a multipart upload, aborted on failure.
-    async fn put_rel(&self, rel: &str, body: Bytes) -> Result<Option<String>> {
+    pub(crate) async fn put_rel(&self, rel: &str, body: Bytes) -> Result<Option<String>> {
         let path = self.path(rel)?;
         let ctx = || format!("writing {rel} ({} bytes)", body.len());
         if body.len() <= self.config.chunk_size {
@@ -318,7 +331,7 @@ impl Inner {
         .map_err(|e| StoreError::backend(format!("decoding weight {key}"), e))?
     }
 
-    async fn list_rel(&self, dir: &str) -> Result<Vec<object_store::ObjectMeta>> {
+    pub(crate) async fn list_rel(&self, dir: &str) -> Result<Vec<object_store::ObjectMeta>> {
         let path = self.path(dir)?;
         self.s3
             .list(Some(&path))
@@ -386,6 +399,58 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Data objects without a metadata object and reference markers of missing deltas, last
+    /// modified at or before `cutoff_ms` (the service's clock); deleted unless `dry_run`.
+    pub(crate) async fn orphans(&self, cutoff_ms: i64, dry_run: bool) -> Result<OrphanReport> {
+        let committed: BTreeSet<ContentHash> = self
+            .list_keys("metadata", ".json")
+            .await?
+            .into_iter()
+            .collect();
+        let deltas: BTreeSet<ContentHash> = self
+            .list_keys("deltas", ".npz")
+            .await?
+            .into_iter()
+            .collect();
+        let mut report = OrphanReport::default();
+        for o in self.list_rel("weights").await? {
+            let key = o
+                .location
+                .filename()
+                .and_then(|f| f.strip_suffix(".npz"))
+                .and_then(|h| ContentHash::parse(h).ok());
+            if let Some(k) = key {
+                if !committed.contains(&k) && o.last_modified.timestamp_millis() <= cutoff_ms {
+                    if !dry_run {
+                        self.delete_rel(&Self::weight_rel(&k)).await?;
+                    }
+                    report.data_objects.push(o.location.to_string());
+                }
+            }
+        }
+        for o in self.list_rel("refs").await? {
+            let d = o
+                .location
+                .filename()
+                .and_then(|f| f.strip_suffix(".ref"))
+                .and_then(|h| ContentHash::parse(h).ok());
+            if let Some(d) = d {
+                if !deltas.contains(&d) && o.last_modified.timestamp_millis() <= cutoff_ms {
+                    if !dry_run {
+                        self.s3
+                            .delete(&o.location)
+                            .await
+                            .map_err(|e| self.backend("deleting a reference marker", e))?;
+                    }
+                    report.reference_markers.push(o.location.to_string());
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
 impl S3Store {
     /// Opens the store described by `config`: validates it, builds the client (plain http only
     /// for an `http://` endpoint), and creates the bucket when it does not exist.
@@ -436,6 +501,10 @@ impl S3Store {
             s3,
             config,
             location,
+            region: region.clone(),
+            client_options: options.clone(),
+            clock_offset_ms: AtomicI64::new(0),
+            leases: Default::default(),
             listed: std::sync::Mutex::new(None),
         });
         let state = {
@@ -482,53 +551,14 @@ impl S3Store {
 
     /// Removes the leftovers of interrupted writes older than `older_than` (younger ones may
     /// belong to a write in progress): data objects that no metadata object commits, and
-    /// reference markers of deltas that do not exist.
+    /// reference markers of deltas that do not exist. (`coral gc` does this, and aborts
+    /// abandoned multipart uploads, through [`ManifestStore::remove_leftovers`].)
     pub fn remove_orphans(&self, older_than: Duration) -> Result<OrphanReport> {
         let inner = self.inner();
         self.run(async move {
-            let cutoff = unix_now_minus(older_than);
-            let committed: BTreeSet<ContentHash> = inner
-                .list_keys("metadata", ".json")
-                .await?
-                .into_iter()
-                .collect();
-            let deltas: BTreeSet<ContentHash> = inner
-                .list_keys("deltas", ".npz")
-                .await?
-                .into_iter()
-                .collect();
-            let mut report = OrphanReport::default();
-            for o in inner.list_rel("weights").await? {
-                let key = o
-                    .location
-                    .filename()
-                    .and_then(|f| f.strip_suffix(".npz"))
-                    .and_then(|h| ContentHash::parse(h).ok());
-                if let Some(k) = key {
-                    if !committed.contains(&k) && o.last_modified.timestamp() <= cutoff {
-                        inner.delete_rel(&Inner::weight_rel(&k)).await?;
-                        report.data_objects.push(o.location.to_string());
-                    }
-                }
-            }
-            for o in inner.list_rel("refs").await? {
-                let d = o
-                    .location
-                    .filename()
-                    .and_then(|f| f.strip_suffix(".ref"))
-                    .and_then(|h| ContentHash::parse(h).ok());
-                if let Some(d) = d {
-                    if !deltas.contains(&d) && o.last_modified.timestamp() <= cutoff {
-                        inner
-                            .s3
-                            .delete(&o.location)
-                            .await
-                            .map_err(|e| inner.backend("deleting a reference marker", e))?;
-                        report.reference_markers.push(o.location.to_string());
-                    }
-                }
-            }
-            Ok(report)
+            let older = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+            let cutoff = inner.server_now_ms().saturating_sub(older);
+            inner.orphans(cutoff, false).await
         })
     }
 
@@ -587,6 +617,33 @@ impl S3Store {
         self.run(async move { inner.put_rel(&rel, Bytes::from(body)).await.map(|_| ()) })
     }
 
+    /// Deletes an object under the store's prefix as is: for tests that play another process.
+    #[doc(hidden)]
+    pub fn delete_raw_for_testing(&self, rel: &str) -> Result<()> {
+        let inner = self.inner();
+        let rel = rel.to_owned();
+        self.run(async move { inner.delete_rel(&rel).await })
+    }
+
+    /// The relative keys of the objects under `dir` of the store's prefix: for tests.
+    #[doc(hidden)]
+    pub fn list_raw_for_testing(&self, dir: &str) -> Result<Vec<String>> {
+        let inner = self.inner();
+        let dir = dir.to_owned();
+        self.run(async move {
+            let prefix = inner.config.prefix.clone();
+            Ok(inner
+                .list_rel(&dir)
+                .await?
+                .into_iter()
+                .map(|o| {
+                    let full = o.location.to_string();
+                    full.strip_prefix(&prefix).unwrap_or(&full).to_owned()
+                })
+                .collect())
+        })
+    }
+
     /// Uploads what `local` has and this store lacks (weights, deltas with their references,
     /// manifests): the seed's `sync_from_local`.
     pub fn sync_from_local(
@@ -602,7 +659,17 @@ impl S3Store {
         local: &dyn coral_store_api::Store,
         options: &coral_sync::SyncOptions,
     ) -> std::result::Result<UploadStats, coral_sync::SyncError> {
-        let stats = coral_sync::sync(local, self, options)?;
+        // Weights go up before the manifests that name them: a garbage collector must wait.
+        let lease = if options.dry_run {
+            Lease::none(LeaseKind::Shared)
+        } else {
+            self.acquire_lease(LeaseKind::Shared, "sync", SYNC_LEASE_WAIT)
+                .map_err(|e| lease_error("taking a lease for the sync", e))?
+        };
+        let stats = coral_sync::sync(local, self, options);
+        let released = self.release_lease(lease);
+        let stats = stats?;
+        released.map_err(|e| lease_error("releasing the sync's lease", e))?;
         Ok(UploadStats {
             uploaded: stats.moved(),
             skipped: stats.skipped(),
@@ -632,6 +699,13 @@ impl S3Store {
             bytes_transferred: stats.bytes(),
             details: stats,
         })
+    }
+}
+
+fn lease_error(what: &str, e: StoreError) -> coral_sync::SyncError {
+    coral_sync::SyncError::Store {
+        what: what.to_owned(),
+        source: Box::new(e),
     }
 }
 
@@ -683,16 +757,32 @@ where
     })
 }
 
-fn unix_now_minus(d: Duration) -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.saturating_sub(d).as_secs()).unwrap_or(i64::MAX)
+/// How long closing a store waits for its leases to be given back.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Gives back the leases `inner` still holds, on `rt`, for at most [`RELEASE_TIMEOUT`].
+fn release_on_close(rt: &tokio::runtime::Runtime, inner: &Arc<Inner>) -> Result<()> {
+    if !inner.holds_leases() {
+        return Ok(());
+    }
+    let i = inner.clone();
+    run_on(rt, &inner.location, async move {
+        match tokio::time::timeout(RELEASE_TIMEOUT, i.release_all_leases()).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::backend(
+                format!("releasing the leases of {}", i.location),
+                "timed out",
+            )),
+        }
+    })
 }
 
 impl Drop for S3Store {
     fn drop(&mut self) {
         if let Some(rt) = self.rt.take() {
+            if let Err(e) = release_on_close(&rt, &self.inner) {
+                tracing::warn!(error = %e, "a lease is left behind (it goes stale)");
+            }
             rt.shutdown_background();
         }
     }
@@ -747,6 +837,7 @@ impl WeightStore for S3Store {
             return Ok(false);
         }
         self.run(async move {
+            inner.check_leases().await?;
             let dependents = inner.dependents(&k).await?;
             if dependents > 0 {
                 return Err(StoreError::Referenced { key: k, dependents });
@@ -964,7 +1055,9 @@ impl WeightStore for S3Store {
 
     fn close(&mut self) -> Result<()> {
         if let Some(rt) = self.rt.take() {
+            let released = release_on_close(&rt, &self.inner);
             rt.shutdown_background();
+            released?;
         }
         Ok(())
     }
@@ -1046,6 +1139,7 @@ impl DeltaStore for S3Store {
             let Some(b) = inner.get_opt(&rel).await? else {
                 return Ok(false);
             };
+            inner.check_leases().await?;
             let reference = decode_delta(&b, &k).ok().map(|d| d.reference_hash);
             inner.delete_rel(&rel).await?;
             if let Some(r) = reference {
@@ -1090,6 +1184,8 @@ impl ManifestStore for S3Store {
         let inner = self.inner();
         let m = manifest.clone();
         self.run(async move {
+            // A manifest names weights a garbage collector spares only while our lease holds.
+            inner.check_leases().await?;
             let json = m
                 .to_json()
                 .map_err(|e| inner.err(format!("encoding manifest {}", m.name), e))?;
@@ -1148,5 +1244,41 @@ impl ManifestStore for S3Store {
             inner.delete_rel(&rel).await?;
             Ok(true)
         })
+    }
+
+    /// True: any number of processes, on any number of machines, may write one prefix.
+    fn shares_writers(&self) -> bool {
+        true
+    }
+
+    /// A lease object under `{prefix}locks/`, refreshed in the background until released (see
+    /// `docs/format.md`, "Leases").
+    fn acquire_lease(&self, kind: LeaseKind, operation: &str, wait: Duration) -> Result<Lease> {
+        let inner = self.inner();
+        let op = operation.to_owned();
+        self.run(async move { inner.acquire_lease(kind, &op, wait).await })
+    }
+
+    fn release_lease(&self, lease: Lease) -> Result<()> {
+        let Some(id) = lease.id().map(str::to_owned) else {
+            return Ok(());
+        };
+        let inner = self.inner();
+        self.run(async move { inner.release_lease(&id).await })
+    }
+
+    /// From the listings of `metadata/` and `deltas/` (their objects' times, by the service's
+    /// clock, to the second).
+    fn committed_within(&self, age: Duration) -> Result<BTreeSet<ContentHash>> {
+        let inner = self.inner();
+        self.run(async move { inner.committed_within(age).await })
+    }
+
+    /// Data objects without a metadata object, markers of missing deltas, and multipart uploads
+    /// under the prefix started at least `older_than` ago (by the service's clock; an upload
+    /// whose start the service does not give is left alone).
+    fn remove_leftovers(&self, older_than: Duration, dry_run: bool) -> Result<Leftovers> {
+        let inner = self.inner();
+        self.run(async move { inner.remove_leftovers(older_than, dry_run).await })
     }
 }
