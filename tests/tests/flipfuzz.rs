@@ -215,6 +215,7 @@ fn build_store(store: &Path, file: &dyn Fn(&str) -> PathBuf) {
             reference: None,
             group_bytes: 1 << 20,
             cancel: None,
+            wait: std::time::Duration::from_secs(10),
         };
         let r = ops::add(&s, &src, &opts, &|_| ()).unwrap();
         assert!(r.new > 0, "{r:?}");

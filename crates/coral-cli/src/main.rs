@@ -12,7 +12,7 @@ use coral_cli::ops::{self, AddOptions};
 use coral_cli::source::SourceFile;
 use coral_cli::store::{self, Address, Mode, S3Options};
 use coral_core::{ContentHash, ModelName};
-use coral_store_api::Store;
+use coral_store_api::{Lease, LeaseKind, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -56,7 +56,8 @@ struct Cli {
     #[arg(short, long, global = true)]
     quiet: bool,
     /// Seconds to wait for another writer of a local store (and, when writing, for the
-    /// readers a commit waits for) before giving up.
+    /// readers a commit waits for), or on an S3 store for the leases in the way (a writer for
+    /// `coral gc`'s, gc for the writers'), before giving up.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
     wait: f64,
     /// Set on the child process that does the reading for the parent (see `coral_cli::guard`).
@@ -121,11 +122,17 @@ enum Cmd {
         /// The model.
         model: String,
     },
-    /// Remove weights and deltas no model needs.
+    /// Remove weights and deltas no model needs (on S3: under an exclusive lease, sparing what
+    /// is younger than the grace period, and aborting abandoned multipart uploads).
     Gc {
         /// Only report what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// On an S3 store, keep weights and deltas committed less than DURATION ago, and leave
+        /// unfinished uploads younger than that alone: 0, 90s, 30m, 6h, 2d. Does not apply to
+        /// an HDF5 store, which has one writer at a time (under its lock).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = grace_arg)]
+        grace: std::time::Duration,
         /// Never compact a local store afterwards (by default it is compacted once a quarter
         /// of the file is free space).
         #[arg(long)]
@@ -282,12 +289,24 @@ fn open(cli: &Cli, addr: &str, mode: Mode) -> Result<Box<dyn Store>> {
     store::open(&addr, &s3_options(cli), mode, wait(cli)?)
 }
 
+/// `--grace`'s value.
+fn grace_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
+    ops::parse_duration(s).map_err(|e| e.to_string())
+}
+
 /// `--wait` as a duration.
 fn wait(cli: &Cli) -> Result<std::time::Duration> {
     if !(cli.wait.is_finite() && cli.wait >= 0.0) {
         bail!("--wait takes a number of seconds, got {}", cli.wait);
     }
     Ok(std::time::Duration::from_secs_f64(cli.wait.min(1e9)))
+}
+
+/// Gives a lease back; one that cannot be given back goes stale (the work is done either way).
+fn release(store: &dyn Store, lease: Lease) {
+    if let Err(e) = store.release_lease(lease) {
+        tracing::warn!("releasing a lease: {e} (it goes stale and is then ignored)");
+    }
 }
 
 fn close(mut store: Box<dyn Store>) -> Result<()> {
@@ -384,6 +403,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 reference,
                 group_bytes,
                 cancel: Some(cancel),
+                wait: wait(cli)?,
             };
             let r = ops::add(&*store, &src, &opts, &|n| pb.inc(n));
             pb.finish_and_clear();
@@ -539,13 +559,19 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Cmd::Gc {
             dry_run,
             no_compact,
+            grace,
         } => {
             let store = open(
                 cli,
                 &cli.store,
                 if *dry_run { Mode::Read } else { Mode::Write },
             )?;
-            let r = ops::gc(&*store, *dry_run)?;
+            let opts = ops::GcOptions {
+                dry_run: *dry_run,
+                grace: *grace,
+                wait: wait(cli)?,
+            };
+            let r = ops::gc_with(&*store, &opts)?;
             close(store)?;
             // Free space is reused by later writes; once it is a quarter of the file, the
             // file is rewritten without it (`coral compact`), unless told not to.
@@ -559,13 +585,35 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 v["compacted"] = serde_json::to_value(&compacted)?;
                 print_json(&v)?;
             } else {
-                println!(
+                let mut line = format!(
                     "{} {} weights and {} deltas ({})",
                     if r.dry_run { "would remove" } else { "removed" },
                     r.weights.len(),
                     r.deltas.len(),
                     human_bytes(r.bytes)
                 );
+                if let Some(g) = r.grace_secs {
+                    line.push_str(&format!(
+                        "; kept {} younger than the grace period ({})",
+                        r.kept,
+                        ops::format_duration(std::time::Duration::from_secs(g))
+                    ));
+                }
+                if r.uploads_aborted > 0 {
+                    line.push_str(&format!(
+                        "; {} {} abandoned multipart upload(s)",
+                        if r.dry_run { "would abort" } else { "aborted" },
+                        r.uploads_aborted
+                    ));
+                }
+                if r.leftovers_removed > 0 {
+                    line.push_str(&format!(
+                        "; {} {} leftover(s) of unfinished writes",
+                        if r.dry_run { "would remove" } else { "removed" },
+                        r.leftovers_removed
+                    ));
+                }
+                println!("{line}");
                 match &compacted {
                     Some(c) => println!(
                         "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
@@ -823,9 +871,11 @@ fn repair(cli: &Cli, out: &str) -> Result<()> {
     if !dst.list_weights()?.is_empty() || !dst.list_manifests()?.is_empty() {
         bail!("{out} is not empty: coral repair writes a new store");
     }
+    let lease = dst.acquire_lease(LeaseKind::Shared, "repair", wait(cli)?)?;
     let pb = progress_bar(cli, total as u64, false);
     let r = ops::repair(&*src, &*dst, &|n| pb.inc(n));
     pb.finish_and_clear();
+    release(&*dst, lease);
     let r = r.with_context(|| format!("repairing {} into {out}", cli.store))?;
     close(dst)?;
     if cli.json {
@@ -852,6 +902,12 @@ fn repair(cli: &Cli, out: &str) -> Result<()> {
 fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
     let s = open(cli, src, Mode::Read)?;
     let d = open(cli, dst, if dry_run { Mode::Read } else { Mode::Write })?;
+    // Weights go up before the manifests that name them: a gc on a shared store must wait.
+    let lease = if dry_run {
+        Lease::none(LeaseKind::Shared)
+    } else {
+        d.acquire_lease(LeaseKind::Shared, "sync", wait(cli)?)?
+    };
     let pb = progress_bar(cli, 0, false);
     let bar = pb.clone();
     let opts = coral_sync::SyncOptions::default()
@@ -862,6 +918,7 @@ fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
         });
     let stats = coral_sync::sync(&*s, &*d, &opts);
     pb.finish_and_clear();
+    release(&*d, lease);
     let stats = stats.with_context(|| format!("syncing {src} to {dst}"))?;
     close(d)?;
     if cli.json {

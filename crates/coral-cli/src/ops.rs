@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use coral_core::delta::{encode_best_lossless, DeltaConfig, DeltaEncoder};
 use coral_core::{
     ContentHash, DType, Delta, ManifestTensor, ModelManifest, ModelName, WeightTensor,
 };
-use coral_store_api::Store;
+use coral_store_api::{LeaseKind, Store};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -60,6 +61,9 @@ pub struct AddOptions {
     pub group_bytes: usize,
     /// Checked between groups: when set, the add stops and rolls back (Ctrl-C).
     pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
+    /// How long to wait for a garbage collector's exclusive lease on a store that many
+    /// writers share (S3) before giving up.
+    pub wait: Duration,
 }
 
 /// What [`add`] did.
@@ -89,8 +93,29 @@ fn stored_bytes(store: &dyn Store) -> Result<u64> {
 }
 
 /// Adds a model: stores its tensors (reusing what the store has, delta-coding changed tensors
-/// against the reference), then its manifest. On failure, removes what it wrote.
+/// against the reference), then its manifest.
+///
+/// On a store that many writers share (S3) it holds a shared lease throughout, so no garbage
+/// collector deletes what it stores or reuses before its manifest names it; a failed add there
+/// deletes nothing (another writer may already use what it stored: `coral gc` removes it after
+/// its grace period) and says how much it left. On a store with one writer at a time (HDF5,
+/// memory) a failed add removes what it wrote.
 pub fn add(
+    store: &dyn Store,
+    source: &SourceFile,
+    opts: &AddOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<AddReport> {
+    let lease = store.acquire_lease(LeaseKind::Shared, "add", opts.wait)?;
+    let r = add_leased(store, source, opts, progress);
+    // The manifest is written (or not) already: a lease that cannot be given back goes stale.
+    if let Err(e) = store.release_lease(lease) {
+        tracing::warn!("releasing the add's lease: {e} (it goes stale and is then ignored)");
+    }
+    r
+}
+
+fn add_leased(
     store: &dyn Store,
     source: &SourceFile,
     opts: &AddOptions,
@@ -126,6 +151,13 @@ pub fn add(
             report.bytes_stored = stored_bytes(store)?.saturating_sub(before);
             Ok(report)
         }
+        Err(e) if store.shares_writers() => match written.left_note() {
+            Some(note) => {
+                tracing::warn!("{note}");
+                Err(anyhow!("{e:#}; {note}"))
+            }
+            None => Err(e),
+        },
         Err(e) => {
             written.roll_back(store);
             Err(e)
@@ -140,6 +172,17 @@ struct Written {
 }
 
 impl Written {
+    /// On a shared store nothing is rolled back: what this add stored may already be
+    /// referenced by another writer, which found it present and did not store it again.
+    fn left_note(&self) -> Option<String> {
+        let (w, d) = (self.weights.len(), self.deltas.len());
+        (w + d > 0).then(|| {
+            format!(
+                "the up to {w} weight(s) and {d} delta(s) it stored are left in the store (another                  writer may already use them); `coral gc` removes those no model needs once they                  are older than its grace period"
+            )
+        })
+    }
+
     fn roll_back(&self, store: &dyn Store) {
         for k in self.deltas.iter().rev() {
             if let Err(e) = store.delete_delta(k) {
@@ -906,6 +949,44 @@ pub struct GcReport {
     pub reclaimable_bytes: u64,
     /// The store's size afterwards.
     pub store_bytes: u64,
+    /// The grace period applied, in seconds; `None` on a store with one writer at a time
+    /// (HDF5), where it does not apply.
+    pub grace_secs: Option<u64>,
+    /// Weights and deltas no model needs that were kept because they were committed less than
+    /// the grace period ago (or are the references of such deltas).
+    pub kept: usize,
+    /// Multipart uploads started more than the grace period ago and never completed, aborted
+    /// (in a dry run: that would be).
+    pub uploads_aborted: usize,
+    /// Other leftovers of writes that never finished, older than the grace period, removed (in
+    /// a dry run: that would be): data objects without a commit object, markers of missing
+    /// deltas.
+    pub leftovers_removed: usize,
+}
+
+/// The grace period of [`gc`] by default: one hour.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+
+/// Options of [`gc_with`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GcOptions {
+    /// Only report what would be removed.
+    pub dry_run: bool,
+    /// On a store that many writers share (S3), what was committed less than this ago is kept,
+    /// and multipart uploads younger than this are left alone ([`DEFAULT_GRACE`]).
+    pub grace: Duration,
+    /// How long to wait for the writers' leases to go (10 s).
+    pub wait: Duration,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            dry_run: false,
+            grace: DEFAULT_GRACE,
+            wait: Duration::from_secs(10),
+        }
+    }
 }
 
 /// True when a store after `r` is worth compacting: a quarter of its file (and at least 1 MiB)
@@ -920,9 +1001,11 @@ pub fn needed_keys(store: &dyn Store) -> Result<BTreeSet<ContentHash>> {
     let mut needed = BTreeSet::new();
     let mut todo: Vec<ContentHash> = Vec::new();
     for name in store.list_manifests()? {
-        let m = store
-            .get_manifest(&name)?
-            .ok_or_else(|| anyhow!("manifest {name} vanished"))?;
+        // Removed since the listing (`coral rm` takes no lease): its keys are needed no more.
+        let Some(m) = store.get_manifest(&name)? else {
+            tracing::debug!("model {name} was removed while gc ran");
+            continue;
+        };
         todo.extend(m.keys().copied());
     }
     while let Some(k) = todo.pop() {
@@ -936,19 +1019,75 @@ pub fn needed_keys(store: &dyn Store) -> Result<BTreeSet<ContentHash>> {
     Ok(needed)
 }
 
-/// Removes the weights and deltas no manifest needs.
+/// [`gc_with`] with the default options (grace period one hour, 10 s of waiting).
 pub fn gc(store: &dyn Store, dry_run: bool) -> Result<GcReport> {
+    gc_with(
+        store,
+        &GcOptions {
+            dry_run,
+            ..GcOptions::default()
+        },
+    )
+}
+
+/// Removes the weights and deltas no manifest needs.
+///
+/// On a store that many writers share (S3) it first takes an exclusive lease, waiting up to
+/// `wait` for the writers at work (whose shared leases keep what they store safe until their
+/// manifests name it); then it keeps what was committed less than the grace period ago (a
+/// second line of defence, for writers that take no lease) and also removes the leftovers of
+/// writes that never finished that are older than the grace period, abandoned multipart
+/// uploads included. A dry run takes no lease and deletes nothing.
+pub fn gc_with(store: &dyn Store, opts: &GcOptions) -> Result<GcReport> {
+    let lease = if opts.dry_run {
+        coral_store_api::Lease::none(LeaseKind::Exclusive)
+    } else {
+        store.acquire_lease(LeaseKind::Exclusive, "gc", opts.wait)?
+    };
+    let r = gc_leased(store, opts);
+    if let Err(e) = store.release_lease(lease) {
+        tracing::warn!(
+            "releasing gc's lease: {e} (writers wait for it until it goes stale, 30 minutes)"
+        );
+    }
+    r
+}
+
+fn gc_leased(store: &dyn Store, opts: &GcOptions) -> Result<GcReport> {
+    let dry_run = opts.dry_run;
+    let grace = store.shares_writers().then_some(opts.grace);
+    // What exists first, then what the manifests need, then what is young: a weight listed
+    // here whose manifest is not listed below was committed before this listing, so it is
+    // young below unless its writer took longer than the grace period.
+    let all_deltas = store.list_deltas()?;
+    let all_weights = store.list_weights()?;
     let needed = needed_keys(store)?;
-    let deltas: Vec<ContentHash> = store
-        .list_deltas()?
-        .into_iter()
-        .filter(|k| !needed.contains(k))
+    let young = match grace {
+        Some(g) => store.committed_within(g)?,
+        None => BTreeSet::new(),
+    };
+    // Young entries are kept, and so is the reference of a kept delta (transitively).
+    let mut keep = needed.clone();
+    let mut kept = 0usize;
+    let mut todo: Vec<ContentHash> = young.into_iter().collect();
+    while let Some(k) = todo.pop() {
+        if !keep.insert(k) {
+            continue;
+        }
+        kept += 1;
+        if let Some(d) = store.load_delta(&k)? {
+            todo.push(d.reference_hash);
+        }
+    }
+    let deltas: Vec<ContentHash> = all_deltas
+        .iter()
+        .filter(|k| !keep.contains(k))
+        .copied()
         .collect();
-    let delta_set: HashSet<ContentHash> = store.list_deltas()?.into_iter().collect();
-    let weights: Vec<ContentHash> = store
-        .list_weights()?
+    let delta_set: HashSet<ContentHash> = all_deltas.into_iter().collect();
+    let weights: Vec<ContentHash> = all_weights
         .into_iter()
-        .filter(|k| !needed.contains(k) && !delta_set.contains(k))
+        .filter(|k| !keep.contains(k) && !delta_set.contains(k))
         .collect();
     let mut bytes = 0u64;
     for k in &deltas {
@@ -979,6 +1118,11 @@ pub fn gc(store: &dyn Store, dry_run: bool) -> Result<GcReport> {
                 .delete(k)
                 .with_context(|| format!("deleting weight {k}"))?;
         }
+    }
+    let leftovers = store
+        .remove_leftovers(grace.unwrap_or(Duration::ZERO), dry_run)
+        .context("removing what unfinished writes left")?;
+    if !dry_run {
         after = store.storage_info()?;
         bytes = live(&before).saturating_sub(live(&after));
     }
@@ -989,7 +1133,59 @@ pub fn gc(store: &dyn Store, dry_run: bool) -> Result<GcReport> {
         bytes,
         reclaimable_bytes: after.reclaimable_bytes,
         store_bytes: after.file_size,
+        grace_secs: grace.map(|g| g.as_secs()),
+        kept,
+        uploads_aborted: leftovers.uploads,
+        leftovers_removed: leftovers.data_objects + leftovers.markers,
     })
+}
+
+/// Parses a duration as `coral gc --grace` takes it: a number of seconds, or a number followed
+/// by `s`, `m`, `h` or `d` (`0`, `90s`, `30m`, `1.5h`, `2d`).
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let scale = match unit.trim() {
+        "s" | "sec" | "secs" => 1.0,
+        "m" | "min" | "mins" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => bail!("{text:?} is not a duration: give a number with s, m, h or d (0, 90s, 30m, 6h)"),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .ok_or_else(|| {
+            anyhow!("{text:?} is not a duration: give a number with s, m, h or d (0, 90s, 30m, 6h)")
+        })?;
+    let secs = n * scale;
+    if secs > 1e12 {
+        bail!("{text:?} is too long a duration");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A duration as [`parse_duration`] reads it back: `0s`, `90s`, `30m`, `6h`, `2d`.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_nanos() != 0 {
+        format!("{:.3}s", d.as_secs_f64())
+    } else if s == 0 {
+        "0s".to_owned()
+    } else if s % 86_400 == 0 {
+        format!("{}d", s / 86_400)
+    } else if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 /// Counts of the keys of a model by how they are stored.
@@ -1062,6 +1258,7 @@ mod tests {
             reference: reference.map(name),
             group_bytes: 4096,
             cancel: None,
+            wait: Duration::from_secs(10),
         }
     }
 
@@ -1252,65 +1449,84 @@ mod tests {
         assert!(!out.exists(), "a failed export leaves no file");
     }
 
-    /// A store whose manifest writes fail: add must leave it as it was.
+    /// A store whose manifest writes fail for the model "fails" (add must then leave it as it
+    /// was, or on a shared store leave what it stored); optionally one that says many writers
+    /// share it, with the commit times the test gives and a log of its leases.
     #[derive(Debug, Default)]
-    struct NoManifests(MemoryStore);
+    struct NoManifests {
+        inner: MemoryStore,
+        shared: bool,
+        young: std::sync::Mutex<BTreeSet<ContentHash>>,
+        leases: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl NoManifests {
+        fn shared() -> Self {
+            NoManifests {
+                shared: true,
+                ..Default::default()
+            }
+        }
+        fn log(&self) -> Vec<String> {
+            self.leases.lock().unwrap().clone()
+        }
+    }
 
     impl WeightStore for NoManifests {
         fn store(&self, w: &WeightTensor) -> coral_store_api::Result<ContentHash> {
-            self.0.store(w)
+            self.inner.store(w)
         }
         fn store_with_key(
             &self,
             w: &WeightTensor,
             k: &ContentHash,
         ) -> coral_store_api::Result<ContentHash> {
-            self.0.store_with_key(w, k)
+            self.inner.store_with_key(w, k)
         }
         fn load(&self, k: &ContentHash) -> coral_store_api::Result<Option<WeightTensor>> {
-            self.0.load(k)
+            self.inner.load(k)
         }
         fn exists(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
-            self.0.exists(k)
+            self.inner.exists(k)
         }
         fn delete(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
-            self.0.delete(k)
+            self.inner.delete(k)
         }
         fn list_weights(&self) -> coral_store_api::Result<Vec<ContentHash>> {
-            self.0.list_weights()
+            self.inner.list_weights()
         }
         fn get_metadata(
             &self,
             k: &ContentHash,
         ) -> coral_store_api::Result<Option<coral_core::WeightMetadata>> {
-            self.0.get_metadata(k)
+            self.inner.get_metadata(k)
         }
         fn storage_info(&self) -> coral_store_api::Result<StorageInfo> {
-            self.0.storage_info()
+            self.inner.storage_info()
         }
         fn close(&mut self) -> coral_store_api::Result<()> {
-            self.0.close()
+            self.inner.close()
         }
     }
 
     impl DeltaStore for NoManifests {
         fn store_delta(&self, d: &Delta, k: &ContentHash) -> coral_store_api::Result<ContentHash> {
-            self.0.store_delta(d, k)
+            self.inner.store_delta(d, k)
         }
         fn load_delta(&self, k: &ContentHash) -> coral_store_api::Result<Option<Delta>> {
-            self.0.load_delta(k)
+            self.inner.load_delta(k)
         }
         fn delta_exists(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
-            self.0.delta_exists(k)
+            self.inner.delta_exists(k)
         }
         fn delete_delta(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
-            self.0.delete_delta(k)
+            self.inner.delete_delta(k)
         }
         fn list_deltas(&self) -> coral_store_api::Result<Vec<ContentHash>> {
-            self.0.list_deltas()
+            self.inner.list_deltas()
         }
         fn get_delta_storage_info(&self) -> coral_store_api::Result<DeltaStorageInfo> {
-            self.0.get_delta_storage_info()
+            self.inner.get_delta_storage_info()
         }
     }
 
@@ -1321,16 +1537,45 @@ mod tests {
                     location: "test".into(),
                 });
             }
-            self.0.put_manifest(m)
+            self.inner.put_manifest(m)
         }
         fn get_manifest(&self, n: &ModelName) -> coral_store_api::Result<Option<ModelManifest>> {
-            self.0.get_manifest(n)
+            self.inner.get_manifest(n)
         }
         fn list_manifests(&self) -> coral_store_api::Result<Vec<ModelName>> {
-            self.0.list_manifests()
+            self.inner.list_manifests()
         }
         fn delete_manifest(&self, n: &ModelName) -> coral_store_api::Result<bool> {
-            self.0.delete_manifest(n)
+            self.inner.delete_manifest(n)
+        }
+        fn shares_writers(&self) -> bool {
+            self.shared
+        }
+        fn acquire_lease(
+            &self,
+            kind: LeaseKind,
+            op: &str,
+            _wait: Duration,
+        ) -> coral_store_api::Result<coral_store_api::Lease> {
+            let id = format!("{kind}:{op}");
+            self.leases.lock().unwrap().push(format!("take {id}"));
+            Ok(coral_store_api::Lease::held(kind, id))
+        }
+        fn release_lease(&self, lease: coral_store_api::Lease) -> coral_store_api::Result<()> {
+            if let Some(id) = lease.id() {
+                self.leases.lock().unwrap().push(format!("give {id}"));
+            }
+            Ok(())
+        }
+        fn committed_within(
+            &self,
+            age: Duration,
+        ) -> coral_store_api::Result<BTreeSet<ContentHash>> {
+            Ok(if age.is_zero() {
+                BTreeSet::new()
+            } else {
+                self.young.lock().unwrap().clone()
+            })
         }
     }
 
@@ -1366,6 +1611,174 @@ mod tests {
         assert_eq!(store.list_weights().unwrap(), weights);
         assert!(store.list_deltas().unwrap().is_empty());
         assert_eq!(store.list_manifests().unwrap(), vec![name("base")]);
+    }
+
+    #[test]
+    fn a_failed_add_on_a_shared_store_leaves_what_it_stored_for_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = NoManifests::shared();
+        let p = model_file(
+            dir.path(),
+            "m.safetensors",
+            &[
+                ("a", vec![1024], smooth(1024, 0.0)),
+                ("b", vec![4], vec![1.0; 4]),
+            ],
+        );
+        let e = add(
+            &store,
+            &SourceFile::open(&p).unwrap(),
+            &opts("fails", None),
+            &|_| {},
+        )
+        .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("read-only"), "{msg}");
+        assert!(
+            msg.contains("the up to 2 weight(s) and 0 delta(s) it stored are left in the store"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "{msg}");
+        // Nothing deleted: another writer may already use them.
+        assert_eq!(store.list_weights().unwrap().len(), 2);
+        assert!(store.list_manifests().unwrap().is_empty());
+        // The add held a shared lease, and gave it back.
+        assert_eq!(store.log(), ["take shared:add", "give shared:add"]);
+        // gc keeps them while they are young, removes them after.
+        *store.young.lock().unwrap() = store.list_weights().unwrap().into_iter().collect();
+        let g = gc(&store, false).unwrap();
+        assert_eq!((g.weights.len(), g.kept, g.grace_secs), (0, 2, Some(3600)));
+        let g = gc_with(
+            &store,
+            &GcOptions {
+                grace: Duration::ZERO,
+                ..GcOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((g.weights.len(), g.kept, g.grace_secs), (2, 0, Some(0)));
+        assert!(store.list_weights().unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_on_a_shared_store_takes_an_exclusive_lease_and_spares_young_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = NoManifests::shared();
+        let base = vec![
+            ("a", vec![64, 16], smooth(1024, 0.0)),
+            ("b", vec![1024], smooth(1024, 1.0)),
+        ];
+        let p = model_file(dir.path(), "base.safetensors", &base);
+        add(
+            &store,
+            &SourceFile::open(&p).unwrap(),
+            &opts("base", None),
+            &|_| {},
+        )
+        .unwrap();
+        let mut ft = base.clone();
+        ft[0].2 = ft[0]
+            .2
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + 1e-4 * ((i % 7) as f32 - 3.0))
+            .collect();
+        let q = model_file(dir.path(), "ft.safetensors", &ft);
+        let r = add(
+            &store,
+            &SourceFile::open(&q).unwrap(),
+            &opts("ft", Some("base")),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(r.delta_coded, 1);
+        let delta = store.list_deltas().unwrap()[0];
+        for m in ["base", "ft"] {
+            assert!(store.delete_manifest(&name(m)).unwrap());
+        }
+        store.leases.lock().unwrap().clear();
+        // A dry run takes no lease; the young delta is kept, and so is its reference.
+        store.young.lock().unwrap().insert(delta);
+        let g = gc(&store, true).unwrap();
+        assert_eq!(
+            (g.weights.len(), g.deltas.len(), g.kept),
+            (1, 0, 2),
+            "{g:?}"
+        );
+        assert!(store.log().is_empty(), "{:?}", store.log());
+        let g = gc(&store, false).unwrap();
+        assert_eq!(
+            (g.weights.len(), g.deltas.len(), g.kept),
+            (1, 0, 2),
+            "{g:?}"
+        );
+        assert_eq!(store.log(), ["take exclusive:gc", "give exclusive:gc"]);
+        assert_eq!(store.list_deltas().unwrap(), vec![delta]);
+        // Once old, both go.
+        store.young.lock().unwrap().clear();
+        let g = gc(&store, false).unwrap();
+        assert_eq!(
+            (g.weights.len(), g.deltas.len(), g.kept),
+            (1, 1, 0),
+            "{g:?}"
+        );
+        assert!(store.list_weights().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_grace_period_does_not_apply_to_a_store_with_one_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = NoManifests::default();
+        let p = model_file(
+            dir.path(),
+            "m.safetensors",
+            &[("x", vec![2], vec![1.0, 2.0])],
+        );
+        add(
+            &store,
+            &SourceFile::open(&p).unwrap(),
+            &opts("m", None),
+            &|_| {},
+        )
+        .unwrap();
+        store.delete_manifest(&name("m")).unwrap();
+        *store.young.lock().unwrap() = store.list_weights().unwrap().into_iter().collect();
+        let g = gc(&store, false).unwrap();
+        assert_eq!((g.weights.len(), g.kept, g.grace_secs), (1, 0, None));
+    }
+
+    #[test]
+    fn durations() {
+        for (text, secs) in [
+            ("0", 0.0),
+            ("90", 90.0),
+            ("90s", 90.0),
+            ("30m", 1800.0),
+            ("6h", 21_600.0),
+            ("1.5h", 5400.0),
+            ("2d", 172_800.0),
+            (" 5 min", 300.0),
+        ] {
+            assert_eq!(
+                parse_duration(text).unwrap(),
+                Duration::from_secs_f64(secs),
+                "{text}"
+            );
+        }
+        for bad in ["", "h", "-1s", "1x", "1e400", "nan", "1 week", "inf"] {
+            let e = parse_duration(bad).unwrap_err().to_string();
+            assert!(e.contains("duration"), "{bad}: {e}");
+        }
+        for (d, text) in [
+            (0, "0s"),
+            (90, "90s"),
+            (1800, "30m"),
+            (3600, "1h"),
+            (86_400, "1d"),
+        ] {
+            assert_eq!(format_duration(Duration::from_secs(d)), text);
+            assert_eq!(parse_duration(text).unwrap(), Duration::from_secs(d));
+        }
     }
 
     #[test]
@@ -1436,7 +1849,7 @@ mod tests {
             let p = dir.path().join("m.safetensors");
             std::fs::write(&p, &bytes).unwrap();
             let store = MemoryStore::new();
-            let o = AddOptions { name: name("m"), reference: None, group_bytes: group, cancel: None };
+            let o = AddOptions { name: name("m"), reference: None, group_bytes: group, cancel: None, wait: Duration::ZERO };
             let r = add(&store, &SourceFile::open(&p).unwrap(), &o, &|_| {}).unwrap();
             prop_assert_eq!(r.new + r.reused, list.len());
             let out = dir.path().join("o.safetensors");
