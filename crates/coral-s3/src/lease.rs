@@ -5,11 +5,14 @@
 //! processes that do this at the same time at least the later one sees the other's lease. So a
 //! lease is held once the listing after its write shows no live conflicting lease:
 //!
-//! - a **shared** lease (writers that add references) that sees a live exclusive one removes
-//!   itself, waits for the exclusive one to go, and tries again;
-//! - an **exclusive** lease (gc) that sees only shared ones stays, so no new writer starts, and
-//!   waits for them to end; one that sees another exclusive lease removes itself and tries again
-//!   after a random pause.
+//! - a **shared** lease (writers that add references) that sees a live exclusive one puts up
+//!   a `waiting` mark instead, waits for the exclusive one to go, and tries again;
+//! - an **exclusive** lease (gc) first lets writers with a `waiting` mark go first (for as long
+//!   as it may wait: they are not at work), then goes up; if it sees only shared leases it stays
+//!   up, so no new writer starts, and waits for them to end; one that sees another exclusive
+//!   lease goes, and tries again after a random pause.
+//!
+//! So a gc run in a loop and a stream of writers take turns: neither starves the other.
 //!
 //! A held lease is refreshed in the background every fifteenth of its stale period. A lease
 //! whose object is older than the stale period its holder declared (by the service's clock), or
@@ -166,11 +169,40 @@ fn jitter(max_ms: u64) -> Duration {
     Duration::from_millis(n % max_ms.max(1))
 }
 
+/// What a lease object is, by its name: a held lease of either kind, or the mark of a writer
+/// that waits for an exclusive lease to go (and that a garbage collector about to start lets
+/// go first, so that writers are not starved by a gc run in a loop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ObjKind {
+    Held(LeaseKind),
+    Waiting,
+}
+
+impl ObjKind {
+    fn name(self) -> &'static str {
+        match self {
+            ObjKind::Held(k) => k.name(),
+            ObjKind::Waiting => "waiting",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ObjKind> {
+        match s {
+            "waiting" => Some(ObjKind::Waiting),
+            _ => LeaseKind::parse(s).map(ObjKind::Held),
+        }
+    }
+
+    fn is(self, kind: LeaseKind) -> bool {
+        self == ObjKind::Held(kind)
+    }
+}
+
 /// A lease object in a listing of `locks/`.
 #[derive(Debug, Clone)]
 struct Seen {
     rel: String,
-    kind: LeaseKind,
+    kind: ObjKind,
     modified_ms: i64,
 }
 
@@ -203,11 +235,12 @@ impl Holder {
     }
 }
 
-/// "a shared" or "an exclusive".
-fn a_kind(kind: LeaseKind) -> &'static str {
+/// "a shared", "an exclusive", "a waiting".
+fn a_kind(kind: ObjKind) -> &'static str {
     match kind {
-        LeaseKind::Shared => "a shared",
-        LeaseKind::Exclusive => "an exclusive",
+        ObjKind::Held(LeaseKind::Shared) => "a shared",
+        ObjKind::Held(LeaseKind::Exclusive) => "an exclusive",
+        ObjKind::Waiting => "a waiting",
     }
 }
 
@@ -249,13 +282,13 @@ pub(crate) struct HeldLease {
 /// The leases a store holds, by id.
 pub(crate) type HeldLeases = Mutex<std::collections::HashMap<String, HeldLease>>;
 
-/// Sleeps that grow from 100 ms to 1 s, with some jitter.
+/// Sleeps that grow from 50 ms to 500 ms, with some jitter.
 struct Poll(u64);
 
 impl Poll {
     async fn sleep(&mut self) {
         tokio::time::sleep(Duration::from_millis(self.0) + jitter(self.0 / 2 + 1)).await;
-        self.0 = (self.0 * 3 / 2).min(1000);
+        self.0 = (self.0 * 3 / 2).min(500);
     }
 }
 
@@ -264,12 +297,12 @@ fn lease_rel(id: &str) -> String {
 }
 
 /// `(kind, id)` of a lease object's file name `{kind}-{token}.json`.
-fn parse_lease_name(file: &str) -> Option<(LeaseKind, &str)> {
+fn parse_lease_name(file: &str) -> Option<(ObjKind, &str)> {
     let id = file.strip_suffix(".json")?;
     let (kind, token) = id.split_once('-')?;
     let ok = (8..=64).contains(&token.len()) && token.bytes().all(|c| c.is_ascii_hexdigit());
     ok.then_some(())?;
-    Some((LeaseKind::parse(kind)?, id))
+    Some((ObjKind::parse(kind)?, id))
 }
 
 impl Inner {
@@ -279,6 +312,10 @@ impl Inner {
 
     fn refresh_interval(&self) -> Duration {
         (self.config.lease_stale_after / 15).max(Duration::from_millis(50))
+    }
+
+    fn refresh_ms(&self) -> i64 {
+        i64::try_from(self.refresh_interval().as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Now by the service's clock, as far as this process knows it (its own clock when the two
@@ -329,11 +366,11 @@ impl Inner {
         })
     }
 
-    /// The live leases of `seen` that conflict with `kind` (except `own`). Stale ones are
-    /// skipped, and deleted when `remove_stale`.
-    async fn live_conflicts(
+    /// The live lease objects of `seen` of the kinds `wanted` takes (except `own`). Stale
+    /// ones are skipped, and deleted when `remove_stale`.
+    async fn live(
         &self,
-        kind: LeaseKind,
+        wanted: impl Fn(ObjKind) -> bool,
         own: Option<&str>,
         seen: &[Seen],
         now_ms: i64,
@@ -341,7 +378,7 @@ impl Inner {
     ) -> Result<Vec<Holder>> {
         let mut out = Vec::new();
         for s in seen {
-            if Some(s.rel.as_str()) == own || !kind.conflicts_with(s.kind) {
+            if Some(s.rel.as_str()) == own || !wanted(s.kind) {
                 continue;
             }
             let record = match self.read_lease(&s.rel).await? {
@@ -408,7 +445,7 @@ impl Inner {
         let now = self.server_now_ms();
         let holder = holders
             .iter()
-            .find(|h| h.seen.kind == LeaseKind::Exclusive)
+            .find(|h| h.seen.kind.is(LeaseKind::Exclusive))
             .or_else(|| holders.first());
         let who = holder.map_or_else(|| "another process".to_owned(), |h| h.describe(now));
         let more = holders.len().saturating_sub(1);
@@ -434,65 +471,148 @@ impl Inner {
         wait: Duration,
     ) -> Result<Lease> {
         let deadline = tokio::time::Instant::now() + wait;
-        let id = format!("{}-{}", kind.name(), random_token());
+        let token = random_token();
+        let id = format!("{}-{token}", kind.name());
         let rel = lease_rel(&id);
-        let mut record = LeaseRecord::new(kind, &id, operation, self.config.lease_stale_after);
-        let mut poll = Poll(100);
+        let record = LeaseRecord::new(kind, &id, operation, self.config.lease_stale_after);
+        match kind {
+            LeaseKind::Shared => {
+                let waiting = lease_rel(&format!("{}-{token}", ObjKind::Waiting.name()));
+                let r = self
+                    .acquire_shared(operation, wait, deadline, &rel, &waiting, record)
+                    .await;
+                // However it ended, the mark of our waiting goes.
+                let gone = self.delete_rel(&waiting).await;
+                let written = r?;
+                if let Err(e) = gone {
+                    let _ = self.delete_rel(&rel).await;
+                    return Err(e);
+                }
+                Ok(self.hold(kind, id, rel, written.0, written.1))
+            }
+            LeaseKind::Exclusive => {
+                let (record, written) = self
+                    .acquire_exclusive(operation, wait, deadline, &rel, record)
+                    .await?;
+                Ok(self.hold(kind, id, rel, record, written))
+            }
+        }
+    }
+
+    /// A writer's lease: up unless an exclusive one is; while one is, the writer's `waiting`
+    /// mark is up instead. Returns the record and when it was written.
+    async fn acquire_shared(
+        &self,
+        operation: &str,
+        wait: Duration,
+        deadline: tokio::time::Instant,
+        rel: &str,
+        waiting: &str,
+        mut record: LeaseRecord,
+    ) -> Result<(LeaseRecord, i64)> {
+        let exclusive = |k: ObjKind| k.is(LeaseKind::Exclusive);
+        let mut poll = Poll(50);
+        let mut marked: Option<i64> = None;
         loop {
             record.refreshed_unix = unix_ms() / 1000;
-            self.put_lease(&rel, &record).await?;
-            let mut written = unix_ms();
-            let (seen, now) = self.list_after_write(&rel, written).await?;
-            let mut holders = self
-                .live_conflicts(kind, Some(&rel), &seen, now, kind == LeaseKind::Exclusive)
-                .await?;
-            if kind == LeaseKind::Exclusive
-                && !holders.iter().any(|h| h.seen.kind == LeaseKind::Exclusive)
-            {
-                // Only writers in the way: our lease stays, so that no new writer starts, and
-                // we wait for those at work to finish.
-                while !holders.is_empty() {
-                    if tokio::time::Instant::now() >= deadline {
-                        self.delete_rel(&rel).await?;
-                        return Err(self.busy(operation, &holders, wait));
-                    }
-                    poll.sleep().await;
-                    if unix_ms() - written > self.refresh_interval().as_millis() as i64 {
-                        record.refreshed_unix = unix_ms() / 1000;
-                        self.put_lease(&rel, &record).await?;
-                        written = unix_ms();
-                    }
-                    let (seen, now) = self.list_after_write(&rel, written).await?;
-                    holders = self
-                        .live_conflicts(kind, Some(&rel), &seen, now, true)
-                        .await?;
-                    if holders.iter().any(|h| h.seen.kind == LeaseKind::Exclusive) {
-                        break;
-                    }
+            self.put_lease(rel, &record).await?;
+            let written = unix_ms();
+            let (seen, now) = self.list_after_write(rel, written).await?;
+            let mut holders = self.live(exclusive, Some(rel), &seen, now, false).await?;
+            if holders.is_empty() {
+                return Ok((record, written));
+            }
+            // Back off: our waiting mark goes up (so the next gc lets us go first), our lease
+            // goes, and we wait for the exclusive lease to go.
+            if marked.is_none() {
+                let mut mark = record.clone();
+                mark.kind = ObjKind::Waiting.name().to_owned();
+                self.put_lease(waiting, &mark).await?;
+                marked = Some(unix_ms());
+            }
+            self.delete_rel(rel).await?;
+            while !holders.is_empty() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(self.busy(operation, &holders, wait));
                 }
+                poll.sleep().await;
+                if marked.is_some_and(|t| unix_ms() - t > self.refresh_ms()) {
+                    let mut mark = record.clone();
+                    mark.kind = ObjKind::Waiting.name().to_owned();
+                    mark.refreshed_unix = unix_ms() / 1000;
+                    self.put_lease(waiting, &mark).await?;
+                    marked = Some(unix_ms());
+                }
+                let seen = self.list_leases().await?;
+                let now = self.server_now_ms();
+                holders = self.live(exclusive, None, &seen, now, false).await?;
+            }
+        }
+    }
+
+    /// gc's lease: once no writer waits for an earlier gc (as long as `wait` allows), up; held
+    /// once no live lease of any kind is in the way, waiting (with it up, so no new writer
+    /// starts) for the writers at work to finish. Returns the record and when it was written.
+    async fn acquire_exclusive(
+        &self,
+        operation: &str,
+        wait: Duration,
+        deadline: tokio::time::Instant,
+        rel: &str,
+        mut record: LeaseRecord,
+    ) -> Result<(LeaseRecord, i64)> {
+        let held = |k: ObjKind| matches!(k, ObjKind::Held(_));
+        let exclusive = |k: ObjKind| k.is(LeaseKind::Exclusive);
+        let mut poll = Poll(50);
+        // Writers that wait for an earlier gc go first; they are not at work, so once `wait`
+        // is over we go ahead of them.
+        loop {
+            let seen = self.list_leases().await?;
+            let now = self.server_now_ms();
+            let waiting = self
+                .live(|k| k == ObjKind::Waiting, None, &seen, now, true)
+                .await?;
+            if waiting.is_empty() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            poll.sleep().await;
+        }
+        loop {
+            record.refreshed_unix = unix_ms() / 1000;
+            self.put_lease(rel, &record).await?;
+            let mut written = unix_ms();
+            let (seen, now) = self.list_after_write(rel, written).await?;
+            let mut holders = self.live(held, Some(rel), &seen, now, true).await?;
+            // Only writers in the way: our lease stays, so that no new writer starts, and we
+            // wait for those at work to finish.
+            while !holders.is_empty() && !holders.iter().any(|h| exclusive(h.seen.kind)) {
+                if tokio::time::Instant::now() >= deadline {
+                    self.delete_rel(rel).await?;
+                    return Err(self.busy(operation, &holders, wait));
+                }
+                poll.sleep().await;
+                if unix_ms() - written > self.refresh_ms() {
+                    record.refreshed_unix = unix_ms() / 1000;
+                    self.put_lease(rel, &record).await?;
+                    written = unix_ms();
+                }
+                let (seen, now) = self.list_after_write(rel, written).await?;
+                holders = self.live(held, Some(rel), &seen, now, true).await?;
             }
             if holders.is_empty() {
-                return Ok(self.hold(kind, id, rel, record, written));
+                return Ok((record, written));
             }
-            // Back off: our lease goes, we wait for the exclusive lease in the way to go, then
-            // try again after a random pause (two garbage collectors that saw each other).
-            self.delete_rel(&rel).await?;
-            loop {
+            // Another gc: ours goes, we wait for it to finish, and try again after a random
+            // pause (two that saw each other).
+            self.delete_rel(rel).await?;
+            while !holders.is_empty() {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(self.busy(operation, &holders, wait));
                 }
                 poll.sleep().await;
                 let seen = self.list_leases().await?;
                 let now = self.server_now_ms();
-                holders = self
-                    .live_conflicts(kind, None, &seen, now, false)
-                    .await?
-                    .into_iter()
-                    .filter(|h| h.seen.kind == LeaseKind::Exclusive)
-                    .collect();
-                if holders.is_empty() {
-                    break;
-                }
+                holders = self.live(exclusive, None, &seen, now, false).await?;
             }
             tokio::time::sleep(jitter(300)).await;
         }
@@ -719,11 +839,15 @@ mod tests {
         let name = format!("shared-{t}.json");
         assert_eq!(
             parse_lease_name(&name),
-            Some((LeaseKind::Shared, &name[..name.len() - 5]))
+            Some((ObjKind::Held(LeaseKind::Shared), &name[..name.len() - 5]))
         );
         assert_eq!(
             parse_lease_name("exclusive-0123abcd.json").map(|x| x.0),
-            Some(LeaseKind::Exclusive)
+            Some(ObjKind::Held(LeaseKind::Exclusive))
+        );
+        assert_eq!(
+            parse_lease_name("waiting-0123abcd.json").map(|x| x.0),
+            Some(ObjKind::Waiting)
         );
         for bad in [
             "shared-xyz.json",
