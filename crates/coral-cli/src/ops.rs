@@ -998,6 +998,15 @@ pub fn worth_compacting(r: &GcReport) -> bool {
 
 /// Every key the store's manifests need, with the references of needed deltas (transitively).
 pub fn needed_keys(store: &dyn Store) -> Result<BTreeSet<ContentHash>> {
+    let deltas: HashSet<ContentHash> = store.list_deltas()?.into_iter().collect();
+    needed_keys_with(store, &deltas)
+}
+
+/// [`needed_keys`], given the store's deltas (only those are looked up as deltas).
+fn needed_keys_with(
+    store: &dyn Store,
+    deltas: &HashSet<ContentHash>,
+) -> Result<BTreeSet<ContentHash>> {
     let mut needed = BTreeSet::new();
     let mut todo: Vec<ContentHash> = Vec::new();
     for name in store.list_manifests()? {
@@ -1010,6 +1019,9 @@ pub fn needed_keys(store: &dyn Store) -> Result<BTreeSet<ContentHash>> {
     }
     while let Some(k) = todo.pop() {
         if !needed.insert(k) {
+            continue;
+        }
+        if !deltas.contains(&k) {
             continue;
         }
         if let Some(d) = store.load_delta(&k)? {
@@ -1061,7 +1073,8 @@ fn gc_leased(store: &dyn Store, opts: &GcOptions) -> Result<GcReport> {
     // young below unless its writer took longer than the grace period.
     let all_deltas = store.list_deltas()?;
     let all_weights = store.list_weights()?;
-    let needed = needed_keys(store)?;
+    let delta_set: HashSet<ContentHash> = all_deltas.iter().copied().collect();
+    let needed = needed_keys_with(store, &delta_set)?;
     let young = match grace {
         Some(g) => store.committed_within(g)?,
         None => BTreeSet::new(),
@@ -1075,6 +1088,7 @@ fn gc_leased(store: &dyn Store, opts: &GcOptions) -> Result<GcReport> {
             continue;
         }
         kept += 1;
+        // (Young entries are few: each is looked up, even one committed after the listing.)
         if let Some(d) = store.load_delta(&k)? {
             todo.push(d.reference_hash);
         }
@@ -1084,24 +1098,26 @@ fn gc_leased(store: &dyn Store, opts: &GcOptions) -> Result<GcReport> {
         .filter(|k| !keep.contains(k))
         .copied()
         .collect();
-    let delta_set: HashSet<ContentHash> = all_deltas.into_iter().collect();
     let weights: Vec<ContentHash> = all_weights
         .into_iter()
         .filter(|k| !keep.contains(k) && !delta_set.contains(k))
         .collect();
+    // A dry run estimates the bytes; a real one measures them (below).
     let mut bytes = 0u64;
-    for k in &deltas {
-        if let Some(d) = store.load_delta(k)? {
-            bytes += d.nbytes() as u64;
+    if dry_run {
+        for k in &deltas {
+            if let Some(d) = store.load_delta(k)? {
+                bytes += d.nbytes() as u64;
+            }
         }
-    }
-    for k in &weights {
-        if let Some(m) = store.get_metadata(k)? {
-            bytes += m
-                .compression_info
-                .get("compressed_size")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0);
+        for k in &weights {
+            if let Some(m) = store.get_metadata(k)? {
+                bytes += m
+                    .compression_info
+                    .get("compressed_size")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0);
+            }
         }
     }
     let live = |i: &coral_store_api::StorageInfo| i.file_size.saturating_sub(i.reclaimable_bytes);

@@ -282,13 +282,13 @@ pub(crate) struct HeldLease {
 /// The leases a store holds, by id.
 pub(crate) type HeldLeases = Mutex<std::collections::HashMap<String, HeldLease>>;
 
-/// Sleeps that grow from 50 ms to 500 ms, with some jitter.
+/// Sleeps that grow from 50 ms to 250 ms, with some jitter.
 struct Poll(u64);
 
 impl Poll {
     async fn sleep(&mut self) {
         tokio::time::sleep(Duration::from_millis(self.0) + jitter(self.0 / 2 + 1)).await;
-        self.0 = (self.0 * 3 / 2).min(500);
+        self.0 = (self.0 * 3 / 2).min(250);
     }
 }
 

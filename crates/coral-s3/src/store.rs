@@ -400,6 +400,37 @@ impl Inner {
 }
 
 impl Inner {
+    /// Fails unless every key `m` names is stored (its metadata or delta object answers a
+    /// HEAD). A writer under a lease checks this before its manifest goes up: a listing may
+    /// still show a weight a garbage collector deleted a moment before the lease was taken.
+    async fn check_present(self: &Arc<Self>, m: &ModelManifest) -> Result<()> {
+        let keys: BTreeSet<ContentHash> = m.keys().copied().collect();
+        let missing: Vec<ContentHash> = futures::stream::iter(keys)
+            .map(|k| {
+                let inner = self.clone();
+                async move {
+                    let there = inner.head_exists(&Self::meta_rel(&k)).await?
+                        || inner.head_exists(&Self::delta_rel(&k)).await?;
+                    Ok::<_, StoreError>((!there).then_some(k))
+                }
+            })
+            .buffer_unordered(self.config.max_concurrency)
+            .try_filter_map(|k| async move { Ok(k) })
+            .try_collect()
+            .await?;
+        match missing.first() {
+            None => Ok(()),
+            Some(k) => Err(StoreError::backend(
+                format!("writing manifest {} in {}", m.name, self.location),
+                format!(
+                    "it names {} key(s) the store does not hold (first: {k}); the manifest is not \
+                     written",
+                    missing.len()
+                ),
+            )),
+        }
+    }
+
     /// Data objects without a metadata object and reference markers of missing deltas, last
     /// modified at or before `cutoff_ms` (the service's clock); deleted unless `dry_run`.
     pub(crate) async fn orphans(&self, cutoff_ms: i64, dry_run: bool) -> Result<OrphanReport> {
@@ -937,9 +968,11 @@ impl WeightStore for S3Store {
                                 );
                             }
                             let r = match listed {
-                                Some(true) => Ok(false),
+                                // A listing can still show an object deleted a moment ago
+                                // (Garage does, now and then): presence is confirmed with a
+                                // HEAD, or a garbage collector's last delete could go unseen.
+                                Some(true) | None => inner.put_weight(w, k).await,
                                 Some(false) => inner.put_weight_checked(w, k, false).await,
-                                None => inner.put_weight(w, k).await,
                             };
                             if let Err(e) = &r {
                                 flag.store(true, Ordering::Relaxed);
@@ -1186,6 +1219,9 @@ impl ManifestStore for S3Store {
         self.run(async move {
             // A manifest names weights a garbage collector spares only while our lease holds.
             inner.check_leases().await?;
+            if inner.holds_leases() {
+                inner.check_present(&m).await?;
+            }
             let json = m
                 .to_json()
                 .map_err(|e| inner.err(format!("encoding manifest {}", m.name), e))?;

@@ -24,6 +24,19 @@ fn locks(store: &S3Store) -> Vec<String> {
     v
 }
 
+/// The listing of `locks/` once it shows `n` objects (or after 3 s): Garage's listings show a
+/// deleted object for a moment now and then.
+fn settled(store: &S3Store, n: usize) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let v = locks(store);
+        if v.len() == n || t.elapsed() > Duration::from_secs(3) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn assert_busy(e: &StoreError, wants: &[&str]) {
     let msg = e.to_string();
     assert!(matches!(e, StoreError::Locked { .. }), "{e:?}");
@@ -46,7 +59,8 @@ fn shared_and_exclusive_leases_exclude_each_other() {
         let s1 = a.acquire_lease(Shared, "add", Duration::ZERO).unwrap();
         let s2 = b.acquire_lease(Shared, "sync", Duration::ZERO).unwrap();
         assert!(s1.is_held() && s2.is_held());
-        assert_eq!(locks(&a).len(), 2, "{:?}", locks(&a));
+        let seen = settled(&a, 2);
+        assert_eq!(seen.len(), 2, "{seen:?}");
 
         // gc waits for them, then gives up with one line naming a holder.
         let t = Instant::now();
@@ -67,15 +81,12 @@ fn shared_and_exclusive_leases_exclude_each_other() {
                 "`coral gc` gave up after waiting 1 s",
             ],
         );
-        assert_eq!(
-            locks(&a).len(),
-            2,
-            "gc took its lease back: {:?}",
-            locks(&a)
-        );
+        let seen = settled(&a, 2);
+        assert_eq!(seen.len(), 2, "gc took its lease back: {seen:?}");
         a.release_lease(s1).unwrap();
         b.release_lease(s2).unwrap();
-        assert!(locks(&a).is_empty(), "{:?}", locks(&a));
+        let seen = settled(&a, 0);
+        assert!(seen.is_empty(), "{seen:?}");
 
         // gc's lease keeps writers and other collectors out.
         let x = gc.acquire_lease(Exclusive, "gc", Duration::ZERO).unwrap();
@@ -94,7 +105,8 @@ fn shared_and_exclusive_leases_exclude_each_other() {
             .acquire_lease(Exclusive, "gc", Duration::from_millis(300))
             .unwrap_err();
         assert_busy(&err, &["`coral gc` holds an exclusive lease"]);
-        assert_eq!(locks(&a).len(), 1, "{:?}", locks(&a));
+        let seen = settled(&a, 1);
+        assert_eq!(seen.len(), 1, "{seen:?}");
 
         // A writer that waits gets in once gc is done.
         std::thread::scope(|s| {
@@ -113,7 +125,8 @@ fn shared_and_exclusive_leases_exclude_each_other() {
             );
             a.release_lease(l).unwrap();
         });
-        assert!(locks(&a).is_empty(), "{:?}", locks(&a));
+        let seen = settled(&a, 0);
+        assert!(seen.is_empty(), "{seen:?}");
     }
 }
 
@@ -150,7 +163,8 @@ fn a_waiting_gc_lets_no_new_writer_in() {
         // And with gc done, the new writer gets in at once.
         let l = b.acquire_lease(Shared, "add", Duration::ZERO).unwrap();
         b.release_lease(l).unwrap();
-        assert!(locks(&a).is_empty(), "{:?}", locks(&a));
+        let seen = settled(&a, 0);
+        assert!(seen.is_empty(), "{seen:?}");
     }
 }
 
@@ -218,13 +232,16 @@ fn stale_and_dead_leases_are_ignored_and_gc_removes_them() {
         let l = store.acquire_lease(Shared, "add", Duration::ZERO).unwrap();
         store.release_lease(l).unwrap();
         // ... by writers, which leave them; gc removes them.
-        assert_eq!(locks(&store).len(), 2, "{:?}", locks(&store));
+        let seen = settled(&store, 2);
+        assert_eq!(seen.len(), 2, "{seen:?}");
         let l = store
             .acquire_lease(Exclusive, "gc", Duration::ZERO)
             .unwrap();
-        assert_eq!(locks(&store).len(), 1, "{:?}", locks(&store));
+        let seen = settled(&store, 1);
+        assert_eq!(seen.len(), 1, "{seen:?}");
         store.release_lease(l).unwrap();
-        assert!(locks(&store).is_empty(), "{:?}", locks(&store));
+        let seen = settled(&store, 0);
+        assert!(seen.is_empty(), "{seen:?}");
 
         // A holder that was a process of this machine and is gone: ignored at once.
         let dead = {
@@ -250,7 +267,8 @@ fn stale_and_dead_leases_are_ignored_and_gc_removes_them() {
             .acquire_lease(Exclusive, "gc", Duration::ZERO)
             .unwrap();
         store.release_lease(l).unwrap();
-        assert!(locks(&store).is_empty(), "{:?}", locks(&store));
+        let seen = settled(&store, 0);
+        assert!(seen.is_empty(), "{seen:?}");
 
         // Objects in locks/ that are no lease are not in anyone's way.
         store
@@ -294,7 +312,7 @@ fn a_lost_lease_writes_no_manifest_and_deletes_nothing() {
         std::thread::sleep(Duration::from_millis(700));
         a.put_manifest(&manifest("kept", k)).unwrap();
         // Another process removes it (as gc does with a lease it judges stale).
-        let mine = locks(&other);
+        let mine = settled(&other, 1);
         assert_eq!(mine.len(), 1, "{mine:?}");
         other.delete_raw_for_testing(&mine[0]).unwrap();
         std::thread::sleep(Duration::from_millis(700));
@@ -307,12 +325,38 @@ fn a_lost_lease_writes_no_manifest_and_deletes_nothing() {
             .is_none());
         assert!(a.exists(&k).unwrap());
         // The refresh stopped: it did not bring the object back.
-        assert!(locks(&other).is_empty(), "{:?}", locks(&other));
+        let seen = settled(&other, 0);
+        assert!(seen.is_empty(), "{seen:?}");
         a.release_lease(l).unwrap();
         // A new lease works again.
         let l = a.acquire_lease(Shared, "add", Duration::ZERO).unwrap();
         a.put_manifest(&manifest("again", k)).unwrap();
         a.release_lease(l).unwrap();
+    }
+}
+
+#[test]
+fn under_a_lease_a_manifest_names_only_stored_keys() {
+    for e in common::engines() {
+        let store = common::open(shared_config(&e, "present"));
+        let w = sample_tensor("w", DType::F32, &[8], 3);
+        let k = store.store(&w).unwrap();
+        let absent = sample_tensor("x", DType::F32, &[8], 4).compute_hash();
+        let l = store.acquire_lease(Shared, "add", Duration::ZERO).unwrap();
+        store.put_manifest(&manifest("ok", k)).unwrap();
+        let err = store
+            .put_manifest(&manifest("dangling", absent))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("names 1 key(s) the store does not hold") && !msg.contains('\n'),
+            "{msg}"
+        );
+        assert!(store
+            .get_manifest(&ModelName::new("dangling").unwrap())
+            .unwrap()
+            .is_none());
+        store.release_lease(l).unwrap();
     }
 }
 
@@ -324,16 +368,18 @@ fn closing_a_store_gives_its_leases_back() {
         {
             let mut a = common::open(c.clone());
             let _l = a.acquire_lease(Shared, "add", Duration::ZERO).unwrap();
-            assert_eq!(locks(&watcher).len(), 1);
+            assert_eq!(settled(&watcher, 1).len(), 1);
             a.close().unwrap();
         }
-        assert!(locks(&watcher).is_empty(), "{:?}", locks(&watcher));
+        let seen = settled(&watcher, 0);
+        assert!(seen.is_empty(), "{seen:?}");
         {
             let a = common::open(c);
             let _l = a.acquire_lease(Exclusive, "gc", Duration::ZERO).unwrap();
             // Dropped without closing.
         }
-        assert!(locks(&watcher).is_empty(), "{:?}", locks(&watcher));
+        let seen = settled(&watcher, 0);
+        assert!(seen.is_empty(), "{seen:?}");
     }
 }
 
