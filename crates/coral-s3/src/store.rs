@@ -100,8 +100,13 @@ pub(crate) struct Inner {
 const LISTING_HINT: Duration = Duration::from_secs(60);
 
 /// Weights, deltas and manifests in an S3 bucket (or any S3-compatible service), under a key
-/// prefix, with the seed's layout (`weights/`, `metadata/`, `deltas/`, plus `models/` and
-/// `refs/`; see `docs/format.md`).
+/// prefix, with the seed's layout (`weights/`, `metadata/`, `deltas/`, plus `models/`, `refs/`
+/// and the leases of `locks/`; see `docs/format.md`).
+///
+/// Many processes on many machines may write one prefix at once: the store overrides the
+/// lease methods of [`ManifestStore`] (shared leases for writers, an exclusive one for a
+/// garbage collector, refreshed in the background and given back when the store closes), and
+/// refuses to write a manifest or to delete once a lease it holds is lost.
 ///
 /// The store owns a small tokio runtime: its blocking methods are safe to call from any number
 /// of threads, from rayon workers, and even from inside another async runtime (the work is then
