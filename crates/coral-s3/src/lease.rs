@@ -478,17 +478,29 @@ impl Inner {
         match kind {
             LeaseKind::Shared => {
                 let waiting = lease_rel(&format!("{}-{token}", ObjKind::Waiting.name()));
+                let mut marked = false;
                 let r = self
-                    .acquire_shared(operation, wait, deadline, &rel, &waiting, record)
+                    .acquire_shared(
+                        operation,
+                        wait,
+                        deadline,
+                        &rel,
+                        &waiting,
+                        record,
+                        &mut marked,
+                    )
                     .await;
                 // However it ended, the mark of our waiting goes.
-                let gone = self.delete_rel(&waiting).await;
-                let written = r?;
-                if let Err(e) = gone {
-                    let _ = self.delete_rel(&rel).await;
-                    return Err(e);
+                if marked {
+                    if let Err(e) = self.delete_rel(&waiting).await {
+                        if r.is_ok() {
+                            let _ = self.delete_rel(&rel).await;
+                        }
+                        return Err(e);
+                    }
                 }
-                Ok(self.hold(kind, id, rel, written.0, written.1))
+                let (record, written) = r?;
+                Ok(self.hold(kind, id, rel, record, written))
             }
             LeaseKind::Exclusive => {
                 let (record, written) = self
@@ -500,7 +512,9 @@ impl Inner {
     }
 
     /// A writer's lease: up unless an exclusive one is; while one is, the writer's `waiting`
-    /// mark is up instead. Returns the record and when it was written.
+    /// mark is up instead (`marked` says it was written). Returns the record and when it was
+    /// written.
+    #[allow(clippy::too_many_arguments)]
     async fn acquire_shared(
         &self,
         operation: &str,
@@ -509,6 +523,7 @@ impl Inner {
         rel: &str,
         waiting: &str,
         mut record: LeaseRecord,
+        was_marked: &mut bool,
     ) -> Result<(LeaseRecord, i64)> {
         let exclusive = |k: ObjKind| k.is(LeaseKind::Exclusive);
         let mut poll = Poll(50);
@@ -527,6 +542,7 @@ impl Inner {
             if marked.is_none() {
                 let mut mark = record.clone();
                 mark.kind = ObjKind::Waiting.name().to_owned();
+                *was_marked = true;
                 self.put_lease(waiting, &mark).await?;
                 marked = Some(unix_ms());
             }
@@ -648,10 +664,14 @@ impl Inner {
     }
 
     /// Rewrites the lease object, unless another process removed it (then the lease is lost).
+    /// A rewrite that comes more than half the stale period after the last one loses the lease
+    /// too: someone may have judged it stale in between, even if the rewrite (sent after a
+    /// `HEAD` that still found it) put the object back.
     async fn refresh_once(&self, state: &LeaseState) -> Result<()> {
         if state.lost.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let previous = state.last_ok_ms.load(Ordering::Relaxed);
         if !self.head_exists(&state.rel).await? {
             state.lost.store(true, Ordering::Relaxed);
             tracing::warn!(lease = %state.rel, "this process's lease was removed by another process, which judged it stale");
@@ -663,13 +683,19 @@ impl Inner {
             r.clone()
         };
         self.put_lease(&state.rel, &record).await?;
-        state.last_ok_ms.store(unix_ms(), Ordering::Relaxed);
+        let now = unix_ms();
+        if now - previous > self.stale_ms() / 2 {
+            state.lost.store(true, Ordering::Relaxed);
+            tracing::warn!(lease = %state.rel, "this process's lease went unrefreshed for longer than half its stale period");
+            return Ok(());
+        }
+        state.last_ok_ms.store(now, Ordering::Relaxed);
         Ok(())
     }
 
     /// Fails when a lease this store holds is no longer safe to act under: removed by another
-    /// process, or not refreshed for half its stale period (then it is refreshed now, if its
-    /// object is still there). Called before writing a manifest and before deleting.
+    /// process, or not rewritten for half its stale period. Called before writing a manifest
+    /// and before deleting. Makes no request.
     pub(crate) async fn check_leases(&self) -> Result<()> {
         let held: Vec<Arc<LeaseState>> = self
             .leases
@@ -679,11 +705,9 @@ impl Inner {
             .map(|h| h.state.clone())
             .collect();
         for state in held {
+            // Not rewritten for half its stale period: someone may have judged it stale.
             if unix_ms() - state.last_ok_ms.load(Ordering::Relaxed) > self.stale_ms() / 2 {
-                self.refresh_once(&state).await?;
-                if unix_ms() - state.last_ok_ms.load(Ordering::Relaxed) > self.stale_ms() / 2 {
-                    state.lost.store(true, Ordering::Relaxed);
-                }
+                state.lost.store(true, Ordering::Relaxed);
             }
             if state.lost.load(Ordering::Relaxed) {
                 return Err(StoreError::Locked {
