@@ -734,6 +734,11 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         if let Some(h) = held {
+            // From here a garbage collector may run: what we committed must be asked again.
+            self.committed_under_lease
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             h.refresh.abort();
             self.delete_rel(&h.state.rel).await?;
             tracing::debug!(lease = %h.state.rel, "lease released");

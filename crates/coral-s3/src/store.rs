@@ -92,6 +92,9 @@ pub(crate) struct Inner {
     /// store of a key it did not hold skips the HEAD request that would ask again (see
     /// [`LISTING_HINT`]).
     listed: std::sync::Mutex<Option<(std::time::Instant, BTreeSet<ContentHash>)>>,
+    /// Keys this store committed itself while holding a lease, since no lease was given back:
+    /// a garbage collector cannot have removed them, so `check_present` does not ask again.
+    pub(crate) committed_under_lease: std::sync::Mutex<BTreeSet<ContentHash>>,
 }
 
 /// How long a listing of `metadata/` stands in for the HEAD request of a store. Writing a
@@ -366,6 +369,12 @@ impl Inner {
 
     /// Notes that `key` is committed now (a later store of it asks again).
     fn note_committed(&self, key: &ContentHash) {
+        if self.holds_leases() {
+            self.committed_under_lease
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(*key);
+        }
         if let Some((_, keys)) = self
             .listed
             .lock()
@@ -409,7 +418,14 @@ impl Inner {
     /// HEAD). A writer under a lease checks this before its manifest goes up: a listing may
     /// still show a weight a garbage collector deleted a moment before the lease was taken.
     async fn check_present(self: &Arc<Self>, m: &ModelManifest) -> Result<()> {
-        let keys: BTreeSet<ContentHash> = m.keys().copied().collect();
+        let mut keys: BTreeSet<ContentHash> = m.keys().copied().collect();
+        {
+            let ours = self
+                .committed_under_lease
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            keys.retain(|k| !ours.contains(k));
+        }
         let missing: Vec<ContentHash> = futures::stream::iter(keys)
             .map(|k| {
                 let inner = self.clone();
@@ -542,6 +558,7 @@ impl S3Store {
             clock_offset_ms: AtomicI64::new(0),
             leases: Default::default(),
             listed: std::sync::Mutex::new(None),
+            committed_under_lease: std::sync::Mutex::new(BTreeSet::new()),
         });
         let state = {
             let inner = inner.clone();
@@ -1145,6 +1162,7 @@ impl DeltaStore for S3Store {
                 .put_rel(&Inner::ref_rel(&d.reference_hash, &k), Bytes::new())
                 .await?;
             inner.put_rel(&rel, Bytes::from(body)).await?;
+            inner.note_committed(&k);
             Ok(k)
         })
     }
