@@ -851,7 +851,11 @@ pub fn repair(
         let mut batch: Vec<(String, WeightTensor)> = Vec::new();
         for (k, r) in loaded {
             match r {
-                Ok(w) if w.compute_hash() == k => batch.push((k.to_hex(), w)),
+                // Verified against a SHA-256 key, it is the key `store_batch` computes: no
+                // second hash here.
+                Ok(w) if k.algorithm() == coral_core::HashAlgorithm::Sha256 => {
+                    batch.push((k.to_hex(), w))
+                }
                 // A legacy key (coral-ml's xxh3): stored under it as it was.
                 Ok(w) => {
                     let got = dst
