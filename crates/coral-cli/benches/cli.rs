@@ -65,7 +65,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn coral(store: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(CORAL);
+    coral_bin(Path::new(CORAL), store, args)
+}
+
+fn coral_bin(bin: &Path, store: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
     c.env_remove("CORAL_STORE")
         .arg("--store")
         .arg(store)
@@ -213,6 +217,7 @@ fn main() {
         let _ = std::fs::remove_file(&out);
     }
     let coral_stored = stored_bytes(&store);
+    let before = before_and_after(&model, &model_bytes, dir.path(), runs);
 
     let (mut py_add_t, mut py_add_m, mut py_exp_t, mut py_exp_m) = (vec![], vec![], vec![], vec![]);
     let mut py_size = 0;
@@ -322,8 +327,55 @@ fn main() {
         mb(ref_b),
         100.0 * ref_b as f64 / both_whole as f64
     );
+    if let Some(table) = before {
+        println!();
+        println!("{table}");
+    }
     println!();
     println!(
         "{runs} runs each, medians; coral times are the whole process, spawn to exit, coral-ml's are timed inside Python (interpreter start excluded); peak RSS is the child's `VmHWM` sampled every millisecond (coral-ml's includes the Python interpreter and NumPy)."
     );
+}
+
+/// With `CORAL_BENCH_BEFORE` set to another build of `coral` (an earlier commit's), `add` and
+/// `export` of the model by both, interleaved run by run (before, after, before, ...) so that
+/// both see the same machine; a markdown table of medians.
+fn before_and_after(model: &Path, model_bytes: &[u8], dir: &Path, runs: usize) -> Option<String> {
+    let before = PathBuf::from(std::env::var_os("CORAL_BENCH_BEFORE")?);
+    let after = PathBuf::from(CORAL);
+    let runs = runs.max(5);
+    let mut t: [[Vec<f64>; 2]; 2] = Default::default();
+    for i in 0..runs {
+        for (b, bin) in [&before, &after].into_iter().enumerate() {
+            let store = dir.join(format!("ba-{b}-{i}.h5"));
+            let (s, _, _) = measure(&mut coral_bin(
+                bin,
+                &store,
+                &["add", model.to_str()?, "--name", "m"],
+            ));
+            t[0][b].push(s);
+            let out = dir.join(format!("ba-{b}-{i}.safetensors"));
+            let (s, _, _) = measure(&mut coral_bin(bin, &store, &["export", "m", out.to_str()?]));
+            t[1][b].push(s);
+            assert!(
+                std::fs::read(&out).ok()? == model_bytes,
+                "export by {} differs",
+                bin.display()
+            );
+            let _ = std::fs::remove_file(&out);
+            let _ = std::fs::remove_file(&store);
+        }
+    }
+    let mut table = format!(
+        "| all-MiniLM-L6-v2 (fp32), medians of {runs}, interleaved | before ({}) | after (this build) | before / after |\n|---|---|---|---|\n",
+        before.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    );
+    for (what, [b, a]) in [("`coral add`", &t[0]), ("`coral export`", &t[1])] {
+        let (mb_, ma) = (median(b.clone()), median(a.clone()));
+        table.push_str(&format!(
+            "| {what} | {mb_:.3} s | {ma:.3} s | {:.2}× |\n",
+            mb_ / ma
+        ));
+    }
+    Some(table)
 }

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use coral_core::delta::{encode_best_lossless, DeltaConfig, DeltaEncoder};
+use coral_core::delta::encode_best_lossless;
 use coral_core::{
-    ContentHash, DType, Delta, ManifestTensor, ModelManifest, ModelName, WeightTensor,
+    ContentHash, DType, Delta, HashedWeight, ManifestTensor, ModelManifest, ModelName, WeightTensor,
 };
 use coral_store_api::{LeaseKind, Store};
 use rayon::prelude::*;
@@ -19,35 +19,22 @@ use serde::Serialize;
 
 use crate::source::{SourceFile, SourceTensor};
 
-/// Longest chain of deltas followed when loading.
-const MAX_DELTA_DEPTH: usize = 16;
-
-/// Loads a weight by key, whether the store holds it whole or as a delta (decoded against its
-/// reference, recursively), and checks it against the key.
+/// Loads a weight by key, whether the store holds it whole or as a delta, verified once: the
+/// store's `load_hashed` follows the delta chain (Coral's one walker,
+/// `coral_store_api::resolve`) and hashes what it rebuilt; a weight that comes back under
+/// another hash (a store opened without strict integrity) is refused here without hashing again.
 pub fn load_resolved(store: &dyn Store, key: &ContentHash) -> Result<WeightTensor> {
-    load_depth(store, key, 0)
-}
-
-fn load_depth(store: &dyn Store, key: &ContentHash, depth: usize) -> Result<WeightTensor> {
-    if depth > MAX_DELTA_DEPTH {
-        bail!("weight {key}: delta chain longer than {MAX_DELTA_DEPTH}");
-    }
-    if !store.delta_exists(key)? {
-        if let Some(w) = store.load(key)? {
-            w.verify(key)?;
-            return Ok(w);
-        }
-    }
-    let delta = store
-        .load_delta(key)?
+    let w = store
+        .load_hashed(key)?
         .ok_or_else(|| anyhow!("weight {key} is missing from the store"))?;
-    let reference = load_depth(store, &delta.reference_hash, depth + 1)
-        .with_context(|| format!("reference of delta {key}"))?;
-    let w = DeltaEncoder::new(DeltaConfig::default())
-        .decode_delta(&delta, &reference, key)
-        .with_context(|| format!("decoding delta {key}"))?;
-    w.verify(key)?;
-    Ok(w)
+    if w.key() != key {
+        bail!(
+            "weight {key} ({:?}) is damaged: its data hashes to {}",
+            w.name(),
+            w.key()
+        );
+    }
+    Ok(w.into_weight())
 }
 
 /// Options of [`add`].
@@ -85,11 +72,6 @@ pub struct AddReport {
     pub bytes_in: u64,
     /// Bytes the store grew by (weights and deltas as stored).
     pub bytes_stored: u64,
-}
-
-fn stored_bytes(store: &dyn Store) -> Result<u64> {
-    let info = store.storage_info()?;
-    Ok(info.compressed_bytes + info.deltas.total_delta_bytes)
 }
 
 /// Adds a model: stores its tensors (reusing what the store has, delta-coding changed tensors
@@ -136,7 +118,6 @@ fn add_leased(
         ),
         None => None,
     };
-    let before = stored_bytes(store)?;
     let mut written = Written::default();
     let result = add_inner(
         store,
@@ -147,10 +128,7 @@ fn add_leased(
         progress,
     );
     match result {
-        Ok(mut report) => {
-            report.bytes_stored = stored_bytes(store)?.saturating_sub(before);
-            Ok(report)
-        }
+        Ok(report) => Ok(report),
         Err(e) if store.shares_writers() => match written.left_note() {
             Some(note) => {
                 tracing::warn!("{note}");
@@ -233,16 +211,16 @@ fn add_inner(
         {
             bail!("interrupted; nothing was added");
         }
-        let tensors: Vec<WeightTensor> = group
-            .iter()
-            .map(|t| source.weight(t, &opts.name))
+        // Each tensor is hashed once, here; the store trusts the proof.
+        let tensors: Vec<HashedWeight> = group
+            .par_iter()
+            .map(|t| source.weight(t, &opts.name).map(HashedWeight::new))
             .collect::<Result<_>>()?;
-        let hashes: Vec<ContentHash> = tensors.par_iter().map(|w| w.compute_hash()).collect();
         // Decide, in parallel, what each tensor needs.
         let plans: Vec<Plan> = tensors
             .par_iter()
-            .zip(hashes.par_iter())
-            .map(|(w, key)| -> Result<Plan> {
+            .map(|w| -> Result<Plan> {
+                let key = w.key();
                 if store.exists(key)? {
                     return Ok(Plan::Reused);
                 }
@@ -256,7 +234,9 @@ fn add_inner(
                 if store.delta_exists(&rt.key)? || !store.exists(&rt.key)? {
                     return Ok(Plan::Full);
                 }
-                let base = load_resolved(store, &rt.key)
+                let base = store
+                    .load(&rt.key)?
+                    .ok_or_else(|| anyhow!("weight {} is missing from the store", rt.key))
                     .with_context(|| format!("loading reference tensor {:?}", rt.name))?;
                 match encode_best_lossless(w, &base, &rt.key) {
                     Ok(Some(d)) => Ok(Plan::Delta(Box::new(d))),
@@ -268,8 +248,9 @@ fn add_inner(
                 }
             })
             .collect::<Result<_>>()?;
-        let mut batch: Vec<(String, WeightTensor)> = Vec::new();
-        for ((w, key), plan) in tensors.iter().zip(&hashes).zip(plans) {
+        let mut batch: Vec<HashedWeight> = Vec::new();
+        for (w, plan) in tensors.iter().zip(plans) {
+            let key = w.key();
             if !seen.insert(*key) {
                 report.reused += 1;
                 continue;
@@ -278,7 +259,7 @@ fn add_inner(
                 Plan::Reused => report.reused += 1,
                 Plan::Full => {
                     report.new += 1;
-                    batch.push((key.to_hex(), w.clone()));
+                    batch.push(w.clone());
                 }
                 Plan::Delta(d) => {
                     report.delta_coded += 1;
@@ -293,25 +274,28 @@ fn add_inner(
                         );
                     }
                     written.deltas.push(*key);
+                    report.bytes_stored = report.bytes_stored.saturating_add(d.nbytes() as u64);
                 }
             }
         }
         if !batch.is_empty() {
             // Record first: a batch that fails half-way is rolled back too.
-            let pending: Vec<ContentHash> = hashes
-                .iter()
-                .filter(|k| batch.iter().any(|(h, _)| *h == k.to_hex()))
-                .copied()
-                .collect();
-            written.weights.extend(pending);
-            let stored = store.store_batch(&batch).context("storing weights")?;
-            for (hex, w) in &batch {
-                let k = stored.get(hex).copied();
-                if k.map(|k| k.to_hex()) != Some(hex.clone()) {
-                    bail!("store did not keep {:?} under its key {hex}", w.name());
+            written.weights.extend(batch.iter().map(|w| *w.key()));
+            let stored = store
+                .store_hashed_batch(&batch)
+                .context("storing weights")?;
+            for (w, s) in batch.iter().zip(&stored) {
+                if s.key != *w.key() {
+                    bail!(
+                        "store did not keep {:?} under its key {}",
+                        w.name(),
+                        w.key()
+                    );
                 }
+                report.bytes_stored = report.bytes_stored.saturating_add(s.stored_bytes);
             }
         }
+        let hashes = tensors.iter().map(|w| *w.key());
         keys.extend(hashes);
         drop(tensors);
         source.release(group);
@@ -1493,18 +1477,17 @@ mod tests {
     }
 
     impl WeightStore for NoManifests {
-        fn store(&self, w: &WeightTensor) -> coral_store_api::Result<ContentHash> {
-            self.inner.store(w)
-        }
-        fn store_with_key(
+        fn store_hashed(
             &self,
-            w: &WeightTensor,
-            k: &ContentHash,
-        ) -> coral_store_api::Result<ContentHash> {
-            self.inner.store_with_key(w, k)
+            w: &coral_core::HashedWeight,
+        ) -> coral_store_api::Result<coral_store_api::Stored> {
+            self.inner.store_hashed(w)
         }
-        fn load(&self, k: &ContentHash) -> coral_store_api::Result<Option<WeightTensor>> {
-            self.inner.load(k)
+        fn load_hashed(
+            &self,
+            k: &ContentHash,
+        ) -> coral_store_api::Result<Option<coral_core::HashedWeight>> {
+            self.inner.load_hashed(k)
         }
         fn exists(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
             self.inner.exists(k)

@@ -41,4 +41,4 @@ pub use dtype::{DType, Element};
 pub use error::{CoreError, Result};
 pub use hash::{ContentHash, HashAlgorithm};
 pub use manifest::{ManifestTensor, ModelManifest, ModelName};
-pub use tensor::{JsonMap, WeightMetadata, WeightTensor};
+pub use tensor::{HashedWeight, JsonMap, WeightMetadata, WeightTensor};

@@ -247,9 +247,115 @@ impl WeightTensor {
     }
 }
 
+/// A weight with the hash of its data: proof that the data was hashed, so nothing after has to
+/// hash it again.
+///
+/// Every constructor hashes, and nothing hands out the weight mutably except its name (which
+/// the hash does not cover), so [`HashedWeight::key`] is always the hash of
+/// [`HashedWeight::weight`] under the key's algorithm. Stores take it
+/// (`WeightStore::store_hashed`) and skip their own hashing; `coral add` hashes each tensor
+/// once, to look it up, and stores it through the same value.
+///
+/// ```
+/// use coral_core::{HashAlgorithm, HashedWeight, WeightTensor};
+///
+/// let w = WeightTensor::from_vec("w", vec![2], vec![1.0f32, 2.0])?;
+/// let key = w.compute_hash();
+/// let hashed = HashedWeight::new(w);
+/// assert_eq!(*hashed.key(), key);
+/// // A given key is checked, once.
+/// let again = HashedWeight::check(hashed.into_weight(), &key)?;
+/// assert_eq!(again.key().algorithm(), HashAlgorithm::Sha256);
+/// # Ok::<(), coral_core::CoreError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct HashedWeight {
+    weight: WeightTensor,
+    key: ContentHash,
+}
+
+impl HashedWeight {
+    /// Hashes `weight` with SHA-256.
+    pub fn new(weight: WeightTensor) -> Self {
+        Self::with_algorithm(weight, HashAlgorithm::Sha256)
+    }
+
+    /// Hashes `weight` with `algorithm`.
+    pub fn with_algorithm(weight: WeightTensor, algorithm: HashAlgorithm) -> Self {
+        let key = weight.compute_hash_with(algorithm);
+        Self { weight, key }
+    }
+
+    /// Hashes `weight` with `expected`'s algorithm and checks it against `expected`:
+    /// [`CoreError::Integrity`] (with both hashes) when they differ.
+    pub fn check(weight: WeightTensor, expected: &ContentHash) -> Result<Self> {
+        let hashed = Self::with_algorithm(weight, expected.algorithm());
+        if hashed.key == *expected {
+            Ok(hashed)
+        } else {
+            Err(CoreError::Integrity {
+                name: hashed.weight.metadata.name.clone(),
+                expected: expected.to_hex(),
+                actual: hashed.key.to_hex(),
+            })
+        }
+    }
+
+    /// The hash of the data.
+    pub fn key(&self) -> &ContentHash {
+        &self.key
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &WeightTensor {
+        &self.weight
+    }
+
+    /// Renames the weight (the name is not hashed).
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        self.weight.set_name(name);
+    }
+
+    /// The weight, giving up the proof.
+    pub fn into_weight(self) -> WeightTensor {
+        self.weight
+    }
+
+    /// The weight and its key.
+    pub fn into_parts(self) -> (WeightTensor, ContentHash) {
+        (self.weight, self.key)
+    }
+}
+
+impl std::ops::Deref for HashedWeight {
+    type Target = WeightTensor;
+
+    fn deref(&self) -> &WeightTensor {
+        &self.weight
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hashed_weight_keeps_its_key_and_check_refuses_another() {
+        let w = WeightTensor::from_vec("w", vec![3], vec![1.0f32, 2.0, 3.0]).unwrap();
+        let mut h = HashedWeight::new(w.clone());
+        assert_eq!(*h.key(), w.compute_hash());
+        h.set_name("renamed");
+        assert_eq!(*h.key(), w.compute_hash());
+        let legacy = HashedWeight::with_algorithm(w.clone(), HashAlgorithm::Xxh3Legacy);
+        assert_eq!(
+            *legacy.key(),
+            w.compute_hash_with(HashAlgorithm::Xxh3Legacy)
+        );
+        let other = WeightTensor::from_vec("o", vec![3], vec![1.0f32, 2.0, 4.0]).unwrap();
+        let e = HashedWeight::check(other, h.key()).unwrap_err();
+        assert!(matches!(e, CoreError::Integrity { .. }), "{e}");
+        assert!(HashedWeight::check(w, legacy.key()).is_ok());
+    }
 
     #[test]
     fn refuses_wrong_length() {

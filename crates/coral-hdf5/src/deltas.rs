@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use coral_core::{
-    ContentHash, DType, Delta, DeltaType, JsonMap, ModelManifest, ModelName, WeightMetadata,
-    WeightTensor,
+    ContentHash, DType, Delta, DeltaType, HashedWeight, JsonMap, ModelManifest, ModelName,
+    WeightMetadata,
 };
 use coral_store_api::{
     resolve, DeltaStorageInfo, DeltaStore, ManifestStore, Result, StoreError, WeightStore,
@@ -48,6 +48,14 @@ impl HDF5Store {
     /// Reads a delta's attributes and its stored payload (decoded by the caller, outside the
     /// lock: decoding runs on rayon, which must never wait for work while holding the store).
     fn read_delta(&self, dset: hid_t, key: &str) -> Result<(Delta, RawRead, usize)> {
+        let (delta, dtype, shape) = self.read_delta_header(dset, key)?;
+        let raw = self.read_raw(dset, key, dtype, &shape, false)?;
+        Ok((delta, raw, dtype.size()))
+    }
+
+    /// A delta's attributes (its `data` left empty), and its payload's element type and shape,
+    /// without reading the payload.
+    fn read_delta_header(&self, dset: hid_t, key: &str) -> Result<(Delta, DType, Vec<usize>)> {
         if let Some(raw) = self.raw() {
             raw.check_header(dset)
                 .map_err(|why| corrupt(self, key, format!("object header: {why}")))?;
@@ -104,7 +112,6 @@ impl HDF5Store {
                 ))
             }
         };
-        let raw = self.read_raw(dset, key, dtype, &shape, false)?;
         let delta = Delta {
             delta_type,
             data: Bytes::new(),
@@ -114,7 +121,30 @@ impl HDF5Store {
             reference_hash,
             compression_ratio,
         };
-        Ok((delta, raw, es))
+        Ok((delta, dtype, shape))
+    }
+
+    /// The delta stored under `key` without its payload, with the payload's length and its
+    /// bytes as stored; `Ok(None)` when absent.
+    pub(crate) fn delta_header(&self, key: &ContentHash) -> Result<Option<(Delta, u64, u64)>> {
+        let hex = key.to_hex();
+        self.with(|inner| {
+            if !self.delta_present(inner, &hex)? {
+                return Ok(None);
+            }
+            let g = self
+                .deltas_group(inner)
+                .ok_or_else(|| corrupt(self, &hex, "no deltas group"))?;
+            let d = self.open_dataset(g.id(), &hex).map_err(|e| self.err(e))?;
+            let (delta, dtype, shape) = self.read_delta_header(d.id(), &hex)?;
+            let len = shape
+                .iter()
+                .try_fold(dtype.size() as u64, |a, &x| a.checked_mul(x as u64))
+                .ok_or_else(|| corrupt(self, &hex, "delta payload size overflows"))?;
+            // SAFETY: valid dataset id.
+            let stored = unsafe { hdf5_sys::h5d::H5Dget_storage_size(d.id()) };
+            Ok(Some((delta, len, stored)))
+        })
     }
 
     fn delta_attrs(delta: &Delta, obj: hid_t) -> std::result::Result<(), H5Error> {
@@ -176,44 +206,13 @@ impl HDF5Store {
     /// The metadata of a weight kept as a delta: from the delta's `metadata` JSON (`name`,
     /// `layer_type`, `model_name` when present) and its original shape and dtype.
     pub(crate) fn delta_metadata(&self, key: &ContentHash) -> Result<Option<WeightMetadata>> {
-        let Some(d) = self.load_delta(key)? else {
-            return Ok(None);
-        };
-        // The chain must lead to a weight stored in full.
-        let mut chain = vec![*key];
-        let mut reference = d.reference_hash;
-        loop {
-            if self.with(|inner| self.weight_present(inner, &reference.to_hex()))? {
-                break;
-            }
-            let bad = |reason: String| StoreError::Corrupt {
-                location: self.path.display().to_string(),
-                key: key.to_hex(),
-                reason,
-            };
-            if chain.contains(&reference) {
-                return Err(bad(format!("the deltas form a cycle through {reference}")));
-            }
-            if chain.len() >= resolve::MAX_DELTA_DEPTH {
-                return Err(bad(format!(
-                    "more than {} deltas lead to a stored weight",
-                    resolve::MAX_DELTA_DEPTH
-                )));
-            }
-            match self.load_delta(&reference)? {
-                Some(next) => {
-                    chain.push(reference);
-                    reference = next.reference_hash;
-                }
-                None => {
-                    return Err(StoreError::MissingReference {
-                        key: chain.last().copied().unwrap_or(*key),
-                        reference,
-                    })
-                }
-            }
-        }
-        Ok(Some(metadata_of_delta(&d, key)))
+        // The chain must lead to a weight stored in full (Coral's one walk, payloads unread).
+        let chain = resolve::delta_chain(&Headers(self), key)?;
+        Ok(chain.and_then(|c| {
+            c.into_iter()
+                .next()
+                .map(|(_, d)| metadata_of_delta(&d, key))
+        }))
     }
 
     /// Rebuilds weights kept as deltas through the shared resolution
@@ -221,7 +220,7 @@ impl HDF5Store {
     pub(crate) fn load_via_deltas(
         &self,
         keys: &[ContentHash],
-    ) -> Result<HashMap<ContentHash, WeightTensor>> {
+    ) -> Result<HashMap<ContentHash, HashedWeight>> {
         let mut out = HashMap::new();
         for key in keys {
             if let Some(w) = resolve::resolve(self, key, self.opts.strict_integrity)? {
@@ -237,12 +236,37 @@ impl resolve::DeltaSource for HDF5Store {
         self.path.display().to_string()
     }
 
-    fn full_weight(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+    fn has_full_weight(&self, key: &ContentHash) -> Result<bool> {
+        self.with(|inner| self.weight_present(inner, &key.to_hex()))
+    }
+
+    fn full_weight(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
         Ok(self.load_full(std::slice::from_ref(key))?.remove(key))
     }
 
     fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>> {
         self.load_delta(key)
+    }
+}
+
+/// The store seen through its deltas' headers: walking a chain reads no payload.
+struct Headers<'a>(&'a HDF5Store);
+
+impl resolve::DeltaSource for Headers<'_> {
+    fn location(&self) -> String {
+        self.0.path.display().to_string()
+    }
+
+    fn full_weight(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
+        self.0.full_weight(key)
+    }
+
+    fn has_full_weight(&self, key: &ContentHash) -> Result<bool> {
+        resolve::DeltaSource::has_full_weight(self.0, key)
+    }
+
+    fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>> {
+        Ok(self.0.delta_header(key)?.map(|(d, _, _)| d))
     }
 }
 
@@ -347,27 +371,15 @@ impl DeltaStore for HDF5Store {
         self.list_delta_keys()
     }
 
+    /// From the deltas' attributes and extents: no payload is read.
     fn get_delta_storage_info(&self) -> Result<DeltaStorageInfo> {
-        let keys = self.list_delta_keys()?;
         let mut info = DeltaStorageInfo::default();
-        for k in keys {
-            let Some(d) = self.load_delta(&k)? else {
+        for k in self.list_delta_keys()? {
+            let Some((d, len, _)) = self.delta_header(&k)? else {
                 continue;
             };
-            info.total_deltas += 1;
-            info.total_delta_bytes += d.nbytes() as u64;
-            // Sizes read from the file: saturating (a figure, not an allocation).
-            let bytes = d
-                .original_shape
-                .iter()
-                .fold(d.original_dtype.size() as u64, |a, &x| {
-                    a.saturating_mul(x as u64)
-                });
-            info.total_original_bytes = info.total_original_bytes.saturating_add(bytes);
-            *info
-                .by_type
-                .entry(d.delta_type.name().to_owned())
-                .or_insert(0) += 1;
+            info.add(&d);
+            info.total_delta_bytes = info.total_delta_bytes.saturating_add(len);
         }
         Ok(info)
     }

@@ -21,7 +21,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc, Mutex};
 
 use coral_core::{ContentHash, WeightTensor};
-use coral_store_api::{Result, StoreError};
+use coral_store_api::{Result, StoreError, Stored};
 
 use crate::chunk::ChunkError;
 use crate::h5::{self, Hid};
@@ -54,50 +54,73 @@ enum Event {
     ),
 }
 
+/// What the caller knows of an item's key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeyGiven {
+    /// Nothing: hash with the store's algorithm.
+    Compute,
+    /// A key to check: hash with its algorithm, and refuse another.
+    Check(ContentHash),
+    /// The key of a [`coral_core::HashedWeight`]: the data was hashed already.
+    Known(ContentHash),
+}
+
 impl HDF5Store {
-    /// Stores `items` (name, weight, key or None to compute) and flushes; returns each name's
-    /// key.
-    pub(crate) fn store_many(
-        &self,
-        items: &[(String, &WeightTensor, Option<ContentHash>)],
-    ) -> Result<BTreeMap<String, ContentHash>> {
+    /// Stores `items` and flushes; returns what storing each did, in order.
+    pub(crate) fn store_many(&self, items: &[(&WeightTensor, KeyGiven)]) -> Result<Vec<Stored>> {
         let mut keys: Vec<Option<ContentHash>> = vec![None; items.len()];
-        self.with_write(|inner| self.ingest(inner, items, &mut keys))?;
+        let mut sizes: Vec<Option<u64>> = vec![None; items.len()];
+        self.with_write(|inner| self.ingest(inner, items, &mut keys, &mut sizes))?;
         self.with_write(|inner| self.flush(inner))?;
         items
             .iter()
-            .zip(keys)
-            .map(|((name, _, _), k)| {
-                k.map(|k| (name.clone(), k))
-                    .ok_or_else(|| corrupt(&self.path, "", format!("{name:?} was not hashed")))
+            .zip(keys.into_iter().zip(sizes))
+            .map(|((w, _), (k, size))| {
+                let key = k.ok_or_else(|| {
+                    corrupt(&self.path, "", format!("{:?} was not hashed", w.name()))
+                })?;
+                Ok(Stored {
+                    key,
+                    new: size.is_some(),
+                    stored_bytes: size.unwrap_or(0),
+                })
             })
             .collect()
     }
 
-    /// The event loop of [`HDF5Store::store_many`]. Call under the lock.
+    /// The event loop of [`HDF5Store::store_many`]. Call under the lock. Sets each item's key,
+    /// and the stored bytes of the item that wrote each new weight.
     fn ingest(
         &self,
         inner: &Inner,
-        items: &[(String, &WeightTensor, Option<ContentHash>)],
+        items: &[(&WeightTensor, KeyGiven)],
         keys: &mut [Option<ContentHash>],
+        sizes: &mut [Option<u64>],
     ) -> Result<()> {
         let algorithm = self.opts.hash_algorithm;
         let mut to_hash: Vec<usize> = (0..items.len()).collect();
-        to_hash.sort_by_key(|&i| std::cmp::Reverse(items[i].1.nbytes()));
+        to_hash.sort_by_key(|&i| std::cmp::Reverse(items[i].0.nbytes()));
         let mut to_hash = VecDeque::from(to_hash);
         let (tx, rx) = mpsc::channel::<Event>();
         // Buffers of written chunks are reused for the next ones: no fresh memory per chunk.
         let buffers: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
         let hash = |i: usize| -> Result<ContentHash> {
-            let (_, w, given) = &items[i];
-            let actual = w.compute_hash_with(given.map(|k| k.algorithm()).unwrap_or(algorithm));
+            let (w, given) = &items[i];
             match given {
-                Some(k) if *k != actual => Err(StoreError::KeyMismatch {
-                    name: w.name().to_owned(),
-                    key: *k,
-                    actual,
-                }),
-                _ => Ok(actual),
+                KeyGiven::Known(k) => Ok(*k),
+                KeyGiven::Compute => Ok(w.compute_hash_with(algorithm)),
+                KeyGiven::Check(k) => {
+                    let actual = w.compute_hash_with(k.algorithm());
+                    if actual == *k {
+                        Ok(actual)
+                    } else {
+                        Err(StoreError::KeyMismatch {
+                            name: w.name().to_owned(),
+                            key: *k,
+                            actual,
+                        })
+                    }
+                }
             }
         };
         let (jobs, job_rx) = mpsc::channel::<Job>();
@@ -141,6 +164,8 @@ impl HDF5Store {
             let mut hashing = 0usize;
             let mut in_flight = 0usize;
             let mut plans: Vec<Arc<Encoded>> = Vec::new();
+            // Bytes written for each plan's chunks.
+            let mut plan_bytes: Vec<u64> = Vec::new();
             // The first item (in batch order) of each plan's key: its metadata is written.
             let mut first: Vec<usize> = Vec::new();
             // Each key seen: its plan, or None when already stored.
@@ -187,12 +212,15 @@ impl HDF5Store {
                         for p in empty.drain(..) {
                             let dset = self.create_dataset(inner, &plans[p])?;
                             Self::weight_attrs(
-                                items[first[p]].1.metadata(),
+                                items[first[p]].0.metadata(),
                                 &plans[p].key,
                                 dset.id(),
                             )
                             .map_err(|e| self.err(e))?;
                             written.push((p, dset));
+                        }
+                        for (p, &i) in first.iter().enumerate() {
+                            sizes[i] = Some(plan_bytes[p]);
                         }
                         written.sort_by_key(|(p, _)| *p);
                         for (p, dset) in written.drain(..) {
@@ -246,11 +274,12 @@ impl HDF5Store {
                             if h5::link_exists(inner.weights.id(), &hex).map_err(|e| self.err(e))? {
                                 self.unlink(inner.weights.id(), &hex)?;
                             }
-                            let w = items[i].1;
+                            let w = items[i].0;
                             let plan = self.encode(hex, w.dtype(), w.shape(), w.data())?;
                             let p = plans.len();
                             let n = plan.n_chunks();
                             plans.push(Arc::new(plan));
+                            plan_bytes.push(0);
                             first.push(i);
                             by_key.insert(key, Some(p));
                             if n == 0 {
@@ -273,6 +302,7 @@ impl HDF5Store {
                             };
                             self.write_chunk(dset, plan, c, &bytes, mask)?;
                             *count += 1;
+                            plan_bytes[p] = plan_bytes[p].saturating_add(bytes.len() as u64);
                             // Small buffers are not worth keeping.
                             if bytes.capacity() >= 64 << 10 {
                                 buffers
@@ -285,7 +315,7 @@ impl HDF5Store {
                                     // Its first name is known: equal content has equal size,
                                     // and hashes are taken by size, then batch order.
                                     Self::weight_attrs(
-                                        items[first[p]].1.metadata(),
+                                        items[first[p]].0.metadata(),
                                         &plan.key,
                                         dset.id(),
                                     )

@@ -7,13 +7,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use coral_core::{ContentHash, DType, JsonMap, WeightMetadata, WeightTensor};
-use coral_store_api::{Result, StorageInfo, StoreError, WeightStore};
+use coral_core::{
+    ContentHash, DType, HashAlgorithm, HashedWeight, JsonMap, WeightMetadata, WeightTensor,
+};
+use coral_store_api::{Result, StorageInfo, StoreError, Stored, StoredForm, WeightStore};
 use hdf5_sys::h5i::hid_t;
 use rayon::prelude::*;
 
 use crate::chunk;
 use crate::h5::{self, FilterInfo, H5Error, Hid, Kind};
+use crate::ingest::KeyGiven;
 use crate::journal;
 use crate::options::{Compression, HDF5StoreOptions, Mode};
 
@@ -753,19 +756,14 @@ impl HDF5Store {
     }
 
     /// Checks `w` against `key`: the integrity error when strict, a warning otherwise.
-    pub(crate) fn verify(&self, w: &WeightTensor, key: &ContentHash) -> Result<()> {
-        let actual = w.compute_hash_with(key.algorithm());
-        if actual != *key {
-            if self.opts.strict_integrity {
-                return Err(StoreError::Integrity {
-                    name: w.name().to_owned(),
-                    expected: *key,
-                    actual,
-                });
+    pub(crate) fn verify(&self, w: WeightTensor, key: &ContentHash) -> Result<HashedWeight> {
+        coral_store_api::resolve::verified(w, key, self.opts.strict_integrity).map_err(|e| {
+            if !matches!(e, StoreError::Integrity { .. }) {
+                return e;
             }
-            tracing::warn!(key = %key, actual = %actual, name = w.name(), path = %self.path.display(), "integrity check failed");
-        }
-        Ok(())
+            tracing::debug!(path = %self.path.display(), "integrity check failed");
+            e
+        })
     }
 
     /// Loads full weights (not deltas) for `keys`; absent ones are left out.
@@ -779,7 +777,7 @@ impl HDF5Store {
     pub(crate) fn load_full(
         &self,
         keys: &[ContentHash],
-    ) -> Result<HashMap<ContentHash, WeightTensor>> {
+    ) -> Result<HashMap<ContentHash, HashedWeight>> {
         const ATTEMPTS: usize = 3;
         for attempt in 0..=ATTEMPTS {
             let locate = attempt < ATTEMPTS;
@@ -798,7 +796,7 @@ impl HDF5Store {
         &self,
         keys: &[ContentHash],
         locate: bool,
-    ) -> Result<(u64, Result<HashMap<ContentHash, WeightTensor>>)> {
+    ) -> Result<(u64, Result<HashMap<ContentHash, HashedWeight>>)> {
         type Group = Vec<(ContentHash, WeightMetadata, RawRead)>;
         let mut out = HashMap::with_capacity(keys.len());
         let mut seen = HashSet::new();
@@ -844,7 +842,7 @@ impl HDF5Store {
             })?;
             Ok(group)
         };
-        let decode_group = |mut group: Group| -> Result<Vec<(ContentHash, WeightTensor)>> {
+        let decode_group = |mut group: Group| -> Result<Vec<(ContentHash, HashedWeight)>> {
             // Largest first: hashing a large tensor is one thread's work, which the others
             // overlap with the smaller ones.
             group.sort_by_key(|(_, _, raw)| std::cmp::Reverse(raw.nbytes()));
@@ -860,8 +858,7 @@ impl HDF5Store {
                         })?;
                     let w = WeightTensor::new(meta, data)
                         .map_err(|err| corrupt(&self.path, &k, err.to_string()))?;
-                    self.verify(&w, &key)?;
-                    Ok((key, w))
+                    Ok((key, self.verify(w, &key)?))
                 })
                 .collect()
         };
@@ -1393,20 +1390,34 @@ pub(crate) fn commit_reopen(path: &Path, opts: &HDF5StoreOptions, inner: &mut In
 }
 
 impl WeightStore for HDF5Store {
-    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
-        let r = self.store_many(&[(weight.name().to_owned(), weight, None)])?;
-        r.into_values()
+    fn store_hashed(&self, weight: &HashedWeight) -> Result<Stored> {
+        let r = self.store_many(&[(weight.weight(), KeyGiven::Known(*weight.key()))])?;
+        r.into_iter()
             .next()
             .ok_or_else(|| corrupt(&self.path, "", "no key"))
     }
 
+    fn hash_algorithm(&self) -> HashAlgorithm {
+        self.opts.hash_algorithm
+    }
+
+    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
+        let r = self.store_many(&[(weight, KeyGiven::Compute)])?;
+        r.into_iter()
+            .next()
+            .map(|s| s.key)
+            .ok_or_else(|| corrupt(&self.path, "", "no key"))
+    }
+
     fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash> {
-        self.store_many(&[(weight.name().to_owned(), weight, Some(*key))])?;
+        self.store_many(&[(weight, KeyGiven::Check(*key))])?;
         Ok(*key)
     }
 
-    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
-        Ok(self.load_batch(std::slice::from_ref(key))?.remove(key))
+    fn load_hashed(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
+        Ok(self
+            .load_hashed_batch(std::slice::from_ref(key))?
+            .remove(key))
     }
 
     fn exists(&self, key: &ContentHash) -> Result<bool> {
@@ -1476,16 +1487,35 @@ impl WeightStore for HDF5Store {
         }
     }
 
+    fn store_hashed_batch(&self, weights: &[HashedWeight]) -> Result<Vec<Stored>> {
+        let items: Vec<(&WeightTensor, KeyGiven)> = weights
+            .iter()
+            .map(|w| (w.weight(), KeyGiven::Known(*w.key())))
+            .collect();
+        self.store_many(&items)
+    }
+
+    /// Hashes inside the pipeline, overlapped with compression and writes.
     fn store_batch(
         &self,
         weights: &[(String, WeightTensor)],
     ) -> Result<BTreeMap<String, ContentHash>> {
-        let items: Vec<(String, &WeightTensor, Option<ContentHash>)> =
-            weights.iter().map(|(n, w)| (n.clone(), w, None)).collect();
-        self.store_many(&items)
+        let items: Vec<(&WeightTensor, KeyGiven)> = weights
+            .iter()
+            .map(|(_, w)| (w, KeyGiven::Compute))
+            .collect();
+        let stored = self.store_many(&items)?;
+        Ok(weights
+            .iter()
+            .zip(stored)
+            .map(|((n, _), s)| (n.clone(), s.key))
+            .collect())
     }
 
-    fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
+    fn load_hashed_batch(
+        &self,
+        keys: &[ContentHash],
+    ) -> Result<HashMap<ContentHash, HashedWeight>> {
         let mut out = self.load_full(keys)?;
         let missing: Vec<ContentHash> = keys
             .iter()
@@ -1498,6 +1528,34 @@ impl WeightStore for HDF5Store {
             }
         }
         Ok(out)
+    }
+
+    fn stored_form(&self, key: &ContentHash) -> Result<Option<StoredForm>> {
+        let full = self.with(|inner| {
+            let k = key.to_hex();
+            if !self.weight_present(inner, &k)? {
+                return Ok(None);
+            }
+            let e = |e| self.err(e);
+            let d = self.open_dataset(inner.weights.id(), &k).map_err(e)?;
+            let dcpl = h5::dataset_dcpl(d.id()).map_err(e)?;
+            let (pipeline, _) = h5::dcpl_layout(dcpl.id()).map_err(e)?;
+            // SAFETY: valid dataset id.
+            let stored = unsafe { hdf5_sys::h5d::H5Dget_storage_size(d.id()) };
+            Ok(Some(StoredForm {
+                codec: Some(describe_pipeline(&pipeline)),
+                delta: None,
+                stored_bytes: Some(stored),
+            }))
+        })?;
+        if full.is_some() {
+            return Ok(full);
+        }
+        Ok(self.delta_header(key)?.map(|(d, _, stored)| StoredForm {
+            codec: None,
+            delta: Some((d.delta_type.name().to_owned(), d.reference_hash)),
+            stored_bytes: Some(stored),
+        }))
     }
 
     fn storage_info(&self) -> Result<StorageInfo> {
@@ -1579,5 +1637,30 @@ impl Drop for HDF5Store {
         if let Err(e) = self.close() {
             tracing::warn!(path = %self.path.display(), error = %e, "closing the HDF5 store failed");
         }
+    }
+}
+
+/// A dataset's filter pipeline in the words of [`HDF5StoreOptions::describe`]
+/// ("zstd-3+shuffle", "gzip-4", "none").
+fn describe_pipeline(pipeline: &[FilterInfo]) -> String {
+    let shuffle = pipeline.iter().any(|f| f.id == h5::FILTER_SHUFFLE);
+    let codec = pipeline.iter().find_map(|f| match f.id {
+        h5::FILTER_DEFLATE => Some(match f.cd.first() {
+            Some(l) => format!("gzip-{l}"),
+            None => "gzip".to_owned(),
+        }),
+        h5::FILTER_ZSTD => Some(match f.cd.first() {
+            Some(l) => format!("zstd-{l}"),
+            None => "zstd".to_owned(),
+        }),
+        h5::FILTER_LZF => Some("lzf".to_owned()),
+        h5::FILTER_SHUFFLE => None,
+        other => Some(format!("filter-{other}")),
+    });
+    match (codec, shuffle) {
+        (Some(c), true) => format!("{c}+shuffle"),
+        (Some(c), false) => c,
+        (None, true) => "none+shuffle".to_owned(),
+        (None, false) => "none".to_owned(),
     }
 }

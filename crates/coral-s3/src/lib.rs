@@ -13,7 +13,8 @@
 //! - never half a weight: the data object goes up first and the metadata object, written last,
 //!   commits it; a batch that fails part way says what was stored and what was not
 //!   ([`BatchError`]); [`S3Store::remove_orphans`] cleans what interrupted uploads left;
-//! - the seed's [`S3Store::sync_from_local`] / [`S3Store::sync_to_local`], through `coral-sync`;
+//! - the seed's `s3_store.sync_from_local(local)` / `sync_to_local(local)` come from
+//!   `coral_sync::SyncExt`, which every store implements: this crate knows nothing of sync;
 //! - safe for many writers on one prefix: shared and exclusive leases under `{prefix}locks/`
 //!   ([`coral_store_api::lease`]), the commit times a garbage collector's grace period needs,
 //!   and the removal of what unfinished writes left, abandoned multipart uploads included
@@ -49,6 +50,4 @@ mod store;
 mod uploads;
 
 pub use config::S3Config;
-pub use store::{
-    BatchError, DownloadStats, FailedItem, OrphanReport, S3Store, UploadStats, SYNC_LEASE_WAIT,
-};
+pub use store::{BatchError, FailedItem, OrphanReport, S3Store};

@@ -15,12 +15,12 @@ use object_store::path::Path;
 use object_store::{BackoffConfig, ObjectStore, PutPayload, RetryConfig, WriteMultipart};
 
 use coral_core::{
-    ContentHash, Delta, HashAlgorithm, ModelManifest, ModelName, WeightMetadata, WeightTensor,
+    ContentHash, Delta, HashedWeight, ModelManifest, ModelName, WeightMetadata, WeightTensor,
 };
 use coral_store_api::resolve::{self, DeltaSource};
 use coral_store_api::{
     DeltaStorageInfo, DeltaStore, Lease, LeaseKind, Leftovers, ManifestStore, Result, StorageInfo,
-    StoreError, WeightStore,
+    StoreError, Stored, StoredForm, WeightStore,
 };
 
 use crate::bucket::{ensure_bucket, BucketState};
@@ -58,9 +58,6 @@ fn first_failure(failed: &[FailedItem]) -> String {
         .map(|f| format!("{} {}: {}", f.name, f.key, f.reason))
         .unwrap_or_default()
 }
-
-/// How long [`S3Store::sync_from_local`] waits for a garbage collector's lease.
-pub const SYNC_LEASE_WAIT: Duration = Duration::from_secs(60);
 
 /// Batches of at least this many distinct weights list the committed keys once rather than
 /// checking each weight with a HEAD request.
@@ -251,21 +248,26 @@ impl Inner {
 
     /// Stores a weight whose key is checked: data object first, metadata object last (the
     /// commit). A no-op when the metadata object exists.
-    async fn put_weight(self: Arc<Self>, weight: WeightTensor, key: ContentHash) -> Result<bool> {
+    async fn put_weight(
+        self: Arc<Self>,
+        weight: WeightTensor,
+        key: ContentHash,
+    ) -> Result<Option<u64>> {
         self.put_weight_checked(weight, key, true).await
     }
 
     /// [`Self::put_weight`]; `check` false when the caller already knows the key is absent.
+    /// Returns the data object's size when it wrote the weight, `None` when it was present.
     async fn put_weight_checked(
         self: Arc<Self>,
         weight: WeightTensor,
         key: ContentHash,
         check: bool,
-    ) -> Result<bool> {
+    ) -> Result<Option<u64>> {
         let meta_rel = Self::meta_rel(&key);
         let listed_absent = self.listed_absent(&key);
         if check && !listed_absent && self.head_exists(&meta_rel).await? {
-            return Ok(false);
+            return Ok(None);
         }
         let codec = self.config.compression;
         let w2 = weight.clone();
@@ -299,10 +301,10 @@ impl Inner {
             .map_err(|e| StoreError::backend(format!("encoding metadata of {key}"), e))?;
         self.put_rel(&meta_rel, Bytes::from(json)).await?;
         self.note_committed(&key);
-        Ok(true)
+        Ok(Some(size))
     }
 
-    async fn get_weight(self: Arc<Self>, key: ContentHash) -> Result<Option<WeightTensor>> {
+    async fn get_weight(self: Arc<Self>, key: ContentHash) -> Result<Option<HashedWeight>> {
         let Some(record) = self.record(&key).await? else {
             return Ok(None);
         };
@@ -322,18 +324,7 @@ impl Inner {
             meta.hash = Some(key);
             let w = WeightTensor::new(meta, data)
                 .map_err(|e| this.err(format!("loading weight {key}"), e))?;
-            let actual = w.compute_hash_with(key.algorithm());
-            if actual != key {
-                if strict {
-                    return Err(StoreError::Integrity {
-                        name: w.name().to_owned(),
-                        expected: key,
-                        actual,
-                    });
-                }
-                tracing::warn!(key = %key, actual = %actual, name = w.name(), "integrity check failed");
-            }
-            Ok(Some(w))
+            resolve::verified(w, &key, strict).map(Some)
         })
         .await
         .map_err(|e| StoreError::backend(format!("decoding weight {key}"), e))?
@@ -696,96 +687,6 @@ impl S3Store {
                 .collect())
         })
     }
-
-    /// Uploads what `local` has and this store lacks (weights, deltas with their references,
-    /// manifests): the seed's `sync_from_local`.
-    pub fn sync_from_local(
-        &self,
-        local: &dyn coral_store_api::Store,
-    ) -> std::result::Result<UploadStats, coral_sync::SyncError> {
-        self.sync_from_local_with(local, &coral_sync::SyncOptions::default())
-    }
-
-    /// [`Self::sync_from_local`] with options (dry run, progress, concurrency).
-    pub fn sync_from_local_with(
-        &self,
-        local: &dyn coral_store_api::Store,
-        options: &coral_sync::SyncOptions,
-    ) -> std::result::Result<UploadStats, coral_sync::SyncError> {
-        // Weights go up before the manifests that name them: a garbage collector must wait.
-        let lease = if options.dry_run {
-            Lease::none(LeaseKind::Shared)
-        } else {
-            self.acquire_lease(LeaseKind::Shared, "sync", SYNC_LEASE_WAIT)
-                .map_err(|e| lease_error("taking a lease for the sync", e))?
-        };
-        let stats = coral_sync::sync(local, self, options);
-        let released = self.release_lease(lease);
-        let stats = stats?;
-        released.map_err(|e| lease_error("releasing the sync's lease", e))?;
-        Ok(UploadStats {
-            uploaded: stats.moved(),
-            skipped: stats.skipped(),
-            bytes_transferred: stats.bytes(),
-            details: stats,
-        })
-    }
-
-    /// Downloads what this store has and `local` lacks: the seed's `sync_to_local`.
-    pub fn sync_to_local(
-        &self,
-        local: &dyn coral_store_api::Store,
-    ) -> std::result::Result<DownloadStats, coral_sync::SyncError> {
-        self.sync_to_local_with(local, &coral_sync::SyncOptions::default())
-    }
-
-    /// [`Self::sync_to_local`] with options.
-    pub fn sync_to_local_with(
-        &self,
-        local: &dyn coral_store_api::Store,
-        options: &coral_sync::SyncOptions,
-    ) -> std::result::Result<DownloadStats, coral_sync::SyncError> {
-        let stats = coral_sync::sync(self, local, options)?;
-        Ok(DownloadStats {
-            downloaded: stats.moved(),
-            skipped: stats.skipped(),
-            bytes_transferred: stats.bytes(),
-            details: stats,
-        })
-    }
-}
-
-fn lease_error(what: &str, e: StoreError) -> coral_sync::SyncError {
-    coral_sync::SyncError::Store {
-        what: what.to_owned(),
-        source: Box::new(e),
-    }
-}
-
-/// The seed's `sync_from_local` statistics.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UploadStats {
-    /// Objects uploaded (weights, deltas, manifests).
-    pub uploaded: u64,
-    /// Objects the store already had.
-    pub skipped: u64,
-    /// Bytes moved (tensor data, delta payloads, manifest JSON).
-    pub bytes_transferred: u64,
-    /// The same per kind.
-    pub details: coral_sync::SyncStats,
-}
-
-/// The seed's `sync_to_local` statistics.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DownloadStats {
-    /// Objects downloaded (weights, deltas, manifests).
-    pub downloaded: u64,
-    /// Objects the local store already had.
-    pub skipped: u64,
-    /// Bytes moved (tensor data, delta payloads, manifest JSON).
-    pub bytes_transferred: u64,
-    /// The same per kind.
-    pub details: coral_sync::SyncStats,
 }
 
 /// Runs `fut` on `rt` from any thread: `block_on` outside any runtime; inside one, the future is
@@ -842,27 +743,18 @@ impl Drop for S3Store {
 }
 
 impl WeightStore for S3Store {
-    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
-        let key = weight.compute_hash_with(HashAlgorithm::Sha256);
-        self.store_with_key(weight, &key)
-    }
-
-    fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash> {
-        let actual = weight.compute_hash_with(key.algorithm());
-        if actual != *key {
-            return Err(StoreError::KeyMismatch {
-                name: weight.name().to_owned(),
-                key: *key,
-                actual,
-            });
-        }
+    fn store_hashed(&self, weight: &HashedWeight) -> Result<Stored> {
         let inner = self.inner();
-        let (w, k) = (weight.clone(), *key);
-        self.run(async move { inner.put_weight(w, k).await })?;
-        Ok(*key)
+        let (w, key) = (weight.weight().clone(), *weight.key());
+        let size = self.run(async move { inner.put_weight(w, key).await })?;
+        Ok(Stored {
+            key,
+            new: size.is_some(),
+            stored_bytes: size.unwrap_or(0),
+        })
     }
 
-    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+    fn load_hashed(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
         match self.full_weight(key)? {
             Some(w) => Ok(Some(w)),
             None => resolve::resolve(self, key, self.inner.config.strict_integrity),
@@ -939,26 +831,40 @@ impl WeightStore for S3Store {
         }
     }
 
+    /// Hashes on the blocking pool, four at a time, then sends the batch as
+    /// [`WeightStore::store_hashed_batch`] does.
     fn store_batch(
         &self,
         weights: &[(String, WeightTensor)],
     ) -> Result<BTreeMap<String, ContentHash>> {
-        let inner = self.inner();
-        let items: Vec<(String, WeightTensor)> = weights.to_vec();
-        let total = items.len();
-        self.run(async move {
-            // Hash everything first (in parallel), so duplicates go up once.
-            let hashed: Vec<(String, WeightTensor, ContentHash)> = futures::stream::iter(items)
-                .map(|(name, w)| {
-                    tokio::task::spawn_blocking(move || {
-                        let k = w.compute_hash_with(HashAlgorithm::Sha256);
-                        (name, w, k)
-                    })
-                })
+        let items: Vec<WeightTensor> = weights.iter().map(|(_, w)| w.clone()).collect();
+        let hashed: Vec<HashedWeight> = self.run(async move {
+            futures::stream::iter(items)
+                .map(|w| tokio::task::spawn_blocking(move || HashedWeight::new(w)))
                 .buffered(4)
                 .try_collect()
                 .await
-                .map_err(|e| StoreError::backend("hashing a batch", e))?;
+                .map_err(|e| StoreError::backend("hashing a batch", e))
+        })?;
+        let stored = self.store_hashed_batch(&hashed)?;
+        Ok(weights
+            .iter()
+            .zip(stored)
+            .map(|((name, _), s)| (name.clone(), s.key))
+            .collect())
+    }
+
+    /// Sends the batch's new weights concurrently (duplicates once); a big batch lists what is
+    /// committed instead of asking per weight. On a failure, the error's [`BatchError`] says
+    /// what was stored and what was not.
+    fn store_hashed_batch(&self, weights: &[HashedWeight]) -> Result<Vec<Stored>> {
+        let inner = self.inner();
+        let hashed: Vec<(String, WeightTensor, ContentHash)> = weights
+            .iter()
+            .map(|w| (w.name().to_owned(), w.weight().clone(), *w.key()))
+            .collect();
+        let total = hashed.len();
+        self.run(async move {
             let mut unique: BTreeMap<ContentHash, WeightTensor> = BTreeMap::new();
             for (_, w, k) in &hashed {
                 unique.entry(*k).or_insert_with(|| w.clone());
@@ -976,7 +882,7 @@ impl WeightStore for S3Store {
                 None
             };
             let failed_flag = Arc::new(AtomicBool::new(false));
-            let results: HashMap<ContentHash, std::result::Result<(), String>> =
+            let results: HashMap<ContentHash, std::result::Result<Option<u64>, String>> =
                 futures::stream::iter(unique)
                     .map(|(k, w)| {
                         let inner = inner.clone();
@@ -1000,20 +906,28 @@ impl WeightStore for S3Store {
                                 flag.store(true, Ordering::Relaxed);
                                 tracing::warn!(key = %k, error = %e, "upload failed");
                             }
-                            (k, r.map(|_| ()).map_err(|e| e.to_string()))
+                            (k, r.map_err(|e| e.to_string()))
                         }
                     })
                     .buffer_unordered(inner.config.max_concurrency)
                     .collect()
                     .await;
-            let mut out = BTreeMap::new();
+            let mut out = Vec::with_capacity(total);
             let mut stored = Vec::new();
             let mut failed = Vec::new();
+            let mut reported: BTreeSet<ContentHash> = BTreeSet::new();
             for (name, _, k) in hashed {
                 match results.get(&k) {
-                    Some(Ok(())) => {
+                    Some(Ok(size)) => {
                         stored.push((name.clone(), k));
-                        out.insert(name, k);
+                        // A duplicate in the batch was written by its first copy.
+                        let first = reported.insert(k);
+                        let size = size.filter(|_| first);
+                        out.push(Stored {
+                            key: k,
+                            new: size.is_some(),
+                            stored_bytes: size.unwrap_or(0),
+                        });
                     }
                     Some(Err(reason)) => failed.push(FailedItem {
                         name,
@@ -1034,7 +948,7 @@ impl WeightStore for S3Store {
             } else {
                 Err(StoreError::backend(
                     format!(
-                        "store_batch to {}: {} of {total} weight(s) stored, {} not stored",
+                        "storing a batch to {}: {} of {total} weight(s) stored, {} not stored",
                         inner.location,
                         stored.len(),
                         failed.len()
@@ -1045,12 +959,15 @@ impl WeightStore for S3Store {
         })
     }
 
-    fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
+    fn load_hashed_batch(
+        &self,
+        keys: &[ContentHash],
+    ) -> Result<HashMap<ContentHash, HashedWeight>> {
         let inner = self.inner();
         let unique: BTreeSet<ContentHash> = keys.iter().copied().collect();
         self.run(async move {
             let conc = inner.config.max_concurrency;
-            let loaded: Vec<(ContentHash, Option<WeightTensor>)> = futures::stream::iter(unique)
+            let loaded: Vec<(ContentHash, Option<HashedWeight>)> = futures::stream::iter(unique)
                 .map(|k| {
                     let inner = inner.clone();
                     async move { inner.get_weight(k).await.map(|w| (k, w)) }
@@ -1073,6 +990,37 @@ impl WeightStore for S3Store {
             }
             Ok(out)
         })
+    }
+
+    fn stored_form(&self, key: &ContentHash) -> Result<Option<StoredForm>> {
+        let inner = self.inner();
+        let k = *key;
+        let record = self.run(async move { inner.record(&k).await })?;
+        if let Some(r) = record {
+            let codec = if r.data.shuffle {
+                format!("{}+shuffle", r.data.codec)
+            } else {
+                r.data.codec.clone()
+            };
+            return Ok(Some(StoredForm {
+                codec: Some(codec),
+                delta: None,
+                stored_bytes: Some(r.data.size),
+            }));
+        }
+        let Some(d) = self.load_delta(key)? else {
+            return Ok(None);
+        };
+        let inner = self.inner();
+        let size = self.run(async move {
+            let path = inner.path(&Inner::delta_rel(&k))?;
+            Ok(inner.s3.head(&path).await.ok().map(|m| m.size))
+        })?;
+        Ok(Some(StoredForm {
+            codec: None,
+            delta: Some((d.delta_type.name().to_owned(), d.reference_hash)),
+            stored_bytes: size,
+        }))
     }
 
     fn storage_info(&self) -> Result<StorageInfo> {
@@ -1123,10 +1071,16 @@ impl DeltaSource for S3Store {
         self.inner.location.clone()
     }
 
-    fn full_weight(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+    fn full_weight(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
         let inner = self.inner();
         let k = *key;
         self.run(async move { inner.get_weight(k).await })
+    }
+
+    fn has_full_weight(&self, key: &ContentHash) -> Result<bool> {
+        let inner = self.inner();
+        let k = *key;
+        self.run(async move { inner.head_exists(&Inner::meta_rel(&k)).await })
     }
 
     fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>> {

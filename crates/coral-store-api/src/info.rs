@@ -53,3 +53,23 @@ impl StorageInfo {
         }
     }
 }
+
+impl DeltaStorageInfo {
+    /// Counts one delta. Sizes come from stored fields, so the original size saturates
+    /// rather than overflows (a figure, not an allocation).
+    pub fn add(&mut self, d: &coral_core::Delta) {
+        self.total_deltas += 1;
+        self.total_delta_bytes = self.total_delta_bytes.saturating_add(d.nbytes() as u64);
+        let bytes = d
+            .original_shape
+            .iter()
+            .fold(d.original_dtype.size() as u64, |a, &x| {
+                a.saturating_mul(x as u64)
+            });
+        self.total_original_bytes = self.total_original_bytes.saturating_add(bytes);
+        *self
+            .by_type
+            .entry(d.delta_type.name().to_owned())
+            .or_insert(0) += 1;
+    }
+}

@@ -42,6 +42,6 @@ pub use error::{Result, StoreError};
 pub use info::{DeltaStorageInfo, StorageInfo};
 pub use lease::{Lease, LeaseKind, Leftovers};
 pub use memory::MemoryStore;
-pub use traits::{DeltaStore, ManifestStore, Store, WeightStore};
+pub use traits::{hash_against, DeltaStore, ManifestStore, Store, Stored, StoredForm, WeightStore};
 
 pub use coral_core;

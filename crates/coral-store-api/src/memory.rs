@@ -1,16 +1,17 @@
 //! `MemoryStore`: the in-memory reference backend.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 use coral_core::{
-    ContentHash, Delta, HashAlgorithm, ModelManifest, ModelName, WeightMetadata, WeightTensor,
+    ContentHash, Delta, HashAlgorithm, HashedWeight, ModelManifest, ModelName, WeightMetadata,
+    WeightTensor,
 };
 
 use crate::error::{Result, StoreError};
 use crate::info::{DeltaStorageInfo, StorageInfo};
 use crate::resolve::{self, DeltaSource};
-use crate::traits::{DeltaStore, ManifestStore, WeightStore};
+use crate::traits::{DeltaStore, ManifestStore, Stored, StoredForm, WeightStore};
 
 /// An in-memory store that keeps weights uncompressed. It passes the conformance suite and is
 /// the reference for what a backend must do; use it in your own tests.
@@ -93,32 +94,33 @@ impl MemoryStore {
 }
 
 impl WeightStore for MemoryStore {
-    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
-        let key = weight.compute_hash_with(self.algorithm);
-        self.store_with_key(weight, &key)
-    }
-
-    fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash> {
-        let actual = weight.compute_hash_with(key.algorithm());
-        if actual != *key {
-            return Err(StoreError::KeyMismatch {
-                name: weight.name().to_owned(),
-                key: *key,
-                actual,
-            });
-        }
+    fn store_hashed(&self, weight: &HashedWeight) -> Result<Stored> {
+        let key = *weight.key();
         let mut inner = self.write_lock();
         Self::check_open(&inner)?;
-        if !inner.weights.contains_key(key) {
-            let mut meta = weight.metadata().clone();
-            meta.hash = Some(*key);
-            let stored = WeightTensor::new(meta, weight.data().clone())?;
-            inner.weights.insert(*key, stored);
+        if inner.weights.contains_key(&key) {
+            return Ok(Stored {
+                key,
+                new: false,
+                stored_bytes: 0,
+            });
         }
-        Ok(*key)
+        let mut meta = weight.metadata().clone();
+        meta.hash = Some(key);
+        let stored = WeightTensor::new(meta, weight.data().clone())?;
+        inner.weights.insert(key, stored);
+        Ok(Stored {
+            key,
+            new: true,
+            stored_bytes: weight.nbytes() as u64,
+        })
     }
 
-    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+    fn hash_algorithm(&self) -> HashAlgorithm {
+        self.algorithm
+    }
+
+    fn load_hashed(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
         match self.full_weight(key)? {
             Some(w) => Ok(Some(w)),
             None => resolve::resolve(self, key, self.strict),
@@ -173,14 +175,21 @@ impl WeightStore for MemoryStore {
         }
     }
 
-    fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
-        let mut out = HashMap::with_capacity(keys.len());
-        for k in keys {
-            if let Some(w) = self.load(k)? {
-                out.insert(*k, w);
-            }
+    fn stored_form(&self, key: &ContentHash) -> Result<Option<StoredForm>> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        if let Some(w) = inner.weights.get(key) {
+            return Ok(Some(StoredForm {
+                codec: Some("none".to_owned()),
+                delta: None,
+                stored_bytes: Some(w.nbytes() as u64),
+            }));
         }
-        Ok(out)
+        Ok(inner.deltas.get(key).map(|d| StoredForm {
+            codec: None,
+            delta: Some((d.delta_type.name().to_owned(), d.reference_hash)),
+            stored_bytes: Some(d.nbytes() as u64),
+        }))
     }
 
     fn storage_info(&self) -> Result<StorageInfo> {
@@ -212,25 +221,20 @@ impl DeltaSource for MemoryStore {
         "memory".to_owned()
     }
 
-    fn full_weight(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+    fn full_weight(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
         let inner = self.read_lock();
         Self::check_open(&inner)?;
         let Some(w) = inner.weights.get(key).cloned() else {
             return Ok(None);
         };
         drop(inner);
-        let actual = w.compute_hash_with(key.algorithm());
-        if actual != *key {
-            if self.strict {
-                return Err(StoreError::Integrity {
-                    name: w.name().to_owned(),
-                    expected: *key,
-                    actual,
-                });
-            }
-            tracing::warn!(key = %key, actual = %actual, name = w.name(), "integrity check failed");
-        }
-        Ok(Some(w))
+        resolve::verified(w, key, self.strict).map(Some)
+    }
+
+    fn has_full_weight(&self, key: &ContentHash) -> Result<bool> {
+        let inner = self.read_lock();
+        Self::check_open(&inner)?;
+        Ok(inner.weights.contains_key(key))
     }
 
     fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>> {
@@ -280,14 +284,7 @@ impl DeltaStore for MemoryStore {
 fn delta_info(inner: &Inner) -> DeltaStorageInfo {
     let mut info = DeltaStorageInfo::default();
     for d in inner.deltas.values() {
-        info.total_deltas += 1;
-        info.total_delta_bytes += d.nbytes() as u64;
-        let elements: usize = d.original_shape.iter().product();
-        info.total_original_bytes += (elements * d.original_dtype.size()) as u64;
-        *info
-            .by_type
-            .entry(d.delta_type.name().to_owned())
-            .or_default() += 1;
+        info.add(d);
     }
     info
 }

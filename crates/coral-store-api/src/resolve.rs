@@ -30,7 +30,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use coral_core::{ContentHash, Delta, DeltaConfig, DeltaEncoder, WeightTensor};
+use coral_core::{ContentHash, Delta, DeltaConfig, DeltaEncoder, HashedWeight, WeightTensor};
 
 use crate::error::{Result, StoreError};
 
@@ -44,35 +44,41 @@ pub trait DeltaSource {
 
     /// A weight stored in full (not through a delta), verified as the backend's `load` verifies
     /// it; `Ok(None)` when the key is not stored in full.
-    fn full_weight(&self, key: &ContentHash) -> Result<Option<WeightTensor>>;
+    fn full_weight(&self, key: &ContentHash) -> Result<Option<HashedWeight>>;
+
+    /// True when `key` is stored in full. By default through
+    /// [`full_weight`](Self::full_weight); a backend that can tell without reading the data
+    /// overrides it.
+    fn has_full_weight(&self, key: &ContentHash) -> Result<bool> {
+        Ok(self.full_weight(key)?.is_some())
+    }
 
     /// The delta stored under `key`; `Ok(None)` when there is none.
     fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>>;
 }
 
-/// Rebuilds the weight kept as a delta under `key`; `Ok(None)` when no delta is stored under it.
+/// The deltas that lead from `key` to a weight stored in full: `[(key, its delta), (its
+/// reference, that one's delta), ...]`, the last delta's reference being stored in full.
+/// `Ok(None)` when no delta is stored under `key`. This is Coral's one walk along a chain:
+/// [`resolve`] decodes along it, backends check metadata through it.
 ///
 /// Errors: [`StoreError::MissingReference`] when a reference is absent,
-/// [`StoreError::Corrupt`] for a cycle or a chain longer than [`MAX_DELTA_DEPTH`],
-/// [`StoreError::Core`] when a delta does not decode, [`StoreError::Integrity`] (strict) when a
-/// rebuilt weight does not hash to its key.
-pub fn resolve<S: DeltaSource + ?Sized>(
+/// [`StoreError::Corrupt`] for a cycle or a chain longer than [`MAX_DELTA_DEPTH`].
+pub fn delta_chain<S: DeltaSource + ?Sized>(
     source: &S,
     key: &ContentHash,
-    strict: bool,
-) -> Result<Option<WeightTensor>> {
+) -> Result<Option<Vec<(ContentHash, Delta)>>> {
     let Some(first) = source.raw_delta(key)? else {
         return Ok(None);
     };
-    // Walk down to a weight stored in full.
     let mut chain: Vec<(ContentHash, Delta)> = vec![(*key, first)];
-    let base = loop {
+    loop {
         let Some((below, delta)) = chain.last() else {
             return Ok(None);
         };
-        let reference = delta.reference_hash;
-        if let Some(w) = source.full_weight(&reference)? {
-            break w;
+        let (below, reference) = (*below, delta.reference_hash);
+        if source.has_full_weight(&reference)? {
+            return Ok(Some(chain));
         }
         if chain.iter().any(|(k, _)| *k == reference) {
             return Err(StoreError::Corrupt {
@@ -92,12 +98,35 @@ pub fn resolve<S: DeltaSource + ?Sized>(
             Some(next) => chain.push((reference, next)),
             None => {
                 return Err(StoreError::MissingReference {
-                    key: *below,
+                    key: below,
                     reference,
                 })
             }
         }
+    }
+}
+
+/// Rebuilds the weight kept as a delta under `key`; `Ok(None)` when no delta is stored under it.
+///
+/// Errors: those of [`delta_chain`], [`StoreError::Core`] when a delta does not decode,
+/// [`StoreError::Integrity`] (strict) when a rebuilt weight does not hash to its key.
+pub fn resolve<S: DeltaSource + ?Sized>(
+    source: &S,
+    key: &ContentHash,
+    strict: bool,
+) -> Result<Option<HashedWeight>> {
+    let Some(chain) = delta_chain(source, key)? else {
+        return Ok(None);
     };
+    let Some((below, last)) = chain.last() else {
+        return Ok(None);
+    };
+    let base = source
+        .full_weight(&last.reference_hash)?
+        .ok_or(StoreError::MissingReference {
+            key: *below,
+            reference: last.reference_hash,
+        })?;
     // Decode back up, verifying each step ourselves (typed errors, one policy).
     let encoder = DeltaEncoder::new(DeltaConfig {
         strict_reconstruction: false,
@@ -105,32 +134,41 @@ pub fn resolve<S: DeltaSource + ?Sized>(
     });
     let mut current = base;
     for (k, delta) in chain.iter().rev() {
-        let rebuilt = encoder.decode_delta(delta, &current, k).map_err(|e| {
-            StoreError::core(
-                format!(
-                    "rebuilding weight {k} from its {} delta against {} in {}",
-                    delta.delta_type,
-                    delta.reference_hash,
-                    source.location()
-                ),
-                e,
-            )
-        })?;
-        let actual = rebuilt.compute_hash_with(k.algorithm());
-        if actual != *k {
-            if strict {
-                return Err(StoreError::Integrity {
-                    name: rebuilt.name().to_owned(),
-                    expected: *k,
-                    actual,
-                });
-            }
-            tracing::warn!(key = %k, actual = %actual, name = rebuilt.name(),
-                "weight rebuilt from a delta does not match its key");
-        }
-        current = rebuilt;
+        let rebuilt = encoder
+            .decode_delta(delta, current.weight(), k)
+            .map_err(|e| {
+                StoreError::core(
+                    format!(
+                        "rebuilding weight {k} from its {} delta against {} in {}",
+                        delta.delta_type,
+                        delta.reference_hash,
+                        source.location()
+                    ),
+                    e,
+                )
+            })?;
+        current = verified(rebuilt, k, strict)?;
     }
     Ok(Some(current))
+}
+
+/// Hashes a weight read or rebuilt for `key` and checks it: in strict mode a mismatch is
+/// [`StoreError::Integrity`]; otherwise a logged warning, and the weight under its actual hash.
+/// Every backend's load verifies through this.
+pub fn verified(weight: WeightTensor, key: &ContentHash, strict: bool) -> Result<HashedWeight> {
+    let hashed = HashedWeight::with_algorithm(weight, key.algorithm());
+    if hashed.key() != key {
+        if strict {
+            return Err(StoreError::Integrity {
+                name: hashed.name().to_owned(),
+                expected: *key,
+                actual: *hashed.key(),
+            });
+        }
+        tracing::warn!(key = %key, actual = %hashed.key(), name = hashed.name(),
+            "integrity check failed");
+    }
+    Ok(hashed)
 }
 
 /// How many of `deltas` (key, delta) use `key` as their reference, not counting a delta stored
@@ -156,7 +194,7 @@ mod tests {
 
     #[derive(Default)]
     struct Map {
-        full: HashMap<ContentHash, WeightTensor>,
+        full: HashMap<ContentHash, HashedWeight>,
         deltas: HashMap<ContentHash, Delta>,
     }
 
@@ -164,7 +202,7 @@ mod tests {
         fn location(&self) -> String {
             "test".to_owned()
         }
-        fn full_weight(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+        fn full_weight(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
             Ok(self.full.get(key).cloned())
         }
         fn raw_delta(&self, key: &ContentHash) -> Result<Option<Delta>> {
@@ -225,7 +263,7 @@ mod tests {
     fn undecodable_delta_is_a_core_error() {
         let mut m = Map::default();
         let r = WeightTensor::from_vec("r", vec![2], vec![1.0f32, 2.0]).unwrap();
-        m.full.insert(key(2), r);
+        m.full.insert(key(2), HashedWeight::new(r));
         m.deltas.insert(key(1), junk(key(2)));
         let e = resolve(&m, &key(1), true).unwrap_err();
         assert!(matches!(e, StoreError::Core { .. }), "{e}");

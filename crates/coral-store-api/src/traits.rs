@@ -3,11 +3,26 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use coral_core::{ContentHash, Delta, ModelManifest, ModelName, WeightMetadata, WeightTensor};
+use coral_core::{
+    ContentHash, Delta, HashAlgorithm, HashedWeight, ModelManifest, ModelName, WeightMetadata,
+    WeightTensor,
+};
 
 use crate::error::Result;
 use crate::info::{DeltaStorageInfo, StorageInfo};
 use crate::lease::{Lease, LeaseKind, Leftovers};
+
+/// What storing one weight did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The weight's key.
+    pub key: ContentHash,
+    /// False when the key was already present (nothing was written).
+    pub new: bool,
+    /// Bytes the weight now takes in the store (its compressed chunks or object); 0 when it
+    /// was already present.
+    pub stored_bytes: u64,
+}
 
 /// A content-addressed weight store: the seed's `WeightStore`.
 ///
@@ -17,16 +32,60 @@ use crate::lease::{Lease, LeaseKind, Leftovers};
 ///   strict mode, and a logged warning with the data otherwise;
 /// - absent keys give `Ok(None)` / `Ok(false)`, never an error;
 /// - a failed write leaves the store as it was.
+///
+/// In the style of `object_store`: a backend implements the few methods that touch its bytes
+/// ([`store_hashed`](Self::store_hashed), [`load_hashed`](Self::load_hashed), `exists`, `delete`, `list_weights`,
+/// `get_metadata`, `storage_info`, `close`); the rest ([`store`](Self::store),
+/// [`store_with_key`](Self::store_with_key), the batches) are provided on top of them, and a
+/// backend overrides one only to do better (the HDF5 store compresses a batch on every core,
+/// the S3 store sends it concurrently).
+///
+/// ```
+/// use coral_core::{HashedWeight, WeightTensor};
+/// use coral_store_api::{MemoryStore, WeightStore};
+///
+/// let store = MemoryStore::new();
+/// let w = HashedWeight::new(WeightTensor::from_vec("w", vec![2], vec![1.0f32, 2.0])?);
+/// let first = store.store_hashed(&w)?; // no second hash inside the store
+/// assert!(first.new);
+/// assert!(!store.store_hashed(&w)?.new);
+/// assert_eq!(store.store(w.weight())?, *w.key());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait WeightStore: Send + Sync + std::fmt::Debug {
-    /// Stores a weight under its SHA-256 key, or the store's configured hash algorithm.
-    fn store(&self, weight: &WeightTensor) -> Result<ContentHash>;
+    /// Stores a weight whose hash is known: the store trusts the proof and does not hash it
+    /// again. A no-op (with `new: false`) when the key is present.
+    fn store_hashed(&self, weight: &HashedWeight) -> Result<Stored>;
+
+    /// The algorithm [`store`](Self::store) keys new weights with: SHA-256 unless the store
+    /// was configured otherwise.
+    fn hash_algorithm(&self) -> HashAlgorithm {
+        HashAlgorithm::Sha256
+    }
+
+    /// Stores a weight under its hash by [`hash_algorithm`](Self::hash_algorithm).
+    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
+        let hashed = HashedWeight::with_algorithm(weight.clone(), self.hash_algorithm());
+        Ok(self.store_hashed(&hashed)?.key)
+    }
 
     /// Stores a weight under `key`, which must be the data's hash under the key's algorithm
     /// (SHA-256 or legacy xxh3-64); another key is [`crate::StoreError::KeyMismatch`].
-    fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash>;
+    fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash> {
+        let hashed = hash_against(weight, key)?;
+        Ok(self.store_hashed(&hashed)?.key)
+    }
+
+    /// Loads a weight and verifies it against its key, handing over the hash it computed;
+    /// `Ok(None)` when absent. In strict mode a mismatch is [`crate::StoreError::Integrity`];
+    /// otherwise the weight comes back (with a logged warning) under its actual hash, so a
+    /// caller that needs `key` itself compares [`HashedWeight::key`].
+    fn load_hashed(&self, key: &ContentHash) -> Result<Option<HashedWeight>>;
 
     /// Loads and verifies a weight; `Ok(None)` when absent.
-    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>>;
+    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
+        Ok(self.load_hashed(key)?.map(HashedWeight::into_weight))
+    }
 
     /// True when the key is present (as a full weight or as a delta).
     fn exists(&self, key: &ContentHash) -> Result<bool>;
@@ -40,26 +99,60 @@ pub trait WeightStore: Send + Sync + std::fmt::Debug {
     /// The metadata without the data; `Ok(None)` when absent.
     fn get_metadata(&self, key: &ContentHash) -> Result<Option<WeightMetadata>>;
 
-    /// Stores many weights, given as (name, weight); returns name → key.
+    /// Stores many weights whose hashes are known, in order; returns what each store did, in
+    /// the same order. All or nothing where the backend can (HDF5: a batch that fails links
+    /// nothing).
+    fn store_hashed_batch(&self, weights: &[HashedWeight]) -> Result<Vec<Stored>> {
+        weights.iter().map(|w| self.store_hashed(w)).collect()
+    }
+
+    /// The seed's `store_batch`: many weights, given as (name, weight); returns name → key.
     fn store_batch(
         &self,
         weights: &[(String, WeightTensor)],
     ) -> Result<BTreeMap<String, ContentHash>> {
-        weights
+        let algorithm = self.hash_algorithm();
+        let hashed: Vec<HashedWeight> = weights
             .iter()
-            .map(|(name, w)| Ok((name.clone(), self.store(w)?)))
-            .collect()
+            .map(|(_, w)| HashedWeight::with_algorithm(w.clone(), algorithm))
+            .collect();
+        let stored = self.store_hashed_batch(&hashed)?;
+        Ok(weights
+            .iter()
+            .zip(stored)
+            .map(|((name, _), s)| (name.clone(), s.key))
+            .collect())
     }
 
-    /// Loads many weights; absent keys are left out of the map.
-    fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
+    /// Loads and verifies many weights, as [`load_hashed`](Self::load_hashed); absent keys are
+    /// left out of the map.
+    fn load_hashed_batch(
+        &self,
+        keys: &[ContentHash],
+    ) -> Result<HashMap<ContentHash, HashedWeight>> {
         let mut out = HashMap::with_capacity(keys.len());
         for k in keys {
-            if let Some(w) = self.load(k)? {
+            if let Some(w) = self.load_hashed(k)? {
                 out.insert(*k, w);
             }
         }
         Ok(out)
+    }
+
+    /// Loads many weights; absent keys are left out of the map.
+    fn load_batch(&self, keys: &[ContentHash]) -> Result<HashMap<ContentHash, WeightTensor>> {
+        Ok(self
+            .load_hashed_batch(keys)?
+            .into_iter()
+            .map(|(k, w)| (k, w.into_weight()))
+            .collect())
+    }
+
+    /// How one key is kept (codec or delta, bytes as stored), for `coral show`; `Ok(None)` when
+    /// absent. By default only what [`get_metadata`](Self::get_metadata) says, with the stored
+    /// form unknown.
+    fn stored_form(&self, key: &ContentHash) -> Result<Option<StoredForm>> {
+        Ok(self.get_metadata(key)?.map(|_| StoredForm::default()))
     }
 
     /// The store's figures.
@@ -68,6 +161,32 @@ pub trait WeightStore: Send + Sync + std::fmt::Debug {
     /// Flushes and releases resources; later calls fail with [`crate::StoreError::Closed`].
     /// Dropping a store closes it too.
     fn close(&mut self) -> Result<()>;
+}
+
+/// How one key is kept, as far as the backend tells.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredForm {
+    /// The codec of a weight stored in full ("zstd-3+shuffle"), or `None` when unknown or kept
+    /// as a delta.
+    pub codec: Option<String>,
+    /// The delta type and reference key when the weight is kept as a delta.
+    pub delta: Option<(String, ContentHash)>,
+    /// Bytes as stored (chunks, object or delta payload), when known.
+    pub stored_bytes: Option<u64>,
+}
+
+/// Hashes `weight` with `key`'s algorithm for [`WeightStore::store_with_key`]:
+/// [`crate::StoreError::KeyMismatch`] when it is not `key`.
+pub fn hash_against(weight: &WeightTensor, key: &ContentHash) -> Result<HashedWeight> {
+    let hashed = HashedWeight::with_algorithm(weight.clone(), key.algorithm());
+    if hashed.key() != key {
+        return Err(crate::StoreError::KeyMismatch {
+            name: weight.name().to_owned(),
+            key: *key,
+            actual: *hashed.key(),
+        });
+    }
+    Ok(hashed)
 }
 
 /// The seed's delta methods: a weight kept as a [`Delta`] against a reference weight.
@@ -87,8 +206,18 @@ pub trait DeltaStore: WeightStore {
     /// Every delta key, sorted.
     fn list_deltas(&self) -> Result<Vec<ContentHash>>;
 
-    /// Delta figures.
-    fn get_delta_storage_info(&self) -> Result<DeltaStorageInfo>;
+    /// Delta figures. Provided: every delta read once through
+    /// [`load_delta`](Self::load_delta) (which reads payloads, never decodes them against a
+    /// reference); a backend that keeps the figures at hand overrides it.
+    fn get_delta_storage_info(&self) -> Result<DeltaStorageInfo> {
+        let mut info = DeltaStorageInfo::default();
+        for k in self.list_deltas()? {
+            if let Some(d) = self.load_delta(&k)? {
+                info.add(&d);
+            }
+        }
+        Ok(info)
+    }
 }
 
 /// Model manifests kept beside the weights, and how the writers of a shared store keep out of

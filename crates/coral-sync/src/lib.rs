@@ -8,8 +8,9 @@
 //! consistent at every moment, so an interrupted sync leaves nothing half and a second run
 //! finishes the job without moving anything twice:
 //!
-//! 1. weights the destination lacks (each verified against its key on the way: the source's
-//!    `load` checks it, the destination's `store_with_key` checks it again);
+//! 1. weights the destination lacks, each verified against its key on the way, once: the
+//!    source's `load_hashed` checks it and hands the proof (`HashedWeight`) to the
+//!    destination's `store_hashed`;
 //! 2. deltas the destination lacks, each only once its reference (a weight, or another delta) is
 //!    there, in waves;
 //! 3. manifests missing or different, each only once every key it lists is there.
@@ -35,10 +36,14 @@
 
 #![warn(missing_docs)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+mod seed;
+
+pub use seed::{DownloadStats, SyncExt, UploadStats, SYNC_LEASE_WAIT};
 
 use coral_core::{ContentHash, Delta, ModelName};
 use coral_store_api::{Store, StoreError};
@@ -312,13 +317,20 @@ impl Run<'_> {
             self.moved(Kind::Weight, key.to_string(), bytes);
             return Ok(());
         }
-        let w = match self.src.load(key) {
+        // Hashed once: the source's load verifies, and hands the proof to the destination.
+        let w = match self.src.load_hashed(key) {
             Ok(Some(w)) => w,
             Ok(None) => return Err("vanished from the source".into()),
             Err(e) => return Err(format!("reading: {}", chain(&e))),
         };
+        if w.key() != key {
+            return Err(format!(
+                "reading: the data hashes to {}, not to its key (not copied)",
+                w.key()
+            ));
+        }
         self.dst
-            .store_with_key(&w, key)
+            .store_hashed(&w)
             .map_err(|e| format!("writing: {}", chain(&e)))?;
         self.moved(Kind::Weight, key.to_string(), w.nbytes() as u64);
         Ok(())
@@ -568,46 +580,4 @@ pub fn both(
     let pushed = push(local, remote, options)?;
     let pulled = pull(local, remote, options)?;
     Ok((pushed, pulled))
-}
-
-/// The keys and names a dry run would move, without moving them (for listings).
-pub fn plan(source: &dyn Store, destination: &dyn Store) -> Result<Plan, SyncError> {
-    let dst_w: BTreeSet<ContentHash> = listed(destination.list_weights(), "listing")?
-        .into_iter()
-        .collect();
-    let dst_d: BTreeSet<ContentHash> = listed(destination.list_deltas(), "listing")?
-        .into_iter()
-        .collect();
-    let weights = listed(source.list_weights(), "listing")?
-        .into_iter()
-        .filter(|k| !dst_w.contains(k))
-        .collect();
-    let deltas = listed(source.list_deltas(), "listing")?
-        .into_iter()
-        .filter(|k| !dst_d.contains(k))
-        .collect();
-    let mut manifests = BTreeMap::new();
-    for name in listed(source.list_manifests(), "listing")? {
-        let a = listed(source.get_manifest(&name), "reading a manifest")?;
-        let b = listed(destination.get_manifest(&name), "reading a manifest")?;
-        if a != b {
-            manifests.insert(name, b.is_some());
-        }
-    }
-    Ok(Plan {
-        weights,
-        deltas,
-        manifests,
-    })
-}
-
-/// What a sync would move.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Plan {
-    /// Weights the destination lacks.
-    pub weights: Vec<ContentHash>,
-    /// Deltas the destination lacks.
-    pub deltas: Vec<ContentHash>,
-    /// Manifests missing or different; `true` when the destination has a different one.
-    pub manifests: BTreeMap<ModelName, bool>,
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use coral_core::{
-    ContentHash, DType, Delta, DeltaType, ModelManifest, ModelName, WeightMetadata, WeightTensor,
+    ContentHash, DType, Delta, DeltaType, HashedWeight, ModelManifest, ModelName, WeightMetadata,
 };
 use coral_store_api::testing::{
     assert_same_tensor,
@@ -15,7 +15,7 @@ use coral_store_api::testing::{
 };
 use coral_store_api::{
     DeltaStorageInfo, DeltaStore, ManifestStore, MemoryStore, Result, StorageInfo, Store,
-    StoreError, WeightStore,
+    StoreError, Stored, WeightStore,
 };
 use coral_sync::{both, pull, push, sync, Kind, SyncError, SyncOptions};
 use proptest::prelude::*;
@@ -41,10 +41,8 @@ impl Flaky {
 }
 
 impl WeightStore for Flaky {
-    fn store(&self, weight: &WeightTensor) -> Result<ContentHash> {
-        self.store_with_key(weight, &weight.compute_hash())
-    }
-    fn store_with_key(&self, weight: &WeightTensor, key: &ContentHash) -> Result<ContentHash> {
+    fn store_hashed(&self, weight: &HashedWeight) -> Result<Stored> {
+        let key = weight.key();
         if self.fail.lock().unwrap().contains(key) {
             return Err(StoreError::backend(
                 format!("writing {key}"),
@@ -52,10 +50,10 @@ impl WeightStore for Flaky {
             ));
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.store_with_key(weight, key)
+        self.inner.store_hashed(weight)
     }
-    fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
-        self.inner.load(key)
+    fn load_hashed(&self, key: &ContentHash) -> Result<Option<HashedWeight>> {
+        self.inner.load_hashed(key)
     }
     fn exists(&self, key: &ContentHash) -> Result<bool> {
         self.inner.exists(key)

@@ -34,6 +34,7 @@ pub fn checks<H: Harness>() -> Vec<Check<H>> {
         ("weights::list_sorted", list_sorted::<H>),
         ("weights::metadata_without_data", metadata_without_data::<H>),
         ("weights::batches", batches::<H>),
+        ("weights::hashed_weights", hashed_weights::<H>),
         ("weights::integrity_strict", integrity_strict::<H>),
         ("weights::integrity_lenient", integrity_lenient::<H>),
         ("weights::concurrent_use", concurrent_use::<H>),
@@ -655,4 +656,50 @@ pub fn persistence<H: Harness>(h: &H) {
         want.values().map(|w| w.nbytes() as u64).sum(),
         "after reopen",
     );
+}
+
+/// `store_hashed` / `store_hashed_batch` say what they wrote (in order, a duplicate in a batch
+/// new only once, bytes only for what is new); `load_hashed` hands back the key it verified;
+/// `stored_form` knows present keys and not absent ones.
+pub fn hashed_weights<H: Harness>(h: &H) {
+    use coral_core::HashedWeight;
+    let store = h.open(true);
+    let a = HashedWeight::new(sample_tensor("a", DType::F32, &[64, 16], 901));
+    let b = HashedWeight::new(sample_tensor("b", DType::BF16, &[33], 902));
+    let first = store.store_hashed(&a).expect("store_hashed");
+    assert_eq!(first.key, *a.key());
+    assert!(first.new, "a new weight is new");
+    assert!(
+        first.stored_bytes > 0,
+        "a new weight takes bytes: {first:?}"
+    );
+    let again = store.store_hashed(&a).expect("store_hashed again");
+    assert!(!again.new && again.stored_bytes == 0, "{again:?}");
+    let batch = store
+        .store_hashed_batch(&[b.clone(), a.clone(), b.clone()])
+        .expect("store_hashed_batch");
+    let keys: Vec<ContentHash> = batch.iter().map(|s| s.key).collect();
+    assert_eq!(keys, vec![*b.key(), *a.key(), *b.key()], "results in order");
+    let news: Vec<bool> = batch.iter().map(|s| s.new).collect();
+    assert_eq!(news, vec![true, false, false], "{batch:?}");
+    let back = store
+        .load_hashed(b.key())
+        .expect("load_hashed")
+        .expect("present");
+    assert_eq!(back.key(), b.key());
+    assert_same_tensor(back.weight(), b.weight(), "load_hashed");
+    let form = store.stored_form(a.key()).expect("stored_form");
+    assert!(form.is_some(), "stored_form of a present key");
+    if let Some(n) = form.and_then(|f| f.stored_bytes) {
+        assert_eq!(n, first.stored_bytes, "stored_form and store_hashed agree");
+    }
+    let absent = ContentHash::Sha256([0xab; 32]);
+    assert_eq!(
+        store.stored_form(&absent).expect("stored_form absent"),
+        None
+    );
+    assert!(store
+        .load_hashed(&absent)
+        .expect("load_hashed absent")
+        .is_none());
 }

@@ -12,7 +12,7 @@
 //! - `sync_from_local` of a fine-tune in which a tenth of the tensors changed (stored in full, and
 //!   kept as lossless deltas), with the bytes moved against the whole file rclone moves.
 
-#[path = "../tests/common/model.rs"]
+#[path = "../../coral-s3/tests/common/model.rs"]
 mod model;
 
 use std::collections::HashMap;
@@ -24,6 +24,7 @@ use coral_core::delta::encode_best_lossless;
 use coral_core::{Codec, ContentHash, DType, WeightTensor};
 use coral_s3::{S3Config, S3Store};
 use coral_store_api::{DeltaStore, MemoryStore, WeightStore};
+use coral_sync::SyncExt;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

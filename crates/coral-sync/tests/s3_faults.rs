@@ -7,6 +7,7 @@
 //! refused) while keeping the server's state, so the resume can be checked: the second run
 //! uploads only what is missing and everything verifies.
 
+#[path = "../../coral-s3/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeSet;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use coral_core::ContentHash;
 use coral_s3::{BatchError, S3Store};
 use coral_store_api::{testenv, MemoryStore, StoreError, WeightStore};
+use coral_sync::SyncExt;
 
 struct Server(Child);
 
