@@ -209,14 +209,73 @@ impl SyncStats {
 }
 
 /// An entry that did not move.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Failure {
     /// What kind of entry.
     pub kind: Kind,
     /// Its key or model name.
     pub key: String,
-    /// Why, with the causes.
-    pub reason: String,
+    /// Why, typed: a caller tells an integrity error from a timeout by matching it (and the
+    /// [`StoreError`] inside, when there is one).
+    pub cause: FailureCause,
+}
+
+impl Failure {
+    /// Why, in words, with the causes.
+    pub fn reason(&self) -> String {
+        self.cause.to_string()
+    }
+}
+
+/// Why one entry did not move.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// Reading it from the source failed (a timeout, a damaged weight in a strict store, ...).
+    #[error("reading: {}", chain(&**.0))]
+    Read(std::sync::Arc<StoreError>),
+    /// Writing it to the destination failed.
+    #[error("writing: {}", chain(&**.0))]
+    Write(std::sync::Arc<StoreError>),
+    /// Reading the destination's copy of a manifest failed.
+    #[error("reading the destination's: {}", chain(&**.0))]
+    ReadDestination(std::sync::Arc<StoreError>),
+    /// The source's data hashes to another key (a store opened without strict integrity):
+    /// not copied.
+    #[error("reading: the data hashes to {actual}, not to its key (not copied)")]
+    Integrity {
+        /// What the data hashes to.
+        actual: ContentHash,
+    },
+    /// It was listed, then gone from the source.
+    #[error("vanished from the source")]
+    Vanished,
+    /// A delta whose reference is in neither store (or failed to move).
+    #[error("its reference {0} is in neither store (or failed to move)")]
+    MissingReference(ContentHash),
+    /// A manifest that lists a key the destination lacks.
+    #[error("key {0} it lists is not in the destination (not moved)")]
+    MissingKey(ContentHash),
+}
+
+impl FailureCause {
+    /// The store error behind it, when there is one.
+    pub fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            FailureCause::Read(e) | FailureCause::Write(e) | FailureCause::ReadDestination(e) => {
+                Some(e)
+            }
+            _ => None,
+        }
+    }
+
+    fn read(e: StoreError) -> Self {
+        FailureCause::Read(std::sync::Arc::new(e))
+    }
+
+    fn write(e: StoreError) -> Self {
+        FailureCause::Write(std::sync::Arc::new(e))
+    }
 }
 
 /// Why a sync failed.
@@ -240,7 +299,7 @@ pub enum SyncError {
         stats.moved(), failures.len(),
         failures.first().map(|f| f.kind.to_string()).unwrap_or_default(),
         failures.first().map(|f| f.key.as_str()).unwrap_or_default(),
-        failures.first().map(|f| f.reason.as_str()).unwrap_or_default()
+        failures.first().map(Failure::reason).unwrap_or_default()
     )]
     Incomplete {
         /// What did move.
@@ -299,80 +358,144 @@ impl Run<'_> {
         s.kind_mut(kind).skipped += n;
     }
 
-    fn failed(&self, kind: Kind, key: String, reason: String) {
-        tracing::warn!(%kind, %key, %reason, "sync: entry not moved");
+    fn failed(&self, kind: Kind, key: String, cause: FailureCause) {
+        tracing::warn!(%kind, %key, reason = %cause, "sync: entry not moved");
         self.failures
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Failure { kind, key, reason });
+            .push(Failure { kind, key, cause });
     }
 
-    fn weight(&self, key: &ContentHash) -> Result<(), String> {
+    fn weight(&self, key: &ContentHash) -> Result<(), FailureCause> {
         if self.options.dry_run {
             let bytes = match self.src.get_metadata(key) {
                 Ok(Some(m)) => m.checked_nbytes().unwrap_or(0) as u64,
-                Ok(None) => return Err("vanished from the source".into()),
-                Err(e) => return Err(chain(&e)),
+                Ok(None) => return Err(FailureCause::Vanished),
+                Err(e) => return Err(FailureCause::read(e)),
             };
             self.moved(Kind::Weight, key.to_string(), bytes);
             return Ok(());
         }
         // Hashed once: the source's load verifies, and hands the proof to the destination.
-        let w = match self.src.load_hashed(key) {
-            Ok(Some(w)) => w,
-            Ok(None) => return Err("vanished from the source".into()),
-            Err(e) => return Err(format!("reading: {}", chain(&e))),
-        };
+        let w = self
+            .src
+            .load_hashed(key)
+            .map_err(FailureCause::read)?
+            .ok_or(FailureCause::Vanished)?;
         if w.key() != key {
-            return Err(format!(
-                "reading: the data hashes to {}, not to its key (not copied)",
-                w.key()
-            ));
+            return Err(FailureCause::Integrity { actual: *w.key() });
         }
-        self.dst
-            .store_hashed(&w)
-            .map_err(|e| format!("writing: {}", chain(&e)))?;
+        self.dst.store_hashed(&w).map_err(FailureCause::write)?;
         self.moved(Kind::Weight, key.to_string(), w.nbytes() as u64);
         Ok(())
     }
 
-    fn delta(&self, key: &ContentHash, d: &Delta) -> Result<(), String> {
+    fn delta(&self, key: &ContentHash, d: &Delta) -> Result<(), FailureCause> {
         if !self.options.dry_run {
-            self.dst
-                .store_delta(d, key)
-                .map_err(|e| format!("writing: {}", chain(&e)))?;
+            self.dst.store_delta(d, key).map_err(FailureCause::write)?;
         }
         self.moved(Kind::Delta, key.to_string(), d.nbytes() as u64);
         Ok(())
     }
 
-    fn manifest(&self, name: &ModelName, present: &BTreeSet<ContentHash>) -> Result<(), String> {
-        let m = match self.src.get_manifest(name) {
-            Ok(Some(m)) => m,
-            Ok(None) => return Err("vanished from the source".into()),
-            Err(e) => return Err(format!("reading: {}", chain(&e))),
-        };
+    fn manifest(
+        &self,
+        name: &ModelName,
+        present: &BTreeSet<ContentHash>,
+    ) -> Result<(), FailureCause> {
+        let m = self
+            .src
+            .get_manifest(name)
+            .map_err(FailureCause::read)?
+            .ok_or(FailureCause::Vanished)?;
         match self.dst.get_manifest(name) {
             Ok(Some(existing)) if existing == m => {
                 self.skipped(Kind::Manifest, 1);
                 return Ok(());
             }
             Ok(_) => {}
-            Err(e) => return Err(format!("reading the destination's: {}", chain(&e))),
+            Err(e) => return Err(FailureCause::ReadDestination(std::sync::Arc::new(e))),
         }
         if let Some(missing) = m.keys().find(|k| !present.contains(k)) {
-            return Err(format!(
-                "key {missing} it lists is not in the destination (not moved)"
-            ));
+            return Err(FailureCause::MissingKey(*missing));
         }
         let bytes = m.to_json().map(|j| j.len() as u64).unwrap_or(0);
         if !self.options.dry_run {
-            self.dst
-                .put_manifest(&m)
-                .map_err(|e| format!("writing: {}", chain(&e)))?;
+            self.dst.put_manifest(&m).map_err(FailureCause::write)?;
         }
         self.moved(Kind::Manifest, name.to_string(), bytes);
         Ok(())
+    }
+
+    /// Stage 1: weights stored in full, concurrently. Returns those that moved.
+    fn weights(&self, weights: &[ContentHash]) -> Vec<ContentHash> {
+        weights
+            .par_iter()
+            .with_max_len(1)
+            .filter_map(|k| match self.weight(k) {
+                Ok(()) => Some(*k),
+                Err(cause) => {
+                    self.failed(Kind::Weight, k.to_string(), cause);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Stage 2: deltas, in waves, each once its reference (a weight or another delta) is in
+    /// `present`; adds what moved to `present`.
+    fn deltas(&self, deltas: &[ContentHash], present: &mut BTreeSet<ContentHash>) {
+        let loaded: Vec<Option<(ContentHash, Delta)>> = deltas
+            .par_iter()
+            .with_max_len(1)
+            .map(|k| {
+                let cause = match self.src.load_delta(k) {
+                    Ok(Some(d)) => return Some((*k, d)),
+                    Ok(None) => FailureCause::Vanished,
+                    Err(e) => FailureCause::read(e),
+                };
+                self.failed(Kind::Delta, k.to_string(), cause);
+                None
+            })
+            .collect();
+        let mut waiting: Vec<(ContentHash, Delta)> = loaded.into_iter().flatten().collect();
+        loop {
+            let (ready, rest): (Vec<_>, Vec<_>) = waiting
+                .into_iter()
+                .partition(|(_, d)| present.contains(&d.reference_hash));
+            waiting = rest;
+            if ready.is_empty() {
+                break;
+            }
+            let moved: Vec<ContentHash> = ready
+                .par_iter()
+                .with_max_len(1)
+                .filter_map(|(k, d)| match self.delta(k, d) {
+                    Ok(()) => Some(*k),
+                    Err(cause) => {
+                        self.failed(Kind::Delta, k.to_string(), cause);
+                        None
+                    }
+                })
+                .collect();
+            present.extend(moved);
+        }
+        for (k, d) in waiting {
+            self.failed(
+                Kind::Delta,
+                k.to_string(),
+                FailureCause::MissingReference(d.reference_hash),
+            );
+        }
+    }
+
+    /// Stage 3: manifests, each once every key it lists is in `present`.
+    fn manifests(&self, manifests: &[ModelName], present: &BTreeSet<ContentHash>) {
+        manifests.par_iter().with_max_len(1).for_each(|name| {
+            if let Err(cause) = self.manifest(name, present) {
+                self.failed(Kind::Manifest, name.to_string(), cause);
+            }
+        });
     }
 }
 
@@ -381,6 +504,44 @@ fn listed<T>(r: coral_store_api::Result<T>, what: &str) -> Result<T, SyncError> 
         what: what.to_owned(),
         source: Box::new(source),
     })
+}
+
+/// What the two sides hold, listed once before anything moves.
+struct Listing {
+    /// The source's keys (full weights, and maybe deltas: `list_weights` may list both).
+    src_w: BTreeSet<ContentHash>,
+    /// The source's deltas.
+    src_d: BTreeSet<ContentHash>,
+    /// Every key the destination holds, as a weight or a delta.
+    dst_all: BTreeSet<ContentHash>,
+    /// The source's models.
+    manifests: Vec<ModelName>,
+}
+
+impl Listing {
+    fn of(source: &dyn Store, destination: &dyn Store) -> Result<Self, SyncError> {
+        let set = |v: Vec<ContentHash>| v.into_iter().collect::<BTreeSet<_>>();
+        let src_w = set(listed(
+            source.list_weights(),
+            "listing the source's weights",
+        )?);
+        let src_d = set(listed(source.list_deltas(), "listing the source's deltas")?);
+        let mut dst_all = set(listed(
+            destination.list_weights(),
+            "listing the destination's weights",
+        )?);
+        dst_all.extend(listed(
+            destination.list_deltas(),
+            "listing the destination's deltas",
+        )?);
+        let manifests = listed(source.list_manifests(), "listing the source's manifests")?;
+        Ok(Listing {
+            src_w,
+            src_d,
+            dst_all,
+            manifests,
+        })
+    }
 }
 
 /// Copies to `destination` every weight, delta and manifest of `source` it lacks.
@@ -398,29 +559,12 @@ pub fn sync(
             "concurrency must be at least 1".into(),
         ));
     }
-    let src_w: BTreeSet<ContentHash> =
-        listed(source.list_weights(), "listing the source's weights")?
-            .into_iter()
-            .collect();
-    let dst_w: BTreeSet<ContentHash> = listed(
-        destination.list_weights(),
-        "listing the destination's weights",
-    )?
-    .into_iter()
-    .collect();
-    let src_d: BTreeSet<ContentHash> = listed(source.list_deltas(), "listing the source's deltas")?
-        .into_iter()
-        .collect();
-    let dst_d: BTreeSet<ContentHash> = listed(
-        destination.list_deltas(),
-        "listing the destination's deltas",
-    )?
-    .into_iter()
-    .collect();
-    let manifests = listed(source.list_manifests(), "listing the source's manifests")?;
-
-    // `list_weights` may list keys kept as deltas too: those move as deltas.
-    let dst_all: BTreeSet<ContentHash> = dst_w.union(&dst_d).copied().collect();
+    let Listing {
+        src_w,
+        src_d,
+        dst_all,
+        manifests,
+    } = Listing::of(source, destination)?;
     let weights: Vec<ContentHash> = src_w
         .iter()
         .filter(|k| !src_d.contains(k) && !dst_all.contains(k))
@@ -462,85 +606,10 @@ pub fn sync(
         .map_err(|e| SyncError::InvalidOptions(format!("thread pool: {e}")))?;
 
     pool.install(|| {
-        // 1. Weights stored in full.
-        let moved_w: Vec<ContentHash> = weights
-            .par_iter()
-            .with_max_len(1)
-            .filter_map(|k| match run.weight(k) {
-                Ok(()) => Some(*k),
-                Err(reason) => {
-                    run.failed(Kind::Weight, k.to_string(), reason);
-                    None
-                }
-            })
-            .collect();
         let mut present = dst_all.clone();
-        present.extend(moved_w);
-
-        // 2. Deltas, in waves: each once its reference (a weight or another delta) is there.
-        let mut waiting: Vec<(ContentHash, Delta)> = Vec::new();
-        let loaded: Vec<Option<(ContentHash, Delta)>> = deltas
-            .par_iter()
-            .with_max_len(1)
-            .map(|k| match run.src.load_delta(k) {
-                Ok(Some(d)) => Some((*k, d)),
-                Ok(None) => {
-                    run.failed(
-                        Kind::Delta,
-                        k.to_string(),
-                        "vanished from the source".into(),
-                    );
-                    None
-                }
-                Err(e) => {
-                    run.failed(
-                        Kind::Delta,
-                        k.to_string(),
-                        format!("reading: {}", chain(&e)),
-                    );
-                    None
-                }
-            })
-            .collect();
-        waiting.extend(loaded.into_iter().flatten());
-        loop {
-            let (ready, rest): (Vec<_>, Vec<_>) = waiting
-                .into_iter()
-                .partition(|(_, d)| present.contains(&d.reference_hash));
-            waiting = rest;
-            if ready.is_empty() {
-                break;
-            }
-            let moved_d: Vec<ContentHash> = ready
-                .par_iter()
-                .with_max_len(1)
-                .filter_map(|(k, d)| match run.delta(k, d) {
-                    Ok(()) => Some(*k),
-                    Err(reason) => {
-                        run.failed(Kind::Delta, k.to_string(), reason);
-                        None
-                    }
-                })
-                .collect();
-            present.extend(moved_d);
-        }
-        for (k, d) in waiting {
-            run.failed(
-                Kind::Delta,
-                k.to_string(),
-                format!(
-                    "its reference {} is in neither store (or failed to move)",
-                    d.reference_hash
-                ),
-            );
-        }
-
-        // 3. Manifests, once all their keys are there.
-        manifests.par_iter().with_max_len(1).for_each(|name| {
-            if let Err(reason) = run.manifest(name, &present) {
-                run.failed(Kind::Manifest, name.to_string(), reason);
-            }
-        });
+        present.extend(run.weights(&weights));
+        run.deltas(&deltas, &mut present);
+        run.manifests(&manifests, &present);
     });
 
     let stats = run.stats.into_inner().unwrap_or_else(|e| e.into_inner());

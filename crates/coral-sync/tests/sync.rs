@@ -349,3 +349,58 @@ proptest! {
         prop_assert_eq!(p2.moved() + q2.moved(), 0);
     }
 }
+
+#[test]
+fn failures_are_typed_so_a_caller_tells_damage_from_a_write_error() {
+    use coral_sync::FailureCause;
+    // A damaged weight in a strict source: a read failure carrying StoreError::Integrity.
+    let strict = MemoryStore::new();
+    let w = sample_tensor("w", DType::F32, &[16], 5);
+    let key = strict.store(&w).unwrap();
+    assert!(strict.corrupt_for_testing(&key, vec![0u8; 64]));
+    let Err(SyncError::Incomplete { failures, .. }) =
+        sync(&strict, &MemoryStore::new(), &SyncOptions::default())
+    else {
+        panic!("a damaged weight must not sync");
+    };
+    assert!(
+        matches!(
+            failures[0].cause.store_error(),
+            Some(StoreError::Integrity { .. })
+        ),
+        "{:?}",
+        failures[0]
+    );
+    // The same in a lenient source: refused by sync itself, with the hash the data has.
+    let lenient = MemoryStore::new().with_strict_integrity(false);
+    lenient.store(&w).unwrap();
+    assert!(lenient.corrupt_for_testing(&key, vec![0u8; 64]));
+    let Err(SyncError::Incomplete { failures, .. }) =
+        sync(&lenient, &MemoryStore::new(), &SyncOptions::default())
+    else {
+        panic!("a damaged weight must not sync");
+    };
+    assert!(
+        matches!(failures[0].cause, FailureCause::Integrity { actual } if actual != key),
+        "{:?}",
+        failures[0]
+    );
+    // A destination that refuses writes: a write failure, with the store's own error.
+    let dst = Flaky::failing([key]);
+    let src = MemoryStore::new();
+    src.store(&w).unwrap();
+    let Err(SyncError::Incomplete { failures, .. }) = sync(&src, &dst, &SyncOptions::default())
+    else {
+        panic!("a refused write must fail the sync");
+    };
+    assert!(
+        matches!(failures[0].cause, FailureCause::Write(_)),
+        "{:?}",
+        failures[0]
+    );
+    assert!(
+        failures[0].reason().starts_with("writing: "),
+        "{}",
+        failures[0].reason()
+    );
+}
