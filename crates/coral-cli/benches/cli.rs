@@ -153,7 +153,7 @@ fn mb(n: u64) -> String {
 /// The fine-tune: every tenth float32 tensor (in name order) multiplied by 1 + 1e-3·u, u uniform
 /// in [-1, 1) from a fixed generator; same header, so same layout.
 fn finetune(model: &[u8]) -> Vec<u8> {
-    let h = coral_cli::safetensors::parse(model).expect("model parses");
+    let h = coral_formats::safetensors::parse(model).expect("model parses");
     let mut out = model.to_vec();
     let mut names: Vec<_> = h
         .tensors

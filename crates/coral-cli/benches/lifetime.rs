@@ -56,7 +56,7 @@ impl Rng {
 
 /// One training step on `model` in place: a tenth of the float32 tensors, chosen by `step`.
 fn train_step(model: &mut [u8], step: u64) {
-    let h = coral_cli::safetensors::parse(model).expect("model parses");
+    let h = coral_formats::safetensors::parse(model).expect("model parses");
     let mut floats: Vec<_> = h
         .tensors
         .iter()

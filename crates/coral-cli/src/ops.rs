@@ -1224,7 +1224,7 @@ impl AsRef<[u8]> for MapOwner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::safetensors::build_header;
+    use coral_formats::safetensors::build_header;
     use coral_store_api::{
         DeltaStorageInfo, DeltaStore, ManifestStore, MemoryStore, StorageInfo, StoreError,
         WeightStore,
@@ -1788,7 +1788,12 @@ mod tests {
     fn npy_and_npz_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = MemoryStore::new();
-        let mut npy = crate::npy::header_bytes(DType::I32, &[2, 3]).unwrap();
+        let mut npy = coral_formats::npy::header_bytes(
+            DType::I32,
+            &[2, 3],
+            coral_formats::npy::NonNumpy::Refuse,
+        )
+        .unwrap();
         npy.extend((0..6i32).flat_map(|i| i.to_le_bytes()));
         let p = dir.path().join("arr.npy");
         std::fs::write(&p, &npy).unwrap();
@@ -1801,11 +1806,12 @@ mod tests {
         .unwrap();
         assert_eq!(export_bytes(&store, "arr", dir.path(), "npy"), npy);
 
-        let mut z = Vec::new();
-        let mut w = crate::npz::Writer::new(&mut z);
+        let mut z = std::io::Cursor::new(Vec::new());
+        let mut w = coral_formats::npz::Writer::new(&mut z);
         w.add("arr.npy", &npy).unwrap();
         w.add("other.npy", &npy).unwrap();
         w.finish().unwrap();
+        let z = z.into_inner();
         let zp = dir.path().join("both.npz");
         std::fs::write(&zp, &z).unwrap();
         let r = add(
@@ -1831,7 +1837,7 @@ mod tests {
         )
         .unwrap();
         let zb = export_bytes(&store, "s", dir.path(), "npz");
-        let members = crate::npz::read(&zb).unwrap();
+        let members = coral_formats::npz::read(&zb).unwrap();
         assert_eq!(members[0].0, "x.npy");
     }
 

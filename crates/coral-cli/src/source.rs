@@ -1,7 +1,7 @@
 //! Model files in (safetensors, `.npy`, `.npz`), memory-mapped, and model files out.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,7 +10,11 @@ use bytes::Bytes;
 use coral_core::{DType, ManifestTensor, ModelManifest, ModelName, WeightTensor};
 use coral_store_api::Store;
 
-use crate::{npy, npz, ops, safetensors as st};
+use coral_formats::detect::{detect, FileKind};
+use coral_formats::npy::{self, NonNumpy};
+use coral_formats::{npz, safetensors as st};
+
+use crate::ops;
 
 /// One tensor of an input file.
 #[derive(Debug, Clone)]
@@ -40,6 +44,9 @@ pub struct SourceFile {
     file_size: u64,
 }
 
+/// What the `coral` command reads, for refusals.
+const READS: &str = "coral reads .safetensors, .npy and .npz";
+
 /// The formats by file extension.
 fn format_of(path: &Path) -> Option<&'static str> {
     match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
@@ -51,8 +58,11 @@ fn format_of(path: &Path) -> Option<&'static str> {
 }
 
 impl SourceFile {
-    /// Opens, maps and validates a model file (format by extension; unknown extensions are tried
-    /// as safetensors).
+    /// Opens, maps and validates a model file.
+    ///
+    /// The format is the one its magic bytes show (`.npy`, ZIP for `.npz`), else the one its
+    /// extension names, else safetensors. A file recognised as a model format Coral does not read
+    /// (a PyTorch checkpoint, GGUF, HDF5) is refused with one line naming it.
     pub fn open(path: &Path) -> Result<SourceFile> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let meta = file.metadata()?;
@@ -74,7 +84,13 @@ impl SourceFile {
             Some(m) => ops::mapped_bytes(m.clone()),
             None => Bytes::new(),
         };
-        let format = format_of(path).unwrap_or("safetensors");
+        let kind = detect(&bytes);
+        let format = match kind {
+            FileKind::Npy => "npy",
+            FileKind::Zip => "npz",
+            FileKind::Unknown | FileKind::Safetensors => format_of(path).unwrap_or("safetensors"),
+            other => bail!("{} is {}; {READS}", path.display(), other.describe()),
+        };
         let ctx = || format!("{} is not a valid {format} file", path.display());
         let mut src = SourceFile {
             format,
@@ -298,17 +314,31 @@ pub fn check_manifest(m: &ModelManifest) -> Result<()> {
     Ok(())
 }
 
+/// A file to write a model to: `.npz` members are written, then their headers completed.
+pub trait WriteSeek: Write + Seek {}
+
+impl<T: Write + Seek + ?Sized> WriteSeek for T {}
+
 /// Writes a model to `w` in the format `out`'s extension names (the model's own by default).
 /// Returns the bytes written.
 pub fn write_model(
     store: &dyn Store,
     m: &ModelManifest,
     out: &Path,
-    w: &mut dyn Write,
+    w: &mut dyn WriteSeek,
     group_bytes: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
-    match out_format(m, out) {
+    let format = out_format(m, out);
+    if format != "safetensors" {
+        // Refused before anything is written: NumPy has no bfloat16 or float8.
+        for t in &m.tensors {
+            if let Err(e) = npy::descr(t.dtype, NonNumpy::Refuse) {
+                bail!("tensor {:?}: {e}", t.name);
+            }
+        }
+    }
+    match format {
         "npy" => {
             let [t] = m.tensors.as_slice() else {
                 bail!(
@@ -319,7 +349,7 @@ pub fn write_model(
             };
             let mut n = 0u64;
             ops::for_each_tensor(store, m, group_bytes, |_, wt| {
-                let h = npy::header_bytes(t.dtype, &t.shape)?;
+                let h = npy::header_bytes(t.dtype, &t.shape, NonNumpy::Refuse)?;
                 w.write_all(&h)?;
                 w.write_all(wt.data())?;
                 n = (h.len() + wt.nbytes()) as u64;
@@ -331,7 +361,7 @@ pub fn write_model(
         "npz" => {
             let mut zw = npz::Writer::new(w);
             ops::for_each_tensor(store, m, group_bytes, |t, wt| {
-                let mut data = npy::header_bytes(t.dtype, &t.shape)?;
+                let mut data = npy::header_bytes(t.dtype, &t.shape, NonNumpy::Refuse)?;
                 data.extend_from_slice(wt.data());
                 zw.add(&format!("{}.npy", t.name), &data)?;
                 progress(wt.nbytes() as u64);

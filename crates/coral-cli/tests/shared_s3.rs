@@ -38,7 +38,7 @@ fn model(dir: &Path, n: usize, seed: usize) -> PathBuf {
     let list: Vec<(String, DType, Vec<usize>)> = (0..n)
         .map(|i| (format!("t{i}"), DType::F32, vec![1024]))
         .collect();
-    let (mut bytes, _) = coral_cli::safetensors::build_header(&list).unwrap();
+    let (mut bytes, _) = coral_formats::safetensors::build_header(&list).unwrap();
     for i in 0..n {
         for j in 0..1024 {
             let v = (((seed * 131 + i) * 1024 + j) as f32 * 0.001).sin();

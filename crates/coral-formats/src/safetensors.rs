@@ -1,4 +1,4 @@
-//! A strict safetensors parser that keeps what byte-for-byte export needs.
+//! Safetensors headers: a strict parser that keeps what byte-for-byte export needs, and a writer.
 //!
 //! The format: an 8-byte little-endian header length `N`, `N` bytes of UTF-8 JSON (an object
 //! mapping tensor names to `{"dtype", "shape", "data_offsets"}`, plus an optional
@@ -8,6 +8,15 @@
 //! Hostile input is refused with one clear error: a header length beyond the file, a header that
 //! is not a JSON object, duplicate names, unknown dtypes, offsets outside the data, overlapping
 //! or leaving gaps, a shape whose element count times the dtype size is not the byte length.
+//!
+//! Two readers look at every header. Coral's own pass comes first, because it is the one that can
+//! say what is wrong in one line naming the tensor, and because it refuses what the reference
+//! reader lets through: a name given twice (`serde_json` keeps the last one silently, so the file
+//! would hold bytes no tensor owns), unknown fields in an entry, a header not starting with `{`.
+//! Then the `safetensors` crate, the reference implementation, parses the same header
+//! ([`::safetensors::SafeTensors::read_metadata`] on a whole file, with its offsets validation
+//! and its check that the tensors cover the buffer exactly) and must accept it and read the same
+//! tensors: a file Coral stores is one the ecosystem reads.
 
 use std::fmt;
 
@@ -90,6 +99,9 @@ pub enum SafetensorsError {
     /// Data after the last tensor.
     #[error("{0} bytes of data after the last tensor belong to no tensor")]
     TrailingData(u64),
+    /// The reference reader (the `safetensors` crate) refuses the file or reads it differently.
+    #[error("the safetensors reference reader {0}")]
+    Reference(String),
 }
 
 /// One tensor's entry in the header.
@@ -110,7 +122,7 @@ pub struct TensorEntry {
 impl TensorEntry {
     /// Bytes of data.
     pub fn len(&self) -> u64 {
-        self.end - self.begin
+        self.end.saturating_sub(self.begin)
     }
 
     /// True for a tensor with no data.
@@ -203,11 +215,76 @@ pub fn parse(file: &[u8]) -> Result<Header, SafetensorsError> {
         header_len: n,
         file_len,
     })?;
-    parse_header(header_bytes, file_len - 8 - n)
+    let header = strict(header_bytes, file_len - 8 - n)?;
+    let (_, reference) = ::safetensors::SafeTensors::read_metadata(file)
+        .map_err(|e| SafetensorsError::Reference(format!("refuses the file: {}", describe(&e))))?;
+    agree(&reference, &header.tensors)?;
+    Ok(header)
+}
+
+/// The reference reader's error in words (its `Display` is its `Debug`).
+fn describe(e: &::safetensors::SafeTensorError) -> String {
+    use ::safetensors::SafeTensorError as E;
+    match e {
+        E::InvalidHeader => "header is not UTF-8".to_owned(),
+        E::InvalidHeaderStart => "header does not start with '{'".to_owned(),
+        E::InvalidHeaderDeserialization => "header is not the JSON it expects".to_owned(),
+        E::HeaderTooLarge => "header is too large".to_owned(),
+        E::HeaderTooSmall => "file is too short".to_owned(),
+        E::InvalidHeaderLength => "header length runs beyond the file".to_owned(),
+        E::InvalidOffset(name) => format!("offsets of tensor {name:?} are invalid"),
+        E::TensorInvalidInfo => "a tensor's shape and dtype disagree with its offsets".to_owned(),
+        E::MetadataIncompleteBuffer => "tensors do not cover the data section".to_owned(),
+        E::ValidationOverflow => "a tensor's size overflows".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Checks that the reference reader's tensors are exactly `tensors`.
+fn agree(
+    reference: &::safetensors::tensor::Metadata,
+    tensors: &[TensorEntry],
+) -> Result<(), SafetensorsError> {
+    let theirs = reference.tensors();
+    let differ = |what: String| SafetensorsError::Reference(format!("reads {what} differently"));
+    if theirs.len() != tensors.len() {
+        return Err(differ(format!(
+            "the tensor count ({} against {})",
+            theirs.len(),
+            tensors.len()
+        )));
+    }
+    for t in tensors {
+        let Some(info) = theirs.get(&t.name) else {
+            return Err(differ(format!("the names (no {:?})", t.name)));
+        };
+        let dtype = format!("{:?}", info.dtype);
+        let (b, e) = info.data_offsets;
+        if dtype != t.dtype.safetensors_name()
+            || info.shape != t.shape
+            || b as u64 != t.begin
+            || e as u64 != t.end
+        {
+            return Err(differ(format!("tensor {:?}", t.name)));
+        }
+    }
+    Ok(())
 }
 
 /// Parses and validates header bytes, given the size of the data section that follows them.
+///
+/// Without the data at hand the reference reader only parses the header (its offsets check needs
+/// the whole file): Coral's own pass checks the layout against `data_len`.
 pub fn parse_header(header_bytes: &[u8], data_len: u64) -> Result<Header, SafetensorsError> {
+    let header = strict(header_bytes, data_len)?;
+    let reference: ::safetensors::tensor::Metadata = serde_json::from_str(&header.text)
+        .map_err(|e| SafetensorsError::Reference(format!("refuses the header: {e}")))?;
+    agree(&reference, &header.tensors)?;
+    Ok(header)
+}
+
+/// Coral's own pass over the header: every check, each refusal in one line naming the problem.
+fn strict(header_bytes: &[u8], data_len: u64) -> Result<Header, SafetensorsError> {
     let text = std::str::from_utf8(header_bytes).map_err(|_| SafetensorsError::NotUtf8)?;
     if !text.starts_with('{') {
         return Err(SafetensorsError::BadJson(
@@ -299,26 +376,33 @@ pub fn build_header(
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut pos = 0u64;
     for (name, dtype, shape) in tensors {
+        let overflow = || SafetensorsError::SizeMismatch {
+            name: name.clone(),
+            shape: shape.clone(),
+            dtype: dtype.safetensors_name(),
+            expected: u64::MAX,
+            actual: 0,
+        };
         let len = shape
             .iter()
             .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| SafetensorsError::SizeMismatch {
-                name: name.clone(),
-                shape: shape.clone(),
-                dtype: dtype.safetensors_name(),
-                expected: u64::MAX,
-                actual: 0,
-            })?;
+            .ok_or_else(overflow)?;
+        let end = pos.checked_add(len).ok_or_else(overflow)?;
+        if map.contains_key(name) {
+            return Err(SafetensorsError::BadJson(format!(
+                "duplicate name {name:?}"
+            )));
+        }
         map.insert(
             name.clone(),
             serde_json::json!({
                 "dtype": dtype.safetensors_name(),
                 "shape": shape,
-                "data_offsets": [pos, pos + len],
+                "data_offsets": [pos, end],
             }),
         );
-        offsets.push([pos, pos + len]);
-        pos += len;
+        offsets.push([pos, end]);
+        pos = end;
     }
     let mut text = serde_json::Value::Object(map).to_string().into_bytes();
     // Pad to a multiple of 8 as the reference writer does.
