@@ -22,8 +22,13 @@ fn ok_json(store: &Path, args: &[&str]) -> Value {
     stdout_json(&run_ok(&mut c))
 }
 
-/// A failure must be one line on stderr, starting with "error:", never a panic.
+/// A failure must be one line on stderr, starting with "error:", never a panic; exit status 1.
 fn assert_one_line_error(out: &Output, want: &str) {
+    assert_one_line_error_with(out, want, 1);
+}
+
+/// [`assert_one_line_error`] with another exit status.
+fn assert_one_line_error_with(out: &Output, want: &str, code: i32) {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "stderr is not one line: {err:?}");
@@ -36,7 +41,7 @@ fn assert_one_line_error(out: &Output, want: &str) {
         lines[0].to_lowercase().contains(&want.to_lowercase()),
         "{want:?} not in {err:?}"
     );
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(code), "{err}");
 }
 
 /// A synthetic safetensors model: `n` float tensors of smooth values, an int tensor, metadata.
@@ -407,13 +412,124 @@ fn other_failures_are_one_clear_line() {
     );
     let not_a_store = fx.write("junk.h5", b"this is not HDF5");
     assert_one_line_error(&run_fail(&mut cmd(&not_a_store, &["ls"])), "junk.h5");
-    // Bad arguments: one line, exit code 2.
+    // Bad arguments: one line naming what is wrong and the usage, exit code 2.
     let out = run_fail(coral().args(["add"]));
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
-        1
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: the following required arguments were not provided: <FILE>")
+            && err.contains("usage: coral add ")
+            && err.contains("see coral add --help"),
+        "{err}"
     );
+    let out = run_fail(coral().args(["add", "m.safetensors", "--nmae", "x"]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("'--nmae'") && err.contains("'--name'"),
+        "{err}"
+    );
+    let out = run_fail(coral().args(["--wait", "soon", "ls"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--wait takes a number of seconds"),
+        "{out:?}"
+    );
+}
+
+/// A closed stdout (`coral show m | head -1`) ends any command quietly: status 141 (128 +
+/// SIGPIPE, as a shell reports a command a closed pipe killed), nothing on stderr; the help
+/// exits 0. Both the guarded child (a local store) and the process that relays it stay quiet.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::os::fd::FromRawFd;
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(30, 64));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let closed_stdout = || {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe(2) fills the two descriptors; the read end is closed at once, so every
+        // write to the other fails with EPIPE; the write end is owned by the returned value.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            libc::close(fds[0]);
+            std::process::Stdio::from(std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+        }
+    };
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["show", "m"], 141),
+        (vec!["ls"], 141),
+        (vec!["ls", "--weights"], 141),
+        (vec!["--json", "ls", "--deltas"], 141),
+        (vec!["info"], 141),
+        (vec!["verify"], 141),
+        (vec!["diff", "m", "m"], 141),
+        (vec!["--json", "show", "m"], 141),
+        (vec!["--help"], 0),
+        (vec!["ls", "--help"], 0),
+    ];
+    for (args, code) in cases {
+        let mut c = cmd(&store, &args);
+        c.stdout(closed_stdout());
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// With `--json`, an error is one JSON object on stderr (stdout stays empty or holds the
+/// result), with the exit status of the text form.
+#[test]
+fn json_errors_are_one_json_object_on_stderr() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(2, 8));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let json_error = |args: &[&str], code: i32| -> Value {
+        let mut c = cmd(&store, args);
+        c.arg("--json");
+        let out = run_fail(&mut c);
+        assert_eq!(out.status.code(), Some(code), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"))
+    };
+    let e = json_error(&["show", "nope"], 1);
+    assert!(
+        e["error"].as_str().unwrap().contains("neither a model"),
+        "{e}"
+    );
+    assert!(!e["causes"].as_array().unwrap().is_empty(), "{e}");
+    assert_eq!(e["exit_code"], 1);
+    let e = json_error(&["add", m.to_str().unwrap(), "--name", "m"], 1);
+    assert!(
+        e["error"].as_str().unwrap().contains("already exists"),
+        "{e}"
+    );
+    let e = json_error(&["export", "nope", fx.path("o.npz").to_str().unwrap()], 1);
+    assert!(
+        e["error"].as_str().unwrap().contains("not in the store"),
+        "{e}"
+    );
+    // An S3 store runs without the child process: the same form.
+    let mut c = coral();
+    with_s3_env(&mut c, "http://127.0.0.1:9");
+    c.args(["--store", "s3://nowhere/x", "--json", "ls"]);
+    let out = run_fail(&mut c);
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let e: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["exit_code"], 1, "{e}");
+    // A usage error too, with the usage.
+    let e = json_error(&["add"], 2);
+    assert!(e["error"].as_str().unwrap().contains("<FILE>"), "{e}");
+    assert!(e["usage"].as_str().unwrap().starts_with("coral add"), "{e}");
 }
 
 #[test]
@@ -583,6 +699,13 @@ fn an_unreachable_endpoint_is_one_line() {
 
 #[test]
 fn an_interrupted_add_leaves_the_store_as_it_was() {
+    // Ctrl-C (SIGINT) exits 130, SIGTERM (a service manager) 143: 128 + the signal.
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        interrupted_add(signal, code);
+    }
+}
+
+fn interrupted_add(signal: &str, code: i32) {
     let fx = Fixture::new();
     let store = fx.path("s.h5");
     let small = fx.write("small.safetensors", &synthetic_model(2, 8));
@@ -595,14 +718,13 @@ fn an_interrupted_add_leaves_the_store_as_it_was() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(150));
-    // SIGTERM, as a service manager or Ctrl-C (SIGINT) would stop it.
     let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
     let out = child.wait_with_output().unwrap();
-    assert_one_line_error(&out, "interrupted");
+    assert_one_line_error_with(&out, "interrupted", code);
     assert_eq!(ok_json(&store, &["ls", "--weights"]), weights);
     assert_eq!(
         ok_json(&store, &["ls"])["models"].as_array().unwrap().len(),

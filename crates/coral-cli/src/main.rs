@@ -1,12 +1,13 @@
 //! The `coral` command: models in, models out, byte for byte, between any two stores.
 
-use std::io::IsTerminal;
+use std::fmt;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{ArgAction, Parser, Subcommand};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use coral_cli::guard;
 use coral_cli::ops::{self, AddOptions};
 use coral_cli::source::SourceFile;
@@ -19,11 +20,37 @@ use serde_json::json;
 /// Bytes of tensors handled at once by add and export, per worker thread.
 const GROUP_BYTES_PER_WORKER: usize = 16 << 20;
 
+/// Exit status of a failed command.
+const EXIT_FAILURE: u8 = 1;
+/// Exit status of a command line that does not parse (clap's).
+const EXIT_USAGE: u8 = 2;
+/// Exit status when standard output was closed before everything was written (128 + SIGPIPE,
+/// as a shell reports a command that a closed pipe killed).
+const EXIT_STDOUT_CLOSED: u8 = 141;
+
+const AFTER_LONG_HELP: &str = "\
+Exit status:
+  0    success
+  1    the command failed (one line on stderr: \"error: ...\")
+  2    the command line does not parse (the line names what is wrong and the usage)
+  130  interrupted by Ctrl-C (SIGINT); 128 + N after signal N (143 for SIGTERM): an add
+       that is interrupted rolls back and stores nothing
+  141  standard output was closed early (as by `coral ls | head -1`): the command stops
+       at once and says nothing
+
+With --json, results are one JSON document on stdout, and an error is one JSON object on
+stderr (one line): {\"error\": \"the message\", \"causes\": [\"each layer of it\", ...],
+\"exit_code\": 1}.
+
+`coral show` takes a model name, a full content hash, or a prefix of at least 8 hex digits
+of one (a model of that name comes first).";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "coral",
     version,
-    about = "Store neural-network weights by content, deduplicated and delta-coded"
+    about = "Store neural-network weights by content, deduplicated and delta-coded",
+    after_long_help = AFTER_LONG_HELP
 )]
 struct Cli {
     /// The store: a path (HDF5 file) or s3://bucket/prefix.
@@ -58,8 +85,8 @@ struct Cli {
     /// Seconds to wait for another writer of a local store (and, when writing, for the
     /// readers a commit waits for), or on an S3 store for the leases in the way (a writer for
     /// `coral gc`'s, gc for the writers'), before giving up.
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
-    wait: f64,
+    #[arg(long, global = true, value_name = "SECS", default_value = "10", value_parser = wait_arg)]
+    wait: std::time::Duration,
     /// Set on the child process that does the reading for the parent (see `coral_cli::guard`).
     #[arg(long = "guarded-child", global = true, hide = true)]
     guarded_child: bool,
@@ -165,30 +192,11 @@ fn main() -> ExitCode {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!("error: internal error: {msg}{at}");
+        say(&format!("error: internal error: {msg}{at}"));
     }));
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                    ExitCode::from(2)
-                } else {
-                    ExitCode::SUCCESS
-                };
-            }
-            let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("{line} (see coral --help)");
-            return ExitCode::from(2);
-        }
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
     };
     init_logging(&cli);
     if !cli.guarded_child && uses_a_file_store(&cli) {
@@ -198,10 +206,153 @@ fn main() -> ExitCode {
     }
     match run(&cli) {
         Ok(code) => code,
+        Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
-            ExitCode::FAILURE
+            // After Ctrl-C or SIGTERM (an add stops and rolls back), 128 + the signal, as a
+            // shell reports a command the signal killed.
+            let code = match SIGNAL.load(Ordering::Relaxed) {
+                0 => EXIT_FAILURE,
+                sig => u8::try_from(128 + sig.clamp(0, 127)).unwrap_or(EXIT_FAILURE),
+            };
+            report(cli.json, &e, code);
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Parses the command line.
+fn parse_args() -> std::result::Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches()?;
+    Cli::from_arg_matches(&matches)
+}
+
+/// A command line that does not parse: help and version as clap prints them, any other error
+/// as one line naming what is wrong (clap's first paragraph, with its tips) and the usage;
+/// exit status 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            // A closed stdout (`coral --help | head -1`) is not an error.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+        _ => {}
+    }
+    let (message, usage) = usage_error_parts(&e.render().to_string());
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if json {
+        say(&json!({"error": message, "usage": usage, "exit_code": EXIT_USAGE}).to_string());
+    } else {
+        let mut line = format!("error: {message}");
+        match &usage {
+            Some(u) => {
+                let command: Vec<&str> = u
+                    .split_whitespace()
+                    .take_while(|w| !w.starts_with(['[', '<', '-']))
+                    .collect();
+                line.push_str(&format!(" (usage: {u}; see {} --help)", command.join(" ")));
+            }
+            None => line.push_str(" (see coral --help)"),
+        }
+        say(&line);
+    }
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// clap's rendered error as one message (its first paragraph, then its tips, each paragraph's
+/// lines joined) and the usage line.
+fn usage_error_parts(text: &str) -> (String, Option<String>) {
+    let mut message = String::new();
+    let mut usage = None;
+    for para in text.split("\n\n") {
+        let joined = para
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if joined.is_empty() || joined.starts_with("For more information") {
+            continue;
+        }
+        if let Some(u) = joined.strip_prefix("Usage:") {
+            usage = Some(u.trim().to_owned());
+        } else if message.is_empty() {
+            message = joined
+                .strip_prefix("error:")
+                .unwrap_or(&joined)
+                .trim()
+                .to_owned();
+        } else {
+            message.push_str(&format!("; {joined}"));
+        }
+    }
+    if message.is_empty() {
+        message = "bad arguments".to_owned();
+    }
+    (message, usage)
+}
+
+/// Standard output went away (a reader such as `head` stopped reading): the command ends at
+/// once and quietly, with [`EXIT_STDOUT_CLOSED`].
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes one line to stdout; a closed stdout is [`StdoutClosed`], any other failure an error
+/// (`println!` would panic on either).
+fn emit(args: fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
+}
+
+/// `println!` that returns the failure to write (see [`emit`]) from the enclosing function.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))?
+    };
+}
+
+/// One line on stderr; a stderr that cannot be written to is left alone (there is nowhere
+/// else to say anything).
+fn say(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = err
+        .write_all(line.as_bytes())
+        .and_then(|()| err.write_all(b"\n"));
+}
+
+/// Prints a failure: `error: ...` on one line, or with `--json` one JSON object (one line).
+fn report(json: bool, e: &anyhow::Error, code: u8) {
+    if json {
+        let mut causes: Vec<String> = Vec::new();
+        for c in e.chain() {
+            let text = c.to_string().replace('\n', " ");
+            if !causes.contains(&text) {
+                causes.push(text);
+            }
+        }
+        say(&json!({"error": one_line(e), "causes": causes, "exit_code": code}).to_string());
+    } else {
+        say(&format!("error: {}", one_line(e)));
     }
 }
 
@@ -245,7 +396,7 @@ fn relay(cli: &Cli) -> Option<ExitCode> {
         .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
         .ok()?;
     if let Some(m) = outcome.message(&cli.store) {
-        eprintln!("error: {m}");
+        report(cli.json, &anyhow!(m), outcome.exit_status());
     }
     // A child that did not finish its export cleanly may have left its temporary file (it is
     // dead now, so only files of live exports remain).
@@ -286,7 +437,7 @@ fn s3_options(cli: &Cli) -> S3Options {
 
 fn open(cli: &Cli, addr: &str, mode: Mode) -> Result<Box<dyn Store>> {
     let addr = Address::parse(addr)?;
-    store::open(&addr, &s3_options(cli), mode, wait(cli)?)
+    store::open(&addr, &s3_options(cli), mode, cli.wait)
 }
 
 /// `--grace`'s value.
@@ -294,12 +445,14 @@ fn grace_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
     ops::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// `--wait` as a duration.
-fn wait(cli: &Cli) -> Result<std::time::Duration> {
-    if !(cli.wait.is_finite() && cli.wait >= 0.0) {
-        bail!("--wait takes a number of seconds, got {}", cli.wait);
+/// `--wait`'s value: a number of seconds.
+fn wait_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Ok(std::time::Duration::from_secs_f64(secs.min(1e9)))
+        }
+        _ => Err(format!("--wait takes a number of seconds, got {s:?}")),
     }
-    Ok(std::time::Duration::from_secs_f64(cli.wait.min(1e9)))
 }
 
 /// Gives a lease back; one that cannot be given back goes stale (the work is done either way).
@@ -334,15 +487,19 @@ fn progress_bar(cli: &Cli, len: u64, bytes: bool) -> ProgressBar {
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that set [`INTERRUPTED`] (0: none): the exit status is then 128 + it.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn note_interrupt(_: libc::c_int) {
+extern "C" fn note_interrupt(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::Relaxed);
     INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
 /// From now on, Ctrl-C (SIGINT) or SIGTERM sets a flag that long work checks, so it can stop
-/// cleanly (an add rolls back) instead of dying half-way.
+/// cleanly (an add rolls back) instead of dying half-way; the command then fails with
+/// 128 + the signal (130 for Ctrl-C).
 fn on_interrupt() -> &'static AtomicBool {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    // SAFETY: the handler only stores to atomics, which is async-signal-safe.
     let handler = note_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
     unsafe {
         libc::signal(libc::SIGINT, handler);
@@ -356,7 +513,7 @@ fn workers() -> usize {
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -403,7 +560,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 reference,
                 group_bytes,
                 cancel: Some(cancel),
-                wait: wait(cli)?,
+                wait: cli.wait,
             };
             let r = ops::add(&*store, &src, &opts, &|n| pb.inc(n));
             pb.finish_and_clear();
@@ -412,7 +569,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
-                println!(
+                out!(
                     "added {} ({}, {} tensors): {} new, {} reused, {} delta-coded; {} in, {} stored",
                     r.name,
                     r.format,
@@ -436,7 +593,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&json!({"model": name, "out": out, "bytes": n}))?;
             } else {
-                println!("exported {name} to {} ({})", out.display(), human_bytes(n));
+                out!("exported {name} to {} ({})", out.display(), human_bytes(n));
             }
         }
         Cmd::Ls { weights, deltas } => {
@@ -456,19 +613,19 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 v["models"] = json!(models);
                 print_json(&v)?;
             } else {
-                println!("store        {} ({})", info.location, info.backend);
+                out!("store        {} ({})", info.location, info.backend);
                 if info.reclaimable_bytes > 0 {
-                    println!(
+                    out!(
                         "size         {} ({} live, {} free for later writes: `coral compact` gives it back)",
                         human_bytes(info.file_size),
                         human_bytes(info.file_size.saturating_sub(info.reclaimable_bytes)),
                         human_bytes(info.reclaimable_bytes)
                     );
                 } else {
-                    println!("size         {}", human_bytes(info.file_size));
+                    out!("size         {}", human_bytes(info.file_size));
                 }
-                println!("models       {models}");
-                println!(
+                out!("models       {models}");
+                out!(
                     "weights      {} ({} raw, {} stored, {:.1}% saved, {})",
                     info.total_weights,
                     human_bytes(info.total_bytes),
@@ -476,7 +633,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     info.compression_ratio * 100.0,
                     info.compression
                 );
-                println!(
+                out!(
                     "deltas       {} ({} stored for {} of weights)",
                     info.deltas.total_deltas,
                     human_bytes(info.deltas.total_delta_bytes),
@@ -490,7 +647,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
-                println!(
+                out!(
                     "{} equal, {} changed, {} added, {} removed",
                     r.equal.len(),
                     r.changed.len(),
@@ -499,16 +656,16 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 );
                 for c in &r.changed {
                     match (c.relative_change, &c.note) {
-                        (Some(x), _) => println!("changed  {}  {x:.3e}", c.name),
-                        (None, Some(n)) => println!("changed  {}  ({n})", c.name),
-                        (None, None) => println!("changed  {}", c.name),
+                        (Some(x), _) => out!("changed  {}  {x:.3e}", c.name),
+                        (None, Some(n)) => out!("changed  {}  ({n})", c.name),
+                        (None, None) => out!("changed  {}", c.name),
                     }
                 }
                 for n in &r.added {
-                    println!("added    {n}");
+                    out!("added    {n}");
                 }
                 for n in &r.removed {
-                    println!("removed  {n}");
+                    out!("removed  {n}");
                 }
             }
         }
@@ -523,9 +680,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
                 for f in &r.failures {
-                    println!("FAILED {} {}: {}", f.kind, f.id, f.error);
+                    out!("FAILED {} {}: {}", f.kind, f.id, f.error);
                 }
-                println!(
+                out!(
                     "checked {} weights, {} deltas, {} manifests: {}",
                     r.weights,
                     r.deltas,
@@ -538,8 +695,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 );
             }
             if !r.failures.is_empty() {
-                eprintln!("error: {} item(s) failed verification", r.failures.len());
-                return Ok(ExitCode::FAILURE);
+                bail!("{} item(s) failed verification", r.failures.len());
             }
         }
         Cmd::Repair { out } => repair(cli, out)?,
@@ -553,7 +709,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&json!({"removed": name}))?;
             } else {
-                println!("removed {name} (run `coral gc` to free its weights)");
+                out!("removed {name} (run `coral gc` to free its weights)");
             }
         }
         Cmd::Gc {
@@ -569,14 +725,14 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             let opts = ops::GcOptions {
                 dry_run: *dry_run,
                 grace: *grace,
-                wait: wait(cli)?,
+                wait: cli.wait,
             };
             let r = ops::gc_with(&*store, &opts)?;
             close(store)?;
             // Free space is reused by later writes; once it is a quarter of the file, the
             // file is rewritten without it (`coral compact`), unless told not to.
             let compacted = if !r.dry_run && !no_compact && ops::worth_compacting(&r) {
-                Some(store::compact(&Address::parse(&cli.store)?, wait(cli)?)?)
+                Some(store::compact(&Address::parse(&cli.store)?, cli.wait)?)
             } else {
                 None
             };
@@ -613,9 +769,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                         r.leftovers_removed
                     ));
                 }
-                println!("{line}");
+                out!("{line}");
                 match &compacted {
-                    Some(c) => println!(
+                    Some(c) => out!(
                         "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
                         c.store,
                         human_bytes(c.bytes_before),
@@ -623,7 +779,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                         human_bytes(c.reclaimed),
                         c.seconds
                     ),
-                    None if r.reclaimable_bytes > 0 => println!(
+                    None if r.reclaimable_bytes > 0 => out!(
                         "{} of the {} file is free for later writes; `coral compact` gives it back",
                         human_bytes(r.reclaimable_bytes),
                         human_bytes(r.store_bytes)
@@ -633,11 +789,11 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Compact => {
-            let r = store::compact(&Address::parse(&cli.store)?, wait(cli)?)?;
+            let r = store::compact(&Address::parse(&cli.store)?, cli.wait)?;
             if cli.json {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
-                println!(
+                out!(
                     "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
                     r.store,
                     human_bytes(r.bytes_before),
@@ -732,7 +888,7 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
         for r in rows.as_array().into_iter().flatten() {
             if let Some(e) = r["error"].as_str() {
                 let id = r["name"].as_str().or(r["key"].as_str()).unwrap_or("");
-                println!("{id}\tDAMAGED: {e}");
+                out!("{id}\tDAMAGED: {e}");
                 continue;
             }
             let line = match kind.as_str() {
@@ -762,7 +918,7 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
                     r["reference"].as_str().unwrap_or("")
                 ),
             };
-            println!("{line}");
+            out!("{line}");
         }
     }
     done()
@@ -777,15 +933,15 @@ fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
                 v["stored_as"] = json!(kinds);
                 return print_json(&v);
             }
-            println!("model    {}", m.name);
-            println!("format   {}", m.format);
-            println!("size     {}", human_bytes(m.file_size));
-            println!("tensors  {} ({kinds:?})", m.tensors.len());
+            out!("model    {}", m.name);
+            out!("format   {}", m.format);
+            out!("size     {}", human_bytes(m.file_size));
+            out!("tensors  {} ({kinds:?})", m.tensors.len());
             if let Some(p) = &m.parent {
-                println!("parent   {p}");
+                out!("parent   {p}");
             }
             for t in &m.tensors {
-                println!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
+                out!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
             }
             return Ok(());
         }
@@ -807,7 +963,7 @@ fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
         return if cli.json {
             print_json(&v)
         } else {
-            println!(
+            out!(
                 "delta {key}: {} {:?} {}, {} B against {}",
                 d.original_dtype,
                 d.original_shape,
@@ -827,7 +983,7 @@ fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
         v["kind"] = json!("weight");
         print_json(&v)
     } else {
-        println!(
+        out!(
             "weight {key}: {} {} {:?}{}",
             meta.name,
             meta.dtype,
@@ -871,7 +1027,7 @@ fn repair(cli: &Cli, out: &str) -> Result<()> {
     if !dst.list_weights()?.is_empty() || !dst.list_manifests()?.is_empty() {
         bail!("{out} is not empty: coral repair writes a new store");
     }
-    let lease = dst.acquire_lease(LeaseKind::Shared, "repair", wait(cli)?)?;
+    let lease = dst.acquire_lease(LeaseKind::Shared, "repair", cli.wait)?;
     let pb = progress_bar(cli, total as u64, false);
     let r = ops::repair(&*src, &*dst, &|n| pb.inc(n));
     pb.finish_and_clear();
@@ -882,9 +1038,9 @@ fn repair(cli: &Cli, out: &str) -> Result<()> {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
         for f in &r.lost {
-            println!("LOST {} {}: {}", f.kind, f.id, f.error);
+            out!("LOST {} {}: {}", f.kind, f.id, f.error);
         }
-        println!(
+        out!(
             "copied {} weights, {} deltas, {} manifests to {out}: {}",
             r.weights,
             r.deltas,
@@ -906,7 +1062,7 @@ fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
     let lease = if dry_run {
         Lease::none(LeaseKind::Shared)
     } else {
-        d.acquire_lease(LeaseKind::Shared, "sync", wait(cli)?)?
+        d.acquire_lease(LeaseKind::Shared, "sync", cli.wait)?
     };
     let pb = progress_bar(cli, 0, false);
     let bar = pb.clone();
@@ -932,7 +1088,7 @@ fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
                 k.skipped
             )
         };
-        println!(
+        out!(
             "{}weights {}; deltas {}; manifests {}",
             if dry_run { "dry run: " } else { "" },
             k(&stats.weights),
