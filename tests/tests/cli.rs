@@ -532,6 +532,36 @@ fn json_errors_are_one_json_object_on_stderr() {
     assert!(e["usage"].as_str().unwrap().starts_with("coral add"), "{e}");
 }
 
+/// `--store` is global, but sync takes its stores as SRC and DST: it is not in `sync --help`,
+/// and giving it is refused (exit 2) rather than ignored. `$CORAL_STORE` does not get in the way.
+#[test]
+fn sync_refuses_store() {
+    let fx = Fixture::new();
+    let help = stdout_text(&run_ok(coral().args(["sync", "--help"])));
+    assert!(!help.contains("--store"), "{help}");
+    assert!(stdout_text(&run_ok(coral().args(["ls", "--help"]))).contains("--store"));
+    let (a, b) = (fx.path("a.h5"), fx.path("b.h5"));
+    let m = fx.write("m.safetensors", &synthetic_model(2, 8));
+    ok_json(&a, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    for args in [
+        vec!["sync", a, b, "--store", "x.h5"],
+        vec!["--store", "x.h5", "sync", a, b],
+        vec!["sync", "--store=x.h5", a, b],
+    ] {
+        let out = run_fail(coral().args(&args));
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("--store does not apply to sync"), "{err}");
+    }
+    assert!(!fx.path("x.h5").exists() && !fx.path("b.h5").exists());
+    let mut c = coral();
+    c.env("CORAL_STORE", fx.path("x.h5"))
+        .args(["sync", a, b, "--json"]);
+    assert_eq!(stdout_json(&run_ok(&mut c))["manifests"]["moved"], 1);
+}
+
 #[test]
 fn a_read_only_store_is_refused_and_left_alone() {
     use std::os::unix::fs::PermissionsExt;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
+use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use coral_cli::guard;
 use coral_cli::ops::{self, AddOptions};
@@ -176,6 +177,10 @@ enum Cmd {
         /// Only report what would be copied.
         #[arg(long)]
         dry_run: bool,
+        /// Not for sync (its stores are SRC and DST): the global option, hidden here, so that
+        /// giving it is refused with a clear line rather than ignored.
+        #[arg(long = "store", id = "store", hide = true)]
+        store: Option<String>,
     },
 }
 
@@ -194,10 +199,18 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         say(&format!("error: internal error: {msg}{at}"));
     }));
-    let cli = match parse_args() {
-        Ok(cli) => cli,
+    let (cli, store_on_command_line) = match parse_args() {
+        Ok(parsed) => parsed,
         Err(e) => return usage_error(&e),
     };
+    if let (Cmd::Sync { .. }, true) = (&cli.cmd, store_on_command_line) {
+        let e = anyhow!(
+            "--store does not apply to sync, which copies from SRC to DST: give the two stores \
+             as `coral sync SRC DST`"
+        );
+        report(cli.json, &e, EXIT_USAGE);
+        return ExitCode::from(EXIT_USAGE);
+    }
     init_logging(&cli);
     if !cli.guarded_child && uses_a_file_store(&cli) {
         if let Some(code) = relay(&cli) {
@@ -220,10 +233,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parses the command line.
-fn parse_args() -> std::result::Result<Cli, clap::Error> {
+/// Parses the command line; also says whether `--store` was given on it (rather than taken
+/// from `$CORAL_STORE` or the default), which `sync` refuses.
+fn parse_args() -> std::result::Result<(Cli, bool), clap::Error> {
     let matches = Cli::command().try_get_matches()?;
-    Cli::from_arg_matches(&matches)
+    let cli = Cli::from_arg_matches(&matches)?;
+    let given = |m: &clap::ArgMatches| {
+        m.try_get_raw("store").is_ok() && m.value_source("store") == Some(ValueSource::CommandLine)
+    };
+    let store_given = given(&matches) || matches.subcommand().is_some_and(|(_, m)| given(m));
+    Ok((cli, store_given))
 }
 
 /// A command line that does not parse: help and version as clap prints them, any other error
@@ -803,7 +822,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 );
             }
         }
-        Cmd::Sync { src, dst, dry_run } => {
+        Cmd::Sync {
+            src, dst, dry_run, ..
+        } => {
             sync(cli, src, dst, *dry_run)?;
         }
     }
