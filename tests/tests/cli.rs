@@ -44,6 +44,37 @@ fn assert_one_line_error_with(out: &Output, want: &str, code: i32) {
     assert_eq!(out.status.code(), Some(code), "{err}");
 }
 
+/// `n thing` or `n things`, as the command writes counts.
+fn plural(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
+/// A safetensors file of F32 tensors with the given values (each of shape `[len]`).
+fn f32_model(tensors: &[(&str, &[f32])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, values) in tensors {
+        let begin = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": "F32", "shape": [values.len()], "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&data);
+    out
+}
+
 /// A synthetic safetensors model: `n` float tensors of smooth values, an int tensor, metadata.
 fn synthetic_model(n: usize, width: usize) -> Vec<u8> {
     let mut header = serde_json::Map::new();
@@ -180,6 +211,23 @@ fn day(base: &Path, fx: &Fixture) {
     assert_eq!(ok_json(&store, &["show", some_weight])["kind"], "weight");
     let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "base"])));
     assert!(text.contains("format   safetensors"), "{text}");
+    // How the tensors are stored, in words: "(104 weights)", "(93 weights, 11 deltas)".
+    let ntensors = show["tensors"].as_array().unwrap().len();
+    let stored = &show["stored_as"];
+    let (w, d) = (
+        stored["weight"].as_u64().unwrap(),
+        stored["delta"].as_u64().unwrap(),
+    );
+    assert_eq!(w + d, ntensors as u64, "{show}");
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "ft"])));
+    let want = format!(
+        "tensors  {ntensors} ({}, {})",
+        plural(w, "weight"),
+        plural(d, "delta")
+    );
+    assert!(text.contains(&want), "{want:?} not in {text}");
+    assert!(!text.contains('{'), "{text}");
+    assert!(text.contains("parent   base\n"), "{text}");
 
     let info = ok_json(&store, &["info"]);
     assert_eq!(info["models"], 2);
@@ -209,8 +257,19 @@ fn day(base: &Path, fx: &Fixture) {
     let text = stdout_text(&run_ok(&mut cmd(&store, &["verify"])));
     assert!(text.contains("all ok"), "{text}");
 
-    // Removing the base keeps what the fine-tune needs (its deltas' references).
+    // Removing the base keeps what the fine-tune needs (its deltas' references), and the
+    // listing says the base is gone.
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["ls"])));
+    assert!(text.contains("\tfrom base\n"), "{text}");
     run_ok(&mut cmd(&store, &["rm", "base"]));
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["ls"])));
+    assert!(text.contains("\tfrom base (removed)\n"), "{text}");
+    assert_eq!(
+        ok_json(&store, &["ls"])["models"][0]["parent_in_store"],
+        false
+    );
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "ft"])));
+    assert!(text.contains("parent   base (removed)\n"), "{text}");
     let g = ok_json(&store, &["gc", "--dry-run"]);
     assert!(g["deltas"].as_array().unwrap().is_empty(), "{g}");
     ok_json(&store, &["gc"]);
@@ -220,8 +279,27 @@ fn day(base: &Path, fx: &Fixture) {
         .unwrap()
         .is_empty());
     run_ok(&mut cmd(&store, &["rm", "ft"]));
+    // gc counts the bytes of the weights it frees as well as the deltas' (estimated in a dry
+    // run): here everything the store holds.
+    let held = ok_json(&store, &["info"]);
+    let dry = ok_json(&store, &["gc", "--dry-run"]);
     let g = ok_json(&store, &["gc"]);
     assert_eq!(g["deltas"].as_array().unwrap().len(), ft.changed.len());
+    for r in [&dry, &g] {
+        let (wb, db) = (
+            r["weight_bytes"].as_u64().unwrap(),
+            r["delta_bytes"].as_u64().unwrap(),
+        );
+        assert_eq!(r["bytes"], wb + db, "{r}");
+        assert_eq!(db, held["deltas"]["total_delta_bytes"], "{r} {held}");
+        let stored = held["compressed_bytes"].as_u64().unwrap();
+        assert!(stored > 0 && wb.abs_diff(stored) <= 1, "{r} {held}");
+    }
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["gc", "--dry-run"])));
+    assert!(
+        text.starts_with("would remove 0 weights and 0 deltas (0 B"),
+        "{text}"
+    );
     let info = ok_json(&store, &["info"]);
     assert_eq!(info["total_weights"], 0, "{info}");
     assert_eq!(info["deltas"]["total_deltas"], 0, "{info}");
@@ -560,6 +638,54 @@ fn sync_refuses_store() {
     c.env("CORAL_STORE", fx.path("x.h5"))
         .args(["sync", a, b, "--json"]);
     assert_eq!(stdout_json(&run_ok(&mut c))["manifests"]["moved"], 1);
+}
+
+/// Counts read as English: "1 tensor", "1 manifest", "2 tensors".
+#[test]
+fn counts_of_one_are_singular() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let one = fx.write("one.safetensors", &f32_model(&[("w", &[1.0, 2.0])]));
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["add", one.to_str().unwrap()])));
+    assert!(
+        text.starts_with("added one (safetensors, 1 tensor): 1 new,"),
+        "{text}"
+    );
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["ls"])));
+    assert!(text.contains("\t1 tensor\t"), "{text}");
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "one"])));
+    assert!(text.contains("tensors  1 (1 weight)\n"), "{text}");
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["verify"])));
+    assert_eq!(text, "checked 1 weight, 0 deltas, 1 manifest: all ok\n");
+    let two = fx.write(
+        "two.safetensors",
+        &f32_model(&[("a", &[3.0]), ("b", &[3.0]), ("c", &[4.0])]),
+    );
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["add", two.to_str().unwrap()])));
+    assert!(
+        text.starts_with("added two (safetensors, 3 tensors): 2 new, 1 reused,"),
+        "{text}"
+    );
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "two"])));
+    assert!(
+        text.contains("tensors  3 (2 distinct: 2 weights)\n"),
+        "{text}"
+    );
+    run_ok(&mut cmd(&store, &["rm", "one"]));
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["gc"])));
+    assert!(
+        text.starts_with("removed 1 weight and 0 deltas ("),
+        "{text}"
+    );
+    let repaired = fx.path("r.h5");
+    let text = stdout_text(&run_ok(&mut cmd(
+        &store,
+        &["repair", repaired.to_str().unwrap()],
+    )));
+    assert!(
+        text.contains("copied 2 weights, 0 deltas, 1 manifest to "),
+        "{text}"
+    );
 }
 
 #[test]

@@ -41,10 +41,7 @@ Exit status:
 
 With --json, results are one JSON document on stdout, and an error is one JSON object on
 stderr (one line): {\"error\": \"the message\", \"causes\": [\"each layer of it\", ...],
-\"exit_code\": 1}.
-
-`coral show` takes a model name, a full content hash, or a prefix of at least 8 hex digits
-of one (a model of that name comes first).";
+\"exit_code\": 1}.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -489,6 +486,15 @@ fn model_name(s: &str) -> Result<ModelName> {
     ModelName::new(s).map_err(|e| anyhow!(e))
 }
 
+/// `n thing` or `n things`.
+fn count(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
 fn progress_bar(cli: &Cli, len: u64, bytes: bool) -> ProgressBar {
     if cli.json || cli.quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
@@ -589,10 +595,10 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
                 out!(
-                    "added {} ({}, {} tensors): {} new, {} reused, {} delta-coded; {} in, {} stored",
+                    "added {} ({}, {}): {} new, {} reused, {} delta-coded; {} in, {} stored",
                     r.name,
                     r.format,
-                    r.tensors,
+                    count(r.tensors, "tensor"),
                     r.new,
                     r.reused,
                     r.delta_coded,
@@ -702,10 +708,10 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     out!("FAILED {} {}: {}", f.kind, f.id, f.error);
                 }
                 out!(
-                    "checked {} weights, {} deltas, {} manifests: {}",
-                    r.weights,
-                    r.deltas,
-                    r.manifests,
+                    "checked {}, {}, {}: {}",
+                    count(r.weights, "weight"),
+                    count(r.deltas, "delta"),
+                    count(r.manifests, "manifest"),
                     if r.failures.is_empty() {
                         "all ok".to_owned()
                     } else {
@@ -714,7 +720,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 );
             }
             if !r.failures.is_empty() {
-                bail!("{} item(s) failed verification", r.failures.len());
+                bail!("{} failed verification", count(r.failures.len(), "item"));
             }
         }
         Cmd::Repair { out } => repair(cli, out)?,
@@ -761,12 +767,20 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 print_json(&v)?;
             } else {
                 let mut line = format!(
-                    "{} {} weights and {} deltas ({})",
+                    "{} {} and {} ({}",
                     if r.dry_run { "would remove" } else { "removed" },
-                    r.weights.len(),
-                    r.deltas.len(),
-                    human_bytes(r.bytes)
+                    count(r.weights.len(), "weight"),
+                    count(r.deltas.len(), "delta"),
+                    human_bytes(r.bytes),
                 );
+                if r.weight_bytes > 0 && r.delta_bytes > 0 {
+                    line.push_str(&format!(
+                        ": {} of weights, {} of deltas",
+                        human_bytes(r.weight_bytes),
+                        human_bytes(r.delta_bytes)
+                    ));
+                }
+                line.push_str(if r.dry_run { ", estimated)" } else { ")" });
                 if let Some(g) = r.grace_secs {
                     line.push_str(&format!(
                         "; kept {} younger than the grace period ({})",
@@ -776,16 +790,16 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 }
                 if r.uploads_aborted > 0 {
                     line.push_str(&format!(
-                        "; {} {} abandoned multipart upload(s)",
+                        "; {} {}",
                         if r.dry_run { "would abort" } else { "aborted" },
-                        r.uploads_aborted
+                        count(r.uploads_aborted, "abandoned multipart upload")
                     ));
                 }
                 if r.leftovers_removed > 0 {
                     line.push_str(&format!(
-                        "; {} {} leftover(s) of unfinished writes",
+                        "; {} {} of unfinished writes",
                         if r.dry_run { "would remove" } else { "removed" },
-                        r.leftovers_removed
+                        count(r.leftovers_removed, "leftover")
                     ));
                 }
                 out!("{line}");
@@ -880,14 +894,19 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
     }
     if !weights && !deltas {
         let mut rows = Vec::new();
-        for n in store.list_manifests()? {
-            match store.get_manifest(&n) {
+        let names = store.list_manifests()?;
+        let present: std::collections::HashSet<&ModelName> = names.iter().collect();
+        for n in &names {
+            match store.get_manifest(n) {
                 Ok(Some(m)) => rows.push(json!({
                     "name": n,
                     "format": m.format,
                     "tensors": m.tensors.len(),
                     "file_size": m.file_size,
                     "parent": m.parent,
+                    // The reference model may have been removed since (its deltas' references
+                    // are kept: the model still exports).
+                    "parent_in_store": m.parent.as_ref().map(|p| present.contains(p)),
                 })),
                 Ok(None) => {}
                 Err(e) => rows.push(failed("name", n.to_string(), e.into())),
@@ -914,15 +933,19 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
             }
             let line = match kind.as_str() {
                 "models" => format!(
-                    "{}\t{}\t{} tensors\t{}{}",
+                    "{}\t{}\t{}\t{}{}",
                     r["name"].as_str().unwrap_or(""),
                     r["format"].as_str().unwrap_or(""),
-                    r["tensors"],
+                    count(
+                        usize::try_from(r["tensors"].as_u64().unwrap_or(0)).unwrap_or(usize::MAX),
+                        "tensor"
+                    ),
                     human_bytes(r["file_size"].as_u64().unwrap_or(0)),
-                    r["parent"]
-                        .as_str()
-                        .map(|p| format!("\tfrom {p}"))
-                        .unwrap_or_default()
+                    match (r["parent"].as_str(), r["parent_in_store"].as_bool()) {
+                        (Some(p), Some(false)) => format!("\tfrom {p} (removed)"),
+                        (Some(p), _) => format!("\tfrom {p}"),
+                        (None, _) => String::new(),
+                    }
                 ),
                 "weights" => format!(
                     "{}\t{}\t{}\t{}",
@@ -948,28 +971,70 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
 fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
     if let Ok(name) = ModelName::new(id) {
         if let Some(m) = store.get_manifest(&name)? {
-            let kinds = ops::key_kinds(store, &m)?;
-            if cli.json {
-                let mut v = serde_json::to_value(&m)?;
-                v["stored_as"] = json!(kinds);
-                return print_json(&v);
-            }
-            out!("model    {}", m.name);
-            out!("format   {}", m.format);
-            out!("size     {}", human_bytes(m.file_size));
-            out!("tensors  {} ({kinds:?})", m.tensors.len());
-            if let Some(p) = &m.parent {
-                out!("parent   {p}");
-            }
-            for t in &m.tensors {
-                out!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
-            }
-            return Ok(());
+            return show_model(cli, store, &m);
         }
     }
     let key = ContentHash::parse(id)
         .map_err(|_| anyhow!("{id:?} is neither a model in the store nor a content hash"))?;
-    if let Some(d) = store.load_delta(&key)? {
+    show_key(cli, store, &key)
+}
+
+/// How a model's tensors are stored, for people: "(104 weights)", "(93 weights, 11 deltas)";
+/// "(4 distinct: ...)" when some tensors share a key.
+fn stored_as(kinds: &std::collections::BTreeMap<&'static str, usize>, tensors: usize) -> String {
+    let mut parts = Vec::new();
+    for kind in ["weight", "delta", "missing"] {
+        match kinds.get(kind) {
+            Some(n) if kind == "missing" => parts.push(format!("{n} missing")),
+            Some(n) => parts.push(count(*n, kind)),
+            None => {}
+        }
+    }
+    let distinct: usize = kinds.values().sum();
+    match (parts.is_empty(), distinct == tensors) {
+        (true, _) => String::new(),
+        (false, true) => format!(" ({})", parts.join(", ")),
+        (false, false) => format!(" ({distinct} distinct: {})", parts.join(", ")),
+    }
+}
+
+fn show_model(cli: &Cli, store: &dyn Store, m: &coral_core::ModelManifest) -> Result<()> {
+    let kinds = ops::key_kinds(store, m)?;
+    let parent_in_store = match &m.parent {
+        Some(p) => Some(store.get_manifest(p)?.is_some()),
+        None => None,
+    };
+    if cli.json {
+        let mut v = serde_json::to_value(m)?;
+        v["stored_as"] = json!(kinds);
+        v["parent_in_store"] = json!(parent_in_store);
+        return print_json(&v);
+    }
+    out!("model    {}", m.name);
+    out!("format   {}", m.format);
+    out!("size     {}", human_bytes(m.file_size));
+    out!(
+        "tensors  {}{}",
+        m.tensors.len(),
+        stored_as(&kinds, m.tensors.len())
+    );
+    if let Some(p) = &m.parent {
+        let removed = if parent_in_store == Some(false) {
+            " (removed)"
+        } else {
+            ""
+        };
+        out!("parent   {p}{removed}");
+    }
+    for t in &m.tensors {
+        out!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
+    }
+    Ok(())
+}
+
+/// `coral show` of a weight or delta.
+fn show_key(cli: &Cli, store: &dyn Store, key: &ContentHash) -> Result<()> {
+    if let Some(d) = store.load_delta(key)? {
         let v = json!({
             "key": key.to_hex(),
             "kind": "delta",
@@ -981,22 +1046,21 @@ fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
             "compression_ratio": d.compression_ratio,
             "metadata": d.metadata,
         });
-        return if cli.json {
-            print_json(&v)
-        } else {
-            out!(
-                "delta {key}: {} {:?} {}, {} B against {}",
-                d.original_dtype,
-                d.original_shape,
-                d.delta_type,
-                d.nbytes(),
-                d.reference_hash
-            );
-            Ok(())
-        };
+        if cli.json {
+            return print_json(&v);
+        }
+        out!(
+            "delta {key}: {} {:?} {}, {} B against {}",
+            d.original_dtype,
+            d.original_shape,
+            d.delta_type,
+            d.nbytes(),
+            d.reference_hash
+        );
+        return Ok(());
     }
     let meta = store
-        .get_metadata(&key)?
+        .get_metadata(key)?
         .ok_or_else(|| anyhow!("no weight or delta {key} in the store"))?;
     if cli.json {
         let mut v = serde_json::to_value(&meta)?;
@@ -1062,10 +1126,10 @@ fn repair(cli: &Cli, out: &str) -> Result<()> {
             out!("LOST {} {}: {}", f.kind, f.id, f.error);
         }
         out!(
-            "copied {} weights, {} deltas, {} manifests to {out}: {}",
-            r.weights,
-            r.deltas,
-            r.manifests,
+            "copied {}, {}, {} to {out}: {}",
+            count(r.weights, "weight"),
+            count(r.deltas, "delta"),
+            count(r.manifests, "manifest"),
             if r.lost.is_empty() {
                 "nothing lost".to_owned()
             } else {
@@ -1118,4 +1182,58 @@ fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_keep_what_clap_names() {
+        let text = "error: the following required arguments were not provided:\n  <FILE>\n\n\
+                    Usage: coral add <FILE>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_parts(text),
+            (
+                "the following required arguments were not provided: <FILE>".to_owned(),
+                Some("coral add <FILE>".to_owned())
+            )
+        );
+        let text = "error: unexpected argument '--nme' found\n\n  tip: a similar argument \
+                    exists: '--name'\n\nUsage: coral add --name <NAME> <FILE>\n";
+        let (m, u) = usage_error_parts(text);
+        assert_eq!(
+            m,
+            "unexpected argument '--nme' found; tip: a similar argument exists: '--name'"
+        );
+        assert_eq!(u.as_deref(), Some("coral add --name <NAME> <FILE>"));
+        assert_eq!(usage_error_parts(""), ("bad arguments".to_owned(), None));
+    }
+
+    #[test]
+    fn counts_and_kinds_read_as_english() {
+        assert_eq!(count(1, "tensor"), "1 tensor");
+        assert_eq!(count(0, "tensor"), "0 tensors");
+        assert_eq!(count(104, "weight"), "104 weights");
+        let kinds = |pairs: &[(&'static str, usize)]| pairs.iter().copied().collect();
+        assert_eq!(stored_as(&kinds(&[("weight", 104)]), 104), " (104 weights)");
+        assert_eq!(
+            stored_as(&kinds(&[("delta", 11), ("weight", 93)]), 104),
+            " (93 weights, 11 deltas)"
+        );
+        assert_eq!(
+            stored_as(&kinds(&[("weight", 1), ("missing", 2)]), 3),
+            " (1 weight, 2 missing)"
+        );
+        assert_eq!(
+            stored_as(&kinds(&[("weight", 2)]), 3),
+            " (2 distinct: 2 weights)"
+        );
+        assert_eq!(stored_as(&kinds(&[]), 0), "");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }
