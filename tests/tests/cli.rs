@@ -688,6 +688,66 @@ fn counts_of_one_are_singular() {
     );
 }
 
+/// `coral show` takes a unique prefix of at least 8 hex digits, git-style; an ambiguous one is
+/// one line with the count, a shorter one a clear error.
+#[test]
+fn show_takes_unique_hash_prefixes() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    // The keys of [10171.0] and [20380.0] (F32, shape [1]) share their first 8 hex digits,
+    // a5a218ec (found by search).
+    let m = fx.write(
+        "m.safetensors",
+        &f32_model(&[("x", &[10171.0]), ("y", &[20380.0]), ("z", &[1.5, 2.5])]),
+    );
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let keys: Vec<String> = ok_json(&store, &["show", "m"])["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        keys[0].starts_with("a5a218ec") && keys[1].starts_with("a5a218ec"),
+        "{keys:?}"
+    );
+    assert_ne!(keys[0][..9], keys[1][..9]);
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["show", "a5a218ec"])),
+        "hash prefix a5a218ec is ambiguous: 2 weights and deltas start with it",
+    );
+    for k in &keys {
+        for prefix in [&k[..9], &k[..12], &k.to_uppercase()[..10], k.as_str()] {
+            let v = ok_json(&store, &["show", prefix]);
+            assert_eq!(
+                (v["kind"].as_str(), v["key"].as_str()),
+                (Some("weight"), Some(k.as_str()))
+            );
+        }
+    }
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", &keys[2][..8]])));
+    assert!(
+        text.starts_with(&format!("weight {}: z float32 [2]", keys[2])),
+        "{text}"
+    );
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["show", &keys[2][..7]])),
+        "too short for a hash prefix: give at least 8 hex digits",
+    );
+    let absent = if keys.iter().any(|k| k.starts_with("00000000")) {
+        "ffffffff"
+    } else {
+        "00000000"
+    };
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["show", absent])),
+        "no model, weight or delta matches",
+    );
+    // A model name comes before a prefix.
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "a5a218ec"]);
+    assert_eq!(ok_json(&store, &["show", "a5a218ec"])["name"], "a5a218ec");
+}
+
 #[test]
 fn a_read_only_store_is_refused_and_left_alone() {
     use std::os::unix::fs::PermissionsExt;

@@ -41,7 +41,10 @@ Exit status:
 
 With --json, results are one JSON document on stdout, and an error is one JSON object on
 stderr (one line): {\"error\": \"the message\", \"causes\": [\"each layer of it\", ...],
-\"exit_code\": 1}.";
+\"exit_code\": 1}.
+
+`coral show` takes a model name, a full content hash, or a prefix of at least 8 hex digits
+of one (a model of that name comes first).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,9 +124,9 @@ enum Cmd {
         #[arg(long)]
         deltas: bool,
     },
-    /// Show a model or a weight/delta by its hash.
+    /// Show a model, or a weight or delta by its hash (or a unique prefix of 8+ hex digits).
     Show {
-        /// Model name or content hash.
+        /// Model name, content hash, or a prefix of at least 8 hex digits of one.
         id: String,
     },
     /// The store's figures.
@@ -968,15 +971,48 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
     done()
 }
 
+/// `coral show ID`: a full content hash names the weight or delta with that key when the store
+/// has one; then a model of that name; then a prefix of at least [`ops::MIN_PREFIX_DIGITS`]
+/// hex digits names the one weight or delta whose key starts with it, git-style.
 fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
+    let hex = id.to_ascii_lowercase();
+    let is_hex = !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Ok(key) = ContentHash::parse(&hex) {
+        if store.delta_exists(&key)? || store.exists(&key)? {
+            return show_key(cli, store, &key);
+        }
+    }
+    // (A model named by 64 hex digits, from before such names were refused, comes second.)
     if let Ok(name) = ModelName::new(id) {
         if let Some(m) = store.get_manifest(&name)? {
             return show_model(cli, store, &m);
         }
     }
-    let key = ContentHash::parse(id)
-        .map_err(|_| anyhow!("{id:?} is neither a model in the store nor a content hash"))?;
-    show_key(cli, store, &key)
+    if !is_hex {
+        bail!("{id:?} is neither a model in the store nor a content hash");
+    }
+    if hex.len() >= 64 {
+        match ContentHash::parse(&hex) {
+            Ok(key) => bail!("no weight or delta {key} in the store"),
+            Err(_) => bail!("{id:?} is neither a model in the store nor a content hash"),
+        }
+    }
+    if hex.len() < ops::MIN_PREFIX_DIGITS {
+        bail!(
+            "{id:?} is not a model in the store, and too short for a hash prefix: give at least \
+             {} hex digits",
+            ops::MIN_PREFIX_DIGITS
+        );
+    }
+    match ops::keys_with_prefix(store, &hex)?.as_slice() {
+        [] => bail!("no model, weight or delta matches {id:?}"),
+        [key] => show_key(cli, store, key),
+        many => bail!(
+            "hash prefix {hex} is ambiguous: {} weights and deltas start with it (give more \
+             digits)",
+            many.len()
+        ),
+    }
 }
 
 /// How a model's tensors are stored, for people: "(104 weights)", "(93 weights, 11 deltas)";

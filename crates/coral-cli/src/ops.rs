@@ -1241,6 +1241,24 @@ pub fn key_kinds(store: &dyn Store, m: &ModelManifest) -> Result<BTreeMap<&'stat
     Ok(out)
 }
 
+/// The fewest hex digits of a key that `coral show` takes as a prefix.
+pub const MIN_PREFIX_DIGITS: usize = 8;
+
+/// The weights and deltas whose key starts with `prefix` (lowercase hex digits), in key order.
+pub fn keys_with_prefix(store: &dyn Store, prefix: &str) -> Result<Vec<ContentHash>> {
+    let mut out = BTreeSet::new();
+    for k in store
+        .list_weights()?
+        .into_iter()
+        .chain(store.list_deltas()?)
+    {
+        if k.to_hex().starts_with(prefix) {
+            out.insert(k);
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
 /// Shared bytes of a memory-mapped file.
 pub fn mapped_bytes(map: Arc<memmap2::Mmap>) -> Bytes {
     Bytes::from_owner(MapOwner(map))
