@@ -748,6 +748,39 @@ fn show_takes_unique_hash_prefixes() {
     assert_eq!(ok_json(&store, &["show", "a5a218ec"])["name"], "a5a218ec");
 }
 
+/// A new model may not be named like a content hash (64 hex digits): it would shadow the
+/// weight with that key. One line, naming the rule; the default name (the file's) too.
+#[test]
+fn model_names_that_read_as_hashes_are_refused() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(2, 8));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let key = ok_json(&store, &["show", "m"])["tensors"][0]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for name in [key.clone(), key.to_uppercase(), "7".repeat(64)] {
+        assert_one_line_error(
+            &run_fail(&mut cmd(
+                &store,
+                &["add", m.to_str().unwrap(), "--name", &name],
+            )),
+            "64 hex digits read as a weight's content hash",
+        );
+    }
+    let hashlike = fx.write(&format!("{key}.safetensors"), &synthetic_model(2, 8));
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["add", hashlike.to_str().unwrap()])),
+        "give one with --name",
+    );
+    assert_eq!(
+        ok_json(&store, &["ls"])["models"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(ok_json(&store, &["show", &key])["kind"], "weight");
+}
+
 #[test]
 fn a_read_only_store_is_refused_and_left_alone() {
     use std::os::unix::fs::PermissionsExt;

@@ -489,6 +489,11 @@ fn model_name(s: &str) -> Result<ModelName> {
     ModelName::new(s).map_err(|e| anyhow!(e))
 }
 
+/// The name of a model about to be stored: also not one that reads as a content hash.
+fn new_model_name(s: &str) -> Result<ModelName> {
+    ModelName::for_new_model(s).map_err(|e| anyhow!(e))
+}
+
 /// `n thing` or `n things`.
 fn count(n: usize, thing: &str) -> String {
     if n == 1 {
@@ -570,8 +575,8 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         } => {
             let cancel = on_interrupt();
             let name = match name {
-                Some(n) => model_name(n)?,
-                None => model_name(
+                Some(n) => new_model_name(n)?,
+                None => new_model_name(
                     file.file_stem()
                         .and_then(|s| s.to_str())
                         .ok_or_else(|| anyhow!("give the model a name with --name"))?,
