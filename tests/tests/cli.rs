@@ -22,8 +22,13 @@ fn ok_json(store: &Path, args: &[&str]) -> Value {
     stdout_json(&run_ok(&mut c))
 }
 
-/// A failure must be one line on stderr, starting with "error:", never a panic.
+/// A failure must be one line on stderr, starting with "error:", never a panic; exit status 1.
 fn assert_one_line_error(out: &Output, want: &str) {
+    assert_one_line_error_with(out, want, 1);
+}
+
+/// [`assert_one_line_error`] with another exit status.
+fn assert_one_line_error_with(out: &Output, want: &str, code: i32) {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "stderr is not one line: {err:?}");
@@ -36,7 +41,38 @@ fn assert_one_line_error(out: &Output, want: &str) {
         lines[0].to_lowercase().contains(&want.to_lowercase()),
         "{want:?} not in {err:?}"
     );
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(code), "{err}");
+}
+
+/// `n thing` or `n things`, as the command writes counts.
+fn plural(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
+/// A safetensors file of F32 tensors with the given values (each of shape `[len]`).
+fn f32_model(tensors: &[(&str, &[f32])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, values) in tensors {
+        let begin = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": "F32", "shape": [values.len()], "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&data);
+    out
 }
 
 /// A synthetic safetensors model: `n` float tensors of smooth values, an int tensor, metadata.
@@ -175,6 +211,23 @@ fn day(base: &Path, fx: &Fixture) {
     assert_eq!(ok_json(&store, &["show", some_weight])["kind"], "weight");
     let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "base"])));
     assert!(text.contains("format   safetensors"), "{text}");
+    // How the tensors are stored, in words: "(104 weights)", "(93 weights, 11 deltas)".
+    let ntensors = show["tensors"].as_array().unwrap().len();
+    let stored = &show["stored_as"];
+    let (w, d) = (
+        stored["weight"].as_u64().unwrap(),
+        stored["delta"].as_u64().unwrap(),
+    );
+    assert_eq!(w + d, ntensors as u64, "{show}");
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "ft"])));
+    let want = format!(
+        "tensors  {ntensors} ({}, {})",
+        plural(w, "weight"),
+        plural(d, "delta")
+    );
+    assert!(text.contains(&want), "{want:?} not in {text}");
+    assert!(!text.contains('{'), "{text}");
+    assert!(text.contains("parent   base\n"), "{text}");
 
     let info = ok_json(&store, &["info"]);
     assert_eq!(info["models"], 2);
@@ -204,8 +257,19 @@ fn day(base: &Path, fx: &Fixture) {
     let text = stdout_text(&run_ok(&mut cmd(&store, &["verify"])));
     assert!(text.contains("all ok"), "{text}");
 
-    // Removing the base keeps what the fine-tune needs (its deltas' references).
+    // Removing the base keeps what the fine-tune needs (its deltas' references), and the
+    // listing says the base is gone.
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["ls"])));
+    assert!(text.contains("\tfrom base\n"), "{text}");
     run_ok(&mut cmd(&store, &["rm", "base"]));
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["ls"])));
+    assert!(text.contains("\tfrom base (removed)\n"), "{text}");
+    assert_eq!(
+        ok_json(&store, &["ls"])["models"][0]["parent_in_store"],
+        false
+    );
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "ft"])));
+    assert!(text.contains("parent   base (removed)\n"), "{text}");
     let g = ok_json(&store, &["gc", "--dry-run"]);
     assert!(g["deltas"].as_array().unwrap().is_empty(), "{g}");
     ok_json(&store, &["gc"]);
@@ -215,8 +279,27 @@ fn day(base: &Path, fx: &Fixture) {
         .unwrap()
         .is_empty());
     run_ok(&mut cmd(&store, &["rm", "ft"]));
+    // gc counts the bytes of the weights it frees as well as the deltas' (estimated in a dry
+    // run): here everything the store holds.
+    let held = ok_json(&store, &["info"]);
+    let dry = ok_json(&store, &["gc", "--dry-run"]);
     let g = ok_json(&store, &["gc"]);
     assert_eq!(g["deltas"].as_array().unwrap().len(), ft.changed.len());
+    for r in [&dry, &g] {
+        let (wb, db) = (
+            r["weight_bytes"].as_u64().unwrap(),
+            r["delta_bytes"].as_u64().unwrap(),
+        );
+        assert_eq!(r["bytes"], wb + db, "{r}");
+        assert_eq!(db, held["deltas"]["total_delta_bytes"], "{r} {held}");
+        let stored = held["compressed_bytes"].as_u64().unwrap();
+        assert!(stored > 0 && wb.abs_diff(stored) <= 1, "{r} {held}");
+    }
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["gc", "--dry-run"])));
+    assert!(
+        text.starts_with("would remove 0 weights and 0 deltas (0 B"),
+        "{text}"
+    );
     let info = ok_json(&store, &["info"]);
     assert_eq!(info["total_weights"], 0, "{info}");
     assert_eq!(info["deltas"]["total_deltas"], 0, "{info}");
@@ -407,13 +490,295 @@ fn other_failures_are_one_clear_line() {
     );
     let not_a_store = fx.write("junk.h5", b"this is not HDF5");
     assert_one_line_error(&run_fail(&mut cmd(&not_a_store, &["ls"])), "junk.h5");
-    // Bad arguments: one line, exit code 2.
+    // Bad arguments: one line naming what is wrong and the usage, exit code 2.
     let out = run_fail(coral().args(["add"]));
     assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: the following required arguments were not provided: <FILE>")
+            && err.contains("usage: coral add ")
+            && err.contains("see coral add --help"),
+        "{err}"
+    );
+    let out = run_fail(coral().args(["add", "m.safetensors", "--nmae", "x"]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("'--nmae'") && err.contains("'--name'"),
+        "{err}"
+    );
+    let out = run_fail(coral().args(["--wait", "soon", "ls"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--wait takes a number of seconds"),
+        "{out:?}"
+    );
+}
+
+/// A closed stdout (`coral show m | head -1`) ends any command quietly: status 141 (128 +
+/// SIGPIPE, as a shell reports a command a closed pipe killed), nothing on stderr; the help
+/// exits 0. Both the guarded child (a local store) and the process that relays it stay quiet.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::os::fd::FromRawFd;
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(30, 64));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let closed_stdout = || {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe(2) fills the two descriptors; the read end is closed at once, so every
+        // write to the other fails with EPIPE; the write end is owned by the returned value.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            libc::close(fds[0]);
+            std::process::Stdio::from(std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+        }
+    };
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["show", "m"], 141),
+        (vec!["ls"], 141),
+        (vec!["ls", "--weights"], 141),
+        (vec!["--json", "ls", "--deltas"], 141),
+        (vec!["info"], 141),
+        (vec!["verify"], 141),
+        (vec!["diff", "m", "m"], 141),
+        (vec!["--json", "show", "m"], 141),
+        (vec!["--help"], 0),
+        (vec!["ls", "--help"], 0),
+    ];
+    for (args, code) in cases {
+        let mut c = cmd(&store, &args);
+        c.stdout(closed_stdout());
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// With `--json`, an error is one JSON object on stderr (stdout stays empty or holds the
+/// result), with the exit status of the text form.
+#[test]
+fn json_errors_are_one_json_object_on_stderr() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(2, 8));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let json_error = |args: &[&str], code: i32| -> Value {
+        let mut c = cmd(&store, args);
+        c.arg("--json");
+        let out = run_fail(&mut c);
+        assert_eq!(out.status.code(), Some(code), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"))
+    };
+    let e = json_error(&["show", "nope"], 1);
+    assert!(
+        e["error"].as_str().unwrap().contains("neither a model"),
+        "{e}"
+    );
+    assert!(!e["causes"].as_array().unwrap().is_empty(), "{e}");
+    assert_eq!(e["exit_code"], 1);
+    let e = json_error(&["add", m.to_str().unwrap(), "--name", "m"], 1);
+    assert!(
+        e["error"].as_str().unwrap().contains("already exists"),
+        "{e}"
+    );
+    let e = json_error(&["export", "nope", fx.path("o.npz").to_str().unwrap()], 1);
+    assert!(
+        e["error"].as_str().unwrap().contains("not in the store"),
+        "{e}"
+    );
+    // An S3 store runs without the child process: the same form.
+    let mut c = coral();
+    with_s3_env(&mut c, "http://127.0.0.1:9");
+    c.args(["--store", "s3://nowhere/x", "--json", "ls"]);
+    let out = run_fail(&mut c);
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let e: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["exit_code"], 1, "{e}");
+    // A usage error too, with the usage.
+    let e = json_error(&["add"], 2);
+    assert!(e["error"].as_str().unwrap().contains("<FILE>"), "{e}");
+    assert!(e["usage"].as_str().unwrap().starts_with("coral add"), "{e}");
+}
+
+/// `--store` is global, but sync takes its stores as SRC and DST: it is not in `sync --help`,
+/// and giving it is refused (exit 2) rather than ignored. `$CORAL_STORE` does not get in the way.
+#[test]
+fn sync_refuses_store() {
+    let fx = Fixture::new();
+    let help = stdout_text(&run_ok(coral().args(["sync", "--help"])));
+    assert!(!help.contains("--store"), "{help}");
+    assert!(stdout_text(&run_ok(coral().args(["ls", "--help"]))).contains("--store"));
+    let (a, b) = (fx.path("a.h5"), fx.path("b.h5"));
+    let m = fx.write("m.safetensors", &synthetic_model(2, 8));
+    ok_json(&a, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    for args in [
+        vec!["sync", a, b, "--store", "x.h5"],
+        vec!["--store", "x.h5", "sync", a, b],
+        vec!["sync", "--store=x.h5", a, b],
+    ] {
+        let out = run_fail(coral().args(&args));
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("--store does not apply to sync"), "{err}");
+    }
+    assert!(!fx.path("x.h5").exists() && !fx.path("b.h5").exists());
+    let mut c = coral();
+    c.env("CORAL_STORE", fx.path("x.h5"))
+        .args(["sync", a, b, "--json"]);
+    assert_eq!(stdout_json(&run_ok(&mut c))["manifests"]["moved"], 1);
+}
+
+/// Counts read as English: "1 tensor", "1 manifest", "2 tensors".
+#[test]
+fn counts_of_one_are_singular() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let one = fx.write("one.safetensors", &f32_model(&[("w", &[1.0, 2.0])]));
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["add", one.to_str().unwrap()])));
+    assert!(
+        text.starts_with("added one (safetensors, 1 tensor): 1 new,"),
+        "{text}"
+    );
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["ls"])));
+    assert!(text.contains("\t1 tensor\t"), "{text}");
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "one"])));
+    assert!(text.contains("tensors  1 (1 weight)\n"), "{text}");
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["verify"])));
+    assert_eq!(text, "checked 1 weight, 0 deltas, 1 manifest: all ok\n");
+    let two = fx.write(
+        "two.safetensors",
+        &f32_model(&[("a", &[3.0]), ("b", &[3.0]), ("c", &[4.0])]),
+    );
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["add", two.to_str().unwrap()])));
+    assert!(
+        text.starts_with("added two (safetensors, 3 tensors): 2 new, 1 reused,"),
+        "{text}"
+    );
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", "two"])));
+    assert!(
+        text.contains("tensors  3 (2 distinct: 2 weights)\n"),
+        "{text}"
+    );
+    run_ok(&mut cmd(&store, &["rm", "one"]));
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["gc"])));
+    assert!(
+        text.starts_with("removed 1 weight and 0 deltas ("),
+        "{text}"
+    );
+    let repaired = fx.path("r.h5");
+    let text = stdout_text(&run_ok(&mut cmd(
+        &store,
+        &["repair", repaired.to_str().unwrap()],
+    )));
+    assert!(
+        text.contains("copied 2 weights, 0 deltas, 1 manifest to "),
+        "{text}"
+    );
+}
+
+/// `coral show` takes a unique prefix of at least 8 hex digits, git-style; an ambiguous one is
+/// one line with the count, a shorter one a clear error.
+#[test]
+fn show_takes_unique_hash_prefixes() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    // The keys of [10171.0] and [20380.0] (F32, shape [1]) share their first 8 hex digits,
+    // a5a218ec (found by search).
+    let m = fx.write(
+        "m.safetensors",
+        &f32_model(&[("x", &[10171.0]), ("y", &[20380.0]), ("z", &[1.5, 2.5])]),
+    );
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let keys: Vec<String> = ok_json(&store, &["show", "m"])["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        keys[0].starts_with("a5a218ec") && keys[1].starts_with("a5a218ec"),
+        "{keys:?}"
+    );
+    assert_ne!(keys[0][..9], keys[1][..9]);
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["show", "a5a218ec"])),
+        "hash prefix a5a218ec is ambiguous: 2 weights and deltas start with it",
+    );
+    for k in &keys {
+        for prefix in [&k[..9], &k[..12], &k.to_uppercase()[..10], k.as_str()] {
+            let v = ok_json(&store, &["show", prefix]);
+            assert_eq!(
+                (v["kind"].as_str(), v["key"].as_str()),
+                (Some("weight"), Some(k.as_str()))
+            );
+        }
+    }
+    let text = stdout_text(&run_ok(&mut cmd(&store, &["show", &keys[2][..8]])));
+    assert!(
+        text.starts_with(&format!("weight {}: z float32 [2]", keys[2])),
+        "{text}"
+    );
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["show", &keys[2][..7]])),
+        "too short for a hash prefix: give at least 8 hex digits",
+    );
+    let absent = if keys.iter().any(|k| k.starts_with("00000000")) {
+        "ffffffff"
+    } else {
+        "00000000"
+    };
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["show", absent])),
+        "no model, weight or delta matches",
+    );
+    // A model name comes before a prefix.
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "a5a218ec"]);
+    assert_eq!(ok_json(&store, &["show", "a5a218ec"])["name"], "a5a218ec");
+}
+
+/// A new model may not be named like a content hash (64 hex digits): it would shadow the
+/// weight with that key. One line, naming the rule; the default name (the file's) too.
+#[test]
+fn model_names_that_read_as_hashes_are_refused() {
+    let fx = Fixture::new();
+    let store = fx.path("s.h5");
+    let m = fx.write("m.safetensors", &synthetic_model(2, 8));
+    ok_json(&store, &["add", m.to_str().unwrap(), "--name", "m"]);
+    let key = ok_json(&store, &["show", "m"])["tensors"][0]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for name in [key.clone(), key.to_uppercase(), "7".repeat(64)] {
+        assert_one_line_error(
+            &run_fail(&mut cmd(
+                &store,
+                &["add", m.to_str().unwrap(), "--name", &name],
+            )),
+            "64 hex digits read as a weight's content hash",
+        );
+    }
+    let hashlike = fx.write(&format!("{key}.safetensors"), &synthetic_model(2, 8));
+    assert_one_line_error(
+        &run_fail(&mut cmd(&store, &["add", hashlike.to_str().unwrap()])),
+        "give one with --name",
+    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        ok_json(&store, &["ls"])["models"].as_array().unwrap().len(),
         1
     );
+    assert_eq!(ok_json(&store, &["show", &key])["kind"], "weight");
 }
 
 #[test]
@@ -583,6 +948,13 @@ fn an_unreachable_endpoint_is_one_line() {
 
 #[test]
 fn an_interrupted_add_leaves_the_store_as_it_was() {
+    // Ctrl-C (SIGINT) exits 130, SIGTERM (a service manager) 143: 128 + the signal.
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        interrupted_add(signal, code);
+    }
+}
+
+fn interrupted_add(signal: &str, code: i32) {
     let fx = Fixture::new();
     let store = fx.path("s.h5");
     let small = fx.write("small.safetensors", &synthetic_model(2, 8));
@@ -595,14 +967,13 @@ fn an_interrupted_add_leaves_the_store_as_it_was() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(150));
-    // SIGTERM, as a service manager or Ctrl-C (SIGINT) would stop it.
     let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
     let out = child.wait_with_output().unwrap();
-    assert_one_line_error(&out, "interrupted");
+    assert_one_line_error_with(&out, "interrupted", code);
     assert_eq!(ok_json(&store, &["ls", "--weights"]), weights);
     assert_eq!(
         ok_json(&store, &["ls"])["models"].as_array().unwrap().len(),

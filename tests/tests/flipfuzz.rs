@@ -812,12 +812,18 @@ fn ls_lists_what_still_reads() {
         (rows[1]["name"].as_str(), rows[1]["tensors"].as_u64()),
         (Some("b"), Some(4))
     );
+    // With --json the error is one JSON object on stderr.
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
+    let e: serde_json::Value = serde_json::from_str(err.trim()).unwrap();
     assert!(
-        err.starts_with("error: could not read 1 of the entries"),
+        e["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("could not read 1 of the entries"),
         "{err}"
     );
+    assert_eq!(e["exit_code"], 1, "{err}");
     let exported = dir.path().join("b.out.safetensors");
     run_ok(coral(&store).arg("export").arg("b").arg(&exported));
     assert_eq!(std::fs::read(&exported).unwrap(), model(2, false, 900));

@@ -94,6 +94,21 @@ fn sync(engine: &testenv::S3Engine, src: &str, dst: &str) -> Command {
     c
 }
 
+/// With `--json` (as [`sync`] runs it), a failure is one JSON object on stderr: its message.
+fn one_line_json_error(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "not one line: {err:?}");
+    let e: serde_json::Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("not a JSON object ({e}): {err:?}"));
+    assert_eq!(
+        e["exit_code"].as_i64(),
+        out.status.code().map(i64::from),
+        "{err:?}"
+    );
+    e["error"].as_str().unwrap_or_default().to_owned()
+}
+
 fn one_line_error(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -165,7 +180,7 @@ fn node_failures_during_sync() {
     } else {
         eprintln!(
             "garage: the sync with a node down failed: {}",
-            one_line_error(&first)
+            one_line_json_error(&first)
         );
         0
     };

@@ -7,8 +7,9 @@
 //! The child inherits stdin, stdout and stderr (its output, progress bar included, goes straight
 //! to the user) and its exit status becomes the parent's. SIGINT, SIGTERM and SIGHUP sent to
 //! the parent are passed on to the child (which stops cleanly: an add rolls back), and the
-//! parent waits for it. Only when the child dies by a signal does the parent speak:
-//! [`Outcome::message`].
+//! parent waits for it. Only when the child dies by a signal (other than SIGPIPE) does the
+//! parent speak: [`Outcome::message`]. The parent writes nothing to stdout, so a closed stdout
+//! concerns only the child, which then stops quietly with status 141 (`src/main.rs`).
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -48,11 +49,16 @@ impl Outcome {
         )
     }
 
-    /// The one line to print for a child killed by a signal (`None` when it exited).
+    /// The one line to print for a child killed by a signal (`None` when it exited, or when
+    /// SIGPIPE killed it: its stdout was closed early, as by `coral ls | head -1`, which is no
+    /// error to speak of; the status is then 141, as a shell reports it).
     pub fn message(&self, store: &str) -> Option<String> {
         let Outcome::Signaled(sig) = *self else {
             return None;
         };
+        if sig == libc::SIGPIPE {
+            return None;
+        }
         Some(if self.is_crash() {
             format!(
                 "the store {store} is damaged: reading it crashed libhdf5 (signal {sig}); \
@@ -134,6 +140,8 @@ mod tests {
             int.message("s.h5").as_deref(),
             Some("interrupted by signal 2")
         );
+        let pipe = Outcome::Signaled(libc::SIGPIPE);
+        assert_eq!((pipe.message("s.h5"), pipe.exit_status()), (None, 141));
     }
 
     #[test]

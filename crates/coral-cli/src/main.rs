@@ -1,12 +1,14 @@
 //! The `coral` command: models in, models out, byte for byte, between any two stores.
 
-use std::io::IsTerminal;
+use std::fmt;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{ArgAction, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use coral_cli::guard;
 use coral_cli::ops::{self, AddOptions};
 use coral_cli::source::SourceFile;
@@ -19,11 +21,37 @@ use serde_json::json;
 /// Bytes of tensors handled at once by add and export, per worker thread.
 const GROUP_BYTES_PER_WORKER: usize = 16 << 20;
 
+/// Exit status of a failed command.
+const EXIT_FAILURE: u8 = 1;
+/// Exit status of a command line that does not parse (clap's).
+const EXIT_USAGE: u8 = 2;
+/// Exit status when standard output was closed before everything was written (128 + SIGPIPE,
+/// as a shell reports a command that a closed pipe killed).
+const EXIT_STDOUT_CLOSED: u8 = 141;
+
+const AFTER_LONG_HELP: &str = "\
+Exit status:
+  0    success
+  1    the command failed (one line on stderr: \"error: ...\")
+  2    the command line does not parse (the line names what is wrong and the usage)
+  130  interrupted by Ctrl-C (SIGINT); 128 + N after signal N (143 for SIGTERM): an add
+       that is interrupted rolls back and stores nothing
+  141  standard output was closed early (as by `coral ls | head -1`): the command stops
+       at once and says nothing
+
+With --json, results are one JSON document on stdout, and an error is one JSON object on
+stderr (one line): {\"error\": \"the message\", \"causes\": [\"each layer of it\", ...],
+\"exit_code\": 1}.
+
+`coral show` takes a model name, a full content hash, or a prefix of at least 8 hex digits
+of one (a model of that name comes first).";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "coral",
     version,
-    about = "Store neural-network weights by content, deduplicated and delta-coded"
+    about = "Store neural-network weights by content, deduplicated and delta-coded",
+    after_long_help = AFTER_LONG_HELP
 )]
 struct Cli {
     /// The store: a path (HDF5 file) or s3://bucket/prefix.
@@ -58,8 +86,8 @@ struct Cli {
     /// Seconds to wait for another writer of a local store (and, when writing, for the
     /// readers a commit waits for), or on an S3 store for the leases in the way (a writer for
     /// `coral gc`'s, gc for the writers'), before giving up.
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
-    wait: f64,
+    #[arg(long, global = true, value_name = "SECS", default_value = "10", value_parser = wait_arg)]
+    wait: std::time::Duration,
     /// Set on the child process that does the reading for the parent (see `coral_cli::guard`).
     #[arg(long = "guarded-child", global = true, hide = true)]
     guarded_child: bool,
@@ -96,9 +124,9 @@ enum Cmd {
         #[arg(long)]
         deltas: bool,
     },
-    /// Show a model or a weight/delta by its hash.
+    /// Show a model, or a weight or delta by its hash (or a unique prefix of 8+ hex digits).
     Show {
-        /// Model name or content hash.
+        /// Model name, content hash, or a prefix of at least 8 hex digits of one.
         id: String,
     },
     /// The store's figures.
@@ -149,6 +177,10 @@ enum Cmd {
         /// Only report what would be copied.
         #[arg(long)]
         dry_run: bool,
+        /// Not for sync (its stores are SRC and DST): the global option, hidden here, so that
+        /// giving it is refused with a clear line rather than ignored.
+        #[arg(long = "store", id = "store", hide = true)]
+        store: Option<String>,
     },
 }
 
@@ -165,31 +197,20 @@ fn main() -> ExitCode {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!("error: internal error: {msg}{at}");
+        say(&format!("error: internal error: {msg}{at}"));
     }));
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                    ExitCode::from(2)
-                } else {
-                    ExitCode::SUCCESS
-                };
-            }
-            let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("{line} (see coral --help)");
-            return ExitCode::from(2);
-        }
+    let (cli, store_on_command_line) = match parse_args() {
+        Ok(parsed) => parsed,
+        Err(e) => return usage_error(&e),
     };
+    if let (Cmd::Sync { .. }, true) = (&cli.cmd, store_on_command_line) {
+        let e = anyhow!(
+            "--store does not apply to sync, which copies from SRC to DST: give the two stores \
+             as `coral sync SRC DST`"
+        );
+        report(cli.json, &e, EXIT_USAGE);
+        return ExitCode::from(EXIT_USAGE);
+    }
     init_logging(&cli);
     if !cli.guarded_child && uses_a_file_store(&cli) {
         if let Some(code) = relay(&cli) {
@@ -198,10 +219,159 @@ fn main() -> ExitCode {
     }
     match run(&cli) {
         Ok(code) => code,
+        Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
-            ExitCode::FAILURE
+            // After Ctrl-C or SIGTERM (an add stops and rolls back), 128 + the signal, as a
+            // shell reports a command the signal killed.
+            let code = match SIGNAL.load(Ordering::Relaxed) {
+                0 => EXIT_FAILURE,
+                sig => u8::try_from(128 + sig.clamp(0, 127)).unwrap_or(EXIT_FAILURE),
+            };
+            report(cli.json, &e, code);
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Parses the command line; also says whether `--store` was given on it (rather than taken
+/// from `$CORAL_STORE` or the default), which `sync` refuses.
+fn parse_args() -> std::result::Result<(Cli, bool), clap::Error> {
+    let matches = Cli::command().try_get_matches()?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    let given = |m: &clap::ArgMatches| {
+        m.try_get_raw("store").is_ok() && m.value_source("store") == Some(ValueSource::CommandLine)
+    };
+    let store_given = given(&matches) || matches.subcommand().is_some_and(|(_, m)| given(m));
+    Ok((cli, store_given))
+}
+
+/// A command line that does not parse: help and version as clap prints them, any other error
+/// as one line naming what is wrong (clap's first paragraph, with its tips) and the usage;
+/// exit status 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            // A closed stdout (`coral --help | head -1`) is not an error.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+        _ => {}
+    }
+    let (message, usage) = usage_error_parts(&e.render().to_string());
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if json {
+        say(&json!({"error": message, "usage": usage, "exit_code": EXIT_USAGE}).to_string());
+    } else {
+        let mut line = format!("error: {message}");
+        match &usage {
+            Some(u) => {
+                let command: Vec<&str> = u
+                    .split_whitespace()
+                    .take_while(|w| !w.starts_with(['[', '<', '-']))
+                    .collect();
+                line.push_str(&format!(" (usage: {u}; see {} --help)", command.join(" ")));
+            }
+            None => line.push_str(" (see coral --help)"),
+        }
+        say(&line);
+    }
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// clap's rendered error as one message (its first paragraph, then its tips, each paragraph's
+/// lines joined) and the usage line.
+fn usage_error_parts(text: &str) -> (String, Option<String>) {
+    let mut message = String::new();
+    let mut usage = None;
+    for para in text.split("\n\n") {
+        let joined = para
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if joined.is_empty() || joined.starts_with("For more information") {
+            continue;
+        }
+        if let Some(u) = joined.strip_prefix("Usage:") {
+            usage = Some(u.trim().to_owned());
+        } else if message.is_empty() {
+            message = joined
+                .strip_prefix("error:")
+                .unwrap_or(&joined)
+                .trim()
+                .to_owned();
+        } else {
+            message.push_str(&format!("; {joined}"));
+        }
+    }
+    if message.is_empty() {
+        message = "bad arguments".to_owned();
+    }
+    (message, usage)
+}
+
+/// Standard output went away (a reader such as `head` stopped reading): the command ends at
+/// once and quietly, with [`EXIT_STDOUT_CLOSED`].
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes one line to stdout; a closed stdout is [`StdoutClosed`], any other failure an error
+/// (`println!` would panic on either).
+fn emit(args: fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
+}
+
+/// `println!` that returns the failure to write (see [`emit`]) from the enclosing function.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))?
+    };
+}
+
+/// One line on stderr; a stderr that cannot be written to is left alone (there is nowhere
+/// else to say anything).
+fn say(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = err
+        .write_all(line.as_bytes())
+        .and_then(|()| err.write_all(b"\n"));
+}
+
+/// Prints a failure: `error: ...` on one line, or with `--json` one JSON object (one line).
+fn report(json: bool, e: &anyhow::Error, code: u8) {
+    if json {
+        let mut causes: Vec<String> = Vec::new();
+        for c in e.chain() {
+            let text = c.to_string().replace('\n', " ");
+            if !causes.contains(&text) {
+                causes.push(text);
+            }
+        }
+        say(&json!({"error": one_line(e), "causes": causes, "exit_code": code}).to_string());
+    } else {
+        say(&format!("error: {}", one_line(e)));
     }
 }
 
@@ -245,7 +415,7 @@ fn relay(cli: &Cli) -> Option<ExitCode> {
         .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
         .ok()?;
     if let Some(m) = outcome.message(&cli.store) {
-        eprintln!("error: {m}");
+        report(cli.json, &anyhow!(m), outcome.exit_status());
     }
     // A child that did not finish its export cleanly may have left its temporary file (it is
     // dead now, so only files of live exports remain).
@@ -286,7 +456,7 @@ fn s3_options(cli: &Cli) -> S3Options {
 
 fn open(cli: &Cli, addr: &str, mode: Mode) -> Result<Box<dyn Store>> {
     let addr = Address::parse(addr)?;
-    store::open(&addr, &s3_options(cli), mode, wait(cli)?)
+    store::open(&addr, &s3_options(cli), mode, cli.wait)
 }
 
 /// `--grace`'s value.
@@ -294,12 +464,14 @@ fn grace_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
     ops::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// `--wait` as a duration.
-fn wait(cli: &Cli) -> Result<std::time::Duration> {
-    if !(cli.wait.is_finite() && cli.wait >= 0.0) {
-        bail!("--wait takes a number of seconds, got {}", cli.wait);
+/// `--wait`'s value: a number of seconds.
+fn wait_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Ok(std::time::Duration::from_secs_f64(secs.min(1e9)))
+        }
+        _ => Err(format!("--wait takes a number of seconds, got {s:?}")),
     }
-    Ok(std::time::Duration::from_secs_f64(cli.wait.min(1e9)))
 }
 
 /// Gives a lease back; one that cannot be given back goes stale (the work is done either way).
@@ -315,6 +487,20 @@ fn close(mut store: Box<dyn Store>) -> Result<()> {
 
 fn model_name(s: &str) -> Result<ModelName> {
     ModelName::new(s).map_err(|e| anyhow!(e))
+}
+
+/// The name of a model about to be stored: also not one that reads as a content hash.
+fn new_model_name(s: &str) -> Result<ModelName> {
+    ModelName::for_new_model(s).map_err(|e| anyhow!(e))
+}
+
+/// `n thing` or `n things`.
+fn count(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }
 
 fn progress_bar(cli: &Cli, len: u64, bytes: bool) -> ProgressBar {
@@ -334,15 +520,19 @@ fn progress_bar(cli: &Cli, len: u64, bytes: bool) -> ProgressBar {
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that set [`INTERRUPTED`] (0: none): the exit status is then 128 + it.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn note_interrupt(_: libc::c_int) {
+extern "C" fn note_interrupt(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::Relaxed);
     INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
 /// From now on, Ctrl-C (SIGINT) or SIGTERM sets a flag that long work checks, so it can stop
-/// cleanly (an add rolls back) instead of dying half-way.
+/// cleanly (an add rolls back) instead of dying half-way; the command then fails with
+/// 128 + the signal (130 for Ctrl-C).
 fn on_interrupt() -> &'static AtomicBool {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    // SAFETY: the handler only stores to atomics, which is async-signal-safe.
     let handler = note_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
     unsafe {
         libc::signal(libc::SIGINT, handler);
@@ -356,7 +546,7 @@ fn workers() -> usize {
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -385,8 +575,8 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         } => {
             let cancel = on_interrupt();
             let name = match name {
-                Some(n) => model_name(n)?,
-                None => model_name(
+                Some(n) => new_model_name(n)?,
+                None => new_model_name(
                     file.file_stem()
                         .and_then(|s| s.to_str())
                         .ok_or_else(|| anyhow!("give the model a name with --name"))?,
@@ -403,7 +593,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 reference,
                 group_bytes,
                 cancel: Some(cancel),
-                wait: wait(cli)?,
+                wait: cli.wait,
             };
             let r = ops::add(&*store, &src, &opts, &|n| pb.inc(n));
             pb.finish_and_clear();
@@ -412,11 +602,11 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
-                println!(
-                    "added {} ({}, {} tensors): {} new, {} reused, {} delta-coded; {} in, {} stored",
+                out!(
+                    "added {} ({}, {}): {} new, {} reused, {} delta-coded; {} in, {} stored",
                     r.name,
                     r.format,
-                    r.tensors,
+                    count(r.tensors, "tensor"),
                     r.new,
                     r.reused,
                     r.delta_coded,
@@ -436,7 +626,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&json!({"model": name, "out": out, "bytes": n}))?;
             } else {
-                println!("exported {name} to {} ({})", out.display(), human_bytes(n));
+                out!("exported {name} to {} ({})", out.display(), human_bytes(n));
             }
         }
         Cmd::Ls { weights, deltas } => {
@@ -456,19 +646,19 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 v["models"] = json!(models);
                 print_json(&v)?;
             } else {
-                println!("store        {} ({})", info.location, info.backend);
+                out!("store        {} ({})", info.location, info.backend);
                 if info.reclaimable_bytes > 0 {
-                    println!(
+                    out!(
                         "size         {} ({} live, {} free for later writes: `coral compact` gives it back)",
                         human_bytes(info.file_size),
                         human_bytes(info.file_size.saturating_sub(info.reclaimable_bytes)),
                         human_bytes(info.reclaimable_bytes)
                     );
                 } else {
-                    println!("size         {}", human_bytes(info.file_size));
+                    out!("size         {}", human_bytes(info.file_size));
                 }
-                println!("models       {models}");
-                println!(
+                out!("models       {models}");
+                out!(
                     "weights      {} ({} raw, {} stored, {:.1}% saved, {})",
                     info.total_weights,
                     human_bytes(info.total_bytes),
@@ -476,7 +666,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     info.compression_ratio * 100.0,
                     info.compression
                 );
-                println!(
+                out!(
                     "deltas       {} ({} stored for {} of weights)",
                     info.deltas.total_deltas,
                     human_bytes(info.deltas.total_delta_bytes),
@@ -490,7 +680,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
-                println!(
+                out!(
                     "{} equal, {} changed, {} added, {} removed",
                     r.equal.len(),
                     r.changed.len(),
@@ -499,16 +689,16 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 );
                 for c in &r.changed {
                     match (c.relative_change, &c.note) {
-                        (Some(x), _) => println!("changed  {}  {x:.3e}", c.name),
-                        (None, Some(n)) => println!("changed  {}  ({n})", c.name),
-                        (None, None) => println!("changed  {}", c.name),
+                        (Some(x), _) => out!("changed  {}  {x:.3e}", c.name),
+                        (None, Some(n)) => out!("changed  {}  ({n})", c.name),
+                        (None, None) => out!("changed  {}", c.name),
                     }
                 }
                 for n in &r.added {
-                    println!("added    {n}");
+                    out!("added    {n}");
                 }
                 for n in &r.removed {
-                    println!("removed  {n}");
+                    out!("removed  {n}");
                 }
             }
         }
@@ -523,13 +713,13 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
                 for f in &r.failures {
-                    println!("FAILED {} {}: {}", f.kind, f.id, f.error);
+                    out!("FAILED {} {}: {}", f.kind, f.id, f.error);
                 }
-                println!(
-                    "checked {} weights, {} deltas, {} manifests: {}",
-                    r.weights,
-                    r.deltas,
-                    r.manifests,
+                out!(
+                    "checked {}, {}, {}: {}",
+                    count(r.weights, "weight"),
+                    count(r.deltas, "delta"),
+                    count(r.manifests, "manifest"),
                     if r.failures.is_empty() {
                         "all ok".to_owned()
                     } else {
@@ -538,8 +728,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 );
             }
             if !r.failures.is_empty() {
-                eprintln!("error: {} item(s) failed verification", r.failures.len());
-                return Ok(ExitCode::FAILURE);
+                bail!("{} failed verification", count(r.failures.len(), "item"));
             }
         }
         Cmd::Repair { out } => repair(cli, out)?,
@@ -553,7 +742,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&json!({"removed": name}))?;
             } else {
-                println!("removed {name} (run `coral gc` to free its weights)");
+                out!("removed {name} (run `coral gc` to free its weights)");
             }
         }
         Cmd::Gc {
@@ -569,14 +758,14 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             let opts = ops::GcOptions {
                 dry_run: *dry_run,
                 grace: *grace,
-                wait: wait(cli)?,
+                wait: cli.wait,
             };
             let r = ops::gc_with(&*store, &opts)?;
             close(store)?;
             // Free space is reused by later writes; once it is a quarter of the file, the
             // file is rewritten without it (`coral compact`), unless told not to.
             let compacted = if !r.dry_run && !no_compact && ops::worth_compacting(&r) {
-                Some(store::compact(&Address::parse(&cli.store)?, wait(cli)?)?)
+                Some(store::compact(&Address::parse(&cli.store)?, cli.wait)?)
             } else {
                 None
             };
@@ -586,12 +775,20 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 print_json(&v)?;
             } else {
                 let mut line = format!(
-                    "{} {} weights and {} deltas ({})",
+                    "{} {} and {} ({}",
                     if r.dry_run { "would remove" } else { "removed" },
-                    r.weights.len(),
-                    r.deltas.len(),
-                    human_bytes(r.bytes)
+                    count(r.weights.len(), "weight"),
+                    count(r.deltas.len(), "delta"),
+                    human_bytes(r.bytes),
                 );
+                if r.weight_bytes > 0 && r.delta_bytes > 0 {
+                    line.push_str(&format!(
+                        ": {} of weights, {} of deltas",
+                        human_bytes(r.weight_bytes),
+                        human_bytes(r.delta_bytes)
+                    ));
+                }
+                line.push_str(if r.dry_run { ", estimated)" } else { ")" });
                 if let Some(g) = r.grace_secs {
                     line.push_str(&format!(
                         "; kept {} younger than the grace period ({})",
@@ -601,21 +798,21 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 }
                 if r.uploads_aborted > 0 {
                     line.push_str(&format!(
-                        "; {} {} abandoned multipart upload(s)",
+                        "; {} {}",
                         if r.dry_run { "would abort" } else { "aborted" },
-                        r.uploads_aborted
+                        count(r.uploads_aborted, "abandoned multipart upload")
                     ));
                 }
                 if r.leftovers_removed > 0 {
                     line.push_str(&format!(
-                        "; {} {} leftover(s) of unfinished writes",
+                        "; {} {} of unfinished writes",
                         if r.dry_run { "would remove" } else { "removed" },
-                        r.leftovers_removed
+                        count(r.leftovers_removed, "leftover")
                     ));
                 }
-                println!("{line}");
+                out!("{line}");
                 match &compacted {
-                    Some(c) => println!(
+                    Some(c) => out!(
                         "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
                         c.store,
                         human_bytes(c.bytes_before),
@@ -623,7 +820,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                         human_bytes(c.reclaimed),
                         c.seconds
                     ),
-                    None if r.reclaimable_bytes > 0 => println!(
+                    None if r.reclaimable_bytes > 0 => out!(
                         "{} of the {} file is free for later writes; `coral compact` gives it back",
                         human_bytes(r.reclaimable_bytes),
                         human_bytes(r.store_bytes)
@@ -633,11 +830,11 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Compact => {
-            let r = store::compact(&Address::parse(&cli.store)?, wait(cli)?)?;
+            let r = store::compact(&Address::parse(&cli.store)?, cli.wait)?;
             if cli.json {
                 print_json(&serde_json::to_value(&r)?)?;
             } else {
-                println!(
+                out!(
                     "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
                     r.store,
                     human_bytes(r.bytes_before),
@@ -647,7 +844,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 );
             }
         }
-        Cmd::Sync { src, dst, dry_run } => {
+        Cmd::Sync {
+            src, dst, dry_run, ..
+        } => {
             sync(cli, src, dst, *dry_run)?;
         }
     }
@@ -703,14 +902,19 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
     }
     if !weights && !deltas {
         let mut rows = Vec::new();
-        for n in store.list_manifests()? {
-            match store.get_manifest(&n) {
+        let names = store.list_manifests()?;
+        let present: std::collections::HashSet<&ModelName> = names.iter().collect();
+        for n in &names {
+            match store.get_manifest(n) {
                 Ok(Some(m)) => rows.push(json!({
                     "name": n,
                     "format": m.format,
                     "tensors": m.tensors.len(),
                     "file_size": m.file_size,
                     "parent": m.parent,
+                    // The reference model may have been removed since (its deltas' references
+                    // are kept: the model still exports).
+                    "parent_in_store": m.parent.as_ref().map(|p| present.contains(p)),
                 })),
                 Ok(None) => {}
                 Err(e) => rows.push(failed("name", n.to_string(), e.into())),
@@ -732,20 +936,24 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
         for r in rows.as_array().into_iter().flatten() {
             if let Some(e) = r["error"].as_str() {
                 let id = r["name"].as_str().or(r["key"].as_str()).unwrap_or("");
-                println!("{id}\tDAMAGED: {e}");
+                out!("{id}\tDAMAGED: {e}");
                 continue;
             }
             let line = match kind.as_str() {
                 "models" => format!(
-                    "{}\t{}\t{} tensors\t{}{}",
+                    "{}\t{}\t{}\t{}{}",
                     r["name"].as_str().unwrap_or(""),
                     r["format"].as_str().unwrap_or(""),
-                    r["tensors"],
+                    count(
+                        usize::try_from(r["tensors"].as_u64().unwrap_or(0)).unwrap_or(usize::MAX),
+                        "tensor"
+                    ),
                     human_bytes(r["file_size"].as_u64().unwrap_or(0)),
-                    r["parent"]
-                        .as_str()
-                        .map(|p| format!("\tfrom {p}"))
-                        .unwrap_or_default()
+                    match (r["parent"].as_str(), r["parent_in_store"].as_bool()) {
+                        (Some(p), Some(false)) => format!("\tfrom {p} (removed)"),
+                        (Some(p), _) => format!("\tfrom {p}"),
+                        (None, _) => String::new(),
+                    }
                 ),
                 "weights" => format!(
                     "{}\t{}\t{}\t{}",
@@ -762,37 +970,112 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
                     r["reference"].as_str().unwrap_or("")
                 ),
             };
-            println!("{line}");
+            out!("{line}");
         }
     }
     done()
 }
 
+/// `coral show ID`: a full content hash names the weight or delta with that key when the store
+/// has one; then a model of that name; then a prefix of at least [`ops::MIN_PREFIX_DIGITS`]
+/// hex digits names the one weight or delta whose key starts with it, git-style.
 fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
-    if let Ok(name) = ModelName::new(id) {
-        if let Some(m) = store.get_manifest(&name)? {
-            let kinds = ops::key_kinds(store, &m)?;
-            if cli.json {
-                let mut v = serde_json::to_value(&m)?;
-                v["stored_as"] = json!(kinds);
-                return print_json(&v);
-            }
-            println!("model    {}", m.name);
-            println!("format   {}", m.format);
-            println!("size     {}", human_bytes(m.file_size));
-            println!("tensors  {} ({kinds:?})", m.tensors.len());
-            if let Some(p) = &m.parent {
-                println!("parent   {p}");
-            }
-            for t in &m.tensors {
-                println!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
-            }
-            return Ok(());
+    let hex = id.to_ascii_lowercase();
+    let is_hex = !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Ok(key) = ContentHash::parse(&hex) {
+        if store.delta_exists(&key)? || store.exists(&key)? {
+            return show_key(cli, store, &key);
         }
     }
-    let key = ContentHash::parse(id)
-        .map_err(|_| anyhow!("{id:?} is neither a model in the store nor a content hash"))?;
-    if let Some(d) = store.load_delta(&key)? {
+    // (A model named by 64 hex digits, from before such names were refused, comes second.)
+    if let Ok(name) = ModelName::new(id) {
+        if let Some(m) = store.get_manifest(&name)? {
+            return show_model(cli, store, &m);
+        }
+    }
+    if !is_hex {
+        bail!("{id:?} is neither a model in the store nor a content hash");
+    }
+    if hex.len() >= 64 {
+        match ContentHash::parse(&hex) {
+            Ok(key) => bail!("no weight or delta {key} in the store"),
+            Err(_) => bail!("{id:?} is neither a model in the store nor a content hash"),
+        }
+    }
+    if hex.len() < ops::MIN_PREFIX_DIGITS {
+        bail!(
+            "{id:?} is not a model in the store, and too short for a hash prefix: give at least \
+             {} hex digits",
+            ops::MIN_PREFIX_DIGITS
+        );
+    }
+    match ops::keys_with_prefix(store, &hex)?.as_slice() {
+        [] => bail!("no model, weight or delta matches {id:?}"),
+        [key] => show_key(cli, store, key),
+        many => bail!(
+            "hash prefix {hex} is ambiguous: {} weights and deltas start with it (give more \
+             digits)",
+            many.len()
+        ),
+    }
+}
+
+/// How a model's tensors are stored, for people: "(104 weights)", "(93 weights, 11 deltas)";
+/// "(4 distinct: ...)" when some tensors share a key.
+fn stored_as(kinds: &std::collections::BTreeMap<&'static str, usize>, tensors: usize) -> String {
+    let mut parts = Vec::new();
+    for kind in ["weight", "delta", "missing"] {
+        match kinds.get(kind) {
+            Some(n) if kind == "missing" => parts.push(format!("{n} missing")),
+            Some(n) => parts.push(count(*n, kind)),
+            None => {}
+        }
+    }
+    let distinct: usize = kinds.values().sum();
+    match (parts.is_empty(), distinct == tensors) {
+        (true, _) => String::new(),
+        (false, true) => format!(" ({})", parts.join(", ")),
+        (false, false) => format!(" ({distinct} distinct: {})", parts.join(", ")),
+    }
+}
+
+fn show_model(cli: &Cli, store: &dyn Store, m: &coral_core::ModelManifest) -> Result<()> {
+    let kinds = ops::key_kinds(store, m)?;
+    let parent_in_store = match &m.parent {
+        Some(p) => Some(store.get_manifest(p)?.is_some()),
+        None => None,
+    };
+    if cli.json {
+        let mut v = serde_json::to_value(m)?;
+        v["stored_as"] = json!(kinds);
+        v["parent_in_store"] = json!(parent_in_store);
+        return print_json(&v);
+    }
+    out!("model    {}", m.name);
+    out!("format   {}", m.format);
+    out!("size     {}", human_bytes(m.file_size));
+    out!(
+        "tensors  {}{}",
+        m.tensors.len(),
+        stored_as(&kinds, m.tensors.len())
+    );
+    if let Some(p) = &m.parent {
+        let removed = if parent_in_store == Some(false) {
+            " (removed)"
+        } else {
+            ""
+        };
+        out!("parent   {p}{removed}");
+    }
+    for t in &m.tensors {
+        out!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
+    }
+    Ok(())
+}
+
+/// `coral show` of a weight or delta.
+fn show_key(cli: &Cli, store: &dyn Store, key: &ContentHash) -> Result<()> {
+    if let Some(d) = store.load_delta(key)? {
         let v = json!({
             "key": key.to_hex(),
             "kind": "delta",
@@ -804,22 +1087,21 @@ fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
             "compression_ratio": d.compression_ratio,
             "metadata": d.metadata,
         });
-        return if cli.json {
-            print_json(&v)
-        } else {
-            println!(
-                "delta {key}: {} {:?} {}, {} B against {}",
-                d.original_dtype,
-                d.original_shape,
-                d.delta_type,
-                d.nbytes(),
-                d.reference_hash
-            );
-            Ok(())
-        };
+        if cli.json {
+            return print_json(&v);
+        }
+        out!(
+            "delta {key}: {} {:?} {}, {} B against {}",
+            d.original_dtype,
+            d.original_shape,
+            d.delta_type,
+            d.nbytes(),
+            d.reference_hash
+        );
+        return Ok(());
     }
     let meta = store
-        .get_metadata(&key)?
+        .get_metadata(key)?
         .ok_or_else(|| anyhow!("no weight or delta {key} in the store"))?;
     if cli.json {
         let mut v = serde_json::to_value(&meta)?;
@@ -827,7 +1109,7 @@ fn show(cli: &Cli, store: &dyn Store, id: &str) -> Result<()> {
         v["kind"] = json!("weight");
         print_json(&v)
     } else {
-        println!(
+        out!(
             "weight {key}: {} {} {:?}{}",
             meta.name,
             meta.dtype,
@@ -871,7 +1153,7 @@ fn repair(cli: &Cli, out: &str) -> Result<()> {
     if !dst.list_weights()?.is_empty() || !dst.list_manifests()?.is_empty() {
         bail!("{out} is not empty: coral repair writes a new store");
     }
-    let lease = dst.acquire_lease(LeaseKind::Shared, "repair", wait(cli)?)?;
+    let lease = dst.acquire_lease(LeaseKind::Shared, "repair", cli.wait)?;
     let pb = progress_bar(cli, total as u64, false);
     let r = ops::repair(&*src, &*dst, &|n| pb.inc(n));
     pb.finish_and_clear();
@@ -882,13 +1164,13 @@ fn repair(cli: &Cli, out: &str) -> Result<()> {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
         for f in &r.lost {
-            println!("LOST {} {}: {}", f.kind, f.id, f.error);
+            out!("LOST {} {}: {}", f.kind, f.id, f.error);
         }
-        println!(
-            "copied {} weights, {} deltas, {} manifests to {out}: {}",
-            r.weights,
-            r.deltas,
-            r.manifests,
+        out!(
+            "copied {}, {}, {} to {out}: {}",
+            count(r.weights, "weight"),
+            count(r.deltas, "delta"),
+            count(r.manifests, "manifest"),
             if r.lost.is_empty() {
                 "nothing lost".to_owned()
             } else {
@@ -906,7 +1188,7 @@ fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
     let lease = if dry_run {
         Lease::none(LeaseKind::Shared)
     } else {
-        d.acquire_lease(LeaseKind::Shared, "sync", wait(cli)?)?
+        d.acquire_lease(LeaseKind::Shared, "sync", cli.wait)?
     };
     let pb = progress_bar(cli, 0, false);
     let bar = pb.clone();
@@ -932,7 +1214,7 @@ fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
                 k.skipped
             )
         };
-        println!(
+        out!(
             "{}weights {}; deltas {}; manifests {}",
             if dry_run { "dry run: " } else { "" },
             k(&stats.weights),
@@ -941,4 +1223,58 @@ fn sync(cli: &Cli, src: &str, dst: &str, dry_run: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_keep_what_clap_names() {
+        let text = "error: the following required arguments were not provided:\n  <FILE>\n\n\
+                    Usage: coral add <FILE>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_parts(text),
+            (
+                "the following required arguments were not provided: <FILE>".to_owned(),
+                Some("coral add <FILE>".to_owned())
+            )
+        );
+        let text = "error: unexpected argument '--nme' found\n\n  tip: a similar argument \
+                    exists: '--name'\n\nUsage: coral add --name <NAME> <FILE>\n";
+        let (m, u) = usage_error_parts(text);
+        assert_eq!(
+            m,
+            "unexpected argument '--nme' found; tip: a similar argument exists: '--name'"
+        );
+        assert_eq!(u.as_deref(), Some("coral add --name <NAME> <FILE>"));
+        assert_eq!(usage_error_parts(""), ("bad arguments".to_owned(), None));
+    }
+
+    #[test]
+    fn counts_and_kinds_read_as_english() {
+        assert_eq!(count(1, "tensor"), "1 tensor");
+        assert_eq!(count(0, "tensor"), "0 tensors");
+        assert_eq!(count(104, "weight"), "104 weights");
+        let kinds = |pairs: &[(&'static str, usize)]| pairs.iter().copied().collect();
+        assert_eq!(stored_as(&kinds(&[("weight", 104)]), 104), " (104 weights)");
+        assert_eq!(
+            stored_as(&kinds(&[("delta", 11), ("weight", 93)]), 104),
+            " (93 weights, 11 deltas)"
+        );
+        assert_eq!(
+            stored_as(&kinds(&[("weight", 1), ("missing", 2)]), 3),
+            " (1 weight, 2 missing)"
+        );
+        assert_eq!(
+            stored_as(&kinds(&[("weight", 2)]), 3),
+            " (2 distinct: 2 weights)"
+        );
+        assert_eq!(stored_as(&kinds(&[]), 0), "");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

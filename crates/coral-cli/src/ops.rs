@@ -929,9 +929,14 @@ pub struct GcReport {
     pub weights: Vec<String>,
     /// Deltas not needed.
     pub deltas: Vec<String>,
-    /// Bytes they took as stored: in a dry run, weights' compressed size when known and
-    /// deltas' payload; otherwise how much less the store's live bytes are (file or objects).
+    /// Bytes they took as stored: `weight_bytes + delta_bytes`.
     pub bytes: u64,
+    /// Bytes the removed weights took as stored (compressed): how much less the store's
+    /// figure for its weights is afterwards. In a dry run, an estimate: their raw size at the
+    /// store's compression ratio.
+    pub weight_bytes: u64,
+    /// Bytes of the removed deltas' payloads.
+    pub delta_bytes: u64,
     /// Bytes of free space in the store afterwards (a local file's, which later writes reuse
     /// and `compact` gives back; 0 for object stores).
     pub reclaimable_bytes: u64,
@@ -1090,27 +1095,31 @@ fn gc_leased(store: &dyn Store, opts: &GcOptions) -> Result<GcReport> {
         .into_iter()
         .filter(|k| !keep.contains(k) && !delta_set.contains(k))
         .collect();
-    // A dry run estimates the bytes; a real one measures them (below).
-    let mut bytes = 0u64;
+    let before = store.storage_info()?;
+    let mut after = before.clone();
+    // A dry run estimates the bytes; a real one measures them (below) from the store's own
+    // figures for its weights and deltas (a local file's size or free space says little: what
+    // a delete frees at the end of the file is not counted as free).
+    let (mut weight_bytes, mut delta_bytes) = (0u64, 0u64);
     if dry_run {
         for k in &deltas {
             if let Some(d) = store.load_delta(k)? {
-                bytes += d.nbytes() as u64;
+                delta_bytes += d.nbytes() as u64;
             }
         }
+        let mut raw = 0u64;
         for k in &weights {
             if let Some(m) = store.get_metadata(k)? {
-                bytes += m
-                    .compression_info
-                    .get("compressed_size")
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(0);
+                raw += m.checked_nbytes().unwrap_or(0) as u64;
             }
         }
+        weight_bytes = if before.total_bytes == 0 {
+            raw
+        } else {
+            let ratio = before.compressed_bytes as f64 / before.total_bytes as f64;
+            (raw as f64 * ratio).round() as u64
+        };
     }
-    let live = |i: &coral_store_api::StorageInfo| i.file_size.saturating_sub(i.reclaimable_bytes);
-    let before = store.storage_info()?;
-    let mut after = before.clone();
     if !dry_run {
         for k in &deltas {
             store
@@ -1128,13 +1137,21 @@ fn gc_leased(store: &dyn Store, opts: &GcOptions) -> Result<GcReport> {
         .context("removing what unfinished writes left")?;
     if !dry_run {
         after = store.storage_info()?;
-        bytes = live(&before).saturating_sub(live(&after));
+        weight_bytes = before
+            .compressed_bytes
+            .saturating_sub(after.compressed_bytes);
+        delta_bytes = before
+            .deltas
+            .total_delta_bytes
+            .saturating_sub(after.deltas.total_delta_bytes);
     }
     Ok(GcReport {
         dry_run,
         weights: weights.iter().map(|k| k.to_hex()).collect(),
         deltas: deltas.iter().map(|k| k.to_hex()).collect(),
-        bytes,
+        bytes: weight_bytes + delta_bytes,
+        weight_bytes,
+        delta_bytes,
         reclaimable_bytes: after.reclaimable_bytes,
         store_bytes: after.file_size,
         grace_secs: grace.map(|g| g.as_secs()),
@@ -1206,6 +1223,24 @@ pub fn key_kinds(store: &dyn Store, m: &ModelManifest) -> Result<BTreeMap<&'stat
         *out.entry(kind).or_insert(0) += 1;
     }
     Ok(out)
+}
+
+/// The fewest hex digits of a key that `coral show` takes as a prefix.
+pub const MIN_PREFIX_DIGITS: usize = 8;
+
+/// The weights and deltas whose key starts with `prefix` (lowercase hex digits), in key order.
+pub fn keys_with_prefix(store: &dyn Store, prefix: &str) -> Result<Vec<ContentHash>> {
+    let mut out = BTreeSet::new();
+    for k in store
+        .list_weights()?
+        .into_iter()
+        .chain(store.list_deltas()?)
+    {
+        if k.to_hex().starts_with(prefix) {
+            out.insert(k);
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// Shared bytes of a memory-mapped file.
@@ -1748,6 +1783,32 @@ mod tests {
         *store.young.lock().unwrap() = store.list_weights().unwrap().into_iter().collect();
         let g = gc(&store, false).unwrap();
         assert_eq!((g.weights.len(), g.kept, g.grace_secs), (1, 0, None));
+    }
+
+    #[test]
+    fn gc_reports_the_bytes_of_the_weights_it_removes() {
+        let store = MemoryStore::new();
+        let a = WeightTensor::from_vec("a", vec![64, 16], smooth(1024, 0.0)).unwrap();
+        let b = WeightTensor::from_vec("b", vec![3], vec![1.0f32, 2.0, 3.0]).unwrap();
+        for w in [&a, &b] {
+            store.store(w).unwrap();
+        }
+        // No manifest names them: both go, 4096 + 12 bytes (the memory store keeps them raw).
+        let dry = gc(&store, true).unwrap();
+        assert_eq!(dry.weights.len(), 2, "{dry:?}");
+        assert_eq!(
+            (dry.weight_bytes, dry.delta_bytes, dry.bytes),
+            (4108, 0, 4108)
+        );
+        let g = gc(&store, false).unwrap();
+        assert_eq!(
+            (g.weight_bytes, g.delta_bytes, g.bytes),
+            (4108, 0, 4108),
+            "{g:?}"
+        );
+        assert!(store.list_weights().unwrap().is_empty());
+        let again = gc(&store, false).unwrap();
+        assert_eq!(again.bytes, 0, "{again:?}");
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub enum CoreError {
     /// A model name that is not valid.
     #[error("invalid model name {0:?}: use 1-128 characters from A-Z a-z 0-9 . _ - (not starting with . or -)")]
     InvalidModelName(String),
+    /// A new model's name that reads as a content hash (64 hex digits).
+    #[error("invalid model name {0:?}: 64 hex digits read as a weight's content hash; use another name (any character that is not a hex digit will do)")]
+    HashLikeModelName(String),
     /// A manifest that does not parse.
     #[error("manifest: {0}")]
     Manifest(String),

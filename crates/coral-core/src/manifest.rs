@@ -35,6 +35,19 @@ impl ModelName {
         }
     }
 
+    /// Validates the name of a model about to be stored: as [`ModelName::new`], and not 64 hex
+    /// digits (of either case), which read as a weight's SHA-256 key: such a model would shadow
+    /// the weight or delta with that key wherever a command takes a model name or a hash (`coral
+    /// show`). [`ModelName::new`] still accepts such names, so that a store written before this
+    /// rule keeps reading (its models can be exported and removed).
+    pub fn for_new_model(name: impl Into<String>) -> Result<Self> {
+        let name = ModelName::new(name)?;
+        if name.0.len() == 64 && name.0.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(CoreError::HashLikeModelName(name.0));
+        }
+        Ok(name)
+    }
+
     /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -146,6 +159,34 @@ mod tests {
             &"x".repeat(129),
         ] {
             assert!(ModelName::new(bad).is_err(), "{bad:?}");
+            assert!(ModelName::for_new_model(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_model_may_not_be_named_like_a_content_hash() {
+        let key = ContentHash::sha256(DType::U8, &[1], b"w").to_hex();
+        assert_eq!(key.len(), 64);
+        for hashlike in [key.clone(), key.to_uppercase(), "0".repeat(64)] {
+            let e = ModelName::for_new_model(hashlike.as_str()).unwrap_err();
+            assert!(matches!(e, CoreError::HashLikeModelName(_)), "{e}");
+            let msg = e.to_string();
+            assert!(
+                !msg.contains('\n') && msg.contains("64 hex digits"),
+                "{msg}"
+            );
+            // Names written before the rule still read.
+            assert!(ModelName::new(hashlike.as_str()).is_ok());
+        }
+        // One character more or less, or one that is not a hex digit, is a name like any other.
+        for fine in [
+            "a".repeat(63),
+            "a".repeat(65),
+            format!("{}g", &key[..63]),
+            "deadbeef".to_owned(),
+            "2024010112000000".to_owned(),
+        ] {
+            assert!(ModelName::for_new_model(fine.as_str()).is_ok(), "{fine}");
         }
     }
 }
