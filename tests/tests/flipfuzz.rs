@@ -24,10 +24,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use coral_cli::ops::{self, AddOptions};
-use coral_cli::source::SourceFile;
 use coral_core::ModelName;
 use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions, Mode};
+use coral_models::{self as ops, AddOptions, SourceFile};
 use coral_tests::{coral_bin, run_ok, stdout_json};
 use sha2::Digest;
 

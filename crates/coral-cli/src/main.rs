@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
+use coral_cli::duration::{format_duration, parse_duration};
 use coral_cli::guard;
-use coral_cli::ops::{self, AddOptions};
-use coral_cli::source::SourceFile;
-use coral_cli::store::{self, Address, Mode, S3Options};
 use coral_core::{ContentHash, ModelName};
+use coral_models::{self as ops, AddOptions, SourceFile};
+use coral_open::{self as store, Address, Mode, S3Options};
 use coral_store_api::{Lease, LeaseKind, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -456,12 +456,12 @@ fn s3_options(cli: &Cli) -> S3Options {
 
 fn open(cli: &Cli, addr: &str, mode: Mode) -> Result<Box<dyn Store>> {
     let addr = Address::parse(addr)?;
-    store::open(&addr, &s3_options(cli), mode, cli.wait)
+    Ok(store::open(&addr, &s3_options(cli), mode, cli.wait)?)
 }
 
 /// `--grace`'s value.
 fn grace_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
-    ops::parse_duration(s).map_err(|e| e.to_string())
+    parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// `--wait`'s value: a number of seconds.
@@ -566,69 +566,13 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn run(cli: &Cli) -> Result<ExitCode> {
-    let group_bytes = GROUP_BYTES_PER_WORKER * workers();
     match &cli.cmd {
         Cmd::Add {
             file,
             name,
             reference,
-        } => {
-            let cancel = on_interrupt();
-            let name = match name {
-                Some(n) => new_model_name(n)?,
-                None => new_model_name(
-                    file.file_stem()
-                        .and_then(|s| s.to_str())
-                        .ok_or_else(|| anyhow!("give the model a name with --name"))?,
-                )
-                .context("the file name is not a valid model name; give one with --name")?,
-            };
-            let reference = reference.as_deref().map(model_name).transpose()?;
-            let src = SourceFile::open(file)?;
-            let store = open(cli, &cli.store, Mode::Write)?;
-            let total: u64 = src.tensors().iter().map(|t| t.len as u64).sum();
-            let pb = progress_bar(cli, total, true);
-            let opts = AddOptions {
-                name,
-                reference,
-                group_bytes,
-                cancel: Some(cancel),
-                wait: cli.wait,
-            };
-            let r = ops::add(&*store, &src, &opts, &|n| pb.inc(n));
-            pb.finish_and_clear();
-            let r = r?;
-            close(store)?;
-            if cli.json {
-                print_json(&serde_json::to_value(&r)?)?;
-            } else {
-                out!(
-                    "added {} ({}, {}): {} new, {} reused, {} delta-coded; {} in, {} stored",
-                    r.name,
-                    r.format,
-                    count(r.tensors, "tensor"),
-                    r.new,
-                    r.reused,
-                    r.delta_coded,
-                    human_bytes(r.bytes_in),
-                    human_bytes(r.bytes_stored)
-                );
-            }
-        }
-        Cmd::Export { model, out } => {
-            let name = model_name(model)?;
-            let store = open(cli, &cli.store, Mode::Read)?;
-            let total = store.get_manifest(&name)?.map_or(0, |m| m.file_size);
-            let pb = progress_bar(cli, total, true);
-            let n = ops::export(&*store, &name, out, group_bytes, &|n| pb.inc(n));
-            pb.finish_and_clear();
-            let n = n?;
-            if cli.json {
-                print_json(&json!({"model": name, "out": out, "bytes": n}))?;
-            } else {
-                out!("exported {name} to {} ({})", out.display(), human_bytes(n));
-            }
-        }
+        } => add(cli, file, name.as_deref(), reference.as_deref())?,
+        Cmd::Export { model, out } => export(cli, model, out)?,
         Cmd::Ls { weights, deltas } => {
             let store = open(cli, &cli.store, Mode::Read)?;
             ls(cli, &*store, *weights, *deltas)?;
@@ -637,220 +581,308 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             let store = open(cli, &cli.store, Mode::Read)?;
             show(cli, &*store, id)?;
         }
-        Cmd::Info => {
-            let store = open(cli, &cli.store, Mode::Read)?;
-            let info = store.storage_info()?;
-            let models = store.list_manifests()?.len();
-            if cli.json {
-                let mut v = serde_json::to_value(&info)?;
-                v["models"] = json!(models);
-                print_json(&v)?;
-            } else {
-                out!("store        {} ({})", info.location, info.backend);
-                if info.reclaimable_bytes > 0 {
-                    out!(
-                        "size         {} ({} live, {} free for later writes: `coral compact` gives it back)",
-                        human_bytes(info.file_size),
-                        human_bytes(info.file_size.saturating_sub(info.reclaimable_bytes)),
-                        human_bytes(info.reclaimable_bytes)
-                    );
-                } else {
-                    out!("size         {}", human_bytes(info.file_size));
-                }
-                out!("models       {models}");
-                out!(
-                    "weights      {} ({} raw, {} stored, {:.1}% saved, {})",
-                    info.total_weights,
-                    human_bytes(info.total_bytes),
-                    human_bytes(info.compressed_bytes),
-                    info.compression_ratio * 100.0,
-                    info.compression
-                );
-                out!(
-                    "deltas       {} ({} stored for {} of weights)",
-                    info.deltas.total_deltas,
-                    human_bytes(info.deltas.total_delta_bytes),
-                    human_bytes(info.deltas.total_original_bytes)
-                );
-            }
-        }
-        Cmd::Diff { a, b } => {
-            let store = open(cli, &cli.store, Mode::Read)?;
-            let r = ops::diff(&*store, &model_name(a)?, &model_name(b)?)?;
-            if cli.json {
-                print_json(&serde_json::to_value(&r)?)?;
-            } else {
-                out!(
-                    "{} equal, {} changed, {} added, {} removed",
-                    r.equal.len(),
-                    r.changed.len(),
-                    r.added.len(),
-                    r.removed.len()
-                );
-                for c in &r.changed {
-                    match (c.relative_change, &c.note) {
-                        (Some(x), _) => out!("changed  {}  {x:.3e}", c.name),
-                        (None, Some(n)) => out!("changed  {}  ({n})", c.name),
-                        (None, None) => out!("changed  {}", c.name),
-                    }
-                }
-                for n in &r.added {
-                    out!("added    {n}");
-                }
-                for n in &r.removed {
-                    out!("removed  {n}");
-                }
-            }
-        }
-        Cmd::Verify => {
-            let store = open(cli, &cli.store, Mode::Read)?;
-            let total = store.list_weights()?.len() + store.list_manifests()?.len();
-            let pb = progress_bar(cli, total as u64, false);
-            let r = ops::verify(&*store, &|n| pb.inc(n));
-            pb.finish_and_clear();
-            let r = r?;
-            if cli.json {
-                print_json(&serde_json::to_value(&r)?)?;
-            } else {
-                for f in &r.failures {
-                    out!("FAILED {} {}: {}", f.kind, f.id, f.error);
-                }
-                out!(
-                    "checked {}, {}, {}: {}",
-                    count(r.weights, "weight"),
-                    count(r.deltas, "delta"),
-                    count(r.manifests, "manifest"),
-                    if r.failures.is_empty() {
-                        "all ok".to_owned()
-                    } else {
-                        format!("{} failed", r.failures.len())
-                    }
-                );
-            }
-            if !r.failures.is_empty() {
-                bail!("{} failed verification", count(r.failures.len(), "item"));
-            }
-        }
+        Cmd::Info => info(cli)?,
+        Cmd::Diff { a, b } => diff(cli, a, b)?,
+        Cmd::Verify => verify(cli)?,
         Cmd::Repair { out } => repair(cli, out)?,
-        Cmd::Rm { model } => {
-            let name = model_name(model)?;
-            let store = open(cli, &cli.store, Mode::Write)?;
-            if !store.delete_manifest(&name)? {
-                bail!("model {name} is not in the store");
-            }
-            close(store)?;
-            if cli.json {
-                print_json(&json!({"removed": name}))?;
-            } else {
-                out!("removed {name} (run `coral gc` to free its weights)");
-            }
-        }
+        Cmd::Rm { model } => rm(cli, model)?,
         Cmd::Gc {
             dry_run,
             no_compact,
             grace,
-        } => {
-            let store = open(
-                cli,
-                &cli.store,
-                if *dry_run { Mode::Read } else { Mode::Write },
-            )?;
-            let opts = ops::GcOptions {
-                dry_run: *dry_run,
-                grace: *grace,
-                wait: cli.wait,
-            };
-            let r = ops::gc_with(&*store, &opts)?;
-            close(store)?;
-            // Free space is reused by later writes; once it is a quarter of the file, the
-            // file is rewritten without it (`coral compact`), unless told not to.
-            let compacted = if !r.dry_run && !no_compact && ops::worth_compacting(&r) {
-                Some(store::compact(&Address::parse(&cli.store)?, cli.wait)?)
-            } else {
-                None
-            };
-            if cli.json {
-                let mut v = serde_json::to_value(&r)?;
-                v["compacted"] = serde_json::to_value(&compacted)?;
-                print_json(&v)?;
-            } else {
-                let mut line = format!(
-                    "{} {} and {} ({}",
-                    if r.dry_run { "would remove" } else { "removed" },
-                    count(r.weights.len(), "weight"),
-                    count(r.deltas.len(), "delta"),
-                    human_bytes(r.bytes),
-                );
-                if r.weight_bytes > 0 && r.delta_bytes > 0 {
-                    line.push_str(&format!(
-                        ": {} of weights, {} of deltas",
-                        human_bytes(r.weight_bytes),
-                        human_bytes(r.delta_bytes)
-                    ));
-                }
-                line.push_str(if r.dry_run { ", estimated)" } else { ")" });
-                if let Some(g) = r.grace_secs {
-                    line.push_str(&format!(
-                        "; kept {} younger than the grace period ({})",
-                        r.kept,
-                        ops::format_duration(std::time::Duration::from_secs(g))
-                    ));
-                }
-                if r.uploads_aborted > 0 {
-                    line.push_str(&format!(
-                        "; {} {}",
-                        if r.dry_run { "would abort" } else { "aborted" },
-                        count(r.uploads_aborted, "abandoned multipart upload")
-                    ));
-                }
-                if r.leftovers_removed > 0 {
-                    line.push_str(&format!(
-                        "; {} {} of unfinished writes",
-                        if r.dry_run { "would remove" } else { "removed" },
-                        count(r.leftovers_removed, "leftover")
-                    ));
-                }
-                out!("{line}");
-                match &compacted {
-                    Some(c) => out!(
-                        "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
-                        c.store,
-                        human_bytes(c.bytes_before),
-                        human_bytes(c.bytes_after),
-                        human_bytes(c.reclaimed),
-                        c.seconds
-                    ),
-                    None if r.reclaimable_bytes > 0 => out!(
-                        "{} of the {} file is free for later writes; `coral compact` gives it back",
-                        human_bytes(r.reclaimable_bytes),
-                        human_bytes(r.store_bytes)
-                    ),
-                    None => {}
-                }
-            }
-        }
-        Cmd::Compact => {
-            let r = store::compact(&Address::parse(&cli.store)?, cli.wait)?;
-            if cli.json {
-                print_json(&serde_json::to_value(&r)?)?;
-            } else {
-                out!(
-                    "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
-                    r.store,
-                    human_bytes(r.bytes_before),
-                    human_bytes(r.bytes_after),
-                    human_bytes(r.reclaimed),
-                    r.seconds
-                );
-            }
-        }
+        } => gc(cli, *dry_run, *no_compact, *grace)?,
+        Cmd::Compact => compact(cli)?,
         Cmd::Sync {
             src, dst, dry_run, ..
-        } => {
-            sync(cli, src, dst, *dry_run)?;
-        }
+        } => sync(cli, src, dst, *dry_run)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn group_bytes() -> usize {
+    GROUP_BYTES_PER_WORKER * workers()
+}
+
+fn add(
+    cli: &Cli,
+    file: &std::path::Path,
+    name: Option<&str>,
+    reference: Option<&str>,
+) -> Result<()> {
+    let group_bytes = group_bytes();
+    let cancel = on_interrupt();
+    let name = match name {
+        Some(n) => new_model_name(n)?,
+        None => new_model_name(
+            file.file_stem()
+                .and_then(|s| s.to_str())
+                .ok_or_else(|| anyhow!("give the model a name with --name"))?,
+        )
+        .context("the file name is not a valid model name; give one with --name")?,
+    };
+    let reference = reference.map(model_name).transpose()?;
+    let src = SourceFile::open(file)?;
+    let store = open(cli, &cli.store, Mode::Write)?;
+    let total: u64 = src.tensors().iter().map(|t| t.len as u64).sum();
+    let pb = progress_bar(cli, total, true);
+    let opts = AddOptions {
+        name,
+        reference,
+        group_bytes,
+        cancel: Some(cancel),
+        wait: cli.wait,
+    };
+    let r = ops::add(&*store, &src, &opts, &|n| pb.inc(n));
+    pb.finish_and_clear();
+    let r = r?;
+    close(store)?;
+    if cli.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        out!(
+            "added {} ({}, {}): {} new, {} reused, {} delta-coded; {} in, {} stored",
+            r.name,
+            r.format,
+            count(r.tensors, "tensor"),
+            r.new,
+            r.reused,
+            r.delta_coded,
+            human_bytes(r.bytes_in),
+            human_bytes(r.bytes_stored)
+        );
+    }
+    Ok(())
+}
+
+fn export(cli: &Cli, model: &str, out: &std::path::Path) -> Result<()> {
+    let group_bytes = group_bytes();
+    let name = model_name(model)?;
+    let store = open(cli, &cli.store, Mode::Read)?;
+    let total = store.get_manifest(&name)?.map_or(0, |m| m.file_size);
+    let pb = progress_bar(cli, total, true);
+    let n = ops::export(&*store, &name, out, group_bytes, &|n| pb.inc(n));
+    pb.finish_and_clear();
+    let n = n?;
+    if cli.json {
+        print_json(&json!({"model": name, "out": out, "bytes": n}))?;
+    } else {
+        out!("exported {name} to {} ({})", out.display(), human_bytes(n));
+    }
+    Ok(())
+}
+
+fn info(cli: &Cli) -> Result<()> {
+    let store = open(cli, &cli.store, Mode::Read)?;
+    let info = store.storage_info()?;
+    let models = store.list_manifests()?.len();
+    if cli.json {
+        let mut v = serde_json::to_value(&info)?;
+        v["models"] = json!(models);
+        print_json(&v)?;
+    } else {
+        out!("store        {} ({})", info.location, info.backend);
+        if info.reclaimable_bytes > 0 {
+            out!(
+            "size         {} ({} live, {} free for later writes: `coral compact` gives it back)",
+            human_bytes(info.file_size),
+            human_bytes(info.file_size.saturating_sub(info.reclaimable_bytes)),
+            human_bytes(info.reclaimable_bytes)
+        );
+        } else {
+            out!("size         {}", human_bytes(info.file_size));
+        }
+        out!("models       {models}");
+        out!(
+            "weights      {} ({} raw, {} stored, {:.1}% saved, {})",
+            info.total_weights,
+            human_bytes(info.total_bytes),
+            human_bytes(info.compressed_bytes),
+            info.compression_ratio * 100.0,
+            info.compression
+        );
+        out!(
+            "deltas       {} ({} stored for {} of weights)",
+            info.deltas.total_deltas,
+            human_bytes(info.deltas.total_delta_bytes),
+            human_bytes(info.deltas.total_original_bytes)
+        );
+    }
+    Ok(())
+}
+
+fn diff(cli: &Cli, a: &str, b: &str) -> Result<()> {
+    let store = open(cli, &cli.store, Mode::Read)?;
+    let r = ops::diff(&*store, &model_name(a)?, &model_name(b)?)?;
+    if cli.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        out!(
+            "{} equal, {} changed, {} added, {} removed",
+            r.equal.len(),
+            r.changed.len(),
+            r.added.len(),
+            r.removed.len()
+        );
+        for c in &r.changed {
+            match (c.relative_change, &c.note) {
+                (Some(x), _) => out!("changed  {}  {x:.3e}", c.name),
+                (None, Some(n)) => out!("changed  {}  ({n})", c.name),
+                (None, None) => out!("changed  {}", c.name),
+            }
+        }
+        for n in &r.added {
+            out!("added    {n}");
+        }
+        for n in &r.removed {
+            out!("removed  {n}");
+        }
+    }
+    Ok(())
+}
+
+fn verify(cli: &Cli) -> Result<()> {
+    let store = open(cli, &cli.store, Mode::Read)?;
+    let total = store.list_weights()?.len() + store.list_manifests()?.len();
+    let pb = progress_bar(cli, total as u64, false);
+    let r = ops::verify(&*store, &|n| pb.inc(n));
+    pb.finish_and_clear();
+    let r = r?;
+    if cli.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        for f in &r.failures {
+            out!("FAILED {} {}: {}", f.kind, f.id, f.error);
+        }
+        out!(
+            "checked {}, {}, {}: {}",
+            count(r.weights, "weight"),
+            count(r.deltas, "delta"),
+            count(r.manifests, "manifest"),
+            if r.failures.is_empty() {
+                "all ok".to_owned()
+            } else {
+                format!("{} failed", r.failures.len())
+            }
+        );
+    }
+    if !r.failures.is_empty() {
+        bail!("{} failed verification", count(r.failures.len(), "item"));
+    }
+    Ok(())
+}
+
+fn rm(cli: &Cli, model: &str) -> Result<()> {
+    let name = model_name(model)?;
+    let store = open(cli, &cli.store, Mode::Write)?;
+    if !store.delete_manifest(&name)? {
+        bail!("model {name} is not in the store");
+    }
+    close(store)?;
+    if cli.json {
+        print_json(&json!({"removed": name}))?;
+    } else {
+        out!("removed {name} (run `coral gc` to free its weights)");
+    }
+    Ok(())
+}
+
+fn gc(cli: &Cli, dry_run: bool, no_compact: bool, grace: std::time::Duration) -> Result<()> {
+    let store = open(
+        cli,
+        &cli.store,
+        if dry_run { Mode::Read } else { Mode::Write },
+    )?;
+    let opts = ops::GcOptions {
+        dry_run,
+        grace,
+        wait: cli.wait,
+    };
+    let r = ops::gc_with(&*store, &opts)?;
+    close(store)?;
+    // Free space is reused by later writes; once it is a quarter of the file, the
+    // file is rewritten without it (`coral compact`), unless told not to.
+    let compacted = if !r.dry_run && !no_compact && ops::worth_compacting(&r) {
+        Some(store::compact(&Address::parse(&cli.store)?, cli.wait)?)
+    } else {
+        None
+    };
+    if cli.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["compacted"] = serde_json::to_value(&compacted)?;
+        print_json(&v)?;
+    } else {
+        let mut line = format!(
+            "{} {} and {} ({}",
+            if r.dry_run { "would remove" } else { "removed" },
+            count(r.weights.len(), "weight"),
+            count(r.deltas.len(), "delta"),
+            human_bytes(r.bytes),
+        );
+        if r.weight_bytes > 0 && r.delta_bytes > 0 {
+            line.push_str(&format!(
+                ": {} of weights, {} of deltas",
+                human_bytes(r.weight_bytes),
+                human_bytes(r.delta_bytes)
+            ));
+        }
+        line.push_str(if r.dry_run { ", estimated)" } else { ")" });
+        if let Some(g) = r.grace_secs {
+            line.push_str(&format!(
+                "; kept {} younger than the grace period ({})",
+                r.kept,
+                format_duration(std::time::Duration::from_secs(g))
+            ));
+        }
+        if r.uploads_aborted > 0 {
+            line.push_str(&format!(
+                "; {} {}",
+                if r.dry_run { "would abort" } else { "aborted" },
+                count(r.uploads_aborted, "abandoned multipart upload")
+            ));
+        }
+        if r.leftovers_removed > 0 {
+            line.push_str(&format!(
+                "; {} {} of unfinished writes",
+                if r.dry_run { "would remove" } else { "removed" },
+                count(r.leftovers_removed, "leftover")
+            ));
+        }
+        out!("{line}");
+        match &compacted {
+            Some(c) => out!(
+                "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
+                c.store,
+                human_bytes(c.bytes_before),
+                human_bytes(c.bytes_after),
+                human_bytes(c.reclaimed),
+                c.seconds
+            ),
+            None if r.reclaimable_bytes > 0 => out!(
+                "{} of the {} file is free for later writes; `coral compact` gives it back",
+                human_bytes(r.reclaimable_bytes),
+                human_bytes(r.store_bytes)
+            ),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn compact(cli: &Cli) -> Result<()> {
+    let r = store::compact(&Address::parse(&cli.store)?, cli.wait)?;
+    if cli.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        out!(
+            "compacted {}: {} -> {} ({} reclaimed) in {:.2} s",
+            r.store,
+            human_bytes(r.bytes_before),
+            human_bytes(r.bytes_after),
+            human_bytes(r.reclaimed),
+            r.seconds
+        );
+    }
+    Ok(())
 }
 
 /// Lists models (or weights, or deltas). An entry that does not read (a damaged store) is listed

@@ -1,9 +1,65 @@
-//! Opening a store from its address: a path (an HDF5 file) or `s3://bucket/prefix`.
+//! # coral-open
+//!
+//! Opening a store from its address, as the `coral` command and the Python package take it: a
+//! path (an HDF5 file) or `s3://bucket/prefix`, with the endpoint and credentials of
+//! [`S3Options`]. Readers never create anything (no file, no bucket); writers do. The backends
+//! are features (`hdf5`, `s3`, both on by default), so this is the one crate that knows them
+//! all; everything above it works on `&dyn Store`.
+//!
+//! ```
+//! use coral_open::{open, Address, Mode, S3Options};
+//! use coral_store_api::WeightStore;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let addr = Address::parse(dir.path().join("coral.h5").to_str().unwrap())?;
+//! // A reader finds nothing there and says so; a writer creates the store.
+//! assert!(open(&addr, &S3Options::default(), Mode::Read, std::time::Duration::ZERO).is_err());
+//! let store = open(&addr, &S3Options::default(), Mode::Write, std::time::Duration::ZERO)?;
+//! assert!(store.list_weights()?.is_empty());
+//! assert!(matches!(Address::parse("s3://models/coral/")?, Address::S3 { .. }));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use coral_store_api::Store;
+use coral_store_api::{Store, StoreError};
+
+/// Why a store did not open.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The address or options are not usable, or nothing is there to read.
+    #[error("{0}")]
+    Invalid(String),
+    /// The backend refused: the [`StoreError`] says why.
+    #[error("{what}")]
+    Store {
+        /// What was being done ("opening store s3://models/coral/").
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<StoreError>,
+    },
+}
+
+/// The result of this crate's functions.
+pub type Result<T, E = OpenError> = std::result::Result<T, E>;
+
+macro_rules! bail {
+    ($($t:tt)*) => {
+        return Err(OpenError::Invalid(format!($($t)*)))
+    };
+}
+
+#[cfg(any(feature = "hdf5", feature = "s3"))]
+fn store_err(what: String) -> impl FnOnce(StoreError) -> OpenError {
+    move |source| OpenError::Store {
+        what,
+        source: Box::new(source),
+    }
+}
 
 /// Where a store is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +160,6 @@ fn open_file(
     mode: Mode,
     wait: std::time::Duration,
 ) -> Result<Box<dyn Store>> {
-    use anyhow::Context;
     if mode == Mode::Read && !path.exists() {
         bail!(
             "no store at {} (add a model first, or name one with --store or $CORAL_STORE)",
@@ -127,8 +182,8 @@ fn open_file(
             Mode::Read => H5Mode::Read,
             Mode::Write => H5Mode::Append,
         });
-    let store =
-        HDF5Store::open(path, opts).with_context(|| format!("opening store {}", path.display()))?;
+    let store = HDF5Store::open(path, opts)
+        .map_err(store_err(format!("opening store {}", path.display())))?;
     Ok(Box::new(store))
 }
 
@@ -179,7 +234,6 @@ pub fn compact(addr: &Address, wait: std::time::Duration) -> Result<CompactSumma
 
 #[cfg(feature = "hdf5")]
 fn compact_file(path: &std::path::Path, wait: std::time::Duration) -> Result<CompactSummary> {
-    use anyhow::Context;
     use coral_hdf5::{HDF5Store, HDF5StoreOptions, Mode as H5Mode};
     if !path.exists() {
         bail!("no store at {}", path.display());
@@ -191,11 +245,12 @@ fn compact_file(path: &std::path::Path, wait: std::time::Duration) -> Result<Com
         path,
         HDF5StoreOptions::new().mode(H5Mode::ReadWrite).wait(wait),
     )
-    .with_context(|| format!("opening store {}", path.display()))?;
+    .map_err(store_err(format!("opening store {}", path.display())))?;
     let r = store
         .compact()
-        .with_context(|| format!("compacting {}", path.display()))?;
-    coral_store_api::WeightStore::close(&mut store).context("closing the store")?;
+        .map_err(store_err(format!("compacting {}", path.display())))?;
+    coral_store_api::WeightStore::close(&mut store)
+        .map_err(store_err("closing the store".to_owned()))?;
     Ok(CompactSummary {
         store: path.display().to_string(),
         bytes_before: r.bytes_before,
@@ -220,7 +275,6 @@ fn compact_file(path: &std::path::Path, _wait: std::time::Duration) -> Result<Co
 
 #[cfg(feature = "s3")]
 fn open_s3(bucket: &str, prefix: &str, o: &S3Options, mode: Mode) -> Result<Box<dyn Store>> {
-    use anyhow::Context;
     // Only a writer creates a missing bucket.
     let mut c = coral_s3::S3Config::new(bucket)
         .with_prefix(prefix)
@@ -237,7 +291,7 @@ fn open_s3(bucket: &str, prefix: &str, o: &S3Options, mode: Mode) -> Result<Box<
         _ => bail!("give both --access-key and --secret-key (or neither)"),
     }
     let store = coral_s3::S3Store::new(c)
-        .with_context(|| format!("opening store s3://{bucket}/{prefix}"))?;
+        .map_err(store_err(format!("opening store s3://{bucket}/{prefix}")))?;
     Ok(Box::new(store))
 }
 

@@ -3,15 +3,12 @@
 //! for gc, gc's grace period keeps it until it is old, and gc aborts abandoned multipart
 //! uploads. Against every engine of the test environment (moto and Garage).
 
-#![cfg(feature = "s3")]
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use coral_cli::ops::{self, AddOptions, GcOptions};
-use coral_cli::source::SourceFile;
 use coral_core::{DType, ModelName};
+use coral_models::{self as ops, AddOptions, GcOptions, SourceFile};
 use coral_s3::{S3Config, S3Store};
 use coral_store_api::testenv::{self, S3Engine};
 use coral_store_api::{ManifestStore, WeightStore};
@@ -93,7 +90,7 @@ fn a_failed_add_leaves_what_it_stored_until_gc_finds_it_old() {
             &|_| CANCEL.store(true, Ordering::Relaxed),
         )
         .unwrap_err();
-        let msg = format!("{err:#}");
+        let msg = err.one_line();
         assert!(msg.contains("interrupted; nothing was added"), "{msg}");
         assert!(
             msg.contains("the up to 1 weight(s) and 0 delta(s) it stored are left in the store"),

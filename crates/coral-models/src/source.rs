@@ -5,7 +5,7 @@ use std::io::{Seek, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, Context, ModelError, Result};
 use bytes::Bytes;
 use coral_core::{DType, ManifestTensor, ModelManifest, ModelName, WeightTensor};
 use coral_store_api::Store;
@@ -13,8 +13,6 @@ use coral_store_api::Store;
 use coral_formats::detect::{detect, FileKind};
 use coral_formats::npy::{self, NonNumpy};
 use coral_formats::{npz, safetensors as st};
-
-use crate::ops;
 
 /// One tensor of an input file.
 #[derive(Debug, Clone)]
@@ -34,6 +32,32 @@ pub struct SourceTensor {
 }
 
 /// A parsed input file.
+///
+/// ```
+/// use coral_core::DType;
+/// use coral_formats::safetensors;
+/// use coral_models::SourceFile;
+///
+/// // A two-tensor safetensors file, parsed strictly.
+/// let (mut file, offsets) = safetensors::build_header(&[
+///     ("w".to_string(), DType::F32, vec![2]),
+///     ("b".to_string(), DType::U8, vec![3]),
+/// ])?;
+/// file.extend_from_slice(&[0u8; 11]);
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("m.safetensors");
+/// std::fs::write(&path, &file)?;
+/// let src = SourceFile::open(&path)?;
+/// assert_eq!(src.tensors().len(), 2);
+/// assert_eq!(offsets, vec![[0, 8], [8, 11]]);
+///
+/// // A PyTorch checkpoint is named as such.
+/// let pt = dir.path().join("model.bin");
+/// std::fs::write(&pt, b"\x80\x04\x95\x00\x00")?;
+/// let err = SourceFile::open(&pt).unwrap_err();
+/// assert!(err.to_string().contains("is a PyTorch pickle checkpoint"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct SourceFile {
     format: &'static str,
@@ -81,7 +105,7 @@ impl SourceFile {
             ))
         };
         let bytes = match &map {
-            Some(m) => ops::mapped_bytes(m.clone()),
+            Some(m) => mapped_bytes(m.clone()),
             None => Bytes::new(),
         };
         let kind = detect(&bytes);
@@ -205,7 +229,9 @@ impl SourceFile {
             .start
             .checked_add(t.len)
             .filter(|&e| e <= self.bytes.len())
-            .ok_or_else(|| anyhow!("tensor {:?} lies outside the file", t.name))?;
+            .ok_or_else(|| {
+                ModelError::Inconsistent(format!("tensor {:?} lies outside the file", t.name))
+            })?;
         let mut meta = coral_core::WeightMetadata::new(t.name.clone(), t.shape.clone(), t.dtype);
         meta.model_name = Some(model.to_string());
         Ok(WeightTensor::new(meta, self.bytes.slice(t.start..end))?)
@@ -277,10 +303,9 @@ pub fn check_manifest(m: &ModelManifest) -> Result<()> {
     if m.format != "safetensors" {
         return Ok(());
     }
-    let text = m
-        .safetensors_header
-        .as_ref()
-        .ok_or_else(|| anyhow!("safetensors manifest without a header"))?;
+    let text = m.safetensors_header.as_ref().ok_or_else(|| {
+        ModelError::Inconsistent("safetensors manifest without a header".to_string())
+    })?;
     let data_len = m
         .tensors
         .iter()
@@ -348,7 +373,7 @@ pub fn write_model(
                 );
             };
             let mut n = 0u64;
-            ops::for_each_tensor(store, m, group_bytes, |_, wt| {
+            crate::export::for_each_tensor(store, m, group_bytes, |_, wt| {
                 let h = npy::header_bytes(t.dtype, &t.shape, NonNumpy::Refuse)?;
                 w.write_all(&h)?;
                 w.write_all(wt.data())?;
@@ -360,7 +385,7 @@ pub fn write_model(
         }
         "npz" => {
             let mut zw = npz::Writer::new(w);
-            ops::for_each_tensor(store, m, group_bytes, |t, wt| {
+            crate::export::for_each_tensor(store, m, group_bytes, |t, wt| {
                 let mut data = npy::header_bytes(t.dtype, &t.shape, NonNumpy::Refuse)?;
                 data.extend_from_slice(wt.data());
                 zw.add(&format!("{}.npy", t.name), &data)?;
@@ -379,8 +404,12 @@ pub fn write_model(
                         .tensors
                         .iter()
                         .map(|t| {
-                            t.data_offsets
-                                .ok_or_else(|| anyhow!("tensor {:?} has no offsets", t.name))
+                            t.data_offsets.ok_or_else(|| {
+                                ModelError::Inconsistent(format!(
+                                    "tensor {:?} has no offsets",
+                                    t.name
+                                ))
+                            })
                         })
                         .collect::<Result<_>>()?;
                     (p, offs)
@@ -397,7 +426,7 @@ pub fn write_model(
             w.write_all(&prefix)?;
             let mut pos = 0u64;
             let mut i = 0usize;
-            ops::for_each_tensor(store, m, group_bytes, |t, wt| {
+            crate::export::for_each_tensor(store, m, group_bytes, |t, wt| {
                 let [b, e] = offsets.get(i).copied().unwrap_or([u64::MAX, 0]);
                 i += 1;
                 if b != pos || e - b != wt.nbytes() as u64 {
@@ -410,5 +439,17 @@ pub fn write_model(
             })?;
             Ok(prefix.len() as u64 + pos)
         }
+    }
+}
+/// Shared bytes of a memory-mapped file.
+pub fn mapped_bytes(map: Arc<memmap2::Mmap>) -> Bytes {
+    Bytes::from_owner(MapOwner(map))
+}
+
+struct MapOwner(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for MapOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..]
     }
 }

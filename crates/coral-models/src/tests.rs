@@ -1,0 +1,649 @@
+//! Unit tests of the operations, on the memory store.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use std::time::Duration;
+
+use coral_core::{ContentHash, DType, Delta, ModelManifest, ModelName, WeightTensor};
+use coral_store_api::{LeaseKind, Store};
+
+use crate::*;
+use coral_formats::safetensors::build_header;
+use coral_store_api::{
+    DeltaStorageInfo, DeltaStore, ManifestStore, MemoryStore, StorageInfo, StoreError, WeightStore,
+};
+use proptest::prelude::*;
+
+/// An error with its causes, as `coral` prints it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn name(s: &str) -> ModelName {
+    ModelName::new(s).unwrap()
+}
+
+/// A safetensors file of f32 tensors with the given values.
+fn model_file(dir: &Path, file: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> PathBuf {
+    let list: Vec<_> = tensors
+        .iter()
+        .map(|(n, s, _)| (n.to_string(), DType::F32, s.clone()))
+        .collect();
+    let (mut bytes, _) = build_header(&list).unwrap();
+    for (_, _, v) in tensors {
+        for x in v {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    let p = dir.join(file);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn smooth(n: usize, seed: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32) * 0.013 + seed).sin()).collect()
+}
+
+fn opts(n: &str, reference: Option<&str>) -> AddOptions {
+    AddOptions {
+        name: name(n),
+        reference: reference.map(name),
+        group_bytes: 4096,
+        cancel: None,
+        wait: Duration::from_secs(10),
+    }
+}
+
+fn export_bytes(store: &dyn Store, model: &str, dir: &Path, ext: &str) -> Vec<u8> {
+    let out = dir.join(format!("{model}.out.{ext}"));
+    export(store, &name(model), &out, 4096, &|_| {}).unwrap();
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn add_export_dedup_delta_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let base = vec![
+        ("a", vec![64, 16], smooth(1024, 0.0)),
+        ("b", vec![1024], smooth(1024, 1.0)),
+        ("c", vec![1024], smooth(1024, 1.0)), // same data as b
+        ("d", vec![3], vec![1.0, 2.0, 3.0]),
+    ];
+    let p = model_file(dir.path(), "base.safetensors", &base);
+    let src = SourceFile::open(&p).unwrap();
+    let r = add(&store, &src, &opts("base", None), &|_| {}).unwrap();
+    assert_eq!((r.new, r.reused, r.delta_coded), (3, 1, 0));
+    assert_eq!(
+        export_bytes(&store, "base", dir.path(), "safetensors"),
+        std::fs::read(&p).unwrap()
+    );
+
+    // A fine-tune: "a" slightly changed everywhere, the rest the same.
+    let mut ft = base.clone();
+    ft[0].2 = ft[0]
+        .2
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + 1e-4 * ((i % 7) as f32 - 3.0))
+        .collect();
+    let q = model_file(dir.path(), "ft.safetensors", &ft);
+    let r = add(
+        &store,
+        &SourceFile::open(&q).unwrap(),
+        &opts("ft", Some("base")),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!((r.new, r.reused, r.delta_coded), (0, 3, 1), "{r:?}");
+    assert_eq!(store.list_deltas().unwrap().len(), 1);
+    assert_eq!(
+        export_bytes(&store, "ft", dir.path(), "safetensors"),
+        std::fs::read(&q).unwrap()
+    );
+
+    let d = diff(&store, &name("base"), &name("ft")).unwrap();
+    assert_eq!(d.equal, ["b", "c", "d"]);
+    assert_eq!(d.changed.len(), 1);
+    let rc = d.changed[0].relative_change.unwrap();
+    assert!(rc > 0.0 && rc < 1e-2, "{rc}");
+
+    assert!(verify(&store, &|_| {}).unwrap().failures.is_empty());
+    // Removing base keeps what ft needs, the reference of its delta included.
+    assert!(store.delete_manifest(&name("base")).unwrap());
+    let g = gc(&store, false).unwrap();
+    assert!(g.weights.is_empty() && g.deltas.is_empty(), "{g:?}");
+    assert_eq!(
+        export_bytes(&store, "ft", dir.path(), "safetensors"),
+        std::fs::read(&q).unwrap()
+    );
+    assert!(store.delete_manifest(&name("ft")).unwrap());
+    let listed = store.list_weights().unwrap();
+    let g = gc(&store, true).unwrap();
+    assert_eq!((g.weights.len(), g.deltas.len()), (3, 1));
+    assert_eq!(
+        store.list_weights().unwrap(),
+        listed,
+        "dry run deletes nothing"
+    );
+    gc(&store, false).unwrap();
+    assert!(store.list_weights().unwrap().is_empty());
+    assert!(store.list_deltas().unwrap().is_empty());
+}
+
+#[test]
+fn add_refuses_existing_names_and_unknown_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let p = model_file(
+        dir.path(),
+        "m.safetensors",
+        &[("x", vec![2], vec![1.0, 2.0])],
+    );
+    let src = SourceFile::open(&p).unwrap();
+    add(&store, &src, &opts("m", None), &|_| {}).unwrap();
+    let e = add(&store, &src, &opts("m", None), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    let e = add(&store, &src, &opts("n", Some("nope")), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("not in the store"), "{e}");
+    assert!(store.get_manifest(&name("n")).unwrap().is_none());
+}
+
+#[test]
+fn a_cancelled_add_rolls_back() {
+    static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let p = model_file(
+        dir.path(),
+        "m.safetensors",
+        &[
+            ("a", vec![1024], smooth(1024, 0.0)),
+            ("b", vec![1024], smooth(1024, 2.0)),
+        ],
+    );
+    let o = AddOptions {
+        cancel: Some(&CANCEL),
+        ..opts("m", None)
+    };
+    // Cancelled after the first group is stored.
+    let e = add(&store, &SourceFile::open(&p).unwrap(), &o, &|_| {
+        CANCEL.store(true, std::sync::atomic::Ordering::Relaxed)
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert!(store.list_weights().unwrap().is_empty());
+    assert!(store.list_manifests().unwrap().is_empty());
+}
+
+#[test]
+fn stale_export_files_of_dead_processes_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.safetensors");
+    let dead = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let me = std::process::id();
+    let stale = dir.path().join(format!("other.npz.coral-tmp-{dead}"));
+    let mine = dir.path().join(format!("m.safetensors.coral-tmp-{me}"));
+    let live = dir.path().join("m.safetensors.coral-tmp-1");
+    let unrelated = dir.path().join("m.safetensors.coral-tmp-x");
+    for p in [&stale, &mine, &live, &unrelated] {
+        std::fs::write(p, b"partial").unwrap();
+    }
+    assert_eq!(clean_stale_tmp(&out), vec![stale.clone()]);
+    assert!(!stale.exists());
+    assert!(mine.exists() && live.exists() && unrelated.exists());
+}
+
+#[test]
+fn verify_reports_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let p = model_file(
+        dir.path(),
+        "m.safetensors",
+        &[("x", vec![2], vec![1.0, 2.0])],
+    );
+    add(
+        &store,
+        &SourceFile::open(&p).unwrap(),
+        &opts("m", None),
+        &|_| {},
+    )
+    .unwrap();
+    let key = store.list_weights().unwrap()[0];
+    let q = model_file(dir.path(), "n.safetensors", &[("y", vec![3], vec![4.0; 3])]);
+    add(
+        &store,
+        &SourceFile::open(&q).unwrap(),
+        &opts("n", None),
+        &|_| {},
+    )
+    .unwrap();
+    assert!(store.corrupt_for_testing(&key, vec![0; 8]));
+    let r = verify(&store, &|_| {}).unwrap();
+    // The damaged weight and the model that uses it; the other model is fine.
+    let failed: Vec<(&str, &str)> = r.failures.iter().map(|f| (f.kind, f.id.as_str())).collect();
+    let hex = key.to_hex();
+    assert_eq!(
+        failed,
+        [("weight", hex.as_str()), ("manifest", "m")],
+        "{r:?}"
+    );
+    assert!(r.failures[1].error.contains("failed verification"), "{r:?}");
+    let out = dir.path().join("o.safetensors");
+    assert!(export(&store, &name("m"), &out, 1 << 20, &|_| {}).is_err());
+    assert!(!out.exists(), "a failed export leaves no file");
+}
+
+/// A store whose manifest writes fail for the model "fails" (add must then leave it as it
+/// was, or on a shared store leave what it stored); optionally one that says many writers
+/// share it, with the commit times the test gives and a log of its leases.
+#[derive(Debug, Default)]
+struct NoManifests {
+    inner: MemoryStore,
+    shared: bool,
+    young: std::sync::Mutex<BTreeSet<ContentHash>>,
+    leases: std::sync::Mutex<Vec<String>>,
+}
+
+impl NoManifests {
+    fn shared() -> Self {
+        NoManifests {
+            shared: true,
+            ..Default::default()
+        }
+    }
+    fn log(&self) -> Vec<String> {
+        self.leases.lock().unwrap().clone()
+    }
+}
+
+impl WeightStore for NoManifests {
+    fn store_hashed(
+        &self,
+        w: &coral_core::HashedWeight,
+    ) -> coral_store_api::Result<coral_store_api::Stored> {
+        self.inner.store_hashed(w)
+    }
+    fn load_hashed(
+        &self,
+        k: &ContentHash,
+    ) -> coral_store_api::Result<Option<coral_core::HashedWeight>> {
+        self.inner.load_hashed(k)
+    }
+    fn exists(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
+        self.inner.exists(k)
+    }
+    fn delete(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
+        self.inner.delete(k)
+    }
+    fn list_weights(&self) -> coral_store_api::Result<Vec<ContentHash>> {
+        self.inner.list_weights()
+    }
+    fn get_metadata(
+        &self,
+        k: &ContentHash,
+    ) -> coral_store_api::Result<Option<coral_core::WeightMetadata>> {
+        self.inner.get_metadata(k)
+    }
+    fn storage_info(&self) -> coral_store_api::Result<StorageInfo> {
+        self.inner.storage_info()
+    }
+    fn close(&mut self) -> coral_store_api::Result<()> {
+        self.inner.close()
+    }
+}
+
+impl DeltaStore for NoManifests {
+    fn store_delta(&self, d: &Delta, k: &ContentHash) -> coral_store_api::Result<ContentHash> {
+        self.inner.store_delta(d, k)
+    }
+    fn load_delta(&self, k: &ContentHash) -> coral_store_api::Result<Option<Delta>> {
+        self.inner.load_delta(k)
+    }
+    fn delta_exists(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
+        self.inner.delta_exists(k)
+    }
+    fn delete_delta(&self, k: &ContentHash) -> coral_store_api::Result<bool> {
+        self.inner.delete_delta(k)
+    }
+    fn list_deltas(&self) -> coral_store_api::Result<Vec<ContentHash>> {
+        self.inner.list_deltas()
+    }
+    fn get_delta_storage_info(&self) -> coral_store_api::Result<DeltaStorageInfo> {
+        self.inner.get_delta_storage_info()
+    }
+}
+
+impl ManifestStore for NoManifests {
+    fn put_manifest(&self, m: &ModelManifest) -> coral_store_api::Result<()> {
+        if m.name.as_str() == "fails" {
+            return Err(StoreError::ReadOnly {
+                location: "test".into(),
+            });
+        }
+        self.inner.put_manifest(m)
+    }
+    fn get_manifest(&self, n: &ModelName) -> coral_store_api::Result<Option<ModelManifest>> {
+        self.inner.get_manifest(n)
+    }
+    fn list_manifests(&self) -> coral_store_api::Result<Vec<ModelName>> {
+        self.inner.list_manifests()
+    }
+    fn delete_manifest(&self, n: &ModelName) -> coral_store_api::Result<bool> {
+        self.inner.delete_manifest(n)
+    }
+    fn shares_writers(&self) -> bool {
+        self.shared
+    }
+    fn acquire_lease(
+        &self,
+        kind: LeaseKind,
+        op: &str,
+        _wait: Duration,
+    ) -> coral_store_api::Result<coral_store_api::Lease> {
+        let id = format!("{kind}:{op}");
+        self.leases.lock().unwrap().push(format!("take {id}"));
+        Ok(coral_store_api::Lease::held(kind, id))
+    }
+    fn release_lease(&self, lease: coral_store_api::Lease) -> coral_store_api::Result<()> {
+        if let Some(id) = lease.id() {
+            self.leases.lock().unwrap().push(format!("give {id}"));
+        }
+        Ok(())
+    }
+    fn committed_within(&self, age: Duration) -> coral_store_api::Result<BTreeSet<ContentHash>> {
+        Ok(if age.is_zero() {
+            BTreeSet::new()
+        } else {
+            self.young.lock().unwrap().clone()
+        })
+    }
+}
+
+#[test]
+fn a_failed_add_leaves_the_store_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = NoManifests::default();
+    let base = vec![
+        ("a", vec![1024], smooth(1024, 0.0)),
+        ("b", vec![4], vec![1.0; 4]),
+    ];
+    let p = model_file(dir.path(), "base.safetensors", &base);
+    add(
+        &store,
+        &SourceFile::open(&p).unwrap(),
+        &opts("base", None),
+        &|_| {},
+    )
+    .unwrap();
+    let mut ft = base.clone();
+    ft[0].2 = ft[0].2.iter().map(|v| v + 1e-4).collect();
+    ft.push(("c", vec![8], smooth(8, 3.0)));
+    let q = model_file(dir.path(), "ft.safetensors", &ft);
+    let weights = store.list_weights().unwrap();
+    let e = add(
+        &store,
+        &SourceFile::open(&q).unwrap(),
+        &opts("fails", Some("base")),
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(chain(&e).contains("read-only"), "{}", chain(&e));
+    assert_eq!(store.list_weights().unwrap(), weights);
+    assert!(store.list_deltas().unwrap().is_empty());
+    assert_eq!(store.list_manifests().unwrap(), vec![name("base")]);
+}
+
+#[test]
+fn a_failed_add_on_a_shared_store_leaves_what_it_stored_for_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = NoManifests::shared();
+    let p = model_file(
+        dir.path(),
+        "m.safetensors",
+        &[
+            ("a", vec![1024], smooth(1024, 0.0)),
+            ("b", vec![4], vec![1.0; 4]),
+        ],
+    );
+    let e = add(
+        &store,
+        &SourceFile::open(&p).unwrap(),
+        &opts("fails", None),
+        &|_| {},
+    )
+    .unwrap_err();
+    let msg = chain(&e);
+    assert!(msg.contains("read-only"), "{msg}");
+    assert!(
+        msg.contains("the up to 2 weight(s) and 0 delta(s) it stored are left in the store"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "{msg}");
+    // Nothing deleted: another writer may already use them.
+    assert_eq!(store.list_weights().unwrap().len(), 2);
+    assert!(store.list_manifests().unwrap().is_empty());
+    // The add held a shared lease, and gave it back.
+    assert_eq!(store.log(), ["take shared:add", "give shared:add"]);
+    // gc keeps them while they are young, removes them after.
+    *store.young.lock().unwrap() = store.list_weights().unwrap().into_iter().collect();
+    let g = gc(&store, false).unwrap();
+    assert_eq!((g.weights.len(), g.kept, g.grace_secs), (0, 2, Some(3600)));
+    let g = gc_with(
+        &store,
+        &GcOptions {
+            grace: Duration::ZERO,
+            ..GcOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((g.weights.len(), g.kept, g.grace_secs), (2, 0, Some(0)));
+    assert!(store.list_weights().unwrap().is_empty());
+}
+
+#[test]
+fn gc_on_a_shared_store_takes_an_exclusive_lease_and_spares_young_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = NoManifests::shared();
+    let base = vec![
+        ("a", vec![64, 16], smooth(1024, 0.0)),
+        ("b", vec![1024], smooth(1024, 1.0)),
+    ];
+    let p = model_file(dir.path(), "base.safetensors", &base);
+    add(
+        &store,
+        &SourceFile::open(&p).unwrap(),
+        &opts("base", None),
+        &|_| {},
+    )
+    .unwrap();
+    let mut ft = base.clone();
+    ft[0].2 = ft[0]
+        .2
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + 1e-4 * ((i % 7) as f32 - 3.0))
+        .collect();
+    let q = model_file(dir.path(), "ft.safetensors", &ft);
+    let r = add(
+        &store,
+        &SourceFile::open(&q).unwrap(),
+        &opts("ft", Some("base")),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(r.delta_coded, 1);
+    let delta = store.list_deltas().unwrap()[0];
+    for m in ["base", "ft"] {
+        assert!(store.delete_manifest(&name(m)).unwrap());
+    }
+    store.leases.lock().unwrap().clear();
+    // A dry run takes no lease; the young delta is kept, and so is its reference.
+    store.young.lock().unwrap().insert(delta);
+    let g = gc(&store, true).unwrap();
+    assert_eq!(
+        (g.weights.len(), g.deltas.len(), g.kept),
+        (1, 0, 2),
+        "{g:?}"
+    );
+    assert!(store.log().is_empty(), "{:?}", store.log());
+    let g = gc(&store, false).unwrap();
+    assert_eq!(
+        (g.weights.len(), g.deltas.len(), g.kept),
+        (1, 0, 2),
+        "{g:?}"
+    );
+    assert_eq!(store.log(), ["take exclusive:gc", "give exclusive:gc"]);
+    assert_eq!(store.list_deltas().unwrap(), vec![delta]);
+    // Once old, both go.
+    store.young.lock().unwrap().clear();
+    let g = gc(&store, false).unwrap();
+    assert_eq!(
+        (g.weights.len(), g.deltas.len(), g.kept),
+        (1, 1, 0),
+        "{g:?}"
+    );
+    assert!(store.list_weights().unwrap().is_empty());
+}
+
+#[test]
+fn the_grace_period_does_not_apply_to_a_store_with_one_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = NoManifests::default();
+    let p = model_file(
+        dir.path(),
+        "m.safetensors",
+        &[("x", vec![2], vec![1.0, 2.0])],
+    );
+    add(
+        &store,
+        &SourceFile::open(&p).unwrap(),
+        &opts("m", None),
+        &|_| {},
+    )
+    .unwrap();
+    store.delete_manifest(&name("m")).unwrap();
+    *store.young.lock().unwrap() = store.list_weights().unwrap().into_iter().collect();
+    let g = gc(&store, false).unwrap();
+    assert_eq!((g.weights.len(), g.kept, g.grace_secs), (1, 0, None));
+}
+
+#[test]
+fn gc_reports_the_bytes_of_the_weights_it_removes() {
+    let store = MemoryStore::new();
+    let a = WeightTensor::from_vec("a", vec![64, 16], smooth(1024, 0.0)).unwrap();
+    let b = WeightTensor::from_vec("b", vec![3], vec![1.0f32, 2.0, 3.0]).unwrap();
+    for w in [&a, &b] {
+        store.store(w).unwrap();
+    }
+    // No manifest names them: both go, 4096 + 12 bytes (the memory store keeps them raw).
+    let dry = gc(&store, true).unwrap();
+    assert_eq!(dry.weights.len(), 2, "{dry:?}");
+    assert_eq!(
+        (dry.weight_bytes, dry.delta_bytes, dry.bytes),
+        (4108, 0, 4108)
+    );
+    let g = gc(&store, false).unwrap();
+    assert_eq!(
+        (g.weight_bytes, g.delta_bytes, g.bytes),
+        (4108, 0, 4108),
+        "{g:?}"
+    );
+    assert!(store.list_weights().unwrap().is_empty());
+    let again = gc(&store, false).unwrap();
+    assert_eq!(again.bytes, 0, "{again:?}");
+}
+
+#[test]
+fn npy_and_npz_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let mut npy =
+        coral_formats::npy::header_bytes(DType::I32, &[2, 3], coral_formats::npy::NonNumpy::Refuse)
+            .unwrap();
+    npy.extend((0..6i32).flat_map(|i| i.to_le_bytes()));
+    let p = dir.path().join("arr.npy");
+    std::fs::write(&p, &npy).unwrap();
+    add(
+        &store,
+        &SourceFile::open(&p).unwrap(),
+        &opts("arr", None),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(export_bytes(&store, "arr", dir.path(), "npy"), npy);
+
+    let mut z = std::io::Cursor::new(Vec::new());
+    let mut w = coral_formats::npz::Writer::new(&mut z);
+    w.add("arr.npy", &npy).unwrap();
+    w.add("other.npy", &npy).unwrap();
+    w.finish().unwrap();
+    let z = z.into_inner();
+    let zp = dir.path().join("both.npz");
+    std::fs::write(&zp, &z).unwrap();
+    let r = add(
+        &store,
+        &SourceFile::open(&zp).unwrap(),
+        &opts("both", None),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!((r.new, r.reused), (0, 2));
+    assert_eq!(export_bytes(&store, "both", dir.path(), "npz"), z);
+    // A safetensors model goes out as .npz and back.
+    let st = model_file(
+        dir.path(),
+        "s.safetensors",
+        &[("x", vec![2], vec![1.0, 2.0])],
+    );
+    add(
+        &store,
+        &SourceFile::open(&st).unwrap(),
+        &opts("s", None),
+        &|_| {},
+    )
+    .unwrap();
+    let zb = export_bytes(&store, "s", dir.path(), "npz");
+    let members = coral_formats::npz::read(&zb).unwrap();
+    assert_eq!(members[0].0, "x.npy");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn any_safetensors_model_round_trips(
+        tensors in proptest::collection::vec((0usize..15, proptest::collection::vec(0usize..6, 0..3)), 1..6),
+        fill in any::<u8>(),
+        group in 1usize..64,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let list: Vec<_> = tensors.iter().enumerate()
+            .map(|(i, (d, s))| (format!("t{i}"), DType::ALL[*d], s.clone())).collect();
+        let (mut bytes, offsets) = build_header(&list).unwrap();
+        let total = offsets.last().map_or(0, |o| o[1]) as usize;
+        bytes.extend((0..total).map(|i| (i as u8).wrapping_mul(fill)));
+        let p = dir.path().join("m.safetensors");
+        std::fs::write(&p, &bytes).unwrap();
+        let store = MemoryStore::new();
+        let o = AddOptions { name: name("m"), reference: None, group_bytes: group, cancel: None, wait: Duration::ZERO };
+        let r = add(&store, &SourceFile::open(&p).unwrap(), &o, &|_| {}).unwrap();
+        prop_assert_eq!(r.new + r.reused, list.len());
+        let out = dir.path().join("o.safetensors");
+        export(&store, &name("m"), &out, group, &|_| {}).unwrap();
+        prop_assert_eq!(std::fs::read(out).unwrap(), bytes);
+    }
+}
