@@ -96,6 +96,46 @@ pub struct ManifestTensor {
     pub data_offsets: Option<[u64; 2]>,
 }
 
+/// The file format a model came in, and goes back out in: stored as `"safetensors"`, `"npy"` or
+/// `"npz"` (a manifest naming another does not parse: an older Coral refuses a newer format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// A safetensors file, given back byte for byte.
+    Safetensors,
+    /// One NumPy `.npy` array.
+    Npy,
+    /// A NumPy `.npz` archive of arrays.
+    Npz,
+}
+
+impl ModelFormat {
+    /// The name as stored: "safetensors", "npy" or "npz".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFormat::Safetensors => "safetensors",
+            ModelFormat::Npy => "npy",
+            ModelFormat::Npz => "npz",
+        }
+    }
+
+    /// The format a file extension names (any case), if any.
+    pub fn from_extension(ext: &str) -> Option<Self> {
+        match ext.to_ascii_lowercase().as_str() {
+            "safetensors" => Some(ModelFormat::Safetensors),
+            "npy" => Some(ModelFormat::Npy),
+            "npz" => Some(ModelFormat::Npz),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A model as a store keeps it beside its weights (see `docs/format.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelManifest {
@@ -103,8 +143,8 @@ pub struct ModelManifest {
     pub version: u32,
     /// The model's name.
     pub name: ModelName,
-    /// The source format: "safetensors", "npy" or "npz".
-    pub format: String,
+    /// The source format.
+    pub format: ModelFormat,
     /// Tensors in file order.
     pub tensors: Vec<ManifestTensor>,
     /// For safetensors: the header bytes exactly as they were in the file (JSON text including

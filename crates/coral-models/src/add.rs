@@ -189,7 +189,7 @@ fn add_inner(
         .unwrap_or_default();
     let mut report = AddReport {
         name: opts.name.to_string(),
-        format: source.format().to_owned(),
+        format: source.format().to_string(),
         tensors: source.tensors().len(),
         new: 0,
         reused: 0,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::error::{bail, Context, ModelError, Result};
 use bytes::Bytes;
-use coral_core::{DType, ManifestTensor, ModelManifest, ModelName, WeightTensor};
+use coral_core::{DType, ManifestTensor, ModelFormat, ModelManifest, ModelName, WeightTensor};
 use coral_store_api::Store;
 
 use coral_formats::detect::{detect, FileKind};
@@ -60,7 +60,7 @@ pub struct SourceTensor {
 /// ```
 #[derive(Debug)]
 pub struct SourceFile {
-    format: &'static str,
+    format: ModelFormat,
     map: Option<Arc<memmap2::Mmap>>,
     bytes: Bytes,
     tensors: Vec<SourceTensor>,
@@ -72,13 +72,8 @@ pub struct SourceFile {
 const READS: &str = "coral reads .safetensors, .npy and .npz";
 
 /// The formats by file extension.
-fn format_of(path: &Path) -> Option<&'static str> {
-    match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
-        "safetensors" => Some("safetensors"),
-        "npy" => Some("npy"),
-        "npz" => Some("npz"),
-        _ => None,
-    }
+fn format_of(path: &Path) -> Option<ModelFormat> {
+    ModelFormat::from_extension(path.extension()?.to_str()?)
 }
 
 impl SourceFile {
@@ -110,9 +105,11 @@ impl SourceFile {
         };
         let kind = detect(&bytes);
         let format = match kind {
-            FileKind::Npy => "npy",
-            FileKind::Zip => "npz",
-            FileKind::Unknown | FileKind::Safetensors => format_of(path).unwrap_or("safetensors"),
+            FileKind::Npy => ModelFormat::Npy,
+            FileKind::Zip => ModelFormat::Npz,
+            FileKind::Unknown | FileKind::Safetensors => {
+                format_of(path).unwrap_or(ModelFormat::Safetensors)
+            }
             other => bail!("{} is {}; {READS}", path.display(), other.describe()),
         };
         let ctx = || format!("{} is not a valid {format} file", path.display());
@@ -125,7 +122,7 @@ impl SourceFile {
             file_size,
         };
         match format {
-            "npy" => {
+            ModelFormat::Npy => {
                 let h = npy::parse(&src.bytes).with_context(ctx)?;
                 src.tensors.push(SourceTensor {
                     name: path
@@ -140,7 +137,7 @@ impl SourceFile {
                     data_offsets: None,
                 });
             }
-            "npz" => {
+            ModelFormat::Npz => {
                 let members = npz::read(&src.bytes).with_context(ctx)?;
                 // Members may be deflated: gather their data into one buffer.
                 let mut all = Vec::new();
@@ -164,7 +161,7 @@ impl SourceFile {
                 src.bytes = Bytes::from(all);
                 src.tensors = tensors;
             }
-            _ => {
+            ModelFormat::Safetensors => {
                 let h = st::parse(&src.bytes).with_context(ctx)?;
                 let base = h.data_start as usize;
                 src.tensors = h
@@ -188,8 +185,8 @@ impl SourceFile {
         Ok(src)
     }
 
-    /// "safetensors", "npy" or "npz".
-    pub fn format(&self) -> &'static str {
+    /// The file's format.
+    pub fn format(&self) -> ModelFormat {
         self.format
     }
 
@@ -265,7 +262,7 @@ impl SourceFile {
         Ok(ModelManifest {
             version: 1,
             name: name.clone(),
-            format: self.format.to_owned(),
+            format: self.format,
             tensors: self
                 .tensors
                 .iter()
@@ -286,21 +283,14 @@ impl SourceFile {
     }
 }
 
-fn out_format(m: &ModelManifest, out: &Path) -> &'static str {
-    match format_of(out) {
-        Some(f) => f,
-        None => match m.format.as_str() {
-            "npy" => "npy",
-            "npz" => "npz",
-            _ => "safetensors",
-        },
-    }
+fn out_format(m: &ModelManifest, out: &Path) -> ModelFormat {
+    format_of(out).unwrap_or(m.format)
 }
 
 /// Checks a manifest's own consistency: for safetensors, that the recorded header parses and
 /// describes exactly the manifest's tensors, and the file size adds up.
 pub fn check_manifest(m: &ModelManifest) -> Result<()> {
-    if m.format != "safetensors" {
+    if m.format != ModelFormat::Safetensors {
         return Ok(());
     }
     let text = m.safetensors_header.as_ref().ok_or_else(|| {
@@ -355,7 +345,7 @@ pub fn write_model(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
     let format = out_format(m, out);
-    if format != "safetensors" {
+    if format != ModelFormat::Safetensors {
         // Refused before anything is written: NumPy has no bfloat16 or float8.
         for t in &m.tensors {
             if let Err(e) = npy::descr(t.dtype, NonNumpy::Refuse) {
@@ -364,7 +354,7 @@ pub fn write_model(
         }
     }
     match format {
-        "npy" => {
+        ModelFormat::Npy => {
             let [t] = m.tensors.as_slice() else {
                 bail!(
                     "model {} has {} tensors; .npy holds one (export to .npz or .safetensors)",
@@ -383,7 +373,7 @@ pub fn write_model(
             })?;
             Ok(n)
         }
-        "npz" => {
+        ModelFormat::Npz => {
             let mut zw = npz::Writer::new(w);
             crate::export::for_each_tensor(store, m, group_bytes, |t, wt| {
                 let mut data = npy::header_bytes(t.dtype, &t.shape, NonNumpy::Refuse)?;
@@ -394,9 +384,9 @@ pub fn write_model(
             })?;
             Ok(zw.finish()?)
         }
-        _ => {
-            let (prefix, offsets) = match (&m.safetensors_header, m.format.as_str()) {
-                (Some(text), "safetensors") => {
+        ModelFormat::Safetensors => {
+            let (prefix, offsets) = match (&m.safetensors_header, m.format) {
+                (Some(text), ModelFormat::Safetensors) => {
                     check_manifest(m)?;
                     let mut p = (text.len() as u64).to_le_bytes().to_vec();
                     p.extend_from_slice(text.as_bytes());

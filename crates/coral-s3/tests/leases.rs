@@ -285,7 +285,7 @@ fn manifest(name: &str, key: coral_core::ContentHash) -> ModelManifest {
     ModelManifest {
         version: 1,
         name: ModelName::new(name).unwrap(),
-        format: "npy".into(),
+        format: coral_core::ModelFormat::Npy,
         tensors: vec![ManifestTensor {
             name: "w".into(),
             key,

@@ -81,7 +81,7 @@ pub fn sample_manifest<S: ManifestStore + ?Sized>(
     ModelManifest {
         version: 1,
         name: ModelName::new(name).unwrap(),
-        format: "safetensors".to_owned(),
+        format: coral_core::ModelFormat::Safetensors,
         tensors,
         safetensors_header: Some("{\"__metadata__\":{\"format\":\"pt\"}}    ".to_owned()),
         file_size: offset + 64,
@@ -104,7 +104,7 @@ where
     let bare = ModelManifest {
         version: 1,
         name: ModelName::new("empty_model.v1").unwrap(),
-        format: "npz".to_owned(),
+        format: coral_core::ModelFormat::Npz,
         tensors: Vec::new(),
         safetensors_header: None,
         file_size: 0,
