@@ -56,6 +56,11 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+/// The README's Rust blocks, run as doc tests so that the tour stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use add::{add, AddOptions, AddReport};
 pub use diff::{diff, relative_change, ChangedTensor, DiffReport};
 pub use error::{Context, ModelError, Result};
