@@ -727,8 +727,20 @@ fn show_takes_unique_hash_prefixes() {
     }
     let text = stdout_text(&run_ok(&mut cmd(&store, &["show", &keys[2][..8]])));
     assert!(
-        text.starts_with(&format!("weight {}: z float32 [2]", keys[2])),
+        text.starts_with(&format!("weight {}: z float32 [2], 8 B raw", keys[2])),
         "{text}"
+    );
+    // The stored form: bytes as stored and the codec (the command's default, zstd).
+    assert!(text.contains(" stored") && text.contains("zstd-"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&stdout_text(&run_ok(&mut cmd(
+        &store,
+        &["--json", "show", &keys[2]],
+    ))))
+    .unwrap();
+    assert!(v["stored_bytes"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(
+        v["codec"].as_str().is_some_and(|c| c.starts_with("zstd-")),
+        "{v}"
     );
     assert_one_line_error(
         &run_fail(&mut cmd(&store, &["show", &keys[2][..7]])),

@@ -1107,6 +1107,8 @@ fn show_model(cli: &Cli, store: &dyn Store, m: &coral_core::ModelManifest) -> Re
 
 /// `coral show` of a weight or delta.
 fn show_key(cli: &Cli, store: &dyn Store, key: &ContentHash) -> Result<()> {
+    let form = store.stored_form(key)?.unwrap_or_default();
+    let stored = form.stored_bytes.map(human_bytes);
     if let Some(d) = store.load_delta(key)? {
         let v = json!({
             "key": key.to_hex(),
@@ -1114,6 +1116,7 @@ fn show_key(cli: &Cli, store: &dyn Store, key: &ContentHash) -> Result<()> {
             "type": d.delta_type.name(),
             "reference": d.reference_hash.to_hex(),
             "bytes": d.nbytes(),
+            "stored_bytes": form.stored_bytes,
             "dtype": d.original_dtype.name(),
             "shape": d.original_shape,
             "compression_ratio": d.compression_ratio,
@@ -1123,12 +1126,13 @@ fn show_key(cli: &Cli, store: &dyn Store, key: &ContentHash) -> Result<()> {
             return print_json(&v);
         }
         out!(
-            "delta {key}: {} {:?} {}, {} B against {}",
+            "delta {key}: {} {:?} {}, {} B against {}{}",
             d.original_dtype,
             d.original_shape,
             d.delta_type,
             d.nbytes(),
-            d.reference_hash
+            d.reference_hash,
+            stored.map(|s| format!("; {s} stored")).unwrap_or_default()
         );
         return Ok(());
     }
@@ -1139,24 +1143,34 @@ fn show_key(cli: &Cli, store: &dyn Store, key: &ContentHash) -> Result<()> {
         let mut v = serde_json::to_value(&meta)?;
         v["key"] = json!(key.to_hex());
         v["kind"] = json!("weight");
-        print_json(&v)
-    } else {
-        out!(
-            "weight {key}: {} {} {:?}{}",
-            meta.name,
-            meta.dtype,
-            meta.shape,
-            if meta.compression_info.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " {}",
-                    serde_json::Value::Object(meta.compression_info.clone())
-                )
-            }
-        );
-        Ok(())
+        v["codec"] = json!(form.codec);
+        v["stored_bytes"] = json!(form.stored_bytes);
+        return print_json(&v);
     }
+    let raw = meta.checked_nbytes().unwrap_or(0) as u64;
+    out!(
+        "weight {key}: {} {} {:?}, {} raw{}{}",
+        meta.name,
+        meta.dtype,
+        meta.shape,
+        human_bytes(raw),
+        match (&stored, form.stored_bytes) {
+            (Some(s), Some(n)) if raw > 0 && n < raw => format!(
+                ", {s} stored ({:.1}% saved)",
+                100.0 * (1.0 - n as f64 / raw as f64)
+            ),
+            (Some(s), _) => format!(", {s} stored"),
+            _ => String::new(),
+        },
+        form.codec.map(|c| format!(", {c}")).unwrap_or_default()
+    );
+    if !meta.compression_info.is_empty() {
+        out!(
+            "compression_info {}",
+            serde_json::Value::Object(meta.compression_info.clone())
+        );
+    }
+    Ok(())
 }
 
 /// `coral repair OUT`: everything of the store that verifies, copied into the new store OUT.

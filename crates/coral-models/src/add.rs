@@ -211,90 +211,11 @@ fn add_inner(
             .par_iter()
             .map(|t| source.weight(t, &opts.name).map(HashedWeight::new))
             .collect::<Result<_>>()?;
-        // Decide, in parallel, what each tensor needs.
         let plans: Vec<Plan> = tensors
             .par_iter()
-            .map(|w| -> Result<Plan> {
-                let key = w.key();
-                if store.exists(key)? {
-                    return Ok(Plan::Reused);
-                }
-                let Some(rt) = ref_tensors.get(w.name()) else {
-                    return Ok(Plan::Full);
-                };
-                if rt.dtype != w.dtype() || rt.shape != w.shape() || rt.key == *key {
-                    return Ok(Plan::Full);
-                }
-                // Only delta-code against weights held whole, so chains stay one deep.
-                if store.delta_exists(&rt.key)? || !store.exists(&rt.key)? {
-                    return Ok(Plan::Full);
-                }
-                let base = store
-                    .load(&rt.key)?
-                    .ok_or_else(|| {
-                        ModelError::Inconsistent(format!(
-                            "weight {} is missing from the store",
-                            rt.key
-                        ))
-                    })
-                    .with_context(|| format!("loading reference tensor {:?}", rt.name))?;
-                match encode_best_lossless(w, &base, &rt.key) {
-                    Ok(Some(d)) => Ok(Plan::Delta(Box::new(d))),
-                    Ok(None) => Ok(Plan::Full),
-                    Err(e) => {
-                        tracing::debug!("no delta for {:?}: {e}", w.name());
-                        Ok(Plan::Full)
-                    }
-                }
-            })
+            .map(|w| plan(store, &ref_tensors, w))
             .collect::<Result<_>>()?;
-        let mut batch: Vec<HashedWeight> = Vec::new();
-        for (w, plan) in tensors.iter().zip(plans) {
-            let key = w.key();
-            if !seen.insert(*key) {
-                report.reused += 1;
-                continue;
-            }
-            match plan {
-                Plan::Reused => report.reused += 1,
-                Plan::Full => {
-                    report.new += 1;
-                    batch.push(w.clone());
-                }
-                Plan::Delta(d) => {
-                    report.delta_coded += 1;
-                    let k = store
-                        .store_delta(&d, key)
-                        .with_context(|| format!("storing delta of {:?}", w.name()))?;
-                    if k != *key {
-                        written.deltas.push(k);
-                        inconsistent!(
-                            "store returned key {k} for delta of {:?}, expected {key}",
-                            w.name()
-                        );
-                    }
-                    written.deltas.push(*key);
-                    report.bytes_stored = report.bytes_stored.saturating_add(d.nbytes() as u64);
-                }
-            }
-        }
-        if !batch.is_empty() {
-            // Record first: a batch that fails half-way is rolled back too.
-            written.weights.extend(batch.iter().map(|w| *w.key()));
-            let stored = store
-                .store_hashed_batch(&batch)
-                .context("storing weights")?;
-            for (w, s) in batch.iter().zip(&stored) {
-                if s.key != *w.key() {
-                    inconsistent!(
-                        "store did not keep {:?} under its key {}",
-                        w.name(),
-                        w.key()
-                    );
-                }
-                report.bytes_stored = report.bytes_stored.saturating_add(s.stored_bytes);
-            }
-        }
+        write_group(store, &tensors, plans, &mut seen, &mut report, written)?;
         let hashes = tensors.iter().map(|w| *w.key());
         keys.extend(hashes);
         drop(tensors);
@@ -312,6 +233,103 @@ fn add_inner(
         .put_manifest(&manifest)
         .with_context(|| format!("writing manifest of {}", opts.name))?;
     Ok(report)
+}
+
+/// What one tensor needs: nothing (the store has it), to be stored in full, or a delta against
+/// the reference model's tensor of the same name (only against weights held whole, so chains
+/// stay one deep; kept only when smaller than the weight).
+fn plan(
+    store: &dyn Store,
+    ref_tensors: &HashMap<&str, &ManifestTensor>,
+    w: &HashedWeight,
+) -> Result<Plan> {
+    let key = w.key();
+    if store.exists(key)? {
+        return Ok(Plan::Reused);
+    }
+    let Some(rt) = ref_tensors.get(w.name()) else {
+        return Ok(Plan::Full);
+    };
+    if rt.dtype != w.dtype() || rt.shape != w.shape() || rt.key == *key {
+        return Ok(Plan::Full);
+    }
+    if store.delta_exists(&rt.key)? || !store.exists(&rt.key)? {
+        return Ok(Plan::Full);
+    }
+    let base = store
+        .load(&rt.key)?
+        .ok_or_else(|| {
+            ModelError::Inconsistent(format!("weight {} is missing from the store", rt.key))
+        })
+        .with_context(|| format!("loading reference tensor {:?}", rt.name))?;
+    match encode_best_lossless(w, &base, &rt.key) {
+        Ok(Some(d)) => Ok(Plan::Delta(Box::new(d))),
+        Ok(None) => Ok(Plan::Full),
+        Err(e) => {
+            tracing::debug!("no delta for {:?}: {e}", w.name());
+            Ok(Plan::Full)
+        }
+    }
+}
+
+/// Carries out a group's plans: deltas one by one, new weights in one batch (recorded in
+/// `written` first, so a batch that fails half-way is rolled back too); counts into `report`.
+fn write_group(
+    store: &dyn Store,
+    tensors: &[HashedWeight],
+    plans: Vec<Plan>,
+    seen: &mut HashSet<ContentHash>,
+    report: &mut AddReport,
+    written: &mut Written,
+) -> Result<()> {
+    let mut batch: Vec<HashedWeight> = Vec::new();
+    for (w, plan) in tensors.iter().zip(plans) {
+        let key = w.key();
+        if !seen.insert(*key) {
+            report.reused += 1;
+            continue;
+        }
+        match plan {
+            Plan::Reused => report.reused += 1,
+            Plan::Full => {
+                report.new += 1;
+                batch.push(w.clone());
+            }
+            Plan::Delta(d) => {
+                report.delta_coded += 1;
+                let k = store
+                    .store_delta(&d, key)
+                    .with_context(|| format!("storing delta of {:?}", w.name()))?;
+                if k != *key {
+                    written.deltas.push(k);
+                    inconsistent!(
+                        "store returned key {k} for delta of {:?}, expected {key}",
+                        w.name()
+                    );
+                }
+                written.deltas.push(*key);
+                report.bytes_stored = report.bytes_stored.saturating_add(d.nbytes() as u64);
+            }
+        }
+    }
+    if !batch.is_empty() {
+        // Record first: a batch that fails half-way is rolled back too.
+        written.weights.extend(batch.iter().map(|w| *w.key()));
+        let stored = store
+            .store_hashed_batch(&batch)
+            .context("storing weights")?;
+        for (w, s) in batch.iter().zip(&stored) {
+            if s.key != *w.key() {
+                inconsistent!(
+                    "store did not keep {:?} under its key {}",
+                    w.name(),
+                    w.key()
+                );
+            }
+            report.bytes_stored = report.bytes_stored.saturating_add(s.stored_bytes);
+        }
+    }
+    Ok(())
 }
 
 /// Splits tensors into consecutive groups of at most `budget` bytes (one tensor at least).
