@@ -14,16 +14,36 @@ use coral_store_api::testenv;
 
 const CORAL: &str = env!("CARGO_BIN_EXE_coral");
 
-fn vm_hwm(pid: libc::pid_t) -> Option<u64> {
+fn vm_hwm_one(pid: libc::pid_t) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
+/// The peak RSS of `pid` and of its descendants, summed: `coral` runs a command on a local
+/// store in a child process (its crash guard), which holds the data; the parent only waits.
+fn vm_hwm(pid: libc::pid_t) -> Option<u64> {
+    let mut total = vm_hwm_one(pid)?;
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                total += vm_hwm_one(c).unwrap_or(0);
+                stack.push(c);
+            }
+        }
+    }
+    Some(total)
+}
+
 /// Runs a child to completion; returns (wall seconds, peak RSS bytes, stdout). The peak is the
-/// child's own `VmHWM` (read from /proc every millisecond until it exits): `ru_maxrss` would
-/// count the benchmark's own memory, inherited at spawn.
+/// highest sum of `VmHWM` over the child and its descendants (read from /proc every millisecond
+/// until it exits): `ru_maxrss` would count the benchmark's own memory, inherited at spawn.
 fn measure(cmd: &mut Command) -> (f64, u64, String) {
     let out_path = std::env::temp_dir().join(format!("coral-bench-{}.out", std::process::id()));
     let out_file = std::fs::File::create(&out_path).expect("temp file");
