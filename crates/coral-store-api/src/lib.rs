@@ -3,7 +3,11 @@
 //! The contract every Coral store keeps, whatever holds the bytes:
 //!
 //! - [`WeightStore`]: the seed's interface (store, load, exists, delete, list, metadata, batches,
-//!   storage info, close), blocking and `Send + Sync`;
+//!   storage info, close), blocking and `Send + Sync`, in the style of `object_store`: a backend
+//!   implements the few methods that touch its bytes ([`WeightStore::store_hashed`],
+//!   [`WeightStore::load_hashed`], ...) and the rest is provided; a
+//!   [`coral_core::HashedWeight`] carries the proof that data was hashed, so nothing hashes it
+//!   twice;
 //! - [`DeltaStore`]: the seed's delta methods;
 //! - [`StoreError`]: typed errors with context, among them [`StoreError::Integrity`];
 //! - [`lease`]: how several writers share one store (shared and exclusive leases, provided by
