@@ -20,6 +20,7 @@ use crate::options::HDF5StoreOptions;
 
 mod open;
 mod read;
+#[cfg(feature = "testing")]
 mod test_hooks;
 mod write;
 

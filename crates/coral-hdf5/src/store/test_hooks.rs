@@ -1,4 +1,4 @@
-//! Test hook: damaging a stored weight behind the store's back.
+//! Test hook (feature `testing`): damaging a stored weight behind the store's back.
 
 use std::sync::atomic::Ordering;
 
