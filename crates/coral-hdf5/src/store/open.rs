@@ -39,6 +39,7 @@ pub(crate) fn heap_hint(g: &str) -> usize {
     }
 }
 
+/// Opens the store's file at `path` as `opts` say (see [`super::HDF5Store::open`]).
 pub(crate) fn open_file(path: &Path, opts: &HDF5StoreOptions) -> Result<Inner> {
     open_file_locked(path, opts, None)
 }
@@ -50,9 +51,27 @@ pub(crate) fn open_file_locked(
     opts: &HDF5StoreOptions,
     held: Option<journal::WriterLock>,
 ) -> Result<Inner> {
-    let loc = || path.display().to_string();
     let mode = opts.mode;
     // Roll back what a killed writer left half-done before anything reads the file.
+    roll_back(path, mode)?;
+    let exists = path.exists();
+    check_mode(path, mode, exists)?;
+    let open_existing = matches!(mode, Mode::Read | Mode::ReadWrite | Mode::Append) && exists;
+    prepare_path(path, open_existing)?;
+    // Never silently without crash safety (checked before anything touches the file).
+    require_journal(path, opts)?;
+    let lock = writer_lock(path, opts, held, open_existing)?;
+    // A file a writer created but never committed is empty: it is a new store.
+    let create = !open_existing
+        || mode == Mode::Truncate
+        || lock.as_ref().is_some_and(|l| l.len().is_ok_and(|n| n == 0));
+    h5::locked(|| open_store(path, opts, create, lock))
+}
+
+/// Rolls the file at `path` back to its last commit from its journal, if a killed writer left
+/// one; removes a file that was never committed.
+fn roll_back(path: &Path, mode: Mode) -> Result<()> {
+    let loc = || path.display().to_string();
     match journal::recover(path) {
         Ok(Some(r)) => {
             tracing::warn!(
@@ -67,19 +86,23 @@ pub(crate) fn open_file_locked(
                     StoreError::backend(format!("removing the uncommitted {}", loc()), e)
                 })?;
             }
+            Ok(())
         }
-        Ok(None) => {}
+        Ok(None) => Ok(()),
         Err(e) if mode == Mode::Read && e.kind() == std::io::ErrorKind::PermissionDenied => {
             tracing::warn!(path = %loc(), "cannot roll back a read-only file: {e}");
+            Ok(())
         }
-        Err(e) => {
-            return Err(StoreError::backend(
-                format!("rolling back {} from its journal", loc()),
-                e,
-            ))
-        }
+        Err(e) => Err(StoreError::backend(
+            format!("rolling back {} from its journal", loc()),
+            e,
+        )),
     }
-    let exists = path.exists();
+}
+
+/// Refuses a missing file in `r`/`r+` mode and an existing one in `x` mode.
+fn check_mode(path: &Path, mode: Mode, exists: bool) -> Result<()> {
+    let loc = || path.display().to_string();
     if matches!(mode, Mode::Read | Mode::ReadWrite) && !exists {
         return Err(StoreError::backend(
             format!("opening {} (mode {})", loc(), mode.as_str()),
@@ -92,8 +115,14 @@ pub(crate) fn open_file_locked(
             std::io::Error::new(std::io::ErrorKind::AlreadyExists, "file exists"),
         ));
     }
+    Ok(())
+}
+
+/// A file to open must be an HDF5 file ([`StoreError::NotAStore`] otherwise); a file to create
+/// gets its directory.
+fn prepare_path(path: &Path, open_existing: bool) -> Result<()> {
+    let loc = || path.display().to_string();
     let cpath = h5::cstr(&path.to_string_lossy()).map_err(|e| h5err(path, e))?;
-    let open_existing = matches!(mode, Mode::Read | Mode::ReadWrite | Mode::Append) && exists;
     if open_existing {
         if path.is_dir() {
             return Err(StoreError::NotAStore {
@@ -115,95 +144,132 @@ pub(crate) fn open_file_locked(
             })?;
         }
     }
-    // Never silently without crash safety (checked before anything touches the file).
-    if mode.writable() && !opts.allow_unjournaled && h5::locked(|| journal::driver().is_none()) {
+    Ok(())
+}
+
+/// Refuses to write without the journal driver on this library, unless the options allow it.
+fn require_journal(path: &Path, opts: &HDF5StoreOptions) -> Result<()> {
+    if opts.mode.writable() && !opts.allow_unjournaled && h5::locked(|| journal::driver().is_none())
+    {
         let (maj, min, rel) = h5::locked(journal::lib_version);
         return Err(StoreError::InvalidConfig(format!(
             "{}: the linked HDF5 is {maj}.{min}.{rel}, and Coral's crash-safe file driver \
                  knows 1.10.8 and later 1.10 releases, 1.14 and 2.x; writing would not survive a \
                  crash (HDF5StoreOptions::allow_unjournaled, or CORAL_ALLOW_UNJOURNALED=1, to \
                  write anyway)",
-            loc()
+            path.display()
         )));
+    }
+    Ok(())
+}
+
+/// A writer's lock on `path` (`held` when the caller has it already), the file truncated in
+/// `w` mode; `None` for a reader.
+fn writer_lock(
+    path: &Path,
+    opts: &HDF5StoreOptions,
+    held: Option<journal::WriterLock>,
+    open_existing: bool,
+) -> Result<Option<journal::WriterLock>> {
+    let mode = opts.mode;
+    if !mode.writable() {
+        return Ok(None);
     }
     // A writer locks the file before HDF5 opens it (creating it empty when it is new), and
     // keeps the lock while the file is closed and opened again at each commit.
-    let lock = if mode.writable() {
-        let lock = match held {
-            Some(l) => l,
-            None => journal::WriterLock::acquire(path, !open_existing, opts.wait)
-                .map_err(|e| os_error(path, &format!("opening (mode {})", mode.as_str()), e))?,
-        };
-        if mode == Mode::Truncate {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_len(0))
-                .map_err(|e| os_error(path, "truncating", e))?;
-        }
-        Some(lock)
-    } else {
-        None
+    let lock = match held {
+        Some(l) => l,
+        None => journal::WriterLock::acquire(path, !open_existing, opts.wait)
+            .map_err(|e| os_error(path, &format!("opening (mode {})", mode.as_str()), e))?,
     };
-    // A file a writer created but never committed is empty: it is a new store.
-    let create = !open_existing
-        || mode == Mode::Truncate
-        || lock.as_ref().is_some_and(|l| l.len().is_ok_and(|n| n == 0));
-    h5::locked(|| {
-        let fid = open_h5(path, opts, create)?;
-        let fid_raw = fid.id();
-        set_cloexec(fid_raw);
-        let has = |g: &str| h5::link_exists(fid_raw, g).map_err(|e| h5err(path, e));
-        if mode.writable() {
-            // Holding the write lock: a `<path>.compact-tmp` now is a killed compaction's.
-            crate::compact::remove_stale_tmp(fid_raw, path)?;
+    if mode == Mode::Truncate {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(0))
+            .map_err(|e| os_error(path, "truncating", e))?;
+    }
+    Ok(Some(lock))
+}
+
+/// Opens (with `create`, creates) the file through HDF5, checks or lays out its groups, and
+/// commits a writer's first open. Call under the HDF5 lock.
+fn open_store(
+    path: &Path,
+    opts: &HDF5StoreOptions,
+    create: bool,
+    lock: Option<journal::WriterLock>,
+) -> Result<Inner> {
+    let fid = open_h5(path, opts, create)?;
+    let fid_raw = fid.id();
+    set_cloexec(fid_raw);
+    let writable = opts.mode.writable();
+    if writable {
+        // Holding the write lock: a `<path>.compact-tmp` now is a killed compaction's.
+        crate::compact::remove_stale_tmp(fid_raw, path)?;
+    }
+    check_layout(path, fid_raw, opts.mode)?;
+    if writable {
+        create_groups(path, fid_raw)?;
+    }
+    let (weights, deltas, models) = open_groups(path, fid_raw)?;
+    let mut inner = Inner {
+        weights,
+        deltas,
+        models,
+        file: fid,
+        writable,
+        reader: second_reader(path, fid_raw),
+        lock,
+    };
+    if writable {
+        commit_reopen(path, opts, &mut inner)?;
+    }
+    Ok(inner)
+}
+
+/// A file without `weights/` is a store only when `mode` may create one: `w`, `x`, or `a` on
+/// an empty file.
+fn check_layout(path: &Path, fid: hid_t, mode: Mode) -> Result<()> {
+    if h5::link_exists(fid, WEIGHTS).map_err(|e| h5err(path, e))? {
+        return Ok(());
+    }
+    let empty = h5::link_names(fid).map_err(|e| h5err(path, e))?.is_empty();
+    let may_create = match mode {
+        Mode::Read | Mode::ReadWrite => false,
+        Mode::Append => empty,
+        Mode::Truncate | Mode::CreateNew => true,
+    };
+    if !may_create {
+        return Err(StoreError::NotAStore {
+            location: path.display().to_string(),
+            reason: "an HDF5 file without the weights/ group".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates whichever of the store's groups the file lacks.
+fn create_groups(path: &Path, fid: hid_t) -> Result<()> {
+    for g in [WEIGHTS, METADATA, DELTAS, MODELS] {
+        if !h5::link_exists(fid, g).map_err(|e| h5err(path, e))? {
+            drop(h5::create_group(fid, g, heap_hint(g)).map_err(|e| h5err(path, e))?);
         }
-        if !has(WEIGHTS)? {
-            let empty = h5::link_names(fid_raw)
-                .map_err(|e| h5err(path, e))?
-                .is_empty();
-            let may_create = match mode {
-                Mode::Read | Mode::ReadWrite => false,
-                Mode::Append => empty,
-                Mode::Truncate | Mode::CreateNew => true,
-            };
-            if !may_create {
-                return Err(StoreError::NotAStore {
-                    location: loc(),
-                    reason: "an HDF5 file without the weights/ group".to_owned(),
-                });
-            }
-        }
-        let writable = mode.writable();
-        if writable {
-            for g in [WEIGHTS, METADATA, DELTAS, MODELS] {
-                if !has(g)? {
-                    drop(h5::create_group(fid_raw, g, heap_hint(g)).map_err(|e| h5err(path, e))?);
-                }
-            }
-        }
-        let (weights, deltas, models) = open_groups(path, fid_raw)?;
-        // Chunk addresses are file offsets only without a user block.
-        let reader = match h5::userblock_size(fid_raw) {
-            Ok(0) => std::fs::File::open(path)
-                .map_err(|e| tracing::debug!(path = %loc(), error = %e, "no second descriptor"))
-                .ok(),
-            _ => None,
-        };
-        let mut inner = Inner {
-            weights,
-            deltas,
-            models,
-            file: fid,
-            writable,
-            reader,
-            lock,
-        };
-        if writable {
-            commit_reopen(path, opts, &mut inner)?;
-        }
-        Ok(inner)
-    })
+    }
+    Ok(())
+}
+
+/// A second descriptor of the file for positional reads of chunks ([`Inner::reader`]): only
+/// without a user block, since chunk addresses are file offsets only then.
+fn second_reader(path: &Path, fid: hid_t) -> Option<std::fs::File> {
+    match h5::userblock_size(fid) {
+        Ok(0) => std::fs::File::open(path)
+            .map_err(
+                |e| tracing::debug!(path = %path.display(), error = %e, "no second descriptor"),
+            )
+            .ok(),
+        _ => None,
+    }
 }
 
 /// Opens (or, with `create`, creates) the HDF5 file with Coral's property lists and the journal
