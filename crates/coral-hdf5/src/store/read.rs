@@ -130,140 +130,206 @@ impl HDF5Store {
             .map_err(|r| corrupt(&self.path, key, r))?;
         let space = h5::dataset_space(dset).map_err(e)?;
         let dims = h5::space_dims(space.id()).map_err(e)?;
+        self.check_dims(key, dtype, shape, &dims, nbytes)?;
+        let dcpl = h5::dataset_dcpl(dset).map_err(e)?;
+        let (pipeline, chunk_dims) = h5::dcpl_layout(dcpl.id()).map_err(e)?;
+        if !chunk_dims.is_empty() {
+            let max = h5::space_max_dims(space.id()).map_err(e)?;
+            self.check_chunk_dims(key, &chunk_dims, &dims, &max)?;
+        }
+        if !coral_layout(&pipeline, &chunk_dims, &dims, shape) {
+            return self.read_whole(dset, key, ftype.id(), nbytes);
+        }
+        // Coral's layout: `chunk_dims`, `dims` and `shape` have one rank, at least 1.
+        let grid = self.chunk_grid(key, dtype, shape, &dims, chunk_dims[0])?;
+        let chunks = self.read_chunks(dset, &grid, locate)?;
+        Ok(RawRead::Chunks {
+            pipeline,
+            chunk_bytes: grid.chunk_bytes,
+            chunks,
+            nbytes,
+        })
+    }
+
+    /// Checks the dataset's `dims` against the `shape` attribute (`nbytes` bytes of `dtype`).
+    fn check_dims(
+        &self,
+        key: &str,
+        dtype: DType,
+        shape: &[usize],
+        dims: &[u64],
+        nbytes: usize,
+    ) -> Result<()> {
         let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        if dims == want || (dims.is_empty() && shape.is_empty()) {
+            return Ok(());
+        }
+        // h5py stores what numpy gives; accept any shape with the same element count.
         let dims_bytes = dims
             .iter()
             .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d));
-        if dims != want && !(dims.is_empty() && shape.is_empty()) {
-            // h5py stores what numpy gives; accept any shape with the same element count.
-            if dims_bytes != Some(nbytes as u64) {
-                return Err(corrupt(
-                    &self.path,
-                    key,
-                    format!("dataset shape {dims:?} does not match the shape attribute {shape:?}"),
-                ));
-            }
+        if dims_bytes != Some(nbytes as u64) {
+            return Err(corrupt(
+                &self.path,
+                key,
+                format!("dataset shape {dims:?} does not match the shape attribute {shape:?}"),
+            ));
         }
-        let dcpl = h5::dataset_dcpl(dset).map_err(e)?;
-        let (pipeline, chunk_dims) = h5::dcpl_layout(dcpl.id()).map_err(e)?;
-        // HDF5 creates no chunk larger than a fixed-size dimension; a layout that says so is
-        // damaged, and libhdf5 would copy whole chunks of that size out of the smaller ones the
-        // filters decode (SIGSEGV in H5Dread).
-        if !chunk_dims.is_empty() {
-            let max = h5::space_max_dims(space.id()).map_err(e)?;
-            let too_big = chunk_dims.len() != dims.len()
-                || chunk_dims
-                    .iter()
-                    .zip(dims.iter().zip(&max))
-                    .any(|(&c, (&d, &m))| c > d && m == d);
-            if too_big {
-                return Err(corrupt(
-                    &self.path,
-                    key,
-                    format!("chunks of {chunk_dims:?} for a dataset of {dims:?}"),
-                ));
-            }
-        }
-        let ours = !chunk_dims.is_empty()
-            && chunk_dims.len() == dims.len()
-            && chunk_dims[1..] == dims[1..]
-            && chunk_dims[0] > 0
-            && chunk::supported(&pipeline)
-            && dims == want;
-        if ours {
-            let rows = chunk_dims[0];
-            let n_chunks = dims[0].div_ceil(rows);
-            // Sizes read from the file: checked, and allocations that may fail do (no abort).
-            let chunk_bytes = shape[1..]
+        Ok(())
+    }
+
+    /// HDF5 creates no chunk larger than a fixed-size dimension; a layout that says so is
+    /// damaged, and libhdf5 would copy whole chunks of that size out of the smaller ones the
+    /// filters decode (SIGSEGV in H5Dread). `max`: the dataset's maximum dims.
+    fn check_chunk_dims(
+        &self,
+        key: &str,
+        chunk_dims: &[u64],
+        dims: &[u64],
+        max: &[u64],
+    ) -> Result<()> {
+        let too_big = chunk_dims.len() != dims.len()
+            || chunk_dims
                 .iter()
-                .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
-                .and_then(|row| row.checked_mul(usize::try_from(rows).ok()?))
-                .ok_or_else(|| {
-                    corrupt(&self.path, key, format!("chunks of {rows} rows overflow"))
-                })?;
-            let mut chunks = Vec::new();
-            usize::try_from(n_chunks)
-                .ok()
-                .and_then(|n| chunks.try_reserve(n).ok())
-                .ok_or_else(|| corrupt(&self.path, key, format!("{n_chunks} chunks")))?;
-            let mut offset = vec![0u64; dims.len()];
-            for i in 0..n_chunks {
-                offset[0] = i * rows;
-                let mut mask: u32 = 0;
-                let mut addr: u64 = 0;
-                let mut size: u64 = 0;
-                // SAFETY: offset has rank entries; out pointers valid.
-                let r = unsafe {
-                    hdf5_sys::h5d::H5Dget_chunk_info_by_coord(
-                        dset,
-                        offset.as_ptr(),
-                        &mut mask,
-                        &mut addr,
-                        &mut size,
-                    )
-                };
-                h5::check(r, || format!("chunk {i} info of {key}")).map_err(e)?;
-                if addr == u64::MAX || size == 0 {
-                    chunks.push(None); // never written: fill value (zeros)
-                    continue;
-                }
-                if size
-                    > (chunk_bytes as u64)
-                        .saturating_mul(2)
-                        .saturating_add(1 << 20)
-                {
-                    return Err(corrupt(
-                        &self.path,
-                        key,
-                        format!("chunk {i} is {size} bytes"),
-                    ));
-                }
-                if locate {
-                    chunks.push(Some((ChunkSrc::At { addr, size }, mask)));
-                    continue;
-                }
-                let mut buf = usize::try_from(size)
-                    .ok()
-                    .and_then(crate::mem::zeroed)
-                    .ok_or_else(|| {
-                        corrupt(
-                            &self.path,
-                            key,
-                            format!("cannot hold chunk {i} of {size} bytes"),
-                        )
-                    })?;
-                let mut filters: u32 = 0;
-                // SAFETY: buffer of the chunk's stored size.
-                let r = unsafe { h5::read_chunk(dset, &offset, &mut filters, &mut buf) };
-                h5::check(r, || format!("reading chunk {i} of {key}")).map_err(e)?;
-                chunks.push(Some((ChunkSrc::Bytes(buf), filters)));
-            }
-            Ok(RawRead::Chunks {
-                pipeline,
-                chunk_bytes,
-                chunks,
-                nbytes,
-            })
-        } else {
-            let mut buf = crate::mem::zeroed(nbytes)
-                .ok_or_else(|| corrupt(&self.path, key, format!("cannot hold {nbytes} bytes")))?;
-            if nbytes > 0 {
-                // SAFETY: reading the whole dataset in its own (little-endian) file type into a
-                // buffer of exactly its size.
-                let r = unsafe {
-                    hdf5_sys::h5d::H5Dread(
-                        dset,
-                        ftype.id(),
-                        hdf5_sys::h5s::H5S_ALL,
-                        hdf5_sys::h5s::H5S_ALL,
-                        hdf5_sys::h5p::H5P_DEFAULT,
-                        buf.as_mut_ptr() as *mut _,
-                    )
-                };
-                h5::check(r, || format!("reading {key}")).map_err(e)?;
-            }
-            Ok(RawRead::Whole(buf))
+                .zip(dims.iter().zip(max))
+                .any(|(&c, (&d, &m))| c > d && m == d);
+        if too_big {
+            return Err(corrupt(
+                &self.path,
+                key,
+                format!("chunks of {chunk_dims:?} for a dataset of {dims:?}"),
+            ));
         }
+        Ok(())
+    }
+
+    /// The chunks of a dataset in Coral's layout, `rows` rows each.
+    fn chunk_grid<'k>(
+        &self,
+        key: &'k str,
+        dtype: DType,
+        shape: &[usize],
+        dims: &[u64],
+        rows: u64,
+    ) -> Result<ChunkGrid<'k>> {
+        // Sizes read from the file: checked.
+        let chunk_bytes = shape[1..]
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .and_then(|row| row.checked_mul(usize::try_from(rows).ok()?))
+            .ok_or_else(|| corrupt(&self.path, key, format!("chunks of {rows} rows overflow")))?;
+        Ok(ChunkGrid {
+            key,
+            rows,
+            n_chunks: dims[0].div_ceil(rows),
+            chunk_bytes,
+            rank: dims.len(),
+        })
+    }
+
+    /// Reads (with `locate`, locates) every chunk of `grid`, in order; `None` for a chunk never
+    /// written.
+    fn read_chunks(
+        &self,
+        dset: hid_t,
+        grid: &ChunkGrid<'_>,
+        locate: bool,
+    ) -> Result<Vec<Option<(ChunkSrc, u32)>>> {
+        let (key, n_chunks) = (grid.key, grid.n_chunks);
+        // A count read from the file: an allocation that may fail does (no abort).
+        let mut chunks = Vec::new();
+        usize::try_from(n_chunks)
+            .ok()
+            .and_then(|n| chunks.try_reserve(n).ok())
+            .ok_or_else(|| corrupt(&self.path, key, format!("{n_chunks} chunks")))?;
+        let mut offset = vec![0u64; grid.rank];
+        for i in 0..n_chunks {
+            // Below dims[0], as i < n_chunks: no overflow.
+            offset[0] = i * grid.rows;
+            chunks.push(self.read_chunk(dset, grid, i, &offset, locate)?);
+        }
+        Ok(chunks)
+    }
+
+    /// Reads (with `locate`, locates) chunk `i` of `grid`, at `offset`, with its filter mask;
+    /// `None` when it was never written (its rows are the fill value, zeros).
+    fn read_chunk(
+        &self,
+        dset: hid_t,
+        grid: &ChunkGrid<'_>,
+        i: u64,
+        offset: &[u64],
+        locate: bool,
+    ) -> Result<Option<(ChunkSrc, u32)>> {
+        let key = grid.key;
+        let mut mask: u32 = 0;
+        let mut addr: u64 = 0;
+        let mut size: u64 = 0;
+        // SAFETY: offset has rank entries; out pointers valid.
+        let r = unsafe {
+            hdf5_sys::h5d::H5Dget_chunk_info_by_coord(
+                dset,
+                offset.as_ptr(),
+                &mut mask,
+                &mut addr,
+                &mut size,
+            )
+        };
+        h5::check(r, || format!("chunk {i} info of {key}")).map_err(|e| self.err(e))?;
+        if addr == u64::MAX || size == 0 {
+            return Ok(None); // never written: fill value (zeros)
+        }
+        let most = (grid.chunk_bytes as u64)
+            .saturating_mul(2)
+            .saturating_add(1 << 20);
+        if size > most {
+            return Err(corrupt(
+                &self.path,
+                key,
+                format!("chunk {i} is {size} bytes"),
+            ));
+        }
+        if locate {
+            return Ok(Some((ChunkSrc::At { addr, size }, mask)));
+        }
+        let mut buf = usize::try_from(size)
+            .ok()
+            .and_then(crate::mem::zeroed)
+            .ok_or_else(|| {
+                corrupt(
+                    &self.path,
+                    key,
+                    format!("cannot hold chunk {i} of {size} bytes"),
+                )
+            })?;
+        let mut filters: u32 = 0;
+        // SAFETY: buffer of the chunk's stored size.
+        let r = unsafe { h5::read_chunk(dset, offset, &mut filters, &mut buf) };
+        h5::check(r, || format!("reading chunk {i} of {key}")).map_err(|e| self.err(e))?;
+        Ok(Some((ChunkSrc::Bytes(buf), filters)))
+    }
+
+    /// Reads the whole dataset through HDF5's pipeline, in its own file type `ftype`:
+    /// `nbytes` bytes.
+    fn read_whole(&self, dset: hid_t, key: &str, ftype: hid_t, nbytes: usize) -> Result<RawRead> {
+        let mut buf = crate::mem::zeroed(nbytes)
+            .ok_or_else(|| corrupt(&self.path, key, format!("cannot hold {nbytes} bytes")))?;
+        if nbytes > 0 {
+            // SAFETY: reading the whole dataset in its own (little-endian) file type into a
+            // buffer of exactly its size.
+            let r = unsafe {
+                hdf5_sys::h5d::H5Dread(
+                    dset,
+                    ftype,
+                    hdf5_sys::h5s::H5S_ALL,
+                    hdf5_sys::h5s::H5S_ALL,
+                    hdf5_sys::h5p::H5P_DEFAULT,
+                    buf.as_mut_ptr() as *mut _,
+                )
+            };
+            h5::check(r, || format!("reading {key}")).map_err(|e| self.err(e))?;
+        }
+        Ok(RawRead::Whole(buf))
     }
 
     /// Checks `w` against `key`: the integrity error when strict, a warning otherwise.
@@ -423,6 +489,34 @@ impl HDF5Store {
         }
         Ok((n, total, stored))
     }
+}
+
+/// True when a dataset is in Coral's own chunk layout, which loads read chunk by chunk and
+/// decode in parallel: chunked along the first axis only (whole rows of `dims`), through a
+/// pipeline Coral decodes, with the dims of its `shape` attribute.
+fn coral_layout(
+    pipeline: &[FilterInfo],
+    chunk_dims: &[u64],
+    dims: &[u64],
+    shape: &[usize],
+) -> bool {
+    let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    !chunk_dims.is_empty()
+        && chunk_dims.len() == dims.len()
+        && chunk_dims[1..] == dims[1..]
+        && chunk_dims[0] > 0
+        && chunk::supported(pipeline)
+        && dims == want
+}
+
+/// The chunks of a dataset (`key`) in Coral's layout: `n_chunks` of `rows` rows, each
+/// `chunk_bytes` bytes decoded, in a dataset of rank `rank`.
+struct ChunkGrid<'k> {
+    key: &'k str,
+    rows: u64,
+    n_chunks: u64,
+    chunk_bytes: usize,
+    rank: usize,
 }
 
 /// Where a stored chunk's bytes are.
