@@ -404,6 +404,12 @@ impl Inner {
     }
 }
 
+/// The sum of `sizes`, saturating: for figures of statistics from sizes an object or a listing
+/// reports, which a damaged or hostile record could make overflow.
+fn saturating_sum(sizes: impl Iterator<Item = u64>) -> u64 {
+    sizes.fold(0, u64::saturating_add)
+}
+
 /// What uploading one weight of a batch gave: its data object's size when it wrote the weight
 /// (`None` when it was present), or why it was not stored.
 type Upload = std::result::Result<Option<u64>, String>;
@@ -1069,7 +1075,8 @@ impl WeightStore for S3Store {
         let delta_info = self.get_delta_storage_info()?;
         self.run(async move {
             let keys = inner.list_keys("metadata", ".json").await?;
-            let file_size: u64 = inner.list_rel("").await?.iter().map(|o| o.size).sum();
+            // Figures for statistics, summed from sizes the objects report: saturating.
+            let file_size = saturating_sum(inner.list_rel("").await?.iter().map(|o| o.size));
             let conc = inner.config.max_concurrency;
             let records: Vec<Option<WeightRecord>> = futures::stream::iter(keys)
                 .map(|k| {
@@ -1080,8 +1087,8 @@ impl WeightStore for S3Store {
                 .try_collect()
                 .await?;
             let records: Vec<WeightRecord> = records.into_iter().flatten().collect();
-            let total_bytes: u64 = records.iter().map(|r| r.data.nbytes).sum();
-            let compressed_bytes: u64 = records.iter().map(|r| r.data.size).sum();
+            let total_bytes = saturating_sum(records.iter().map(|r| r.data.nbytes));
+            let compressed_bytes = saturating_sum(records.iter().map(|r| r.data.size));
             Ok(StorageInfo {
                 backend: "s3".to_owned(),
                 location: inner.location.clone(),
@@ -1216,14 +1223,9 @@ impl DeltaStore for S3Store {
                     continue;
                 };
                 let d = decode_delta(&b, &k).map_err(|e| inner.corrupt(&rel, e))?;
-                info.total_deltas += 1;
-                info.total_delta_bytes += d.data.len() as u64;
-                let n: u64 = d.original_shape.iter().map(|&x| x as u64).product();
-                info.total_original_bytes += n * d.original_dtype.size() as u64;
-                *info
-                    .by_type
-                    .entry(d.delta_type.name().to_owned())
-                    .or_default() += 1;
+                // Figures for statistics: the shape comes from the object, so its byte count
+                // saturates rather than overflowing (`DeltaStorageInfo::add`, as for HDF5).
+                info.add(&d);
             }
             Ok(info)
         })

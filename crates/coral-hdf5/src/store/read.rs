@@ -412,7 +412,8 @@ impl HDF5Store {
                     let meta = self.read_meta(d.id(), &key)?;
                     let raw =
                         self.read_raw(d.id(), &k, meta.dtype, &meta.shape, reader.is_some())?;
-                    bytes += raw.nbytes_in_flight();
+                    // Only a bound on the group's memory: saturating.
+                    bytes = bytes.saturating_add(raw.nbytes_in_flight());
                     group.push((key, meta, raw));
                 }
                 Ok(())
@@ -483,9 +484,10 @@ impl HDF5Store {
             let d = self.open_dataset(inner.weights.id(), &name).map_err(e)?;
             let meta = self.read_meta(d.id(), &key)?;
             n += 1;
-            total += meta.checked_nbytes().unwrap_or(0) as u64;
+            // Figures for statistics, from sizes the file gives: saturating.
+            total = total.saturating_add(meta.checked_nbytes().unwrap_or(0) as u64);
             // SAFETY: valid dataset id.
-            stored += unsafe { hdf5_sys::h5d::H5Dget_storage_size(d.id()) };
+            stored = stored.saturating_add(unsafe { hdf5_sys::h5d::H5Dget_storage_size(d.id()) });
         }
         Ok((n, total, stored))
     }

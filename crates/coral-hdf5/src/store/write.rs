@@ -179,13 +179,18 @@ impl HDF5Store {
         p
     }
 
-    /// Plans the layout of a tensor of `dtype` and `shape`.
-    pub(crate) fn layout(&self, dtype: DType, shape: &[usize]) -> Result<Layout> {
+    /// Plans the layout of the tensor `key` of `dtype` and `shape`.
+    pub(crate) fn layout(&self, key: &str, dtype: DType, shape: &[usize]) -> Result<Layout> {
         if shape.is_empty() || shape.contains(&0) {
             return Ok(Layout::Contiguous);
         }
-        let row_elems: usize = shape[1..].iter().product();
-        let row_bytes = row_elems.saturating_mul(dtype.size()).max(1);
+        let row_bytes = shape[1..]
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                StoreError::InvalidConfig(format!("{key}: shape {shape:?}: a row's size overflows"))
+            })?
+            .max(1);
         let rows = (self.opts.chunk_bytes / row_bytes).clamp(1, shape[0]);
         if rows.saturating_mul(row_bytes) > (u32::MAX as usize) {
             return Err(StoreError::InvalidConfig(format!(
@@ -209,7 +214,7 @@ impl HDF5Store {
         shape: &[usize],
         data: &Bytes,
     ) -> Result<Encoded> {
-        let layout = self.layout(dtype, shape)?;
+        let layout = self.layout(&key, dtype, shape)?;
         let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
         Ok(Encoded {
             key,
