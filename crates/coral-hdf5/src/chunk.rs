@@ -36,7 +36,9 @@ pub fn supported(pipeline: &[FilterInfo]) -> bool {
 }
 
 /// Encodes one full chunk through `pipeline`; returns the bytes and the filter mask (bit `i` set
-/// when filter `i` was skipped).
+/// when filter `i` was skipped). (The writers use [`encode_into`]; this is for tests and the
+/// `testing` feature's hooks.)
+#[cfg(any(test, feature = "testing"))]
 pub fn encode(
     pipeline: &[FilterInfo],
     element_size: usize,

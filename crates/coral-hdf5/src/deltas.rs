@@ -98,7 +98,15 @@ impl HDF5Store {
         let es = unsafe { hdf5_sys::h5t::H5Tget_size(ftype.id()) };
         let space = h5::dataset_space(dset).map_err(e)?;
         let dims = h5::space_dims(space.id()).map_err(e)?;
-        let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        // Dims read from the file: checked (the payload's byte count is, by `read_raw` and
+        // `delta_header`).
+        let shape = dims
+            .iter()
+            .map(|&d| {
+                usize::try_from(d)
+                    .map_err(|_| corrupt(self, key, format!("delta payload dimension {d}")))
+            })
+            .collect::<Result<Vec<usize>>>()?;
         let dtype = match es {
             1 => DType::U8,
             2 => DType::U16,
@@ -449,6 +457,7 @@ impl ManifestStore for HDF5Store {
                     ))
                 }
             }
+            // At most MAX_MANIFEST_BYTES (checked above): it fits.
             let shape: Vec<usize> = dims.iter().map(|&x| x as usize).collect();
             let hash = h5::read_i64s_attr(d.id(), MANIFEST_HASH)
                 .map_err(|err| corrupt(self, n, err.to_string()))?

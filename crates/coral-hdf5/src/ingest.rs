@@ -98,239 +98,382 @@ impl HDF5Store {
         sizes: &mut [Option<u64>],
     ) -> Result<()> {
         let algorithm = self.opts.hash_algorithm;
-        let mut to_hash: Vec<usize> = (0..items.len()).collect();
-        to_hash.sort_by_key(|&i| std::cmp::Reverse(items[i].0.nbytes()));
-        let mut to_hash = VecDeque::from(to_hash);
         let (tx, rx) = mpsc::channel::<Event>();
         // Buffers of written chunks are reused for the next ones: no fresh memory per chunk.
         let buffers: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-        let hash = |i: usize| -> Result<ContentHash> {
-            let (w, given) = &items[i];
-            match given {
-                KeyGiven::Known(k) => Ok(*k),
-                KeyGiven::Compute => Ok(w.compute_hash_with(algorithm)),
-                KeyGiven::Check(k) => {
-                    let actual = w.compute_hash_with(k.algorithm());
-                    if actual == *k {
-                        Ok(actual)
-                    } else {
-                        Err(StoreError::KeyMismatch {
-                            name: w.name().to_owned(),
-                            key: *k,
-                            actual,
-                        })
-                    }
-                }
-            }
-        };
+        let hash = |i: usize| hash_item(&items[i], algorithm);
         let (jobs, job_rx) = mpsc::channel::<Job>();
-        let stopped = || corrupt(&self.path, "", "storing: the compression threads stopped");
         std::thread::scope(|scope| -> Result<()> {
             // Tasks are spawned from a plain thread of our own, never from this one: waiting for
             // them at the end makes a rayon worker run other rayon work, which on a thread that
             // holds the store (an application storing from rayon's pool) could be another store
             // call waiting for this very store.
             let (tx, hash, buffers) = (tx.clone(), &hash, &buffers);
-            let spawner = scope.spawn(move || {
-                in_compression_scope(|rs| {
-                    for job in job_rx {
-                        let tx = tx.clone();
-                        match job {
-                            Job::Hash(seq, i) => rs.spawn(move |_| {
-                                let r = std::panic::catch_unwind(AssertUnwindSafe(|| hash(i)))
-                                    .unwrap_or_else(|_| {
-                                        Err(StoreError::backend(
-                                            "hashing",
-                                            std::io::Error::other("a hashing thread panicked"),
-                                        ))
-                                    });
-                                let _ = tx.send(Event::Hashed(seq, i, r));
-                            }),
-                            Job::Chunk(seq, p, c, plan) => rs.spawn(move |_| {
-                                let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                                    let mut buf = take_largest(buffers);
-                                    plan.encode_chunk(c, &mut buf).map(|mask| (buf, mask))
-                                }))
-                                .unwrap_or_else(|_| {
-                                    Err(ChunkError("a compression thread panicked".into()))
-                                });
-                                // The writer may have stopped on an error: nothing to do then.
-                                let _ = tx.send(Event::Chunk(seq, p, c, done));
-                            }),
-                        }
-                    }
-                })
-            });
-            let mut hashing = 0usize;
-            let mut in_flight = 0usize;
-            let mut plans: Vec<Arc<Encoded>> = Vec::new();
-            // Bytes written for each plan's chunks.
-            let mut plan_bytes: Vec<u64> = Vec::new();
-            // The first item (in batch order) of each plan's key: its metadata is written.
-            let mut first: Vec<usize> = Vec::new();
-            // Each key seen: its plan, or None when already stored.
-            let mut by_key: HashMap<ContentHash, Option<usize>> = HashMap::new();
-            let mut queue: VecDeque<(usize, usize)> = VecDeque::new();
-            let mut open: HashMap<usize, (Hid, usize)> = HashMap::new();
-            let mut written: Vec<(usize, Hid)> = Vec::new();
-            // Plans without chunks (empty tensors, scalars): their datasets come at the end.
-            let mut empty: Vec<usize> = Vec::new();
-            // Results waiting for their turn, by number: hashes and chunks count apart.
-            let mut hashes_done: BTreeMap<u64, Event> = BTreeMap::new();
-            let mut chunks_done: BTreeMap<u64, Event> = BTreeMap::new();
-            let (mut next_hash_seq, mut next_hash_turn) = (0u64, 0u64);
-            let (mut next_chunk_seq, mut next_chunk_turn) = (0u64, 0u64);
-            let result = (|| -> Result<()> {
-                loop {
-                    // Chunks of what is hashed first, then the next tensor to hash: the
-                    // threads take tasks in order, so compression never waits behind hashing.
-                    while let Some(&(p, c)) = queue.front() {
-                        let plan = &plans[p];
-                        let cost = plan.chunk_bytes();
-                        if in_flight > 0 && in_flight + cost > IN_FLIGHT_BYTES {
-                            break;
-                        }
-                        queue.pop_front();
-                        in_flight += cost;
-                        jobs.send(Job::Chunk(next_chunk_seq, p, c, Arc::clone(plan)))
-                            .map_err(|_| stopped())?;
-                        next_chunk_seq += 1;
-                    }
-                    while hashing < HASHES_AHEAD {
-                        let Some(i) = to_hash.pop_front() else { break };
-                        jobs.send(Job::Hash(next_hash_seq, i))
-                            .map_err(|_| stopped())?;
-                        next_hash_seq += 1;
-                        hashing += 1;
-                    }
-                    let all_hashed = next_hash_turn == next_hash_seq && to_hash.is_empty();
-                    if all_hashed && in_flight == 0 && queue.is_empty() {
-                        // Every key is right, every chunk written (and each dataset's attributes,
-                        // `hash` last, with its last chunk): the datasets without chunks, then
-                        // the links, in plan order; only now does any of it get a name, so a
-                        // batch that fails anywhere before this links nothing.
-                        for p in empty.drain(..) {
-                            let dset = self.create_dataset(inner, &plans[p])?;
-                            Self::weight_attrs(
-                                items[first[p]].0.metadata(),
-                                &plans[p].key,
-                                dset.id(),
-                            )
-                            .map_err(|e| self.err(e))?;
-                            written.push((p, dset));
-                        }
-                        for (p, &i) in first.iter().enumerate() {
-                            sizes[i] = Some(plan_bytes[p]);
-                        }
-                        written.sort_by_key(|(p, _)| *p);
-                        for (p, dset) in written.drain(..) {
-                            h5::link_object(dset.id(), inner.weights.id(), &plans[p].key)
-                                .map_err(|e| self.err(e))?;
-                        }
-                        return Ok(());
-                    }
-                    // The next result in its turn: hashes in the order handed out, chunks in
-                    // queue order (either may go first; only chunk writes change the file
-                    // before the end, and they keep their order).
-                    let event = if let Some(e) = hashes_done.remove(&next_hash_turn) {
-                        next_hash_turn += 1;
-                        e
-                    } else if let Some(e) = chunks_done.remove(&next_chunk_turn) {
-                        next_chunk_turn += 1;
-                        e
-                    } else {
-                        match rx.recv().map_err(|_| {
-                            corrupt(&self.path, "", "storing: the compression threads stopped")
-                        })? {
-                            e @ Event::Hashed(seq, ..) => {
-                                // The thread is free again (the top of the loop hands it the
-                                // next tensor), though the result waits its turn.
-                                hashing -= 1;
-                                hashes_done.insert(seq, e);
-                            }
-                            e @ Event::Chunk(seq, ..) => {
-                                chunks_done.insert(seq, e);
-                            }
-                        }
-                        continue;
-                    };
-                    match event {
-                        Event::Hashed(_, i, key) => {
-                            let key = key?;
-                            keys[i] = Some(key);
-                            if let Some(plan) = by_key.get(&key) {
-                                if let Some(p) = *plan {
-                                    first[p] = first[p].min(i);
-                                }
-                                continue;
-                            }
-                            let hex = key.to_hex();
-                            if self.weight_present(inner, &hex)? {
-                                by_key.insert(key, None);
-                                continue;
-                            }
-                            // A leftover of an interrupted write (no `hash` attribute) is
-                            // replaced.
-                            if h5::link_exists(inner.weights.id(), &hex).map_err(|e| self.err(e))? {
-                                self.unlink(inner.weights.id(), &hex)?;
-                            }
-                            let w = items[i].0;
-                            let plan = self.encode(hex, w.dtype(), w.shape(), w.data())?;
-                            let p = plans.len();
-                            let n = plan.n_chunks();
-                            plans.push(Arc::new(plan));
-                            plan_bytes.push(0);
-                            first.push(i);
-                            by_key.insert(key, Some(p));
-                            if n == 0 {
-                                empty.push(p);
-                            } else {
-                                queue.extend((0..n).map(|c| (p, c)));
-                            }
-                        }
-                        Event::Chunk(_, p, c, done) => {
-                            let plan = &plans[p];
-                            in_flight = in_flight.saturating_sub(plan.chunk_bytes());
-                            let (bytes, mask) = done.map_err(|err| {
-                                corrupt(&self.path, &plan.key, format!("compressing: {err}"))
-                            })?;
-                            if let std::collections::hash_map::Entry::Vacant(v) = open.entry(p) {
-                                v.insert((self.create_dataset(inner, plan)?, 0));
-                            }
-                            let Some((dset, count)) = open.get_mut(&p) else {
-                                return Err(corrupt(&self.path, &plan.key, "lost dataset"));
-                            };
-                            self.write_chunk(dset, plan, c, &bytes, mask)?;
-                            *count += 1;
-                            plan_bytes[p] = plan_bytes[p].saturating_add(bytes.len() as u64);
-                            // Small buffers are not worth keeping.
-                            if bytes.capacity() >= 64 << 10 {
-                                buffers
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .push(bytes);
-                            }
-                            if *count == plan.n_chunks() {
-                                if let Some((dset, _)) = open.remove(&p) {
-                                    // Its first name is known: equal content has equal size,
-                                    // and hashes are taken by size, then batch order.
-                                    Self::weight_attrs(
-                                        items[first[p]].0.metadata(),
-                                        &plan.key,
-                                        dset.id(),
-                                    )
-                                    .map_err(|e| self.err(e))?;
-                                    written.push((p, dset));
-                                }
-                            }
-                        }
-                    }
-                }
-            })();
-            drop(jobs);
-            let joined = spawner.join().map_err(|_| stopped());
+            let spawner = scope.spawn(move || run_jobs(job_rx, &tx, hash, buffers));
+            let mut writer = Writer::new(self, inner, items, keys, sizes, buffers, jobs, rx);
+            let result = writer.run();
+            // Dropping the writer drops the job channel: the spawner ends once the tasks are done.
+            drop(writer);
+            let joined = spawner.join().map_err(|_| stopped(self));
             result?;
             joined
         })
+    }
+}
+
+/// The error when the compression threads stopped before the batch was done.
+fn stopped(store: &HDF5Store) -> StoreError {
+    corrupt(&store.path, "", "storing: the compression threads stopped")
+}
+
+/// The key of `item`, hashed as [`KeyGiven`] says (`algorithm`: the store's).
+fn hash_item(
+    (w, given): &(&WeightTensor, KeyGiven),
+    algorithm: coral_core::HashAlgorithm,
+) -> Result<ContentHash> {
+    match given {
+        KeyGiven::Known(k) => Ok(*k),
+        KeyGiven::Compute => Ok(w.compute_hash_with(algorithm)),
+        KeyGiven::Check(k) => {
+            let actual = w.compute_hash_with(k.algorithm());
+            if actual == *k {
+                Ok(actual)
+            } else {
+                Err(StoreError::KeyMismatch {
+                    name: w.name().to_owned(),
+                    key: *k,
+                    actual,
+                })
+            }
+        }
+    }
+}
+
+/// The spawner thread: runs each job of `job_rx` on the compression threads until the channel
+/// closes, each reporting to `tx`, and returns once every task it spawned is done.
+fn run_jobs<H>(
+    job_rx: mpsc::Receiver<Job>,
+    tx: &mpsc::Sender<Event>,
+    hash: &H,
+    buffers: &Mutex<Vec<Vec<u8>>>,
+) where
+    H: Fn(usize) -> Result<ContentHash> + Sync,
+{
+    in_compression_scope(|rs| {
+        for job in job_rx {
+            let tx = tx.clone();
+            match job {
+                Job::Hash(seq, i) => rs.spawn(move |_| hash_job(&tx, hash, seq, i)),
+                Job::Chunk(seq, p, c, plan) => {
+                    rs.spawn(move |_| chunk_job(&tx, buffers, seq, p, c, &plan))
+                }
+            }
+        }
+    })
+}
+
+/// Hashes item `i` (the `seq`-th hash) and reports it, a panic as an error.
+fn hash_job<H>(tx: &mpsc::Sender<Event>, hash: &H, seq: u64, i: usize)
+where
+    H: Fn(usize) -> Result<ContentHash>,
+{
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| hash(i))).unwrap_or_else(|_| {
+        Err(StoreError::backend(
+            "hashing",
+            std::io::Error::other("a hashing thread panicked"),
+        ))
+    });
+    let _ = tx.send(Event::Hashed(seq, i, r));
+}
+
+/// Compresses chunk `c` of `plan` (plan `p`, the `seq`-th chunk) into a reused buffer and
+/// reports it, a panic as an error.
+fn chunk_job(
+    tx: &mpsc::Sender<Event>,
+    buffers: &Mutex<Vec<Vec<u8>>>,
+    seq: u64,
+    p: usize,
+    c: usize,
+    plan: &Encoded,
+) {
+    let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut buf = take_largest(buffers);
+        plan.encode_chunk(c, &mut buf).map(|mask| (buf, mask))
+    }))
+    .unwrap_or_else(|_| Err(ChunkError("a compression thread panicked".into())));
+    // The writer may have stopped on an error: nothing to do then.
+    let _ = tx.send(Event::Chunk(seq, p, c, done));
+}
+
+/// The writer's side of the event loop: what it handed out, what came back, and what it wrote.
+struct Writer<'a, 'w> {
+    store: &'a HDF5Store,
+    inner: &'a Inner,
+    items: &'a [(&'w WeightTensor, KeyGiven)],
+    keys: &'a mut [Option<ContentHash>],
+    sizes: &'a mut [Option<u64>],
+    buffers: &'a Mutex<Vec<Vec<u8>>>,
+    jobs: mpsc::Sender<Job>,
+    events: mpsc::Receiver<Event>,
+    /// Items not yet handed out to hash, largest first.
+    to_hash: VecDeque<usize>,
+    /// Hash tasks handed out and not yet reported.
+    hashing: usize,
+    /// Uncompressed bytes of the chunks handed out and not yet written.
+    in_flight: usize,
+    /// The datasets to write, one per new key, in the order their keys were taken.
+    plans: Vec<Arc<Encoded>>,
+    /// Bytes written for each plan's chunks.
+    plan_bytes: Vec<u64>,
+    /// The first item (in batch order) of each plan's key: its metadata is written.
+    first: Vec<usize>,
+    /// Each key seen: its plan, or None when already stored.
+    by_key: HashMap<ContentHash, Option<usize>>,
+    /// Chunks to hand out, `(plan, chunk)`, in queue order.
+    queue: VecDeque<(usize, usize)>,
+    /// Datasets created and not yet complete: their chunks written so far.
+    open: HashMap<usize, (Hid, usize)>,
+    /// Complete datasets (attributes written), to link at the end.
+    written: Vec<(usize, Hid)>,
+    /// Plans without chunks (empty tensors, scalars): their datasets come at the end.
+    empty: Vec<usize>,
+    /// Results waiting for their turn, by number: hashes and chunks count apart.
+    hashes_done: BTreeMap<u64, Event>,
+    chunks_done: BTreeMap<u64, Event>,
+    /// The number of the next hash to hand out, and of the next one to take in its turn.
+    next_hash_seq: u64,
+    next_hash_turn: u64,
+    /// The same for chunks.
+    next_chunk_seq: u64,
+    next_chunk_turn: u64,
+}
+
+impl<'a, 'w> Writer<'a, 'w> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        store: &'a HDF5Store,
+        inner: &'a Inner,
+        items: &'a [(&'w WeightTensor, KeyGiven)],
+        keys: &'a mut [Option<ContentHash>],
+        sizes: &'a mut [Option<u64>],
+        buffers: &'a Mutex<Vec<Vec<u8>>>,
+        jobs: mpsc::Sender<Job>,
+        events: mpsc::Receiver<Event>,
+    ) -> Self {
+        let mut to_hash: Vec<usize> = (0..items.len()).collect();
+        to_hash.sort_by_key(|&i| std::cmp::Reverse(items[i].0.nbytes()));
+        Writer {
+            store,
+            inner,
+            items,
+            keys,
+            sizes,
+            buffers,
+            jobs,
+            events,
+            to_hash: VecDeque::from(to_hash),
+            hashing: 0,
+            in_flight: 0,
+            plans: Vec::new(),
+            plan_bytes: Vec::new(),
+            first: Vec::new(),
+            by_key: HashMap::new(),
+            queue: VecDeque::new(),
+            open: HashMap::new(),
+            written: Vec::new(),
+            empty: Vec::new(),
+            hashes_done: BTreeMap::new(),
+            chunks_done: BTreeMap::new(),
+            next_hash_seq: 0,
+            next_hash_turn: 0,
+            next_chunk_seq: 0,
+            next_chunk_turn: 0,
+        }
+    }
+
+    /// Hands out work and takes results in their turn until the batch is written and linked.
+    fn run(&mut self) -> Result<()> {
+        loop {
+            self.dispatch()?;
+            if self.all_written() {
+                return self.link_all();
+            }
+            match self.next_in_turn()? {
+                Some(Event::Hashed(_, i, key)) => self.on_hashed(i, key?)?,
+                Some(Event::Chunk(_, p, c, done)) => self.on_chunk(p, c, done)?,
+                None => {}
+            }
+        }
+    }
+
+    /// Chunks of what is hashed first, then the next tensor to hash: the threads take tasks in
+    /// order, so compression never waits behind hashing.
+    fn dispatch(&mut self) -> Result<()> {
+        while let Some(&(p, c)) = self.queue.front() {
+            let plan = &self.plans[p];
+            let cost = plan.chunk_bytes();
+            if self.in_flight > 0 && self.in_flight + cost > IN_FLIGHT_BYTES {
+                break;
+            }
+            self.queue.pop_front();
+            self.in_flight += cost;
+            self.jobs
+                .send(Job::Chunk(self.next_chunk_seq, p, c, Arc::clone(plan)))
+                .map_err(|_| stopped(self.store))?;
+            self.next_chunk_seq += 1;
+        }
+        while self.hashing < HASHES_AHEAD {
+            let Some(i) = self.to_hash.pop_front() else {
+                break;
+            };
+            self.jobs
+                .send(Job::Hash(self.next_hash_seq, i))
+                .map_err(|_| stopped(self.store))?;
+            self.next_hash_seq += 1;
+            self.hashing += 1;
+        }
+        Ok(())
+    }
+
+    /// True when every key is hashed and every chunk written.
+    fn all_written(&self) -> bool {
+        let all_hashed = self.next_hash_turn == self.next_hash_seq && self.to_hash.is_empty();
+        all_hashed && self.in_flight == 0 && self.queue.is_empty()
+    }
+
+    /// The end of the batch. Every key is right, every chunk written (and each dataset's
+    /// attributes, `hash` last, with its last chunk): the datasets without chunks, then the
+    /// links, in plan order; only now does any of it get a name, so a batch that fails
+    /// anywhere before this links nothing.
+    fn link_all(&mut self) -> Result<()> {
+        let store = self.store;
+        for p in std::mem::take(&mut self.empty) {
+            let dset = store.create_dataset(self.inner, &self.plans[p])?;
+            self.write_attrs(p, &dset)?;
+            self.written.push((p, dset));
+        }
+        for (p, &i) in self.first.iter().enumerate() {
+            self.sizes[i] = Some(self.plan_bytes[p]);
+        }
+        self.written.sort_by_key(|(p, _)| *p);
+        for (p, dset) in self.written.drain(..) {
+            h5::link_object(dset.id(), self.inner.weights.id(), &self.plans[p].key)
+                .map_err(|e| store.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// The next result in its turn: hashes in the order handed out, chunks in queue order
+    /// (either may go first; only chunk writes change the file before the end, and they keep
+    /// their order). `None` when the one that came in must wait for its turn.
+    fn next_in_turn(&mut self) -> Result<Option<Event>> {
+        if let Some(e) = self.hashes_done.remove(&self.next_hash_turn) {
+            self.next_hash_turn += 1;
+            return Ok(Some(e));
+        }
+        if let Some(e) = self.chunks_done.remove(&self.next_chunk_turn) {
+            self.next_chunk_turn += 1;
+            return Ok(Some(e));
+        }
+        match self.events.recv().map_err(|_| stopped(self.store))? {
+            e @ Event::Hashed(seq, ..) => {
+                // The thread is free again (the top of the loop hands it the next tensor),
+                // though the result waits its turn.
+                self.hashing -= 1;
+                self.hashes_done.insert(seq, e);
+            }
+            e @ Event::Chunk(seq, ..) => {
+                self.chunks_done.insert(seq, e);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Item `i` hashed to `key`: a key seen before or already stored needs nothing more; a new
+    /// one gets a plan and its chunks join the queue.
+    fn on_hashed(&mut self, i: usize, key: ContentHash) -> Result<()> {
+        let store = self.store;
+        self.keys[i] = Some(key);
+        if let Some(plan) = self.by_key.get(&key) {
+            if let Some(p) = *plan {
+                self.first[p] = self.first[p].min(i);
+            }
+            return Ok(());
+        }
+        let hex = key.to_hex();
+        let weights = self.inner.weights.id();
+        if store.weight_present(self.inner, &hex)? {
+            self.by_key.insert(key, None);
+            return Ok(());
+        }
+        // A leftover of an interrupted write (no `hash` attribute) is replaced.
+        if h5::link_exists(weights, &hex).map_err(|e| store.err(e))? {
+            store.unlink(weights, &hex)?;
+        }
+        let w = self.items[i].0;
+        let plan = store.encode(hex, w.dtype(), w.shape(), w.data())?;
+        let p = self.plans.len();
+        let n = plan.n_chunks();
+        self.plans.push(Arc::new(plan));
+        self.plan_bytes.push(0);
+        self.first.push(i);
+        self.by_key.insert(key, Some(p));
+        if n == 0 {
+            self.empty.push(p);
+        } else {
+            self.queue.extend((0..n).map(|c| (p, c)));
+        }
+        Ok(())
+    }
+
+    /// Chunk `c` of plan `p` compressed: written into its dataset (created at its first chunk);
+    /// the dataset's attributes follow its last chunk.
+    fn on_chunk(
+        &mut self,
+        p: usize,
+        c: usize,
+        done: std::result::Result<(Vec<u8>, u32), ChunkError>,
+    ) -> Result<()> {
+        let store = self.store;
+        let plan = Arc::clone(&self.plans[p]);
+        self.in_flight = self.in_flight.saturating_sub(plan.chunk_bytes());
+        let (bytes, mask) =
+            done.map_err(|err| corrupt(&store.path, &plan.key, format!("compressing: {err}")))?;
+        if let std::collections::hash_map::Entry::Vacant(v) = self.open.entry(p) {
+            v.insert((store.create_dataset(self.inner, &plan)?, 0));
+        }
+        let Some((dset, count)) = self.open.get_mut(&p) else {
+            return Err(corrupt(&store.path, &plan.key, "lost dataset"));
+        };
+        store.write_chunk(dset, &plan, c, &bytes, mask)?;
+        *count += 1;
+        let complete = *count == plan.n_chunks();
+        self.plan_bytes[p] = self.plan_bytes[p].saturating_add(bytes.len() as u64);
+        // Small buffers are not worth keeping.
+        if bytes.capacity() >= 64 << 10 {
+            self.buffers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(bytes);
+        }
+        if complete {
+            if let Some((dset, _)) = self.open.remove(&p) {
+                // Its first name is known: equal content has equal size, and hashes are
+                // taken by size, then batch order.
+                self.write_attrs(p, &dset)?;
+                self.written.push((p, dset));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the attributes of plan `p`'s dataset, from the metadata of its first item.
+    fn write_attrs(&self, p: usize, dset: &Hid) -> Result<()> {
+        HDF5Store::weight_attrs(
+            self.items[self.first[p]].0.metadata(),
+            &self.plans[p].key,
+            dset.id(),
+        )
+        .map_err(|e| self.store.err(e))
     }
 }

@@ -33,6 +33,8 @@
 mod chunk;
 mod compact;
 mod deltas;
+// Test support (feature `testing`): where the raw data lies, for fault injection.
+#[cfg(feature = "testing")]
 mod extents;
 mod h5;
 mod ingest;

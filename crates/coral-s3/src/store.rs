@@ -404,6 +404,141 @@ impl Inner {
     }
 }
 
+/// The sum of `sizes`, saturating: for figures of statistics from sizes an object or a listing
+/// reports, which a damaged or hostile record could make overflow.
+fn saturating_sum(sizes: impl Iterator<Item = u64>) -> u64 {
+    sizes.fold(0, u64::saturating_add)
+}
+
+/// What uploading one weight of a batch gave: its data object's size when it wrote the weight
+/// (`None` when it was present), or why it was not stored.
+type Upload = std::result::Result<Option<u64>, String>;
+
+/// The batch's distinct weights, by key (the first copy of each).
+fn unique_weights(
+    hashed: &[(String, WeightTensor, ContentHash)],
+) -> BTreeMap<ContentHash, WeightTensor> {
+    let mut unique: BTreeMap<ContentHash, WeightTensor> = BTreeMap::new();
+    for (_, w, k) in hashed {
+        unique.entry(*k).or_insert_with(|| w.clone());
+    }
+    unique
+}
+
+/// What a batch stored, item by item in batch order, from the uploads' `results`; a
+/// [`BatchError`] (inside the error) when any item is not stored.
+fn batch_outcome(
+    location: &str,
+    hashed: Vec<(String, WeightTensor, ContentHash)>,
+    results: &HashMap<ContentHash, Upload>,
+) -> Result<Vec<Stored>> {
+    let total = hashed.len();
+    let mut out = Vec::with_capacity(total);
+    let mut stored = Vec::new();
+    let mut failed = Vec::new();
+    let mut reported: BTreeSet<ContentHash> = BTreeSet::new();
+    for (name, _, k) in hashed {
+        match results.get(&k) {
+            Some(Ok(size)) => {
+                stored.push((name.clone(), k));
+                // A duplicate in the batch was written by its first copy.
+                let first = reported.insert(k);
+                let size = size.filter(|_| first);
+                out.push(Stored {
+                    key: k,
+                    new: size.is_some(),
+                    stored_bytes: size.unwrap_or(0),
+                });
+            }
+            Some(Err(reason)) => failed.push(FailedItem {
+                name,
+                key: k,
+                reason: reason.clone(),
+            }),
+            None => failed.push(FailedItem {
+                name,
+                key: k,
+                reason: "not attempted".to_owned(),
+            }),
+        }
+    }
+    if failed.is_empty() {
+        return Ok(out);
+    }
+    // Real failures first, then what was not attempted.
+    failed.sort_by_key(|f| f.reason.starts_with("not attempted"));
+    Err(StoreError::backend(
+        format!(
+            "storing a batch to {location}: {} of {total} weight(s) stored, {} not stored",
+            stored.len(),
+            failed.len()
+        ),
+        BatchError { stored, failed },
+    ))
+}
+
+impl Inner {
+    /// The committed keys, listed once, for a batch of `distinct` weights when it is big enough
+    /// ([`LIST_THRESHOLD`]) that a listing beats a HEAD request per weight; `None` otherwise.
+    async fn committed_if_big(&self, distinct: usize) -> Result<Option<BTreeSet<ContentHash>>> {
+        if distinct < LIST_THRESHOLD {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.list_keys("metadata", ".json")
+                .await?
+                .into_iter()
+                .collect(),
+        ))
+    }
+
+    /// Uploads the batch's distinct weights, [`S3Config::max_concurrency`] at a time; once one
+    /// fails, those not yet started are not attempted. `known`: the committed keys, when
+    /// listed.
+    async fn upload_all(
+        self: &Arc<Self>,
+        unique: BTreeMap<ContentHash, WeightTensor>,
+        known: Option<BTreeSet<ContentHash>>,
+    ) -> HashMap<ContentHash, Upload> {
+        let failed = Arc::new(AtomicBool::new(false));
+        futures::stream::iter(unique)
+            .map(|(k, w)| {
+                let listed = known.as_ref().map(|p| p.contains(&k));
+                self.clone().upload_one(k, w, listed, failed.clone())
+            })
+            .buffer_unordered(self.config.max_concurrency)
+            .collect()
+            .await
+    }
+
+    /// Uploads one weight of a batch unless an earlier upload `failed` (which it sets when it
+    /// fails itself). `listed`: whether a listing showed the key committed (`None`: not
+    /// listed).
+    async fn upload_one(
+        self: Arc<Self>,
+        k: ContentHash,
+        w: WeightTensor,
+        listed: Option<bool>,
+        failed: Arc<AtomicBool>,
+    ) -> (ContentHash, Upload) {
+        if failed.load(Ordering::Relaxed) {
+            return (k, Err("not attempted: an earlier upload failed".to_owned()));
+        }
+        let r = match listed {
+            // A listing can still show an object deleted a moment ago (Garage does, now and
+            // then): presence is confirmed with a HEAD, or a garbage collector's last delete
+            // could go unseen.
+            Some(true) | None => self.put_weight(w, k).await,
+            Some(false) => self.put_weight_checked(w, k, false).await,
+        };
+        if let Err(e) = &r {
+            failed.store(true, Ordering::Relaxed);
+            tracing::warn!(key = %k, error = %e, "upload failed");
+        }
+        (k, r.map_err(|e| e.to_string()))
+    }
+}
+
 impl Inner {
     /// Fails unless every key `m` names is stored (its metadata or delta object answers a
     /// HEAD). A writer under a lease checks this before its manifest goes up: a listing may
@@ -863,99 +998,11 @@ impl WeightStore for S3Store {
             .iter()
             .map(|w| (w.name().to_owned(), w.weight().clone(), *w.key()))
             .collect();
-        let total = hashed.len();
         self.run(async move {
-            let mut unique: BTreeMap<ContentHash, WeightTensor> = BTreeMap::new();
-            for (_, w, k) in &hashed {
-                unique.entry(*k).or_insert_with(|| w.clone());
-            }
-            // A big batch lists what is committed once instead of asking per weight.
-            let known: Option<BTreeSet<ContentHash>> = if unique.len() >= LIST_THRESHOLD {
-                Some(
-                    inner
-                        .list_keys("metadata", ".json")
-                        .await?
-                        .into_iter()
-                        .collect(),
-                )
-            } else {
-                None
-            };
-            let failed_flag = Arc::new(AtomicBool::new(false));
-            let results: HashMap<ContentHash, std::result::Result<Option<u64>, String>> =
-                futures::stream::iter(unique)
-                    .map(|(k, w)| {
-                        let inner = inner.clone();
-                        let flag = failed_flag.clone();
-                        let listed = known.as_ref().map(|p| p.contains(&k));
-                        async move {
-                            if flag.load(Ordering::Relaxed) {
-                                return (
-                                    k,
-                                    Err("not attempted: an earlier upload failed".to_owned()),
-                                );
-                            }
-                            let r = match listed {
-                                // A listing can still show an object deleted a moment ago
-                                // (Garage does, now and then): presence is confirmed with a
-                                // HEAD, or a garbage collector's last delete could go unseen.
-                                Some(true) | None => inner.put_weight(w, k).await,
-                                Some(false) => inner.put_weight_checked(w, k, false).await,
-                            };
-                            if let Err(e) = &r {
-                                flag.store(true, Ordering::Relaxed);
-                                tracing::warn!(key = %k, error = %e, "upload failed");
-                            }
-                            (k, r.map_err(|e| e.to_string()))
-                        }
-                    })
-                    .buffer_unordered(inner.config.max_concurrency)
-                    .collect()
-                    .await;
-            let mut out = Vec::with_capacity(total);
-            let mut stored = Vec::new();
-            let mut failed = Vec::new();
-            let mut reported: BTreeSet<ContentHash> = BTreeSet::new();
-            for (name, _, k) in hashed {
-                match results.get(&k) {
-                    Some(Ok(size)) => {
-                        stored.push((name.clone(), k));
-                        // A duplicate in the batch was written by its first copy.
-                        let first = reported.insert(k);
-                        let size = size.filter(|_| first);
-                        out.push(Stored {
-                            key: k,
-                            new: size.is_some(),
-                            stored_bytes: size.unwrap_or(0),
-                        });
-                    }
-                    Some(Err(reason)) => failed.push(FailedItem {
-                        name,
-                        key: k,
-                        reason: reason.clone(),
-                    }),
-                    None => failed.push(FailedItem {
-                        name,
-                        key: k,
-                        reason: "not attempted".to_owned(),
-                    }),
-                }
-            }
-            // Real failures first, then what was not attempted.
-            failed.sort_by_key(|f| f.reason.starts_with("not attempted"));
-            if failed.is_empty() {
-                Ok(out)
-            } else {
-                Err(StoreError::backend(
-                    format!(
-                        "storing a batch to {}: {} of {total} weight(s) stored, {} not stored",
-                        inner.location,
-                        stored.len(),
-                        failed.len()
-                    ),
-                    BatchError { stored, failed },
-                ))
-            }
+            let unique = unique_weights(&hashed);
+            let known = inner.committed_if_big(unique.len()).await?;
+            let results = inner.upload_all(unique, known).await;
+            batch_outcome(&inner.location, hashed, &results)
         })
     }
 
@@ -1028,7 +1075,8 @@ impl WeightStore for S3Store {
         let delta_info = self.get_delta_storage_info()?;
         self.run(async move {
             let keys = inner.list_keys("metadata", ".json").await?;
-            let file_size: u64 = inner.list_rel("").await?.iter().map(|o| o.size).sum();
+            // Figures for statistics, summed from sizes the objects report: saturating.
+            let file_size = saturating_sum(inner.list_rel("").await?.iter().map(|o| o.size));
             let conc = inner.config.max_concurrency;
             let records: Vec<Option<WeightRecord>> = futures::stream::iter(keys)
                 .map(|k| {
@@ -1039,8 +1087,8 @@ impl WeightStore for S3Store {
                 .try_collect()
                 .await?;
             let records: Vec<WeightRecord> = records.into_iter().flatten().collect();
-            let total_bytes: u64 = records.iter().map(|r| r.data.nbytes).sum();
-            let compressed_bytes: u64 = records.iter().map(|r| r.data.size).sum();
+            let total_bytes = saturating_sum(records.iter().map(|r| r.data.nbytes));
+            let compressed_bytes = saturating_sum(records.iter().map(|r| r.data.size));
             Ok(StorageInfo {
                 backend: "s3".to_owned(),
                 location: inner.location.clone(),
@@ -1175,14 +1223,9 @@ impl DeltaStore for S3Store {
                     continue;
                 };
                 let d = decode_delta(&b, &k).map_err(|e| inner.corrupt(&rel, e))?;
-                info.total_deltas += 1;
-                info.total_delta_bytes += d.data.len() as u64;
-                let n: u64 = d.original_shape.iter().map(|&x| x as u64).product();
-                info.total_original_bytes += n * d.original_dtype.size() as u64;
-                *info
-                    .by_type
-                    .entry(d.delta_type.name().to_owned())
-                    .or_default() += 1;
+                // Figures for statistics: the shape comes from the object, so its byte count
+                // saturates rather than overflowing (`DeltaStorageInfo::add`, as for HDF5).
+                info.add(&d);
             }
             Ok(info)
         })
