@@ -378,15 +378,20 @@ impl HDF5Store {
         let mut out = HashMap::with_capacity(keys.len());
         let mut seen = HashSet::new();
         let mut i = 0;
-        let mut epoch = None;
-        let reader = self.with(|inner| {
-            Ok(match (&inner.reader, locate) {
+        // The epoch is taken with the reader, under the same lock: a compaction that swaps the
+        // file between the two would otherwise leave this reader on the old file while chunks
+        // are located in the new one, unnoticed (seen as "corrupt zstd data" now and then).
+        let (reader, epoch0) = self.with(|inner| {
+            let e0 = self.space_epoch.load(Ordering::SeqCst);
+            let reader = match (&inner.reader, locate) {
                 (Some(f), true) => Some(f.try_clone().map_err(|e| {
                     StoreError::backend(format!("reading {}", self.path.display()), e)
                 })?),
                 _ => None,
-            })
+            };
+            Ok((reader, e0))
         })?;
+        let mut epoch = Some(epoch0);
         // Reads one group (bounded bytes in memory) under the lock.
         let mut read_group = |i: &mut usize| -> Result<Group> {
             let mut group: Group = Vec::new();
