@@ -353,7 +353,7 @@ fn main() {
     }
     println!();
     println!(
-        "{runs} runs each, medians; coral times are the whole process, spawn to exit, coral-ml's are timed inside Python (interpreter start excluded); peak RSS is the child's `VmHWM` sampled every millisecond (coral-ml's includes the Python interpreter and NumPy)."
+        "{runs} runs each, medians; coral times are the whole process, spawn to exit, coral-ml's are timed inside Python (interpreter start excluded); peak RSS is the highest sum of `VmHWM` over coral and its child process (the crash guard runs the command in a child), sampled every millisecond (coral-ml's includes the Python interpreter and NumPy)."
     );
 }
 
