@@ -15,18 +15,6 @@ use coral_store_api::{
 };
 use proptest::prelude::*;
 
-/// An error with its causes, as `coral` prints it.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn name(s: &str) -> ModelName {
     ModelName::new(s).unwrap()
 }
@@ -402,7 +390,7 @@ fn a_failed_add_leaves_the_store_as_it_was() {
         &|_| {},
     )
     .unwrap_err();
-    assert!(chain(&e).contains("read-only"), "{}", chain(&e));
+    assert!(e.one_line().contains("read-only"), "{}", e.one_line());
     assert_eq!(store.list_weights().unwrap(), weights);
     assert!(store.list_deltas().unwrap().is_empty());
     assert_eq!(store.list_manifests().unwrap(), vec![name("base")]);
@@ -427,7 +415,7 @@ fn a_failed_add_on_a_shared_store_leaves_what_it_stored_for_gc() {
         &|_| {},
     )
     .unwrap_err();
-    let msg = chain(&e);
+    let msg = e.one_line();
     assert!(msg.contains("read-only"), "{msg}");
     assert!(
         msg.contains("the up to 2 weight(s) and 0 delta(s) it stored are left in the store"),
