@@ -378,7 +378,9 @@ pub fn ensure_cmake(paths: &Paths) -> Result<PathBuf> {
     ensure_venv(paths)?;
     let venv = paths.venv().join("bin").join("cmake");
     if cmake_version(&venv).is_none_or(|v| v < (3, 26)) {
-        run(pip(paths).args(["install", "cmake>=3.26,<4"]))?;
+        // Reinstalled, not only installed: a script that is there but does not run (its
+        // shebang names a venv that moved) satisfies pip as it is.
+        run(pip(paths).args(["install", "--force-reinstall", "cmake>=3.26,<4"]))?;
     }
     match cmake_version(&venv) {
         Some(v) if v >= (3, 26) => Ok(venv),
