@@ -45,3 +45,32 @@ fn sync_both_ways_carries_weights_deltas_and_manifests() {
         assert_eq!(s3.sync_to_local(&other).unwrap().downloaded, 0);
     }
 }
+
+#[test]
+fn a_sync_with_nothing_to_move_takes_no_lease_and_waits_for_no_gc() {
+    use coral_store_api::testing::manifests::populated_store;
+    use coral_store_api::{LeaseKind, ManifestStore};
+    use std::time::{Duration, Instant};
+
+    for e in common::engines() {
+        let (local, _, _, _) = populated_store(3, 11);
+        let s3 = common::open(common::engine_config(&e, &common::unique_bucket("noop")));
+        s3.sync_from_local(&local).unwrap();
+        // A garbage collector holds the prefix: a sync that has something to move must wait
+        // for it, one that has nothing to move need not.
+        let gc = s3
+            .acquire_lease(LeaseKind::Exclusive, "gc", Duration::ZERO)
+            .unwrap();
+        let start = Instant::now();
+        let again = s3.sync_from_local(&local).unwrap();
+        assert_eq!((again.uploaded, again.bytes_transferred), (0, 0));
+        assert!(!again.details.dry_run);
+        assert!(again.skipped > 0, "{again:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a no-op sync waited for the gc's lease: {:?}",
+            start.elapsed()
+        );
+        s3.release_lease(gc).unwrap();
+    }
+}
