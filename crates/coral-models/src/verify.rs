@@ -3,12 +3,13 @@
 
 use std::collections::HashSet;
 
-use coral_core::{ContentHash, ModelManifest, WeightTensor};
+use coral_core::{ContentHash, HashedWeight, ModelManifest};
 use coral_store_api::Store;
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{bail, Context, ModelError, Result};
+use crate::load::load_verified;
 use crate::load_resolved;
 
 /// One failure found by [`verify`].
@@ -42,20 +43,9 @@ pub fn verify(store: &dyn Store, progress: &(dyn Fn(u64) + Sync)) -> Result<Veri
     let deltas = store.list_deltas()?;
     let delta_set: HashSet<ContentHash> = deltas.iter().copied().collect();
     let models = store.list_manifests()?;
+    // One hash per weight: the store's `load_hashed` verifies, `load_resolved` compares keys.
     let check = |kind: &'static str, key: &ContentHash| -> Option<Failure> {
-        let r = if kind == "weight" {
-            store
-                .load(key)
-                .map_err(ModelError::from)
-                .and_then(|w| match w {
-                    Some(w) => w.verify(key).map_err(Into::into),
-                    None => Err(ModelError::Inconsistent(
-                        "listed but cannot be loaded".to_string(),
-                    )),
-                })
-        } else {
-            load_resolved(store, key).map(|_| ())
-        };
+        let r = load_resolved(store, key).map(|_| ());
         progress(1);
         r.err().map(|e| Failure {
             kind,
@@ -187,55 +177,33 @@ pub fn repair(
         }
         let group = &full[start..end];
         start = end;
-        let loaded: Vec<(ContentHash, Result<WeightTensor>)> = group
+        // Hashed once, by the source's load; the proof goes into the new store with the
+        // weight (legacy xxh3 keys too: `store_hashed_batch` keeps the key it is given).
+        let loaded: Vec<(ContentHash, Result<HashedWeight>)> = group
             .par_iter()
             .map(|k| {
-                let r = src
-                    .load(k)
-                    .map_err(ModelError::from)
-                    .and_then(|w| {
-                        w.ok_or_else(|| {
-                            ModelError::Inconsistent("listed but cannot be loaded".to_string())
-                        })
-                    })
-                    .and_then(|w| {
-                        w.verify(k)?;
-                        Ok(w)
-                    });
+                let r = load_verified(src, k);
                 progress(1);
                 (*k, r)
             })
             .collect();
-        let mut batch: Vec<(String, WeightTensor)> = Vec::new();
+        let mut batch: Vec<HashedWeight> = Vec::new();
         for (k, r) in loaded {
             match r {
-                // Verified against a SHA-256 key, it is the key `store_batch` computes: no
-                // second hash here.
-                Ok(w) if k.algorithm() == coral_core::HashAlgorithm::Sha256 => {
-                    batch.push((k.to_hex(), w))
-                }
-                // A legacy key (coral-ml's xxh3): stored under it as it was.
-                Ok(w) => {
-                    let got = dst
-                        .store_with_key(&w, &k)
-                        .with_context(|| format!("storing weight {k}"))?;
-                    if got != k {
-                        bail!("the new store keyed weight {k} as {got}");
-                    }
-                    copied.insert(k);
-                }
+                Ok(w) => batch.push(w),
                 Err(e) => report.lost.push(lost("weight", k.to_hex(), e)),
             }
         }
         if !batch.is_empty() {
-            let stored = dst.store_batch(&batch).context("storing weights")?;
-            for (hex, _) in &batch {
-                match stored.get(hex) {
-                    Some(k) if k.to_hex() == *hex => {
-                        copied.insert(*k);
-                    }
-                    _ => bail!("the new store did not keep weight {hex} under its key"),
+            let stored = dst.store_hashed_batch(&batch).context("storing weights")?;
+            for (w, s) in batch.iter().zip(&stored) {
+                if s.key != *w.key() {
+                    bail!(
+                        "the new store did not keep weight {} under its key",
+                        w.key()
+                    );
                 }
+                copied.insert(s.key);
             }
         }
     }
