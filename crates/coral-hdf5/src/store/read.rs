@@ -334,13 +334,7 @@ impl HDF5Store {
 
     /// Checks `w` against `key`: the integrity error when strict, a warning otherwise.
     pub(crate) fn verify(&self, w: WeightTensor, key: &ContentHash) -> Result<HashedWeight> {
-        coral_store_api::resolve::verified(w, key, self.opts.strict_integrity).map_err(|e| {
-            if !matches!(e, StoreError::Integrity { .. }) {
-                return e;
-            }
-            tracing::debug!(path = %self.path.display(), "integrity check failed");
-            e
-        })
+        coral_store_api::resolve::verified(w, key, self.opts.strict_integrity)
     }
 
     /// Loads full weights (not deltas) for `keys`; absent ones are left out.
