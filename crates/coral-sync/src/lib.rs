@@ -544,6 +544,39 @@ impl Listing {
     }
 }
 
+/// When `sync(source, destination, ..)` would write nothing (every weight and delta present,
+/// every manifest equal), the figures of such a sync (all skipped); `None` when it would write.
+/// Reads the listings and the manifests, nothing per weight: how `sync_from_local` decides
+/// whether it needs a lease at all.
+pub(crate) fn nothing_to_move(
+    source: &dyn Store,
+    destination: &dyn Store,
+) -> Result<Option<SyncStats>, SyncError> {
+    let l = Listing::of(source, destination)?;
+    if l.src_w
+        .iter()
+        .chain(&l.src_d)
+        .any(|k| !l.dst_all.contains(k))
+    {
+        return Ok(None);
+    }
+    for name in &l.manifests {
+        let a = listed(source.get_manifest(name), "reading the source's manifests")?;
+        let b = listed(
+            destination.get_manifest(name),
+            "reading the destination's manifests",
+        )?;
+        if a != b {
+            return Ok(None);
+        }
+    }
+    let mut stats = SyncStats::default();
+    stats.weights.skipped = l.src_w.iter().filter(|k| !l.src_d.contains(k)).count() as u64;
+    stats.deltas.skipped = l.src_d.len() as u64;
+    stats.manifests.skipped = l.manifests.len() as u64;
+    Ok(Some(stats))
+}
+
 /// Copies to `destination` every weight, delta and manifest of `source` it lacks.
 ///
 /// Deltas go only after their reference weight is in the destination, manifests only after

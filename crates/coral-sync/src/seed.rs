@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use coral_store_api::{Lease, LeaseKind, Store, StoreError};
 
-use crate::{sync, SyncError, SyncOptions, SyncStats};
+use crate::{nothing_to_move, sync, SyncError, SyncOptions, SyncStats};
 
 /// How long `sync_from_local` waits for a garbage collector's exclusive lease to go.
 pub const SYNC_LEASE_WAIT: Duration = Duration::from_secs(60);
@@ -46,24 +46,15 @@ pub trait SyncExt: Store {
         options: &SyncOptions,
     ) -> Result<UploadStats, SyncError> {
         // On a store that several writers share, a lease costs a few quorum writes (S3 on
-        // Garage: about 0.1 s). A pass that only looks (no lease, nothing written) finds out
-        // first whether anything needs to move; a sync with nothing to do stops there.
+        // Garage: about 0.1 s). Listings and manifests say first whether anything needs to
+        // move; a sync with nothing to do stops there, without a lease.
         if !options.dry_run && self.shares_writers() {
-            let look = SyncOptions {
-                dry_run: true,
-                progress: None,
-                ..options.clone()
-            };
-            let stats = sync(local, self.as_store(), &look)?;
-            if stats.moved() == 0 {
+            if let Some(stats) = nothing_to_move(local, self.as_store())? {
                 return Ok(UploadStats {
                     uploaded: 0,
                     skipped: stats.skipped(),
                     bytes_transferred: 0,
-                    details: SyncStats {
-                        dry_run: false,
-                        ..stats
-                    },
+                    details: stats,
                 });
             }
         }
