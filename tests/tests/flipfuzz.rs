@@ -211,7 +211,7 @@ fn build_store(store: &Path, file: &dyn Fn(&str) -> PathBuf) {
         let src = SourceFile::open(&file("other")).unwrap();
         let opts = AddOptions {
             name: ModelName::new("other").unwrap(),
-            reference: None,
+            reference: coral_models::Reference::None,
             group_bytes: 1 << 20,
             cancel: None,
             wait: std::time::Duration::from_secs(10),

@@ -179,8 +179,11 @@ fn add_stream(team: &Team, dir: &Path, files: &[PathBuf]) -> Stream {
             "--name".to_owned(),
             name,
         ];
+        // Every DELTA_EVERY-th add delta-codes against the one before, the others none.
         if i % DELTA_EVERY == 1 && alive.last() == Some(&(i - 1)) {
             args.extend(["--reference".to_owned(), format!("m{:03}", i - 1)]);
+        } else {
+            args.extend(["--reference".to_owned(), "none".to_owned()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let t = Instant::now();
@@ -331,7 +334,14 @@ fn race(engine: &testenv::S3Engine) {
 fn grace_keeps_young_entries(team: &Team, dir: &Path) {
     let file = dir.join("young.safetensors");
     std::fs::write(&file, model(10_000)).unwrap();
-    let r = team.ok_json(&["add", file.to_str().unwrap(), "--name", "young"]);
+    let r = team.ok_json(&[
+        "add",
+        file.to_str().unwrap(),
+        "--name",
+        "young",
+        "--reference",
+        "none",
+    ]);
     let new = r["new"].as_u64().unwrap() as usize;
     assert!(new >= 2, "{r}");
     run_ok(&mut team.cmd(&["rm", "young"]));

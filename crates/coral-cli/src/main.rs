@@ -12,7 +12,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use coral_cli::duration::{format_duration, parse_duration};
 use coral_cli::guard;
 use coral_core::{ContentHash, ModelName};
-use coral_models::{self as ops, AddOptions, SourceFile};
+use coral_models::{self as ops, AddOptions};
 use coral_open::{self as store, Address, Mode, S3Options};
 use coral_store_api::{Lease, LeaseKind, Store};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -97,23 +97,33 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Store a model file (.safetensors, .npy, .npz) under a name.
+    /// Store a model file (.safetensors, .npy, .npz) or a model folder under a name.
     Add {
-        /// The model file.
+        /// The model file, or a folder (its .safetensors files as tensors, every other file
+        /// kept byte for byte).
         file: PathBuf,
-        /// The model's name (default: the file name without extension).
+        /// The model's name (default: the file or folder name without extension).
         #[arg(long)]
         name: Option<String>,
-        /// A model in the store to delta-code changed tensors against.
+        /// A model in the store to delta-code changed tensors against, or `none` (default:
+        /// the stored model whose tensors best match, chosen automatically).
         #[arg(long)]
         reference: Option<String>,
     },
-    /// Write a model back to a file (same bytes for a safetensors file added).
+    /// Write a model back to a file or folder (the same bytes as were added), or some of its
+    /// tensors.
     Export {
         /// The model.
         model: String,
-        /// Output file (.safetensors, .npy or .npz).
+        /// Output file (.safetensors, .npy or .npz), or folder for a folder model.
         out: PathBuf,
+        /// Only this tensor (repeatable; `FILE:NAME` in a folder model when a name is in
+        /// several files): OUT is then a .safetensors file, or .npy for one tensor.
+        #[arg(long = "tensor", value_name = "NAME")]
+        tensors: Vec<String>,
+        /// Replace OUT when it is a folder that is not empty.
+        #[arg(long)]
+        force: bool,
     },
     /// List models (or weights, or deltas).
     Ls {
@@ -509,7 +519,7 @@ fn progress_bar(cli: &Cli, len: u64, bytes: bool) -> ProgressBar {
     }
     let pb = ProgressBar::new(len);
     let tpl = if bytes {
-        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})"
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta}) {msg}"
     } else {
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len}"
     };
@@ -572,7 +582,12 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             name,
             reference,
         } => add(cli, file, name.as_deref(), reference.as_deref())?,
-        Cmd::Export { model, out } => export(cli, model, out)?,
+        Cmd::Export {
+            model,
+            out,
+            tensors,
+            force,
+        } => export(cli, model, out, tensors, *force)?,
         Cmd::Ls { weights, deltas } => {
             let store = open(cli, &cli.store, Mode::Read)?;
             ls(cli, &*store, *weights, *deltas)?;
@@ -603,6 +618,26 @@ fn group_bytes() -> usize {
     GROUP_BYTES_PER_WORKER * workers()
 }
 
+/// A progress callback for bytes done over a list of files (path, size) in order: the bar
+/// says which file it is in ("3/12 config.json").
+fn file_progress<'a>(pb: &'a ProgressBar, files: Vec<(String, u64)>) -> impl Fn(u64) + Sync + 'a {
+    let count = files.len();
+    let mut ends = Vec::with_capacity(count);
+    let mut end = 0u64;
+    for (path, size) in files {
+        end = end.saturating_add(size);
+        ends.push((end, path));
+    }
+    move |n| {
+        pb.inc(n);
+        if count > 0 {
+            let pos = pb.position();
+            let i = ends.partition_point(|(e, _)| *e <= pos).min(count - 1);
+            pb.set_message(format!("{}/{count} {}", i + 1, ends[i].1));
+        }
+    }
+}
+
 fn add(
     cli: &Cli,
     file: &std::path::Path,
@@ -613,18 +648,40 @@ fn add(
     let cancel = on_interrupt();
     let name = match name {
         Some(n) => new_model_name(n)?,
-        None => new_model_name(
-            file.file_stem()
-                .and_then(|s| s.to_str())
-                .ok_or_else(|| anyhow!("give the model a name with --name"))?,
-        )
-        .context("the file name is not a valid model name; give one with --name")?,
+        None => {
+            let stem = if file.is_dir() {
+                file.canonicalize()
+                    .ok()
+                    .and_then(|p| p.file_name().map(|s| s.to_owned()))
+            } else {
+                file.file_stem().map(|s| s.to_owned())
+            };
+            new_model_name(
+                stem.as_ref()
+                    .and_then(|s| s.to_str())
+                    .ok_or_else(|| anyhow!("give the model a name with --name"))?,
+            )
+            .context("the file name is not a valid model name; give one with --name")?
+        }
     };
-    let reference = reference.map(model_name).transpose()?;
-    let src = SourceFile::open(file)?;
+    let reference = match reference {
+        None => ops::Reference::Auto,
+        Some("none") => ops::Reference::None,
+        Some(r) => ops::Reference::Model(model_name(r)?),
+    };
+    let src = ops::Source::open(file)?;
     let store = open(cli, &cli.store, Mode::Write)?;
-    let total: u64 = src.tensors().iter().map(|t| t.len as u64).sum();
-    let pb = progress_bar(cli, total, true);
+    let source = ops::SourceRef::from(&src);
+    let pb = progress_bar(cli, source.progress_total(), true);
+    let files = match &src {
+        ops::Source::Folder(f) => f
+            .entries()
+            .iter()
+            .filter(|e| e.size > 0)
+            .map(|e| (e.path.clone(), e.size))
+            .collect(),
+        ops::Source::File(_) => Vec::new(),
+    };
     let opts = AddOptions {
         name,
         reference,
@@ -632,41 +689,98 @@ fn add(
         cancel: Some(cancel),
         wait: cli.wait,
     };
-    let r = ops::add(&*store, &src, &opts, &|n| pb.inc(n));
+    let r = ops::add(&*store, source, &opts, &file_progress(&pb, files));
     pb.finish_and_clear();
     let r = r?;
     close(store)?;
     if cli.json {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
+        let what = if r.files.is_empty() {
+            format!("{}, {}", r.format, count(r.tensors, "tensor"))
+        } else {
+            format!(
+                "folder, {}, {}",
+                count(r.files.iter().filter(|f| f.kind != "dir").count(), "file"),
+                count(r.tensors, "tensor")
+            )
+        };
         out!(
-            "added {} ({}, {}): {} new, {} reused, {} delta-coded; {} in, {} stored",
+            "added {} ({what}): {} new, {} reused, {} delta-coded; {} in, {} stored",
             r.name,
-            r.format,
-            count(r.tensors, "tensor"),
             r.new,
             r.reused,
             r.delta_coded,
             human_bytes(r.bytes_in),
             human_bytes(r.bytes_stored)
         );
+        if let Some(reference) = &r.reference {
+            if r.delta_coded > 0 || r.reference_auto {
+                out!(
+                    "delta-coded against {reference}{}",
+                    if r.reference_auto {
+                        ", chosen automatically (--reference none to turn off)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
     }
     Ok(())
 }
 
-fn export(cli: &Cli, model: &str, out: &std::path::Path) -> Result<()> {
-    let group_bytes = group_bytes();
+fn export(
+    cli: &Cli,
+    model: &str,
+    out: &std::path::Path,
+    tensors: &[String],
+    force: bool,
+) -> Result<()> {
     let name = model_name(model)?;
     let store = open(cli, &cli.store, Mode::Read)?;
-    let total = store.get_manifest(&name)?.map_or(0, |m| m.file_size);
+    let m = store.get_manifest(&name)?;
+    let (total, files) = match &m {
+        Some(m) if tensors.is_empty() => (
+            m.file_size,
+            m.files
+                .iter()
+                .filter(|f| f.size() > 0)
+                .map(|f| (f.path.clone(), f.size()))
+                .collect(),
+        ),
+        Some(m) => (
+            m.tensors
+                .iter()
+                .filter(|t| tensors.contains(&t.name))
+                .map(|t| {
+                    t.shape
+                        .iter()
+                        .fold(t.dtype.size() as u64, |a, &d| a.saturating_mul(d as u64))
+                })
+                .sum(),
+            Vec::new(),
+        ),
+        None => (0, Vec::new()),
+    };
     let pb = progress_bar(cli, total, true);
-    let n = ops::export(&*store, &name, out, group_bytes, &|n| pb.inc(n));
+    let mut opts = ops::ExportOptions::new(group_bytes());
+    opts.force = force;
+    opts.tensors = tensors.to_vec();
+    let n = ops::export_with(&*store, &name, out, &opts, &file_progress(&pb, files));
     pb.finish_and_clear();
     let n = n?;
     if cli.json {
-        print_json(&json!({"model": name, "out": out, "bytes": n}))?;
-    } else {
+        print_json(&json!({"model": name, "out": out, "bytes": n, "tensors": tensors}))?;
+    } else if tensors.is_empty() {
         out!("exported {name} to {} ({})", out.display(), human_bytes(n));
+    } else {
+        out!(
+            "exported {} of {name} to {} ({})",
+            count(tensors.len(), "tensor"),
+            out.display(),
+            human_bytes(n)
+        );
     }
     Ok(())
 }
@@ -735,6 +849,24 @@ fn diff(cli: &Cli, a: &str, b: &str) -> Result<()> {
         }
         for n in &r.removed {
             out!("removed  {n}");
+        }
+        if let Some(f) = &r.files {
+            out!(
+                "files: {} equal, {} changed, {} added, {} removed",
+                f.equal.len(),
+                f.changed.len(),
+                f.added.len(),
+                f.removed.len()
+            );
+            for (what, list) in [
+                ("changed ", &f.changed),
+                ("added   ", &f.added),
+                ("removed ", &f.removed),
+            ] {
+                for p in list {
+                    out!("{what} file {p}");
+                }
+            }
         }
     }
     Ok(())
@@ -942,6 +1074,7 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
                     "name": n,
                     "format": m.format,
                     "tensors": m.tensors.len(),
+                    "files": files_of(&m),
                     "file_size": m.file_size,
                     "parent": m.parent,
                     // The reference model may have been removed since (its deltas' references
@@ -979,7 +1112,13 @@ fn ls(cli: &Cli, store: &dyn Store, weights: bool, deltas: bool) -> Result<()> {
                     count(
                         usize::try_from(r["tensors"].as_u64().unwrap_or(0)).unwrap_or(usize::MAX),
                         "tensor"
-                    ),
+                    ) + &match r["files"].as_u64() {
+                        Some(n) => format!(
+                            ", {}",
+                            count(usize::try_from(n).unwrap_or(usize::MAX), "file")
+                        ),
+                        None => String::new(),
+                    },
                     human_bytes(r["file_size"].as_u64().unwrap_or(0)),
                     match (r["parent"].as_str(), r["parent_in_store"].as_bool()) {
                         (Some(p), Some(false)) => format!("\tfrom {p} (removed)"),
@@ -1099,10 +1238,55 @@ fn show_model(cli: &Cli, store: &dyn Store, m: &coral_core::ModelManifest) -> Re
         };
         out!("parent   {p}{removed}");
     }
-    for t in &m.tensors {
-        out!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
+    if m.files.is_empty() {
+        for t in &m.tensors {
+            out!("  {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
+        }
+        return Ok(());
+    }
+    let chunks = m.blob_chunks().count();
+    out!(
+        "files    {} ({} in blobs)",
+        files_of(m).unwrap_or(0),
+        count(chunks, "chunk")
+    );
+    for f in &m.files {
+        match &f.content {
+            coral_core::FileContent::Dir => out!("  {}/", f.path),
+            coral_core::FileContent::Symlink { target } => out!("  {} -> {target}", f.path),
+            coral_core::FileContent::Blob { size, chunks, .. } => out!(
+                "  {}\t{:o}\t{}\t{}",
+                f.path,
+                f.mode,
+                human_bytes(*size),
+                count(chunks.len(), "chunk")
+            ),
+            coral_core::FileContent::Safetensors { size, .. } => {
+                let tensors = m.file_tensors(f);
+                out!(
+                    "  {}\t{:o}\t{}\t{}",
+                    f.path,
+                    f.mode,
+                    human_bytes(*size),
+                    count(tensors.len(), "tensor")
+                );
+                for t in tensors {
+                    out!("    {}\t{}\t{:?}\t{}", t.name, t.dtype, t.shape, t.key);
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// A folder model's files and links (not its directories); `None` for a model of one file.
+fn files_of(m: &coral_core::ModelManifest) -> Option<usize> {
+    (m.format == coral_core::ModelFormat::Folder).then(|| {
+        m.files
+            .iter()
+            .filter(|f| !matches!(f.content, coral_core::FileContent::Dir))
+            .count()
+    })
 }
 
 /// `coral show` of a weight or delta.

@@ -40,5 +40,8 @@ pub use delta::{encode_best_lossless, Delta, DeltaConfig, DeltaEncoder, DeltaRef
 pub use dtype::{DType, Element};
 pub use error::{CoreError, Result};
 pub use hash::{ContentHash, HashAlgorithm};
-pub use manifest::{ManifestTensor, ModelFormat, ModelManifest, ModelName};
+pub use manifest::{
+    check_link_target, check_relative_path, BlobChunk, FileContent, ManifestFile, ManifestTensor,
+    ModelFormat, ModelManifest, ModelName,
+};
 pub use tensor::{HashedWeight, JsonMap, WeightMetadata, WeightTensor};

@@ -96,8 +96,9 @@ pub struct ManifestTensor {
     pub data_offsets: Option<[u64; 2]>,
 }
 
-/// The file format a model came in, and goes back out in: stored as `"safetensors"`, `"npy"` or
-/// `"npz"` (a manifest naming another does not parse: an older Coral refuses a newer format).
+/// The file format a model came in, and goes back out in: stored as `"safetensors"`, `"npy"`,
+/// `"npz"` or `"folder"` (a manifest naming another does not parse: an older Coral refuses a
+/// newer format).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFormat {
@@ -107,6 +108,10 @@ pub enum ModelFormat {
     Npy,
     /// A NumPy `.npz` archive of arrays.
     Npz,
+    /// A folder (a Hugging Face `save_pretrained` checkpoint, say): its `.safetensors` files'
+    /// tensors as weights, every other file as blob chunks, listed in
+    /// [`ModelManifest::files`].
+    Folder,
 }
 
 impl ModelFormat {
@@ -116,6 +121,7 @@ impl ModelFormat {
             ModelFormat::Safetensors => "safetensors",
             ModelFormat::Npy => "npy",
             ModelFormat::Npz => "npz",
+            ModelFormat::Folder => "folder",
         }
     }
 
@@ -159,12 +165,227 @@ pub struct ModelManifest {
     /// Seconds since the Unix epoch when the model was added.
     #[serde(default)]
     pub created_unix: u64,
+    /// For a folder model: every entry of the tree, in path order (absent otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ManifestFile>,
+}
+
+/// One entry of a folder model: a path relative to the folder, its permission bits and what
+/// it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// The path relative to the folder, `/`-separated, each component a plain name (see
+    /// [`check_relative_path`]).
+    pub path: String,
+    /// Permission bits (`mode & 0o7777`), restored on export.
+    pub mode: u32,
+    /// What the entry holds.
+    #[serde(flatten)]
+    pub content: FileContent,
+}
+
+/// What a folder entry holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum FileContent {
+    /// A directory (listed so that empty ones come back too).
+    Dir,
+    /// A symbolic link to a path inside the folder, recreated as a link.
+    Symlink {
+        /// The link's target as it was read (relative, resolving inside the folder).
+        target: String,
+    },
+    /// A safetensors file: its header as it was, and its tensors, which are
+    /// `ModelManifest::tensors[tensors[0]..tensors[1]]`.
+    Safetensors {
+        /// The file's size in bytes.
+        size: u64,
+        /// The header bytes exactly as in the file (JSON with any padding).
+        header: String,
+        /// The `[begin, end)` range of its tensors in [`ModelManifest::tensors`].
+        tensors: [usize; 2],
+    },
+    /// Any other file: its bytes as content-addressed chunks (each stored as a 1-D `uint8`
+    /// weight), concatenated in order.
+    Blob {
+        /// The file's size in bytes (the sum of the chunks' lengths).
+        size: u64,
+        /// The chunks in order.
+        chunks: Vec<BlobChunk>,
+    },
+}
+
+/// One chunk of a blob: a 1-D `uint8` weight of `len` elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobChunk {
+    /// The chunk's key: the hash of a `uint8` weight of shape `[len]` holding its bytes.
+    pub key: ContentHash,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+impl ManifestFile {
+    /// The entry's size in bytes (0 for a directory or link).
+    pub fn size(&self) -> u64 {
+        match &self.content {
+            FileContent::Safetensors { size, .. } | FileContent::Blob { size, .. } => *size,
+            FileContent::Dir | FileContent::Symlink { .. } => 0,
+        }
+    }
+
+    /// The kind as stored: "dir", "symlink", "safetensors" or "blob".
+    pub fn kind(&self) -> &'static str {
+        match &self.content {
+            FileContent::Dir => "dir",
+            FileContent::Symlink { .. } => "symlink",
+            FileContent::Safetensors { .. } => "safetensors",
+            FileContent::Blob { .. } => "blob",
+        }
+    }
+}
+
+/// Checks that `path` is a safe relative path inside a folder: not empty, `/`-separated, no
+/// empty, `.` or `..` component, no NUL or backslash, at most 4096 bytes. A path from a
+/// manifest that fails this is refused before anything is written.
+pub fn check_relative_path(path: &str) -> Result<()> {
+    let bad = path.is_empty()
+        || path.len() > 4096
+        || path.contains(['\0', '\\'])
+        || path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        return Err(CoreError::Manifest(format!(
+            "unsafe path {:?} in a folder model",
+            path.chars().take(200).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a symbolic link at `path` (relative to the folder) pointing to `target`
+/// resolves inside the folder, lexically: relative, and its `..` never climbing above the
+/// folder.
+pub fn check_link_target(path: &str, target: &str) -> Result<()> {
+    let outside = || {
+        CoreError::Manifest(format!(
+            "symlink {path:?} points outside the folder (to {:?})",
+            target.chars().take(200).collect::<String>()
+        ))
+    };
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+        return Err(outside());
+    }
+    // The link's own folder, then each component of the target.
+    let mut depth: usize = path.split('/').count().saturating_sub(1);
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => depth = depth.checked_sub(1).ok_or_else(outside)?,
+            _ => depth += 1,
+        }
+    }
+    Ok(())
 }
 
 impl ModelManifest {
-    /// Every key the model needs, in tensor order (may repeat).
+    /// Every key the model needs, in tensor order, then its blobs' chunks (may repeat).
     pub fn keys(&self) -> impl Iterator<Item = &ContentHash> {
-        self.tensors.iter().map(|t| &t.key)
+        self.tensors
+            .iter()
+            .map(|t| &t.key)
+            .chain(self.blob_chunks().map(|(_, c)| &c.key))
+    }
+
+    /// Every blob chunk of a folder model, with its file, in order.
+    pub fn blob_chunks(&self) -> impl Iterator<Item = (&ManifestFile, &BlobChunk)> {
+        self.files.iter().flat_map(|f| {
+            let chunks: &[BlobChunk] = match &f.content {
+                FileContent::Blob { chunks, .. } => chunks,
+                _ => &[],
+            };
+            chunks.iter().map(move |c| (f, c))
+        })
+    }
+
+    /// The tensors of a folder model's safetensors file `f` (empty for other entries, and for
+    /// a range outside the tensors, which [`check_files`](Self::check_files) refuses).
+    pub fn file_tensors(&self, f: &ManifestFile) -> &[ManifestTensor] {
+        match &f.content {
+            FileContent::Safetensors {
+                tensors: [a, b], ..
+            } => self.tensors.get(*a..*b).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+
+    /// Checks a folder model's entries: safe unique paths, each below a listed directory, links
+    /// inside the folder, blob sizes that add up, and safetensors files whose tensor ranges
+    /// cover [`tensors`](Self::tensors) in order, exactly once. A model of another format
+    /// must have no entries.
+    pub fn check_files(&self) -> Result<()> {
+        let err = |m: String| Err(CoreError::Manifest(m));
+        if self.format != ModelFormat::Folder {
+            if !self.files.is_empty() {
+                return err(format!("a {} model with folder entries", self.format));
+            }
+            return Ok(());
+        }
+        let mut dirs = std::collections::HashSet::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut next_tensor = 0usize;
+        let mut total = 0u64;
+        for f in &self.files {
+            check_relative_path(&f.path)?;
+            if !seen.insert(f.path.as_str()) {
+                return err(format!("path {:?} listed twice", f.path));
+            }
+            if let Some((parent, _)) = f.path.rsplit_once('/') {
+                if !dirs.contains(parent) {
+                    return err(format!("{:?} comes before its folder", f.path));
+                }
+            }
+            match &f.content {
+                FileContent::Dir => {
+                    dirs.insert(f.path.as_str());
+                }
+                FileContent::Symlink { target } => check_link_target(&f.path, target)?,
+                FileContent::Safetensors {
+                    tensors: [a, b], ..
+                } => {
+                    if *a != next_tensor || b < a || *b > self.tensors.len() {
+                        return err(format!(
+                            "{:?}: tensors [{a}, {b}) out of order or range",
+                            f.path
+                        ));
+                    }
+                    next_tensor = *b;
+                }
+                FileContent::Blob { size, chunks } => {
+                    let sum = chunks
+                        .iter()
+                        .try_fold(0u64, |a, c| a.checked_add(c.len))
+                        .filter(|s| s == size);
+                    if sum.is_none() {
+                        return err(format!("{:?}: chunks do not add up to {size}", f.path));
+                    }
+                }
+            }
+            total = total.saturating_add(f.size());
+        }
+        if next_tensor != self.tensors.len() {
+            return err(format!(
+                "{} tensors, but the files hold {next_tensor}",
+                self.tensors.len()
+            ));
+        }
+        if total != self.file_size {
+            return err(format!(
+                "files add up to {total} bytes, the manifest says {}",
+                self.file_size
+            ));
+        }
+        Ok(())
     }
 
     /// The manifest as JSON bytes.
@@ -228,5 +449,157 @@ mod tests {
         ] {
             assert!(ModelName::for_new_model(fine.as_str()).is_ok(), "{fine}");
         }
+    }
+}
+
+#[cfg(test)]
+mod folder_tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_checked() {
+        for good in ["a", "config.json", "sub/dir/x.bin", ".hidden", "a..b"] {
+            assert!(check_relative_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a//b",
+            "a/",
+            "./a",
+            "a/../b",
+            "..",
+            "a\\b",
+            "a\0",
+        ] {
+            assert!(check_relative_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn links_must_stay_inside() {
+        for (path, target) in [
+            ("a", "b"),
+            ("sub/a", "../b"),
+            ("sub/a", "./x/../y"),
+            ("x/y/z", "../../w"),
+        ] {
+            assert!(
+                check_link_target(path, target).is_ok(),
+                "{path} -> {target}"
+            );
+        }
+        for (path, target) in [
+            ("a", "../b"),
+            ("a", "/etc"),
+            ("sub/a", "../../b"),
+            ("a", ""),
+            ("x/a", "y/../../../b"),
+        ] {
+            let e = check_link_target(path, target).unwrap_err().to_string();
+            assert!(e.contains("points outside the folder"), "{e}");
+        }
+    }
+
+    fn blob(path: &str, lens: &[u64]) -> ManifestFile {
+        let key = ContentHash::sha256(DType::U8, &[1], b"x");
+        ManifestFile {
+            path: path.into(),
+            mode: 0o644,
+            content: FileContent::Blob {
+                size: lens.iter().sum(),
+                chunks: lens.iter().map(|&len| BlobChunk { key, len }).collect(),
+            },
+        }
+    }
+
+    fn folder(files: Vec<ManifestFile>, tensors: usize) -> ModelManifest {
+        let key = ContentHash::sha256(DType::U8, &[1], b"t");
+        ModelManifest {
+            version: 1,
+            name: ModelName::new("f").unwrap(),
+            format: ModelFormat::Folder,
+            tensors: (0..tensors)
+                .map(|i| ManifestTensor {
+                    name: format!("t{i}"),
+                    key,
+                    dtype: DType::U8,
+                    shape: vec![1],
+                    data_offsets: Some([i as u64, i as u64 + 1]),
+                })
+                .collect(),
+            safetensors_header: None,
+            file_size: files.iter().map(|f| f.size()).sum(),
+            parent: None,
+            created_unix: 0,
+            files,
+        }
+    }
+
+    fn st(path: &str, range: [usize; 2]) -> ManifestFile {
+        ManifestFile {
+            path: path.into(),
+            mode: 0o644,
+            content: FileContent::Safetensors {
+                size: 10,
+                header: "{}".into(),
+                tensors: range,
+            },
+        }
+    }
+
+    #[test]
+    fn folder_entries_are_checked() {
+        let dir = ManifestFile {
+            path: "sub".into(),
+            mode: 0o755,
+            content: FileContent::Dir,
+        };
+        let good = folder(
+            vec![
+                blob("a.json", &[3, 4]),
+                dir.clone(),
+                st("sub/m1.safetensors", [0, 2]),
+                st("sub/m2.safetensors", [2, 3]),
+            ],
+            3,
+        );
+        good.check_files().unwrap();
+        assert_eq!(good.keys().count(), 5);
+        assert_eq!(good.file_tensors(&good.files[3]).len(), 1);
+        // JSON round trip, with the kind tag.
+        let json = String::from_utf8(good.to_json().unwrap()).unwrap();
+        assert!(json.contains(r#""kind":"safetensors""#), "{json}");
+        assert_eq!(ModelManifest::from_json(json.as_bytes()).unwrap(), good);
+
+        let bad = [
+            folder(vec![blob("a", &[1]), blob("a", &[1])], 0),
+            folder(vec![blob("sub/a", &[1])], 0),
+            folder(vec![blob("../a", &[1])], 0),
+            folder(vec![st("a", [0, 1]), st("b", [0, 1])], 1),
+            folder(vec![st("a", [0, 1])], 2),
+            folder(vec![st("a", [0, 3])], 2),
+            folder(
+                vec![ManifestFile {
+                    path: "l".into(),
+                    mode: 0o777,
+                    content: FileContent::Symlink {
+                        target: "../../x".into(),
+                    },
+                }],
+                0,
+            ),
+        ];
+        for m in bad {
+            assert!(m.check_files().is_err(), "{:?}", m.files);
+        }
+        let mut sizes = folder(vec![blob("a", &[1, 2])], 0);
+        if let FileContent::Blob { size, .. } = &mut sizes.files[0].content {
+            *size = 4;
+        }
+        assert!(sizes.check_files().is_err());
+        let mut total = good.clone();
+        total.file_size += 1;
+        assert!(total.check_files().is_err());
     }
 }

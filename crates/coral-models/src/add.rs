@@ -1,25 +1,42 @@
-//! `add`: a model file into a store, tensor by tensor: what the store has is reused, changed
-//! tensors are delta-coded against a reference model, and the manifest is written last.
+//! `add`: a model file or folder into a store, tensor by tensor and blob chunk by blob chunk:
+//! what the store has is reused, changed tensors are delta-coded against a reference model
+//! (named, or chosen automatically), and the manifest is written last.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use coral_core::delta::encode_best_lossless;
-use coral_core::{ContentHash, Delta, HashedWeight, ManifestTensor, ModelManifest, ModelName};
+use coral_core::{
+    BlobChunk, ContentHash, DType, Delta, FileContent, HashedWeight, ManifestFile, ManifestTensor,
+    ModelFormat, ModelManifest, ModelName, WeightMetadata, WeightTensor,
+};
 use coral_store_api::{LeaseKind, Store};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{inconsistent, Context, ModelError, Result};
+use crate::folder::{EntryKind, SourceFolder};
 use crate::source::{SourceFile, SourceTensor};
+
+/// Which model changed tensors are delta-coded against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    /// The stored model whose tensor names, shapes and dtypes best match the new one's (ties:
+    /// the newest), if any matches at all.
+    Auto,
+    /// No delta coding: changed tensors are stored whole.
+    None,
+    /// This model.
+    Model(ModelName),
+}
 
 /// Options of [`add`].
 #[derive(Debug, Clone)]
 pub struct AddOptions {
     /// The model's name.
     pub name: ModelName,
-    /// A model whose tensors serve as delta references.
-    pub reference: Option<ModelName>,
+    /// The model whose tensors serve as delta references.
+    pub reference: Reference,
     /// Largest sum of tensor bytes handled at once (at least one tensor is always taken).
     pub group_bytes: usize,
     /// Checked between groups: when set, the add stops and rolls back (Ctrl-C).
@@ -30,12 +47,12 @@ pub struct AddOptions {
 }
 
 impl AddOptions {
-    /// Options for a model named `name`: no reference, groups of 256 MiB, no cancel flag, and
-    /// a minute's wait for a garbage collector's lease.
+    /// Options for a model named `name`: the reference chosen automatically, groups of 256 MiB,
+    /// no cancel flag, and a minute's wait for a garbage collector's lease.
     pub fn new(name: ModelName) -> Self {
         AddOptions {
             name,
-            reference: None,
+            reference: Reference::Auto,
             group_bytes: 256 << 20,
             cancel: None,
             wait: Duration::from_secs(60),
@@ -44,7 +61,13 @@ impl AddOptions {
 
     /// Delta-codes changed tensors against the model `reference`.
     pub fn with_reference(mut self, reference: ModelName) -> Self {
-        self.reference = Some(reference);
+        self.reference = Reference::Model(reference);
+        self
+    }
+
+    /// Stores changed tensors whole, with no reference.
+    pub fn without_reference(mut self) -> Self {
+        self.reference = Reference::None;
         self
     }
 }
@@ -64,26 +87,84 @@ pub struct AddReport {
     pub reused: usize,
     /// Tensors stored as deltas against the reference.
     pub delta_coded: usize,
-    /// Size of the input file.
+    /// Size of the input file (of every file, for a folder).
     pub bytes_in: u64,
-    /// Bytes the store grew by (weights and deltas as stored).
+    /// Bytes the store grew by (weights, deltas and blob chunks as stored).
     pub bytes_stored: u64,
+    /// The model changed tensors were delta-coded against, if any.
+    pub reference: Option<String>,
+    /// True when that model was chosen automatically.
+    pub reference_auto: bool,
+    /// For a folder: what each entry cost.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileReport>,
 }
 
-/// Adds a model: stores its tensors (reusing what the store has, delta-coding changed tensors
-/// against the reference), then its manifest.
+/// What [`add`] did with one entry of a folder.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FileReport {
+    /// The path in the folder.
+    pub path: String,
+    /// "safetensors", "blob", "dir" or "symlink".
+    pub kind: String,
+    /// Its size.
+    pub bytes_in: u64,
+    /// Bytes the store grew by for it.
+    pub bytes_stored: u64,
+    /// Tensors (safetensors) or chunks (blob) in it.
+    pub parts: usize,
+    /// Of those, how many the store already had.
+    pub reused: usize,
+}
+
+/// A model to add: one file or a folder.
+#[derive(Debug, Clone, Copy)]
+pub enum SourceRef<'a> {
+    /// A model file.
+    File(&'a SourceFile),
+    /// A model folder.
+    Folder(&'a SourceFolder),
+}
+
+impl<'a> From<&'a SourceFile> for SourceRef<'a> {
+    fn from(f: &'a SourceFile) -> Self {
+        SourceRef::File(f)
+    }
+}
+
+impl<'a> From<&'a SourceFolder> for SourceRef<'a> {
+    fn from(f: &'a SourceFolder) -> Self {
+        SourceRef::Folder(f)
+    }
+}
+
+impl SourceRef<'_> {
+    /// The bytes `add` reads, the sum its progress callback reaches: the tensors' data of a
+    /// file, every file's size for a folder.
+    pub fn progress_total(&self) -> u64 {
+        match self {
+            SourceRef::File(f) => f.tensors().iter().map(|t| t.len as u64).sum(),
+            SourceRef::Folder(f) => f.total_bytes(),
+        }
+    }
+}
+
+/// Adds a model, a file or a folder: stores its tensors (reusing what the store has,
+/// delta-coding changed tensors against the reference) and a folder's other files as blob
+/// chunks, then its manifest. `progress` receives bytes done.
 ///
 /// On a store that many writers share (S3) it holds a shared lease throughout, so no garbage
 /// collector deletes what it stores or reuses before its manifest names it; a failed add there
 /// deletes nothing (another writer may already use what it stored: `coral gc` removes it after
 /// its grace period) and says how much it left. On a store with one writer at a time (HDF5,
 /// memory) a failed add removes what it wrote.
-pub fn add(
+pub fn add<'a>(
     store: &dyn Store,
-    source: &SourceFile,
+    source: impl Into<SourceRef<'a>>,
     opts: &AddOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<AddReport> {
+    let source = source.into();
     let lease = store.acquire_lease(LeaseKind::Shared, "add", opts.wait)?;
     let r = add_leased(store, source, opts, progress);
     // The manifest is written (or not) already: a lease that cannot be given back goes stale.
@@ -95,28 +176,30 @@ pub fn add(
 
 fn add_leased(
     store: &dyn Store,
-    source: &SourceFile,
+    source: SourceRef<'_>,
     opts: &AddOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<AddReport> {
     if store.get_manifest(&opts.name)?.is_some() {
         return Err(ModelError::Exists(opts.name.clone()));
     }
-    let reference = match &opts.reference {
-        Some(r) => Some(store.get_manifest(r)?.ok_or_else(|| {
-            ModelError::Invalid(format!("reference model {r} is not in the store"))
-        })?),
-        None => None,
+    let (reference, auto) = match &opts.reference {
+        Reference::Model(r) => (
+            Some(store.get_manifest(r)?.ok_or_else(|| {
+                ModelError::Invalid(format!("reference model {r} is not in the store"))
+            })?),
+            false,
+        ),
+        Reference::None => (None, false),
+        Reference::Auto => (choose_reference(store, source)?, true),
     };
     let mut written = Written::default();
-    let result = add_inner(
-        store,
-        source,
-        opts,
-        reference.as_ref(),
-        &mut written,
-        progress,
-    );
+    let result =
+        Adder::new(store, opts, reference.as_ref(), &mut written, progress).and_then(|adder| {
+            let mut report = adder.run(source)?;
+            report.reference_auto = auto && report.reference.is_some();
+            Ok(report)
+        });
     match result {
         Ok(report) => Ok(report),
         Err(e) if store.shares_writers() => match written.left_note() {
@@ -134,6 +217,59 @@ fn add_leased(
             Err(e)
         }
     }
+}
+
+/// The (name, dtype, shape) of every tensor of a source.
+fn signatures(source: SourceRef<'_>) -> Result<HashSet<(String, DType, Vec<usize>)>> {
+    let mut out = HashSet::new();
+    let mut put = |f: &SourceFile| {
+        for t in f.tensors() {
+            out.insert((t.name.clone(), t.dtype, t.shape.clone()));
+        }
+    };
+    match source {
+        SourceRef::File(f) => put(f),
+        SourceRef::Folder(folder) => {
+            for e in folder.entries() {
+                if let EntryKind::Safetensors = e.kind {
+                    put(&folder.open_safetensors(e)?);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The stored model whose tensors best match `source`'s by name, dtype and shape (the most
+/// matches; ties: the newest, then the first name), or `None` when no model shares a tensor.
+/// Costs one manifest read per model and no weight read.
+pub fn choose_reference(store: &dyn Store, source: SourceRef<'_>) -> Result<Option<ModelManifest>> {
+    let want = signatures(source)?;
+    if want.is_empty() {
+        return Ok(None);
+    }
+    let mut best: Option<(usize, u64, ModelManifest)> = None;
+    for name in store.list_manifests()? {
+        let Some(m) = store.get_manifest(&name)? else {
+            continue;
+        };
+        let score = m
+            .tensors
+            .iter()
+            .filter(|t| want.contains(&(t.name.clone(), t.dtype, t.shape.clone())))
+            .count();
+        if score == 0 {
+            continue;
+        }
+        let better = match &best {
+            None => true,
+            Some((s, created, _)) => (score, m.created_unix) > (*s, *created),
+        };
+        if better {
+            best = Some((score, m.created_unix, m));
+        }
+    }
+    Ok(best.map(|(_, _, m)| m))
 }
 
 #[derive(Default)]
@@ -176,68 +312,330 @@ enum Plan {
     Delta(Box<Delta>),
 }
 
-fn add_inner(
-    store: &dyn Store,
-    source: &SourceFile,
-    opts: &AddOptions,
-    reference: Option<&ModelManifest>,
-    written: &mut Written,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<AddReport> {
-    let ref_tensors: HashMap<&str, &ManifestTensor> = reference
-        .map(|m| m.tensors.iter().map(|t| (t.name.as_str(), t)).collect())
-        .unwrap_or_default();
-    let mut report = AddReport {
-        name: opts.name.to_string(),
-        format: source.format().to_string(),
-        tensors: source.tensors().len(),
-        new: 0,
-        reused: 0,
-        delta_coded: 0,
-        bytes_in: source.file_size(),
-        bytes_stored: 0,
-    };
-    let mut seen: HashSet<ContentHash> = HashSet::new();
-    let mut keys: Vec<ContentHash> = Vec::with_capacity(source.tensors().len());
-    for group in groups(source.tensors(), opts.group_bytes) {
-        if opts
+/// Counts of one part of the work (a file, a folder's entry).
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    parts: usize,
+    reused: usize,
+    bytes_stored: u64,
+}
+
+/// One add's state: what is stored so far, across every file of a folder.
+struct Adder<'a> {
+    store: &'a dyn Store,
+    opts: &'a AddOptions,
+    ref_tensors: HashMap<&'a str, &'a ManifestTensor>,
+    seen: HashSet<ContentHash>,
+    report: AddReport,
+    written: &'a mut Written,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl<'a> Adder<'a> {
+    fn new(
+        store: &'a dyn Store,
+        opts: &'a AddOptions,
+        reference: Option<&'a ModelManifest>,
+        written: &'a mut Written,
+        progress: &'a (dyn Fn(u64) + Sync),
+    ) -> Result<Self> {
+        Ok(Adder {
+            store,
+            opts,
+            ref_tensors: reference
+                .map(|m| m.tensors.iter().map(|t| (t.name.as_str(), t)).collect())
+                .unwrap_or_default(),
+            seen: HashSet::new(),
+            report: AddReport {
+                name: opts.name.to_string(),
+                format: String::new(),
+                tensors: 0,
+                new: 0,
+                reused: 0,
+                delta_coded: 0,
+                bytes_in: 0,
+                bytes_stored: 0,
+                reference: reference.map(|m| m.name.to_string()),
+                reference_auto: false,
+                files: Vec::new(),
+            },
+            written,
+            progress,
+        })
+    }
+
+    fn cancelled(&self) -> Result<()> {
+        if self
+            .opts
             .cancel
             .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
         {
             return Err(ModelError::Interrupted);
         }
-        // Each tensor is hashed once, here; the store trusts the proof.
-        let tensors: Vec<HashedWeight> = group
-            .par_iter()
-            .map(|t| source.weight(t, &opts.name).map(HashedWeight::new))
-            .collect::<Result<_>>()?;
-        let plans: Vec<Plan> = tensors
-            .par_iter()
-            .map(|w| plan(store, &ref_tensors, w))
-            .collect::<Result<_>>()?;
-        write_group(store, &tensors, plans, &mut seen, &mut report, written)?;
-        let hashes = tensors.iter().map(|w| *w.key());
-        keys.extend(hashes);
-        drop(tensors);
-        source.release(group);
-        progress(group.iter().map(|t| t.len as u64).sum());
+        Ok(())
     }
-    if opts
-        .cancel
-        .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-    {
-        return Err(ModelError::Interrupted);
+
+    fn run(mut self, source: SourceRef<'_>) -> Result<AddReport> {
+        let parent = self.report.reference.as_deref().map(ModelName::new);
+        let parent = parent.transpose()?;
+        let manifest = match source {
+            SourceRef::File(src) => {
+                self.report.format = src.format().to_string();
+                self.report.bytes_in = src.file_size();
+                let keys = self.tensors(src)?.0;
+                self.cancelled()?;
+                src.manifest(&self.opts.name, &keys, parent)?
+            }
+            SourceRef::Folder(folder) => self.folder(folder, parent)?,
+        };
+        self.store
+            .put_manifest(&manifest)
+            .with_context(|| format!("writing manifest of {}", self.opts.name))?;
+        Ok(self.report)
     }
-    let manifest = source.manifest(&opts.name, &keys, opts.reference.clone())?;
-    store
-        .put_manifest(&manifest)
-        .with_context(|| format!("writing manifest of {}", opts.name))?;
-    Ok(report)
+
+    /// Stores a file's tensors, in groups; returns their keys and what it cost.
+    fn tensors(&mut self, source: &SourceFile) -> Result<(Vec<ContentHash>, Tally)> {
+        self.report.tensors += source.tensors().len();
+        let mut keys: Vec<ContentHash> = Vec::with_capacity(source.tensors().len());
+        let mut tally = Tally::default();
+        for group in groups(source.tensors(), self.opts.group_bytes) {
+            self.cancelled()?;
+            // Each tensor is hashed once, here; the store trusts the proof.
+            let tensors: Vec<HashedWeight> = group
+                .par_iter()
+                .map(|t| source.weight(t, &self.opts.name).map(HashedWeight::new))
+                .collect::<Result<_>>()?;
+            let plans: Vec<Plan> = tensors
+                .par_iter()
+                .map(|w| plan(self.store, &self.ref_tensors, w))
+                .collect::<Result<_>>()?;
+            let t = self.write_group(&tensors, plans, true)?;
+            tally.parts += t.parts;
+            tally.reused += t.reused;
+            tally.bytes_stored += t.bytes_stored;
+            keys.extend(tensors.iter().map(|w| *w.key()));
+            drop(tensors);
+            source.release(group);
+            (self.progress)(group.iter().map(|t| t.len as u64).sum());
+        }
+        Ok((keys, tally))
+    }
+
+    /// Stores a folder: every entry in order, then returns its manifest.
+    fn folder(
+        &mut self,
+        folder: &SourceFolder,
+        parent: Option<ModelName>,
+    ) -> Result<ModelManifest> {
+        self.report.format = ModelFormat::Folder.to_string();
+        self.report.bytes_in = folder.total_bytes();
+        let mut tensors: Vec<ManifestTensor> = Vec::new();
+        let mut files: Vec<ManifestFile> = Vec::with_capacity(folder.entries().len());
+        for e in folder.entries() {
+            self.cancelled()?;
+            let what = || format!("adding {}", e.path);
+            let (content, tally) = match &e.kind {
+                EntryKind::Dir => (FileContent::Dir, Tally::default()),
+                EntryKind::Symlink(target) => (
+                    FileContent::Symlink {
+                        target: target.clone(),
+                    },
+                    Tally::default(),
+                ),
+                EntryKind::Safetensors => {
+                    let src = folder.open_safetensors(e).with_context(what)?;
+                    let (keys, tally) = self.tensors(&src).with_context(what)?;
+                    let m = src.manifest(&self.opts.name, &keys, None)?;
+                    let start = tensors.len();
+                    tensors.extend(m.tensors);
+                    (
+                        FileContent::Safetensors {
+                            size: src.file_size(),
+                            header: m.safetensors_header.unwrap_or_default(),
+                            tensors: [start, tensors.len()],
+                        },
+                        tally,
+                    )
+                }
+                EntryKind::Blob => {
+                    let (size, chunks, tally) = self.blob(folder, e).with_context(what)?;
+                    (FileContent::Blob { size, chunks }, tally)
+                }
+            };
+            let f = ManifestFile {
+                path: e.path.clone(),
+                mode: e.mode,
+                content,
+            };
+            self.report.files.push(FileReport {
+                path: f.path.clone(),
+                kind: f.kind().to_string(),
+                bytes_in: f.size(),
+                bytes_stored: tally.bytes_stored,
+                parts: tally.parts,
+                reused: tally.reused,
+            });
+            files.push(f);
+        }
+        let m = ModelManifest {
+            version: 1,
+            name: self.opts.name.clone(),
+            format: ModelFormat::Folder,
+            tensors,
+            safetensors_header: None,
+            file_size: folder.total_bytes(),
+            parent,
+            created_unix: crate::source::created_unix(),
+            files,
+        };
+        m.check_files()?;
+        Ok(m)
+    }
+
+    /// Stores a blob's chunks (content-defined, so that an edit costs only the chunks around
+    /// it); returns its size, its chunks and what it cost.
+    fn blob(
+        &mut self,
+        folder: &SourceFolder,
+        e: &crate::folder::FolderEntry,
+    ) -> Result<(u64, Vec<BlobChunk>, Tally)> {
+        let map = folder.map_blob(e)?;
+        let data: &[u8] = map.as_ref().map_or(&[], |m| &m[..]);
+        let bytes = match &map {
+            Some(m) => crate::source::mapped_bytes(m.clone()),
+            None => bytes::Bytes::new(),
+        };
+        let ranges = crate::folder::chunk_ranges(data);
+        let mut chunks = Vec::with_capacity(ranges.len());
+        let mut tally = Tally::default();
+        let mut start = 0;
+        while start < ranges.len() {
+            self.cancelled()?;
+            // Groups of at most group_bytes, at least one chunk.
+            let mut end = start;
+            let mut sum = 0usize;
+            while end < ranges.len()
+                && (end == start || sum + ranges[end].len() <= self.opts.group_bytes)
+            {
+                sum += ranges[end].len();
+                end += 1;
+            }
+            let weights: Vec<HashedWeight> = ranges[start..end]
+                .par_iter()
+                .map(|r| {
+                    let mut meta = WeightMetadata::new(
+                        format!("{}@{}", e.path, r.start),
+                        vec![r.len()],
+                        DType::U8,
+                    );
+                    meta.model_name = Some(self.opts.name.to_string());
+                    meta.layer_type = Some("blob".to_string());
+                    Ok(HashedWeight::new(WeightTensor::new(
+                        meta,
+                        bytes.slice(r.clone()),
+                    )?))
+                })
+                .collect::<Result<_>>()?;
+            let plans: Vec<Plan> = weights
+                .par_iter()
+                .map(|w| {
+                    Ok(if self.store.exists(w.key())? {
+                        Plan::Reused
+                    } else {
+                        Plan::Full
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let t = self.write_group(&weights, plans, false)?;
+            tally.parts += t.parts;
+            tally.reused += t.reused;
+            tally.bytes_stored += t.bytes_stored;
+            chunks.extend(weights.iter().map(|w| BlobChunk {
+                key: *w.key(),
+                len: w.weight().nbytes() as u64,
+            }));
+            (self.progress)(sum as u64);
+            start = end;
+        }
+        Ok((data.len() as u64, chunks, tally))
+    }
+
+    /// Carries out a group's plans: deltas one by one, new weights in one batch (recorded in
+    /// `written` first, so a batch that fails half-way is rolled back too); counts into the
+    /// report (as tensors when `tensors`, else only in bytes: blob chunks), and returns the
+    /// group's own counts.
+    fn write_group(
+        &mut self,
+        tensors: &[HashedWeight],
+        plans: Vec<Plan>,
+        count_tensors: bool,
+    ) -> Result<Tally> {
+        let store = self.store;
+        let mut tally = Tally {
+            parts: tensors.len(),
+            ..Tally::default()
+        };
+        let mut batch: Vec<HashedWeight> = Vec::new();
+        for (w, plan) in tensors.iter().zip(plans) {
+            let key = w.key();
+            if !self.seen.insert(*key) {
+                tally.reused += 1;
+                continue;
+            }
+            match plan {
+                Plan::Reused => tally.reused += 1,
+                Plan::Full => {
+                    self.report.new += usize::from(count_tensors);
+                    batch.push(w.clone());
+                }
+                Plan::Delta(d) => {
+                    self.report.delta_coded += 1;
+                    let k = store
+                        .store_delta(&d, key)
+                        .with_context(|| format!("storing delta of {:?}", w.name()))?;
+                    if k != *key {
+                        self.written.deltas.push(k);
+                        inconsistent!(
+                            "store returned key {k} for delta of {:?}, expected {key}",
+                            w.name()
+                        );
+                    }
+                    self.written.deltas.push(*key);
+                    tally.bytes_stored = tally.bytes_stored.saturating_add(d.nbytes() as u64);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            // Record first: a batch that fails half-way is rolled back too.
+            self.written.weights.extend(batch.iter().map(|w| *w.key()));
+            let stored = store
+                .store_hashed_batch(&batch)
+                .context("storing weights")?;
+            for (w, s) in batch.iter().zip(&stored) {
+                if s.key != *w.key() {
+                    inconsistent!(
+                        "store did not keep {:?} under its key {}",
+                        w.name(),
+                        w.key()
+                    );
+                }
+                tally.bytes_stored = tally.bytes_stored.saturating_add(s.stored_bytes);
+            }
+        }
+        if count_tensors {
+            self.report.reused += tally.reused;
+        }
+        self.report.bytes_stored = self.report.bytes_stored.saturating_add(tally.bytes_stored);
+        Ok(tally)
+    }
 }
 
 /// What one tensor needs: nothing (the store has it), to be stored in full, or a delta against
-/// the reference model's tensor of the same name (only against weights held whole, so chains
-/// stay one deep; kept only when smaller than the weight).
+/// the reference model's tensor of the same name. Deltas are taken only against weights held
+/// whole, so chains stay one deep: when the reference's tensor is itself a delta, the new one
+/// is coded against that delta's reference. A delta is kept only when the encoder finds it
+/// smaller than the weight.
 fn plan(
     store: &dyn Store,
     ref_tensors: &HashMap<&str, &ManifestTensor>,
@@ -253,16 +651,23 @@ fn plan(
     if rt.dtype != w.dtype() || rt.shape != w.shape() || rt.key == *key {
         return Ok(Plan::Full);
     }
-    if store.delta_exists(&rt.key)? || !store.exists(&rt.key)? {
+    let base_key = match store.load_delta(&rt.key)? {
+        Some(d) => d.reference_hash,
+        None => rt.key,
+    };
+    if base_key == *key || store.delta_exists(&base_key)? || !store.exists(&base_key)? {
         return Ok(Plan::Full);
     }
     let base = store
-        .load(&rt.key)?
+        .load(&base_key)?
         .ok_or_else(|| {
-            ModelError::Inconsistent(format!("weight {} is missing from the store", rt.key))
+            ModelError::Inconsistent(format!("weight {base_key} is missing from the store"))
         })
         .with_context(|| format!("loading reference tensor {:?}", rt.name))?;
-    match encode_best_lossless(w, &base, &rt.key) {
+    if base.dtype() != w.dtype() || base.shape() != w.shape() {
+        return Ok(Plan::Full);
+    }
+    match encode_best_lossless(w, &base, &base_key) {
         Ok(Some(d)) => Ok(Plan::Delta(Box::new(d))),
         Ok(None) => Ok(Plan::Full),
         Err(e) => {
@@ -270,66 +675,6 @@ fn plan(
             Ok(Plan::Full)
         }
     }
-}
-
-/// Carries out a group's plans: deltas one by one, new weights in one batch (recorded in
-/// `written` first, so a batch that fails half-way is rolled back too); counts into `report`.
-fn write_group(
-    store: &dyn Store,
-    tensors: &[HashedWeight],
-    plans: Vec<Plan>,
-    seen: &mut HashSet<ContentHash>,
-    report: &mut AddReport,
-    written: &mut Written,
-) -> Result<()> {
-    let mut batch: Vec<HashedWeight> = Vec::new();
-    for (w, plan) in tensors.iter().zip(plans) {
-        let key = w.key();
-        if !seen.insert(*key) {
-            report.reused += 1;
-            continue;
-        }
-        match plan {
-            Plan::Reused => report.reused += 1,
-            Plan::Full => {
-                report.new += 1;
-                batch.push(w.clone());
-            }
-            Plan::Delta(d) => {
-                report.delta_coded += 1;
-                let k = store
-                    .store_delta(&d, key)
-                    .with_context(|| format!("storing delta of {:?}", w.name()))?;
-                if k != *key {
-                    written.deltas.push(k);
-                    inconsistent!(
-                        "store returned key {k} for delta of {:?}, expected {key}",
-                        w.name()
-                    );
-                }
-                written.deltas.push(*key);
-                report.bytes_stored = report.bytes_stored.saturating_add(d.nbytes() as u64);
-            }
-        }
-    }
-    if !batch.is_empty() {
-        // Record first: a batch that fails half-way is rolled back too.
-        written.weights.extend(batch.iter().map(|w| *w.key()));
-        let stored = store
-            .store_hashed_batch(&batch)
-            .context("storing weights")?;
-        for (w, s) in batch.iter().zip(&stored) {
-            if s.key != *w.key() {
-                inconsistent!(
-                    "store did not keep {:?} under its key {}",
-                    w.name(),
-                    w.key()
-                );
-            }
-            report.bytes_stored = report.bytes_stored.saturating_add(s.stored_bytes);
-        }
-    }
-    Ok(())
 }
 
 /// Splits tensors into consecutive groups of at most `budget` bytes (one tensor at least).

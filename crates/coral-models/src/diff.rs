@@ -2,7 +2,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use coral_core::{DType, ManifestTensor, ModelName, WeightTensor};
+use coral_core::{
+    ContentHash, DType, FileContent, ManifestFile, ManifestTensor, ModelFormat, ModelManifest,
+    ModelName, WeightTensor,
+};
 use coral_store_api::Store;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -33,6 +36,61 @@ pub struct DiffReport {
     pub added: Vec<String>,
     /// Tensors only in A.
     pub removed: Vec<String>,
+    /// When either model is a folder: its files compared, by path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesDiff>,
+}
+
+/// The files of two models compared by path (a model stored from one file counts as a folder
+/// of that one file, unnamed: it then shows as removed or added).
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct FilesDiff {
+    /// Paths whose content and mode are the same in both.
+    pub equal: Vec<String>,
+    /// Paths whose content, kind or mode differ.
+    pub changed: Vec<String>,
+    /// Paths only in B.
+    pub added: Vec<String>,
+    /// Paths only in A.
+    pub removed: Vec<String>,
+}
+
+/// A file's content, comparable across models without reading data: keys, header, target.
+fn fingerprint(m: &ModelManifest, f: &ManifestFile) -> (u32, String, Vec<ContentHash>) {
+    match &f.content {
+        FileContent::Dir => (f.mode, "dir".into(), vec![]),
+        FileContent::Symlink { target } => (f.mode, format!("link {target}"), vec![]),
+        FileContent::Safetensors { header, .. } => (
+            f.mode,
+            header.clone(),
+            m.file_tensors(f).iter().map(|t| t.key).collect(),
+        ),
+        FileContent::Blob { chunks, .. } => (
+            f.mode,
+            "blob".into(),
+            chunks.iter().map(|c| c.key).collect(),
+        ),
+    }
+}
+
+fn diff_files(a: &ModelManifest, b: &ModelManifest) -> FilesDiff {
+    let fb: HashMap<&str, &ManifestFile> = b.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let mut d = FilesDiff::default();
+    for f in &a.files {
+        match fb.get(f.path.as_str()) {
+            None => d.removed.push(f.path.clone()),
+            Some(g) if fingerprint(a, f) == fingerprint(b, g) => d.equal.push(f.path.clone()),
+            Some(_) => d.changed.push(f.path.clone()),
+        }
+    }
+    let fa: HashSet<&str> = a.files.iter().map(|f| f.path.as_str()).collect();
+    d.added = b
+        .files
+        .iter()
+        .filter(|f| !fa.contains(f.path.as_str()))
+        .map(|f| f.path.clone())
+        .collect();
+    d
 }
 
 fn to_f64(w: &WeightTensor) -> Option<Vec<f64>> {
@@ -99,7 +157,7 @@ pub fn relative_change(a: &WeightTensor, b: &WeightTensor) -> Option<f64> {
     })
 }
 
-/// Compares two models tensor by tensor (by name).
+/// Compares two models tensor by tensor (by name), and file by file when either is a folder.
 pub fn diff(store: &dyn Store, a: &ModelName, b: &ModelName) -> Result<DiffReport> {
     let ma = store
         .get_manifest(a)?
@@ -115,6 +173,8 @@ pub fn diff(store: &dyn Store, a: &ModelName, b: &ModelName) -> Result<DiffRepor
         changed: vec![],
         added: vec![],
         removed: vec![],
+        files: (ma.format == ModelFormat::Folder || mb.format == ModelFormat::Folder)
+            .then(|| diff_files(&ma, &mb)),
     };
     let mut to_compare = Vec::new();
     for t in &ma.tensors {

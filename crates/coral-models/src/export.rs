@@ -5,15 +5,46 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use coral_core::{ManifestTensor, ModelManifest, ModelName, WeightTensor};
+use std::os::unix::fs::PermissionsExt;
+
+use coral_core::{
+    BlobChunk, DType, FileContent, ManifestTensor, ModelFormat, ModelManifest, ModelName,
+    WeightTensor,
+};
+use coral_formats::npy::{self, NonNumpy};
+use coral_formats::safetensors as st;
 use coral_store_api::Store;
 use rayon::prelude::*;
 
 use crate::error::{bail, Context, ModelError, Result};
 use crate::load_resolved;
 
+/// Options of [`export_with`].
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Largest sum of tensor bytes loaded at once (at least one tensor is always taken).
+    pub group_bytes: usize,
+    /// Replace a folder that is not empty (a folder model's export refuses to otherwise).
+    pub force: bool,
+    /// Only these tensors, by name (`FILE:NAME` in a folder model where a name is in several
+    /// files), into a `.safetensors` or `.npy` file: only their chunks are read.
+    pub tensors: Vec<String>,
+}
+
+impl ExportOptions {
+    /// The whole model, groups of `group_bytes`, no replacing.
+    pub fn new(group_bytes: usize) -> Self {
+        ExportOptions {
+            group_bytes,
+            force: false,
+            tensors: Vec::new(),
+        }
+    }
+}
+
 /// Writes a model back to `out` (through a temporary file renamed at the end). A safetensors
-/// model is rebuilt byte for byte from its recorded header and offsets.
+/// model is rebuilt byte for byte from its recorded header and offsets; a folder model is
+/// rebuilt as a folder, byte for byte. Returns the bytes written.
 pub fn export(
     store: &dyn Store,
     name: &ModelName,
@@ -21,15 +52,61 @@ pub fn export(
     group_bytes: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
+    export_with(store, name, out, &ExportOptions::new(group_bytes), progress)
+}
+
+/// [`export`] with options: a folder model into a folder (written beside it, every file
+/// verified, then renamed into place; a non-empty folder is replaced only with `force`), or
+/// only some tensors.
+pub fn export_with(
+    store: &dyn Store,
+    name: &ModelName,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
     let m = store
         .get_manifest(name)?
         .ok_or_else(|| ModelError::NotFound(name.clone()))?;
     clean_stale_tmp(out);
+    if !opts.tensors.is_empty() {
+        return export_tensors(store, &m, &opts.tensors, out, opts.group_bytes, progress);
+    }
+    if m.format == ModelFormat::Folder {
+        if out
+            .extension()
+            .and_then(|e| e.to_str())
+            .and_then(ModelFormat::from_extension)
+            .is_some()
+        {
+            bail!(
+                "model {name} is a folder: export it to a folder, or some of its tensors with \
+                 --tensor, not to {}",
+                out.display()
+            );
+        }
+        return export_folder(store, &m, out, opts, progress);
+    }
+    if out.is_dir() {
+        bail!(
+            "{} is a folder; model {name} is one {} file: give the file's path",
+            out.display(),
+            m.format
+        );
+    }
+    write_file(out, |w| {
+        crate::source::write_model(store, &m, out, w, opts.group_bytes, progress)
+    })
+}
+
+/// Writes a file through a temporary one beside it, synced, renamed into place at the end (and
+/// removed on failure).
+fn write_file(out: &Path, f: impl FnOnce(&mut BufWriter<File>) -> Result<u64>) -> Result<u64> {
     let tmp = tmp_path(out);
     let res = (|| -> Result<u64> {
-        let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = BufWriter::with_capacity(1 << 20, f);
-        let n = crate::source::write_model(store, &m, out, &mut w, group_bytes, progress)?;
+        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let n = f(&mut w)?;
         w.flush()?;
         w.into_inner()
             .map_err(|e| e.into_error())?
@@ -46,6 +123,330 @@ pub fn export(
             let _ = std::fs::remove_file(&tmp);
             Err(e)
         }
+    }
+}
+
+/// A file of a folder export, written in place (the folder itself is the temporary) and
+/// synced.
+fn write_in_place(path: &Path, f: impl FnOnce(&mut BufWriter<File>) -> Result<u64>) -> Result<u64> {
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let n = f(&mut w)?;
+    w.flush()?;
+    w.into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    Ok(n)
+}
+
+fn export_folder(
+    store: &dyn Store,
+    m: &ModelManifest,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    crate::source::check_manifest(m)?;
+    let replace = match std::fs::symlink_metadata(out) {
+        Ok(meta) if meta.is_dir() => {
+            let empty = std::fs::read_dir(out)
+                .with_context(|| format!("listing {}", out.display()))?
+                .next()
+                .is_none();
+            if !empty && !opts.force {
+                bail!(
+                    "{} is not empty; use --force to replace it with model {}",
+                    out.display(),
+                    m.name
+                );
+            }
+            true
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a folder; model {} is a folder",
+            out.display(),
+            m.name
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let tmp = tmp_path(out);
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let n = match write_tree(store, m, &tmp, opts.group_bytes, progress) {
+        Ok(n) => n,
+        Err(e) => {
+            remove_tree(&tmp);
+            return Err(e);
+        }
+    };
+    if replace {
+        // The old folder steps aside under a temporary name (removed as stale should this
+        // process die), the new one takes its place, then the old one goes.
+        let mut old_name = out
+            .file_name()
+            .map(|s| s.to_os_string())
+            .unwrap_or_default();
+        old_name.push(format!(".old{TMP_SUFFIX}{}", std::process::id()));
+        let old = out.with_file_name(old_name);
+        if let Err(e) = std::fs::rename(out, &old) {
+            remove_tree(&tmp);
+            return Err(e).with_context(|| format!("moving {} aside", out.display()));
+        }
+        if let Err(e) = std::fs::rename(&tmp, out) {
+            let _ = std::fs::rename(&old, out);
+            remove_tree(&tmp);
+            return Err(e).with_context(|| format!("renaming to {}", out.display()));
+        }
+        remove_tree(&old);
+    } else if let Err(e) = std::fs::rename(&tmp, out) {
+        remove_tree(&tmp);
+        return Err(e).with_context(|| format!("renaming to {}", out.display()));
+    }
+    Ok(n)
+}
+
+fn remove_tree(path: &Path) {
+    // Folders made read-only by their recorded mode would refuse their removal.
+    fn writable(p: &Path) {
+        if let Ok(meta) = std::fs::symlink_metadata(p) {
+            if meta.is_dir() {
+                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700));
+                if let Ok(rd) = std::fs::read_dir(p) {
+                    for e in rd.flatten() {
+                        writable(&e.path());
+                    }
+                }
+            }
+        }
+    }
+    writable(path);
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove");
+    }
+}
+
+/// Writes every entry of a folder model below `root`; returns the bytes of the files.
+fn write_tree(
+    store: &dyn Store,
+    m: &ModelManifest,
+    root: &Path,
+    group_bytes: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    let mut total = 0u64;
+    for f in &m.files {
+        // Paths were checked (check_manifest): relative, plain components, parents first.
+        let path = root.join(&f.path);
+        let ctx = || format!("exporting {}", f.path);
+        match &f.content {
+            FileContent::Dir => std::fs::create_dir(&path)
+                .with_context(|| format!("creating {}", path.display()))?,
+            FileContent::Symlink { target } => std::os::unix::fs::symlink(target, &path)
+                .with_context(|| format!("creating link {}", path.display()))?,
+            FileContent::Safetensors { size, header, .. } => {
+                let n = write_in_place(&path, |w| {
+                    crate::source::write_safetensors(
+                        store,
+                        header,
+                        m.file_tensors(f),
+                        w,
+                        group_bytes,
+                        progress,
+                    )
+                })
+                .with_context(ctx)?;
+                if n != *size {
+                    bail!("{}: wrote {n} bytes, the manifest says {size}", f.path);
+                }
+                total += n;
+            }
+            FileContent::Blob { size, chunks } => {
+                let n = write_in_place(&path, |w| {
+                    write_blob(store, chunks, w, group_bytes, progress)
+                })
+                .with_context(ctx)?;
+                if n != *size {
+                    bail!("{}: wrote {n} bytes, the manifest says {size}", f.path);
+                }
+                total += n;
+            }
+        }
+        if !matches!(f.content, FileContent::Dir | FileContent::Symlink { .. }) {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+        }
+    }
+    // Folders' modes last, deepest first: a read-only folder would refuse what goes in it.
+    for f in m.files.iter().rev() {
+        if matches!(f.content, FileContent::Dir) {
+            let path = root.join(&f.path);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+        }
+    }
+    File::open(root)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", root.display()))?;
+    Ok(total)
+}
+
+/// Writes a blob's chunks in order, each loaded and verified, a group at a time.
+fn write_blob(
+    store: &dyn Store,
+    chunks: &[BlobChunk],
+    w: &mut dyn Write,
+    group_bytes: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    let mut n = 0u64;
+    let mut start = 0;
+    while start < chunks.len() {
+        let mut end = start;
+        let mut sum = 0u64;
+        while end < chunks.len()
+            && (end == start || sum.saturating_add(chunks[end].len) <= group_bytes as u64)
+        {
+            sum = sum.saturating_add(chunks[end].len);
+            end += 1;
+        }
+        let loaded: Vec<WeightTensor> = chunks[start..end]
+            .par_iter()
+            .map(|c| load_resolved(store, &c.key).with_context(|| format!("blob chunk {}", c.key)))
+            .collect::<Result<_>>()?;
+        for (c, wt) in chunks[start..end].iter().zip(loaded) {
+            if wt.dtype() != DType::U8 || wt.nbytes() as u64 != c.len {
+                bail!(
+                    "blob chunk {} is {} {:?}, the manifest says {} bytes",
+                    c.key,
+                    wt.dtype(),
+                    wt.shape(),
+                    c.len
+                );
+            }
+            w.write_all(wt.data())?;
+            n += c.len;
+            progress(c.len);
+        }
+        start = end;
+    }
+    Ok(n)
+}
+
+/// Finds a tensor by name: `NAME`, or `FILE:NAME` for one of a folder model's files.
+fn find_tensor<'m>(m: &'m ModelManifest, want: &str) -> Result<&'m ManifestTensor> {
+    if m.format == ModelFormat::Folder {
+        if let Some((file, name)) = want.split_once(':') {
+            if let Some(f) = m.files.iter().find(|f| f.path == file) {
+                return m
+                    .file_tensors(f)
+                    .iter()
+                    .find(|t| t.name == name)
+                    .ok_or_else(|| {
+                        ModelError::Invalid(format!(
+                            "{file} of model {} has no tensor {name:?}",
+                            m.name
+                        ))
+                    });
+            }
+        }
+    }
+    let hits: Vec<&ManifestTensor> = m.tensors.iter().filter(|t| t.name == want).collect();
+    match hits.as_slice() {
+        [t] => Ok(t),
+        [] => Err(ModelError::Invalid(format!(
+            "model {} has no tensor {want:?} (`coral show {}` lists them)",
+            m.name, m.name
+        ))),
+        _ => {
+            let files: Vec<&str> = m
+                .files
+                .iter()
+                .filter(|f| m.file_tensors(f).iter().any(|t| t.name == want))
+                .map(|f| f.path.as_str())
+                .collect();
+            Err(ModelError::Invalid(format!(
+                "tensor {want:?} is in {} files of model {} ({}): name it FILE:NAME",
+                hits.len(),
+                m.name,
+                files.join(", ")
+            )))
+        }
+    }
+}
+
+/// Writes the named tensors of `m` to `out` (`.safetensors`, or `.npy` for one): only their
+/// chunks are read, each tensor verified against its key.
+fn export_tensors(
+    store: &dyn Store,
+    m: &ModelManifest,
+    names: &[String],
+    out: &Path,
+    group_bytes: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    let mut picked: Vec<ManifestTensor> = Vec::with_capacity(names.len());
+    for n in names {
+        let t = find_tensor(m, n)?;
+        if picked.iter().any(|p| p.name == t.name) {
+            bail!("tensor {:?} is asked for twice", t.name);
+        }
+        picked.push(t.clone());
+    }
+    let format = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .and_then(ModelFormat::from_extension);
+    match format {
+        Some(ModelFormat::Npy) => {
+            let [t] = picked.as_slice() else {
+                bail!(
+                    "{} tensors asked for; a .npy file holds one (write a .safetensors file)",
+                    picked.len()
+                );
+            };
+            let h = npy::header_bytes(t.dtype, &t.shape, NonNumpy::Refuse)
+                .map_err(|e| ModelError::Invalid(format!("tensor {:?}: {e}", t.name)))?;
+            write_file(out, |w| {
+                w.write_all(&h)?;
+                let mut n = h.len() as u64;
+                for_each_tensor_in(store, &picked, group_bytes, |_, wt| {
+                    w.write_all(wt.data())?;
+                    n += wt.nbytes() as u64;
+                    progress(wt.nbytes() as u64);
+                    Ok(())
+                })?;
+                Ok(n)
+            })
+        }
+        Some(ModelFormat::Safetensors) => {
+            let list: Vec<_> = picked
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .collect();
+            let (prefix, offsets) = st::build_header(&list)?;
+            write_file(out, |w| {
+                w.write_all(&prefix)?;
+                let mut n = prefix.len() as u64;
+                let mut i = 0;
+                for_each_tensor_in(store, &picked, group_bytes, |t, wt| {
+                    let [b, e] = offsets.get(i).copied().unwrap_or([u64::MAX, 0]);
+                    i += 1;
+                    if e.checked_sub(b) != Some(wt.nbytes() as u64) {
+                        bail!("tensor {:?}: data does not fit offsets [{b}, {e}]", t.name);
+                    }
+                    w.write_all(wt.data())?;
+                    n += wt.nbytes() as u64;
+                    progress(wt.nbytes() as u64);
+                    Ok(())
+                })?;
+                Ok(n)
+            })
+        }
+        _ => bail!(
+            "--tensor writes a .safetensors or .npy file, not {}",
+            out.display()
+        ),
     }
 }
 
@@ -112,11 +513,23 @@ pub fn clean_stale_tmp(out: &Path) -> Vec<PathBuf> {
         let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };
-        if pid == me || pid_alive(pid) || !entry.file_type().is_ok_and(|t| t.is_file()) {
+        if pid == me || pid_alive(pid) {
             continue;
         }
         let path = entry.path();
-        match std::fs::remove_file(&path) {
+        let removed_it = match entry.file_type() {
+            Ok(t) if t.is_file() => std::fs::remove_file(&path),
+            // A folder export's temporary folder (or the old folder it was replacing).
+            Ok(t) if t.is_dir() => {
+                remove_tree(&path);
+                if path.exists() {
+                    continue;
+                }
+                Ok(())
+            }
+            _ => continue,
+        };
+        match removed_it {
             Ok(()) => {
                 tracing::info!(path = %path.display(), "removed the temporary file of an export that did not finish");
                 removed.push(path);
@@ -135,14 +548,24 @@ pub fn for_each_tensor(
     store: &dyn Store,
     m: &ModelManifest,
     group_bytes: usize,
+    f: impl FnMut(&ManifestTensor, WeightTensor) -> Result<()>,
+) -> Result<()> {
+    for_each_tensor_in(store, &m.tensors, group_bytes, f)
+}
+
+/// [`for_each_tensor`] over some tensors (one file's of a folder model, or those asked for).
+pub fn for_each_tensor_in(
+    store: &dyn Store,
+    tensors: &[ManifestTensor],
+    group_bytes: usize,
     mut f: impl FnMut(&ManifestTensor, WeightTensor) -> Result<()>,
 ) -> Result<()> {
     let mut start = 0;
-    while start < m.tensors.len() {
+    while start < tensors.len() {
         let mut end = start;
         let mut sum = 0usize;
-        while end < m.tensors.len() {
-            let t = &m.tensors[end];
+        while end < tensors.len() {
+            let t = &tensors[end];
             let n = t
                 .shape
                 .iter()
@@ -153,7 +576,7 @@ pub fn for_each_tensor(
             sum = sum.saturating_add(n);
             end += 1;
         }
-        let group = &m.tensors[start..end];
+        let group = &tensors[start..end];
         let loaded: Vec<WeightTensor> = group
             .par_iter()
             .map(|t| load_resolved(store, &t.key).with_context(|| format!("tensor {:?}", t.name)))

@@ -7,10 +7,11 @@ use coral_store_api::Store;
 
 use crate::error::Result;
 
-/// Counts of the keys of a model by how they are stored.
+/// Counts of the distinct keys of a model's tensors by how they are stored (a folder model's
+/// blob chunks are not counted: they are always weights).
 pub fn key_kinds(store: &dyn Store, m: &ModelManifest) -> Result<BTreeMap<&'static str, usize>> {
     let mut out = BTreeMap::new();
-    for k in m.keys().collect::<BTreeSet<_>>() {
+    for k in m.tensors.iter().map(|t| &t.key).collect::<BTreeSet<_>>() {
         let kind = if store.delta_exists(k)? {
             "delta"
         } else if store.exists(k)? {

@@ -47,6 +47,7 @@ mod add;
 mod diff;
 mod error;
 mod export;
+mod folder;
 mod gc;
 mod keys;
 mod load;
@@ -61,10 +62,17 @@ mod tests;
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
-pub use add::{add, AddOptions, AddReport};
-pub use diff::{diff, relative_change, ChangedTensor, DiffReport};
+pub use add::{add, choose_reference, AddOptions, AddReport, FileReport, Reference, SourceRef};
+pub use diff::{diff, relative_change, ChangedTensor, DiffReport, FilesDiff};
 pub use error::{Context, ModelError, Result};
-pub use export::{clean_stale_tmp, export, for_each_tensor, pid_alive};
+pub use export::{
+    clean_stale_tmp, export, export_with, for_each_tensor, for_each_tensor_in, pid_alive,
+    ExportOptions,
+};
+pub use folder::{
+    chunk_ranges, EntryKind, FolderEntry, Source, SourceFolder, BLOB_CHUNK_AVG, BLOB_CHUNK_MAX,
+    BLOB_CHUNK_MIN,
+};
 pub use gc::{gc, gc_with, needed_keys, worth_compacting, GcOptions, GcReport, DEFAULT_GRACE};
 pub use keys::{key_kinds, keys_with_prefix, MIN_PREFIX_DIGITS};
 pub use load::load_resolved;

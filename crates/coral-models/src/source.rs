@@ -69,7 +69,8 @@ pub struct SourceFile {
 }
 
 /// What the `coral` command reads, for refusals.
-const READS: &str = "coral reads .safetensors, .npy and .npz";
+const READS: &str = "coral reads .safetensors, .npy and .npz files, and model folders (which \
+                     keep any other file byte for byte: put it in one)";
 
 /// The formats by file extension.
 fn format_of(path: &Path) -> Option<ModelFormat> {
@@ -122,6 +123,8 @@ impl SourceFile {
             file_size,
         };
         match format {
+            // Not from an extension or magic bytes: folders are `SourceFolder`s.
+            ModelFormat::Folder => bail!("{} is not a folder model", path.display()),
             ModelFormat::Npy => {
                 let h = npy::parse(&src.bytes).with_context(ctx)?;
                 src.tensors.push(SourceTensor {
@@ -248,17 +251,7 @@ impl SourceFile {
                 self.tensors.len()
             );
         }
-        // `SOURCE_DATE_EPOCH` (the reproducible-builds convention) fixes the time recorded, so
-        // that the same model added to two new stores gives the same file, byte for byte.
-        let created_unix = std::env::var("SOURCE_DATE_EPOCH")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            });
+        let created_unix = created_unix();
         Ok(ModelManifest {
             version: 1,
             name: name.clone(),
@@ -279,8 +272,24 @@ impl SourceFile {
             file_size: self.file_size,
             parent,
             created_unix,
+            files: Vec::new(),
         })
     }
+}
+
+/// Seconds since the Unix epoch, to record when a model was added. `SOURCE_DATE_EPOCH` (the
+/// reproducible-builds convention) fixes it, so that the same model added to two new stores
+/// gives the same file, byte for byte.
+pub(crate) fn created_unix() -> u64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        })
 }
 
 fn out_format(m: &ModelManifest, out: &Path) -> ModelFormat {
@@ -288,29 +297,47 @@ fn out_format(m: &ModelManifest, out: &Path) -> ModelFormat {
 }
 
 /// Checks a manifest's own consistency: for safetensors, that the recorded header parses and
-/// describes exactly the manifest's tensors, and the file size adds up.
+/// describes exactly the manifest's tensors, and the file size adds up; for a folder, its
+/// entries ([`ModelManifest::check_files`]) and each safetensors file's header likewise.
 pub fn check_manifest(m: &ModelManifest) -> Result<()> {
-    if m.format != ModelFormat::Safetensors {
-        return Ok(());
+    m.check_files()?;
+    match m.format {
+        ModelFormat::Safetensors => {
+            let text = m.safetensors_header.as_ref().ok_or_else(|| {
+                ModelError::Inconsistent("safetensors manifest without a header".to_string())
+            })?;
+            check_header(text, &m.tensors, m.file_size)
+        }
+        ModelFormat::Folder => {
+            for f in &m.files {
+                if let coral_core::FileContent::Safetensors { size, header, .. } = &f.content {
+                    check_header(header, m.file_tensors(f), *size)
+                        .with_context(|| format!("file {}", f.path))?;
+                }
+            }
+            Ok(())
+        }
+        ModelFormat::Npy | ModelFormat::Npz => Ok(()),
     }
-    let text = m.safetensors_header.as_ref().ok_or_else(|| {
-        ModelError::Inconsistent("safetensors manifest without a header".to_string())
-    })?;
-    let data_len = m
-        .tensors
+}
+
+/// Checks a recorded safetensors header against the tensors it should describe, in order,
+/// and the file's size.
+fn check_header(text: &str, tensors: &[ManifestTensor], file_size: u64) -> Result<()> {
+    let data_len = tensors
         .iter()
         .filter_map(|t| t.data_offsets.map(|o| o[1]))
         .max()
         .unwrap_or(0);
     let h = st::parse_header(text.as_bytes(), data_len).context("recorded header")?;
-    if h.tensors.len() != m.tensors.len() {
+    if h.tensors.len() != tensors.len() {
         bail!(
             "header lists {} tensors, manifest {}",
             h.tensors.len(),
-            m.tensors.len()
+            tensors.len()
         );
     }
-    for (e, t) in h.tensors.iter().zip(&m.tensors) {
+    for (e, t) in h.tensors.iter().zip(tensors) {
         if e.name != t.name
             || e.dtype != t.dtype
             || e.shape != t.shape
@@ -320,13 +347,59 @@ pub fn check_manifest(m: &ModelManifest) -> Result<()> {
         }
     }
     let size = 8 + text.len() as u64 + data_len;
-    if size != m.file_size {
-        bail!(
-            "file size {} but header and data add up to {size}",
-            m.file_size
-        );
+    if size != file_size {
+        bail!("file size {file_size} but header and data add up to {size}");
     }
     Ok(())
+}
+
+/// Writes a safetensors file from its recorded header and tensors: the header, then each
+/// tensor's data where its offsets say. Returns the bytes written.
+pub(crate) fn write_safetensors(
+    store: &dyn Store,
+    header: &str,
+    tensors: &[ManifestTensor],
+    w: &mut dyn WriteSeek,
+    group_bytes: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    let mut prefix = (header.len() as u64).to_le_bytes().to_vec();
+    prefix.extend_from_slice(header.as_bytes());
+    let offsets: Vec<[u64; 2]> = tensors
+        .iter()
+        .map(|t| {
+            t.data_offsets.ok_or_else(|| {
+                ModelError::Inconsistent(format!("tensor {:?} has no offsets", t.name))
+            })
+        })
+        .collect::<Result<_>>()?;
+    write_st_data(store, &prefix, &offsets, tensors, w, group_bytes, progress)
+}
+
+fn write_st_data(
+    store: &dyn Store,
+    prefix: &[u8],
+    offsets: &[[u64; 2]],
+    tensors: &[ManifestTensor],
+    w: &mut dyn WriteSeek,
+    group_bytes: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    w.write_all(prefix)?;
+    let mut pos = 0u64;
+    let mut i = 0usize;
+    crate::export::for_each_tensor_in(store, tensors, group_bytes, |t, wt| {
+        let [b, e] = offsets.get(i).copied().unwrap_or([u64::MAX, 0]);
+        i += 1;
+        if b != pos || e.checked_sub(b) != Some(wt.nbytes() as u64) {
+            bail!("tensor {:?}: data does not fit offsets [{b}, {e}]", t.name);
+        }
+        w.write_all(wt.data())?;
+        pos = e;
+        progress(wt.nbytes() as u64);
+        Ok(())
+    })?;
+    Ok(prefix.len() as u64 + pos)
 }
 
 /// A file to write a model to: `.npz` members are written, then their headers completed.
@@ -384,51 +457,33 @@ pub fn write_model(
             })?;
             Ok(zw.finish()?)
         }
-        ModelFormat::Safetensors => {
-            let (prefix, offsets) = match (&m.safetensors_header, m.format) {
-                (Some(text), ModelFormat::Safetensors) => {
-                    check_manifest(m)?;
-                    let mut p = (text.len() as u64).to_le_bytes().to_vec();
-                    p.extend_from_slice(text.as_bytes());
-                    let offs: Vec<[u64; 2]> = m
-                        .tensors
-                        .iter()
-                        .map(|t| {
-                            t.data_offsets.ok_or_else(|| {
-                                ModelError::Inconsistent(format!(
-                                    "tensor {:?} has no offsets",
-                                    t.name
-                                ))
-                            })
-                        })
-                        .collect::<Result<_>>()?;
-                    (p, offs)
-                }
-                _ => {
-                    let list: Vec<_> = m
-                        .tensors
-                        .iter()
-                        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-                        .collect();
-                    st::build_header(&list)?
-                }
-            };
-            w.write_all(&prefix)?;
-            let mut pos = 0u64;
-            let mut i = 0usize;
-            crate::export::for_each_tensor(store, m, group_bytes, |t, wt| {
-                let [b, e] = offsets.get(i).copied().unwrap_or([u64::MAX, 0]);
-                i += 1;
-                if b != pos || e - b != wt.nbytes() as u64 {
-                    bail!("tensor {:?}: data does not fit offsets [{b}, {e}]", t.name);
-                }
-                w.write_all(wt.data())?;
-                pos = e;
-                progress(wt.nbytes() as u64);
-                Ok(())
-            })?;
-            Ok(prefix.len() as u64 + pos)
-        }
+        ModelFormat::Safetensors => match (&m.safetensors_header, m.format) {
+            (Some(text), ModelFormat::Safetensors) => {
+                check_manifest(m)?;
+                write_safetensors(store, text, &m.tensors, w, group_bytes, progress)
+            }
+            _ => {
+                let list: Vec<_> = m
+                    .tensors
+                    .iter()
+                    .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                    .collect();
+                let (prefix, offsets) = st::build_header(&list)?;
+                write_st_data(
+                    store,
+                    &prefix,
+                    &offsets,
+                    &m.tensors,
+                    w,
+                    group_bytes,
+                    progress,
+                )
+            }
+        },
+        ModelFormat::Folder => bail!(
+            "model {} is a folder: export it to a folder, or one tensor with --tensor",
+            m.name
+        ),
     }
 }
 /// Shared bytes of a memory-mapped file.

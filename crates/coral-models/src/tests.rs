@@ -43,7 +43,7 @@ fn smooth(n: usize, seed: f32) -> Vec<f32> {
 fn opts(n: &str, reference: Option<&str>) -> AddOptions {
     AddOptions {
         name: name(n),
-        reference: reference.map(name),
+        reference: reference.map_or(crate::Reference::None, |r| crate::Reference::Model(name(r))),
         group_bytes: 4096,
         cancel: None,
         wait: Duration::from_secs(10),
@@ -627,11 +627,124 @@ proptest! {
         let p = dir.path().join("m.safetensors");
         std::fs::write(&p, &bytes).unwrap();
         let store = MemoryStore::new();
-        let o = AddOptions { name: name("m"), reference: None, group_bytes: group, cancel: None, wait: Duration::ZERO };
+        let o = AddOptions { name: name("m"), reference: crate::Reference::None, group_bytes: group, cancel: None, wait: Duration::ZERO };
         let r = add(&store, &SourceFile::open(&p).unwrap(), &o, &|_| {}).unwrap();
         prop_assert_eq!(r.new + r.reused, list.len());
         let out = dir.path().join("o.safetensors");
         export(&store, &name("m"), &out, group, &|_| {}).unwrap();
         prop_assert_eq!(std::fs::read(out).unwrap(), bytes);
     }
+}
+
+/// Every file under `dir` (path → bytes, or the link's target, or a folder mark), with modes.
+fn tree(dir: &Path) -> std::collections::BTreeMap<String, (u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = std::collections::BTreeMap::new();
+    fn walk(root: &Path, d: &Path, out: &mut std::collections::BTreeMap<String, (u32, Vec<u8>)>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_owned();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(rel, (0, t.to_str().unwrap().as_bytes().to_vec()));
+            } else if meta.is_dir() {
+                out.insert(rel, (mode, b"<dir>".to_vec()));
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, (mode, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Any folder of blobs (of sizes around the chunking's), nested folders, links and a
+    /// safetensors shard comes back identical, modes included; the same folder again costs
+    /// nothing.
+    #[test]
+    fn folders_round_trip(
+        files in proptest::collection::vec(
+            (0usize..3, 0usize..700_000, any::<u8>(), prop::sample::select(vec![0o644u32, 0o600, 0o755, 0o444])),
+            0..6,
+        ),
+        shard in any::<bool>(),
+    ) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("a/b")).unwrap();
+        for (i, (depth, size, seed, mode)) in files.iter().enumerate() {
+            let sub = ["", "a/", "a/b/"][*depth];
+            let p = src.join(format!("{sub}f{i}.bin"));
+            let mut x = u64::from(*seed) | 1;
+            let bytes: Vec<u8> = (0..*size).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect();
+            std::fs::write(&p, bytes).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        std::os::unix::fs::symlink("../f0.bin", src.join("a/link")).unwrap();
+        if shard {
+            model_file(&src.join("a"), "model.safetensors", &[("w", vec![3, 5], smooth(15, 0.5))]);
+        }
+        std::fs::set_permissions(src.join("a/b"), std::fs::Permissions::from_mode(0o555)).unwrap();
+        let store = MemoryStore::new();
+        let folder = SourceFolder::open(&src).unwrap();
+        let r = add(&store, &folder, &opts("f", None), &|_| {}).unwrap();
+        prop_assert_eq!(r.tensors, usize::from(shard));
+        let out = dir.path().join("out");
+        export(&store, &name("f"), &out, 4096, &|_| {}).unwrap();
+        prop_assert_eq!(tree(&src), tree(&out));
+        let again = add(&store, &folder, &opts("g", None), &|_| {}).unwrap();
+        prop_assert_eq!(again.bytes_stored, 0);
+        crate::verify::verify(&store, &|_| {}).map(|v| assert!(v.failures.is_empty(), "{:?}", v.failures)).unwrap();
+        // Read-only folders are restored, and still cleaned up by the test.
+        std::fs::set_permissions(src.join("a/b"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(out.join("a/b"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// A damaged blob chunk fails the export with one line naming the file, and leaves no folder.
+#[test]
+fn a_damaged_blob_fails_the_folder_export_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("config.json"), b"{\"a\": 1}").unwrap();
+    std::fs::write(src.join("z.bin"), vec![7u8; 1000]).unwrap();
+    let store = MemoryStore::new();
+    add(
+        &store,
+        &SourceFolder::open(&src).unwrap(),
+        &opts("f", None),
+        &|_| {},
+    )
+    .unwrap();
+    let m = store.get_manifest(&name("f")).unwrap().unwrap();
+    let (_, chunk) = m.blob_chunks().last().unwrap();
+    // Other bytes under the chunk's key.
+    assert!(store.corrupt_for_testing(&chunk.key, vec![8u8; 1000]));
+    let out = dir.path().join("out");
+    let e = export(&store, &name("f"), &out, 4096, &|_| {}).unwrap_err();
+    let line = e.one_line();
+    assert!(line.contains("z.bin") && !line.contains('\n'), "{line}");
+    assert!(!out.exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let v = crate::verify::verify(&store, &|_| {}).unwrap();
+    assert!(
+        v.failures
+            .iter()
+            .any(|f| f.kind == "manifest" && f.error.contains("z.bin chunk 0")),
+        "{:?}",
+        v.failures
+    );
 }

@@ -71,21 +71,19 @@ pub fn verify(store: &dyn Store, progress: &(dyn Fn(u64) + Sync)) -> Result<Veri
             if m.name != *name {
                 bail!("manifest names model {}", m.name);
             }
-            for t in &m.tensors {
-                if failed.contains(&t.key.to_hex()) {
+            for (what, key) in needs(&m) {
+                if failed.contains(&key.to_hex()) {
                     bail!(
-                        "tensor {:?}: {} {} failed verification",
-                        t.name,
-                        if delta_set.contains(&t.key) {
+                        "{what}: {} {key} failed verification",
+                        if delta_set.contains(key) {
                             "delta"
                         } else {
                             "weight"
                         },
-                        t.key
                     );
                 }
-                if !store.exists(&t.key)? && !store.delta_exists(&t.key)? {
-                    bail!("tensor {:?}: weight {} is missing", t.name, t.key);
+                if !store.exists(key)? && !store.delta_exists(key)? {
+                    bail!("{what}: weight {key} is missing");
                 }
             }
             crate::source::check_manifest(&m)
@@ -242,9 +240,9 @@ pub fn repair(
                 bail!("manifest names model {}", m.name);
             }
             crate::source::check_manifest(&m)?;
-            for t in &m.tensors {
-                if !copied.contains(&t.key) {
-                    bail!("tensor {:?}: {} was lost", t.name, t.key);
+            for (what, key) in needs(&m) {
+                if !copied.contains(key) {
+                    bail!("{what}: {key} was lost");
                 }
             }
             Ok(m)
@@ -260,4 +258,25 @@ pub fn repair(
         }
     }
     Ok(report)
+}
+
+/// Every key a model needs, with what needs it: `tensor "NAME"`, or `FILE chunk I` for a
+/// folder model's blobs.
+fn needs(m: &ModelManifest) -> Vec<(String, &ContentHash)> {
+    let mut out: Vec<(String, &ContentHash)> = m
+        .tensors
+        .iter()
+        .map(|t| (format!("tensor {:?}", t.name), &t.key))
+        .collect();
+    for f in &m.files {
+        if let coral_core::FileContent::Blob { chunks, .. } = &f.content {
+            out.extend(
+                chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (format!("{} chunk {i}", f.path), &c.key)),
+            );
+        }
+    }
+    out
 }

@@ -67,7 +67,7 @@ fn a_failed_add_leaves_what_it_stored_until_gc_finds_it_old() {
         let kept = model(dir.path(), 2, 1);
         let opts = |name: &str, cancel| AddOptions {
             name: ModelName::new(name).unwrap(),
-            reference: None,
+            reference: coral_models::Reference::None,
             group_bytes: 4096,
             cancel,
             wait: Duration::from_secs(10),

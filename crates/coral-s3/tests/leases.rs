@@ -297,6 +297,7 @@ fn manifest(name: &str, key: coral_core::ContentHash) -> ModelManifest {
         file_size: 160,
         parent: None,
         created_unix: 0,
+        files: Vec::new(),
     }
 }
 

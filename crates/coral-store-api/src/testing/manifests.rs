@@ -87,6 +87,7 @@ pub fn sample_manifest<S: ManifestStore + ?Sized>(
         file_size: offset + 64,
         parent: Some(ModelName::new("base-model").unwrap()),
         created_unix: 1_764_000_000,
+        files: Vec::new(),
     }
 }
 
@@ -110,11 +111,64 @@ where
         file_size: 0,
         parent: None,
         created_unix: 0,
+        files: Vec::new(),
     };
     store.put_manifest(&bare).unwrap();
     assert_eq!(store.get_manifest(&bare.name).unwrap(), Some(bare));
-    // Manifests are not weights.
-    assert_eq!(store.list_weights().unwrap().len(), 5);
+    // A folder model: every kind of entry, blob chunks that are weights of the store.
+    let mut folder = sample_manifest(&store, "folder-model", 2);
+    let chunk = |i: u8| {
+        let w = coral_core::WeightTensor::from_vec("c", vec![3], vec![i, i, i]).unwrap();
+        coral_core::BlobChunk {
+            key: store.store(&w).unwrap(),
+            len: 3,
+        }
+    };
+    let header = folder.safetensors_header.take().unwrap();
+    let st_size = folder.file_size;
+    folder.format = coral_core::ModelFormat::Folder;
+    folder.files = vec![
+        coral_core::ManifestFile {
+            path: "config.json".into(),
+            mode: 0o644,
+            content: coral_core::FileContent::Blob {
+                size: 6,
+                chunks: vec![chunk(1), chunk(2)],
+            },
+        },
+        coral_core::ManifestFile {
+            path: "sub".into(),
+            mode: 0o755,
+            content: coral_core::FileContent::Dir,
+        },
+        coral_core::ManifestFile {
+            path: "sub/link".into(),
+            mode: 0o777,
+            content: coral_core::FileContent::Symlink {
+                target: "../config.json".into(),
+            },
+        },
+        coral_core::ManifestFile {
+            path: "sub/model.safetensors".into(),
+            mode: 0o600,
+            content: coral_core::FileContent::Safetensors {
+                size: st_size,
+                header,
+                tensors: [0, 2],
+            },
+        },
+    ];
+    folder.file_size = st_size + 6;
+    folder.check_files().unwrap();
+    store.put_manifest(&folder).unwrap();
+    let mut keys: std::collections::BTreeSet<_> = m.keys().copied().collect();
+    keys.extend(folder.keys().copied());
+    assert_eq!(store.get_manifest(&folder.name).unwrap(), Some(folder));
+    // Manifests are not weights: the store holds the tensors and blob chunks, nothing more.
+    assert_eq!(
+        store.list_weights().unwrap(),
+        keys.into_iter().collect::<Vec<_>>()
+    );
 }
 
 /// An absent manifest gives `None` / `false`.
