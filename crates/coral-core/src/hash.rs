@@ -108,31 +108,117 @@ impl ContentHash {
     /// Coral's SHA-256 key: SHA-256 of
     /// `"coral.weight.v1\0" || dtype name || "\0" || ndim as u64 LE || each dim as u64 LE || data`.
     pub fn sha256(dtype: DType, shape: &[usize], data: &[u8]) -> Self {
-        let mut h = Sha256::new();
-        h.update(SHA256_DOMAIN_TAG);
-        h.update(dtype.name().as_bytes());
-        h.update([0u8]);
-        h.update((shape.len() as u64).to_le_bytes());
-        for &d in shape {
-            h.update((d as u64).to_le_bytes());
-        }
+        let mut h = ContentHasher::new(HashAlgorithm::Sha256, dtype, shape);
         h.update(data);
-        ContentHash::Sha256(h.finalize().into())
+        h.finish()
     }
 
     /// The Python Coral's key: xxh3-64 (seed 0) of `str(shape)` as Python prints a tuple of ints
     /// (`()`, `(3,)`, `(2, 3)`), then the NumPy dtype name, then the bytes.
     pub fn xxh3_legacy(dtype: DType, shape: &[usize], data: &[u8]) -> Self {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(python_shape_repr(shape).as_bytes());
-        h.update(dtype.name().as_bytes());
+        let mut h = ContentHasher::new(HashAlgorithm::Xxh3Legacy, dtype, shape);
         h.update(data);
-        ContentHash::Xxh3(h.digest().to_be_bytes())
+        h.finish()
     }
 
     /// True when `data` with this dtype and shape hashes to `self` under `self`'s algorithm.
     pub fn matches(&self, dtype: DType, shape: &[usize], data: &[u8]) -> bool {
         ContentHash::compute(self.algorithm(), dtype, shape, data) == *self
+    }
+}
+
+/// A content hash computed as the data arrives: the same key as [`ContentHash::compute`] over
+/// the concatenation of every [`update`](Self::update), however the data is split. For reading
+/// a weight chunk by chunk (a store's streamed load) without holding it whole.
+///
+/// ```
+/// use coral_core::hash::ContentHasher;
+/// use coral_core::{ContentHash, DType, HashAlgorithm};
+///
+/// let data = [1u8, 2, 3, 4, 5, 6, 7, 8];
+/// for algorithm in [HashAlgorithm::Sha256, HashAlgorithm::Xxh3Legacy] {
+///     let mut h = ContentHasher::new(algorithm, DType::U16, &[2, 2]);
+///     h.update(&data[..3]);
+///     h.update(&data[3..]);
+///     assert_eq!(h.finish(), ContentHash::compute(algorithm, DType::U16, &[2, 2], &data));
+/// }
+/// ```
+#[derive(Clone)]
+pub struct ContentHasher {
+    state: HasherState,
+    bytes: u64,
+}
+
+#[derive(Clone)]
+enum HasherState {
+    Sha256(Sha256),
+    // Boxed: the xxh3 state is several hundred bytes.
+    Xxh3(Box<xxhash_rust::xxh3::Xxh3>),
+}
+
+impl ContentHasher {
+    /// Starts the hash of a tensor of `dtype` and `shape` with `algorithm`: the canonical
+    /// header is hashed here, the data through [`update`](Self::update).
+    pub fn new(algorithm: HashAlgorithm, dtype: DType, shape: &[usize]) -> Self {
+        let state = match algorithm {
+            HashAlgorithm::Sha256 => {
+                let mut h = Sha256::new();
+                h.update(SHA256_DOMAIN_TAG);
+                h.update(dtype.name().as_bytes());
+                h.update([0u8]);
+                h.update((shape.len() as u64).to_le_bytes());
+                for &d in shape {
+                    h.update((d as u64).to_le_bytes());
+                }
+                HasherState::Sha256(h)
+            }
+            HashAlgorithm::Xxh3Legacy => {
+                let mut h = Box::new(xxhash_rust::xxh3::Xxh3::new());
+                h.update(python_shape_repr(shape).as_bytes());
+                h.update(dtype.name().as_bytes());
+                HasherState::Xxh3(h)
+            }
+        };
+        ContentHasher { state, bytes: 0 }
+    }
+
+    /// The algorithm this hasher follows.
+    pub fn algorithm(&self) -> HashAlgorithm {
+        match self.state {
+            HasherState::Sha256(_) => HashAlgorithm::Sha256,
+            HasherState::Xxh3(_) => HashAlgorithm::Xxh3Legacy,
+        }
+    }
+
+    /// Hashes the next data bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        match &mut self.state {
+            HasherState::Sha256(h) => h.update(data),
+            HasherState::Xxh3(h) => h.update(data),
+        }
+        self.bytes = self.bytes.saturating_add(data.len() as u64);
+    }
+
+    /// Data bytes hashed so far.
+    pub fn bytes_hashed(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The key of the header and every byte given to [`update`](Self::update).
+    pub fn finish(self) -> ContentHash {
+        match self.state {
+            HasherState::Sha256(h) => ContentHash::Sha256(h.finalize().into()),
+            HasherState::Xxh3(h) => ContentHash::Xxh3(h.digest().to_be_bytes()),
+        }
+    }
+}
+
+impl fmt::Debug for ContentHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContentHasher")
+            .field("algorithm", &self.algorithm())
+            .field("bytes_hashed", &self.bytes)
+            .finish()
     }
 }
 
@@ -210,5 +296,73 @@ mod tests {
         assert_eq!(python_shape_repr(&[3]), "(3,)");
         assert_eq!(python_shape_repr(&[2, 3]), "(2, 3)");
         assert_eq!(python_shape_repr(&[0, 1, 2]), "(0, 1, 2)");
+    }
+
+    #[test]
+    fn a_hasher_without_data_is_the_hash_of_empty_data() {
+        for algorithm in [HashAlgorithm::Sha256, HashAlgorithm::Xxh3Legacy] {
+            let h = ContentHasher::new(algorithm, DType::F32, &[0, 3]);
+            assert_eq!(h.algorithm(), algorithm);
+            assert_eq!(
+                h.finish(),
+                ContentHash::compute(algorithm, DType::F32, &[0, 3], &[])
+            );
+        }
+    }
+
+    /// The key from the whole message at once, built by hand (no shared code with the hasher).
+    fn one_shot(
+        algorithm: HashAlgorithm,
+        dtype: DType,
+        shape: &[usize],
+        data: &[u8],
+    ) -> ContentHash {
+        let mut msg = Vec::new();
+        match algorithm {
+            HashAlgorithm::Sha256 => {
+                msg.extend_from_slice(b"coral.weight.v1\0");
+                msg.extend_from_slice(dtype.name().as_bytes());
+                msg.push(0);
+                msg.extend_from_slice(&(shape.len() as u64).to_le_bytes());
+                for &d in shape {
+                    msg.extend_from_slice(&(d as u64).to_le_bytes());
+                }
+                msg.extend_from_slice(data);
+                ContentHash::Sha256(Sha256::digest(&msg).into())
+            }
+            HashAlgorithm::Xxh3Legacy => {
+                msg.extend_from_slice(python_shape_repr(shape).as_bytes());
+                msg.extend_from_slice(dtype.name().as_bytes());
+                msg.extend_from_slice(data);
+                ContentHash::Xxh3(xxhash_rust::xxh3::xxh3_64(&msg).to_be_bytes())
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Any split of the data, for either algorithm, gives the key of the whole message
+        /// hashed at once (and so does `ContentHash::compute`).
+        #[test]
+        fn incremental_equals_one_shot(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            cuts in proptest::collection::vec(0usize..3000, 0..12),
+            shape in proptest::collection::vec(0usize..5000, 0..4),
+            dtype in proptest::sample::select(DType::ALL.to_vec()),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (data.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(data.len());
+            cuts.sort_unstable();
+            for algorithm in [HashAlgorithm::Sha256, HashAlgorithm::Xxh3Legacy] {
+                let mut h = ContentHasher::new(algorithm, dtype, &shape);
+                for w in cuts.windows(2) {
+                    h.update(&data[w[0]..w[1]]);
+                }
+                proptest::prop_assert_eq!(h.bytes_hashed(), data.len() as u64);
+                let want = one_shot(algorithm, dtype, &shape, &data);
+                proptest::prop_assert_eq!(ContentHash::compute(algorithm, dtype, &shape, &data), want);
+                proptest::prop_assert_eq!(h.finish(), want);
+            }
+        }
     }
 }

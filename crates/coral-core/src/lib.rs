@@ -6,6 +6,7 @@
 //! - [`WeightMetadata`] and [`WeightTensor`]: a weight and what is known of it, its bytes shared
 //!   without copying, with conversions to and from `ndarray`;
 //! - [`ContentHash`]: the validated key of every store (SHA-256, plus the Python Coral's xxh3-64);
+//!   [`ContentHasher`] computes one as data arrives, for loads that stream a weight;
 //! - [`codec`]: none, gzip, lz4 and zstd, optionally after HDF5's byte-plane shuffle;
 //! - [`delta`]: weights stored as differences from similar weights;
 //! - [`manifest`]: models as lists of keys, enough to rebuild the original file.
@@ -39,7 +40,7 @@ pub use codec::{Codec, CodecSpec};
 pub use delta::{encode_best_lossless, Delta, DeltaConfig, DeltaEncoder, DeltaRefusal, DeltaType};
 pub use dtype::{DType, Element};
 pub use error::{CoreError, Result};
-pub use hash::{ContentHash, HashAlgorithm};
+pub use hash::{ContentHash, ContentHasher, HashAlgorithm};
 pub use manifest::{
     check_link_target, check_relative_path, BlobChunk, FileContent, ManifestFile, ManifestTensor,
     ModelFormat, ModelManifest, ModelName,

@@ -10,7 +10,10 @@
 //! in place, so a process killed mid-write leaves the store as its last completed call left it
 //! (`docs/reliability.md`), on HDF5 1.10.8+, 1.14 and 2.x alike ([`journaled`]). Space freed by
 //! deletes is tracked in the file and reused by later writes; [`HDF5Store::compact`] rewrites
-//! the file without it, crash-safely (a rename is the commit).
+//! the file without it, crash-safely (a rename is the commit). One tensor can be read in part,
+//! decoding only the chunks involved (`load_rows`, `load_byte_range`; unverified, as
+//! [`coral_store_api::slice`] explains), or streamed to a writer a window of chunks at a time
+//! (`load_into`, memory bounded by two windows, verified at the end).
 //!
 //! ```
 //! use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions};
@@ -61,9 +64,11 @@ pub fn journaled() -> bool {
 pub use options::{Compression, HDF5StoreOptions, Mode};
 
 /// Test support (feature `testing`): the record of every change the file driver makes to the
-/// disk, for simulating power cuts (`tests/powercut.rs`).
+/// disk, for simulating power cuts (`tests/powercut.rs`), and what reads did
+/// ([`HDF5Store::take_read_stats_for_testing`], `tests/slices.rs`).
 #[cfg(feature = "testing")]
 pub mod testing {
     pub use crate::journal::record::{mark, start, stop, without_journal, DiskOp};
+    pub use crate::store::ReadStats;
 }
 pub use store::{HDF5Store, DELTAS, METADATA, MODELS, WEIGHTS};

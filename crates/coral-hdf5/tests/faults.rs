@@ -255,6 +255,19 @@ fn flipped_load(compression: Compression, rel: f64, mask: u8) -> Result<WeightTe
         // Only acceptable if the flip did not change the data (impossible for raw storage).
         assert_eq!(back.data(), w.data(), "corrupt data returned as good");
     }
+    // A streamed load is verified too; partial loads are not (no per-chunk hashes), but give an
+    // error or data of the right size, never a panic.
+    let mut sink = Vec::new();
+    if let Ok(streamed) = s.load_into(&key, &mut sink) {
+        assert!(streamed.is_some());
+        assert_eq!(&sink[..], &w.data()[..], "corrupt data streamed as good");
+    }
+    if let Ok(rows) = s.load_rows(&key, 3..40) {
+        assert_eq!(rows.map(|r| r.nbytes()), Some(37 * 64 * 4));
+    }
+    if let Ok(bytes) = s.load_byte_range(&key, 5..9000) {
+        assert_eq!(bytes.map(|b| b.len()), Some(8995));
+    }
     r
 }
 

@@ -88,6 +88,21 @@ pub enum StoreError {
         /// The reference it needs.
         reference: ContentHash,
     },
+    /// A part of a weight asked for (rows along its first axis, or data bytes) that it does not
+    /// have: past its end, reversed, or rows of a 0-d weight.
+    #[error("weight {key}: cannot read {unit} {start}..{end}: {reason}")]
+    InvalidRange {
+        /// The weight's key.
+        key: ContentHash,
+        /// Rows or bytes.
+        unit: RangeUnit,
+        /// The range's start, as asked.
+        start: u64,
+        /// The range's end (exclusive), as asked.
+        end: u64,
+        /// What is wrong ("the weight has 5 rows").
+        reason: String,
+    },
     /// An error from coral-core (codec, delta, tensor), with the key or name it concerns.
     #[error("{context}: {source}")]
     Core {
@@ -106,6 +121,24 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+}
+
+/// What a range in [`StoreError::InvalidRange`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RangeUnit {
+    /// Rows along the first axis ([`crate::WeightStore::load_rows`]).
+    Rows,
+    /// Data bytes ([`crate::WeightStore::load_byte_range`]).
+    Bytes,
+}
+
+impl std::fmt::Display for RangeUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RangeUnit::Rows => "rows",
+            RangeUnit::Bytes => "bytes",
+        })
+    }
 }
 
 impl StoreError {

@@ -8,6 +8,10 @@
 //!   [`WeightStore::load_hashed`], ...) and the rest is provided; a
 //!   [`coral_core::HashedWeight`] carries the proof that data was hashed, so nothing hashes it
 //!   twice;
+//!   one tensor can also be read in part or streamed: [`WeightStore::load_rows`] (rows along the
+//!   first axis), [`WeightStore::load_byte_range`] (data bytes) and [`WeightStore::load_into`]
+//!   (the whole data written to an [`std::io::Write`] as it is decoded, verified at the end); see
+//!   [`slice`](mod@slice) for what is verified and what is not;
 //! - [`DeltaStore`]: the seed's delta methods;
 //! - [`StoreError`]: typed errors with context, among them [`StoreError::Integrity`];
 //! - [`lease`]: how several writers share one store (shared and exclusive leases, provided by
@@ -36,13 +40,14 @@ mod info;
 pub mod lease;
 mod memory;
 pub mod resolve;
+pub mod slice;
 #[cfg(feature = "testing")]
 pub mod testenv;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod traits;
 
-pub use error::{Result, StoreError};
+pub use error::{RangeUnit, Result, StoreError};
 pub use info::{DeltaStorageInfo, StorageInfo};
 pub use lease::{Lease, LeaseKind, Leftovers};
 pub use memory::MemoryStore;

@@ -157,18 +157,26 @@ pub fn resolve<S: DeltaSource + ?Sized>(
 /// Every backend's load verifies through this.
 pub fn verified(weight: WeightTensor, key: &ContentHash, strict: bool) -> Result<HashedWeight> {
     let hashed = HashedWeight::with_algorithm(weight, key.algorithm());
-    if hashed.key() != key {
+    check_hash(hashed.name(), key, hashed.key(), strict)?;
+    Ok(hashed)
+}
+
+/// The policy of [`verified`] for a hash computed elsewhere (a streamed load hashes as it
+/// writes, with [`coral_core::ContentHasher`]): `actual`, the hash of the data read for `key`
+/// (weight `name`), must be `key`. In strict mode a mismatch is [`StoreError::Integrity`];
+/// otherwise a logged warning and `Ok`.
+pub fn check_hash(name: &str, key: &ContentHash, actual: &ContentHash, strict: bool) -> Result<()> {
+    if actual != key {
         if strict {
             return Err(StoreError::Integrity {
-                name: hashed.name().to_owned(),
+                name: name.to_owned(),
                 expected: *key,
-                actual: *hashed.key(),
+                actual: *actual,
             });
         }
-        tracing::warn!(key = %key, actual = %hashed.key(), name = hashed.name(),
-            "integrity check failed");
+        tracing::warn!(key = %key, actual = %actual, name, "integrity check failed");
     }
-    Ok(hashed)
+    Ok(())
 }
 
 /// How many of `deltas` (key, delta) use `key` as their reference, not counting a delta stored

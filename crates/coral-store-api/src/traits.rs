@@ -1,8 +1,10 @@
 //! The store traits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
 use std::time::Duration;
 
+use bytes::Bytes;
 use coral_core::{
     ContentHash, Delta, HashAlgorithm, HashedWeight, ModelManifest, ModelName, WeightMetadata,
     WeightTensor,
@@ -36,9 +38,10 @@ pub struct Stored {
 /// In the style of `object_store`: a backend implements the few methods that touch its bytes
 /// ([`store_hashed`](Self::store_hashed), [`load_hashed`](Self::load_hashed), `exists`, `delete`, `list_weights`,
 /// `get_metadata`, `storage_info`, `close`); the rest ([`store`](Self::store),
-/// [`store_with_key`](Self::store_with_key), the batches) are provided on top of them, and a
-/// backend overrides one only to do better (the HDF5 store compresses a batch on every core,
-/// the S3 store sends it concurrently).
+/// [`store_with_key`](Self::store_with_key), the batches, the partial and streamed loads) are
+/// provided on top of them, and a backend overrides one only to do better (the HDF5 store
+/// compresses a batch on every core, the S3 store sends it concurrently, the HDF5 store reads
+/// only the chunks a row range needs).
 ///
 /// ```
 /// use coral_core::{HashedWeight, WeightTensor};
@@ -85,6 +88,56 @@ pub trait WeightStore: Send + Sync + std::fmt::Debug {
     /// Loads and verifies a weight; `Ok(None)` when absent.
     fn load(&self, key: &ContentHash) -> Result<Option<WeightTensor>> {
         Ok(self.load_hashed(key)?.map(HashedWeight::into_weight))
+    }
+
+    /// Rows `rows` (`a..b`) along the first axis of the weight under `key`: shape
+    /// `[b - a, rest...]`, and the metadata of the whole weight (name, dtype, layer type, model,
+    /// compression info) without its hash, which the rows do not have. `Ok(None)` when absent.
+    /// An empty range `a..a` (with `a` at most the first dimension) gives no rows; a 0-d
+    /// weight, a reversed range or one past the first dimension is
+    /// [`crate::StoreError::InvalidRange`], naming the key and the range.
+    ///
+    /// **Not verified against the key** when the backend reads only the chunks involved (the
+    /// HDF5 store does): there are no per-chunk hashes, only the stored codec's framing is
+    /// checked. Provided: the whole weight loaded (and so verified, also when kept as a
+    /// delta) and cut, [`crate::slice::load_rows_whole`].
+    fn load_rows(&self, key: &ContentHash, rows: Range<usize>) -> Result<Option<WeightTensor>> {
+        crate::slice::load_rows_whole(self, key, rows)
+    }
+
+    /// The data bytes `range` (`a..b`, little-endian element bytes in row-major order) of the
+    /// weight under `key`; `Ok(None)` when absent. A range need not fall on element bounds. An
+    /// empty range `a..a` (with `a` at most the data's length) gives no bytes; a reversed range
+    /// or one past the end is [`crate::StoreError::InvalidRange`].
+    ///
+    /// **Not verified against the key**, as [`load_rows`](Self::load_rows). Provided: the whole
+    /// weight loaded and cut, [`crate::slice::load_byte_range_whole`].
+    fn load_byte_range(&self, key: &ContentHash, range: Range<u64>) -> Result<Option<Bytes>> {
+        crate::slice::load_byte_range_whole(self, key, range)
+    }
+
+    /// Writes the whole data of the weight under `key` to `sink` and verifies it as
+    /// [`load_hashed`](Self::load_hashed) does; gives its metadata (as
+    /// [`get_metadata`](Self::get_metadata)) and the hash of the data written. `Ok(None)`, with
+    /// nothing written, when absent.
+    ///
+    /// A backend that overrides it (the HDF5 store) decodes the weight a few chunks at a time,
+    /// writes them in order and hashes them as they go ([`coral_core::ContentHasher`]), so its
+    /// memory stays bounded by a few chunks whatever the weight's size; it learns whether the
+    /// data matches `key` only at the end. So on **any error the sink may hold part or all of
+    /// the data**, corrupt data included: write to a temporary file and keep it only after
+    /// `Ok`. In strict mode a mismatch is [`crate::StoreError::Integrity`]; otherwise a logged
+    /// warning, and the hash returned is the data's actual hash (compare it with `key`).
+    ///
+    /// Provided: the whole weight loaded and verified, then written
+    /// ([`crate::slice::load_into_whole`]); memory holds the whole weight. A weight kept as a
+    /// delta is rebuilt whole this way by every backend.
+    fn load_into(
+        &self,
+        key: &ContentHash,
+        sink: &mut dyn std::io::Write,
+    ) -> Result<Option<(WeightMetadata, ContentHash)>> {
+        crate::slice::load_into_whole(self, key, sink)
     }
 
     /// True when the key is present (as a full weight or as a delta).

@@ -2,14 +2,17 @@
 //!
 //! The type and the [`WeightStore`] methods are here; the work is done in
 //! [`open`] (the file, its driver, locks and groups, and the commit that reopens it),
-//! [`read`] (metadata, stored bytes, loads and their verification) and [`write`] (encoding,
+//! [`read`] (metadata, stored bytes, loads and their verification), [`slices`] (rows, byte
+//! ranges and streamed loads that read only the chunks they need) and [`write`] (encoding,
 //! datasets, chunks, attributes, unlinks and flushes).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
+use bytes::Bytes;
 use coral_core::{ContentHash, HashAlgorithm, HashedWeight, WeightMetadata, WeightTensor};
 use coral_store_api::{Result, StorageInfo, StoreError, Stored, StoredForm, WeightStore};
 
@@ -20,12 +23,15 @@ use crate::options::HDF5StoreOptions;
 
 mod open;
 mod read;
+mod slices;
 #[cfg(feature = "testing")]
 mod test_hooks;
 mod write;
 
 pub(crate) use open::{commit_reopen, heap_hint, open_file, open_file_locked, set_cloexec};
 pub(crate) use read::RawRead;
+#[cfg(feature = "testing")]
+pub use test_hooks::ReadStats;
 pub(crate) use write::{in_compression_scope, take_largest, Encoded, IN_FLIGHT_BYTES};
 
 /// Group of full weights.
@@ -51,6 +57,9 @@ pub struct HDF5Store {
     pub(crate) space_epoch: AtomicU64,
     /// The file's bytes for the checked string reader, opened on first use (`crate::vlen`).
     pub(crate) raw: std::sync::OnceLock<Option<crate::vlen::RawFile>>,
+    /// What reads did, for tests (`test_hooks`).
+    #[cfg(feature = "testing")]
+    pub(crate) test_counters: test_hooks::Counters,
 }
 
 impl std::fmt::Debug for HDF5Store {
@@ -150,6 +159,8 @@ impl HDF5Store {
             inner: Mutex::new(Some(inner)),
             space_epoch: AtomicU64::new(0),
             raw: std::sync::OnceLock::new(),
+            #[cfg(feature = "testing")]
+            test_counters: test_hooks::Counters::default(),
         })
     }
 
@@ -222,6 +233,29 @@ impl WeightStore for HDF5Store {
         Ok(self
             .load_hashed_batch(std::slice::from_ref(key))?
             .remove(key))
+    }
+
+    /// Reads and decodes (in parallel) only the chunks that hold `rows`: unverified, as the
+    /// trait says. A weight kept as a delta, or in a dataset not in Coral's layout, is loaded
+    /// whole (and verified) and cut.
+    fn load_rows(&self, key: &ContentHash, rows: Range<usize>) -> Result<Option<WeightTensor>> {
+        self.load_rows_chunked(key, rows)
+    }
+
+    /// Reads and decodes only the chunks that hold `range`: unverified, as the trait says.
+    fn load_byte_range(&self, key: &ContentHash, range: Range<u64>) -> Result<Option<Bytes>> {
+        self.load_byte_range_chunked(key, range)
+    }
+
+    /// Decodes a window of chunks at a time (16 to 64 MiB, or one chunk when chunks are
+    /// larger; the next window decodes while the last is hashed and written), verified at the
+    /// end. A weight kept as a delta, or in a dataset not in Coral's layout, is loaded whole.
+    fn load_into(
+        &self,
+        key: &ContentHash,
+        sink: &mut dyn std::io::Write,
+    ) -> Result<Option<(WeightMetadata, ContentHash)>> {
+        self.load_into_chunked(key, sink)
     }
 
     fn exists(&self, key: &ContentHash) -> Result<bool> {

@@ -2,6 +2,7 @@
 //! loading (and verifying) full weights.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
@@ -12,7 +13,7 @@ use rayon::prelude::*;
 
 use super::{corrupt, HDF5Store, Inner};
 use crate::chunk;
-use crate::h5::{self, FilterInfo};
+use crate::h5::{self, FilterInfo, Hid};
 
 /// Compressed bytes read per group in loads (one group decodes while the next is read).
 const LOAD_GROUP_BYTES: usize = 16 << 20;
@@ -120,6 +121,33 @@ impl HDF5Store {
         shape: &[usize],
         locate: bool,
     ) -> Result<RawRead> {
+        match self.plan(dset, key, dtype, shape)? {
+            Plan::Whole { ftype, nbytes } => self.read_whole(dset, key, ftype.id(), nbytes),
+            Plan::Chunked {
+                pipeline,
+                grid,
+                nbytes,
+            } => {
+                let chunks = self.read_chunks(dset, &grid, 0..grid.n_chunks, locate)?;
+                Ok(RawRead::Chunks {
+                    pipeline,
+                    chunk_bytes: grid.chunk_bytes,
+                    chunks,
+                    nbytes,
+                })
+            }
+        }
+    }
+
+    /// How a dataset's bytes are read, after checking its type, dims and chunk dims against the
+    /// `dtype` and `shape` attributes: chunk by chunk in Coral's layout, whole otherwise.
+    pub(crate) fn plan<'k>(
+        &self,
+        dset: hid_t,
+        key: &'k str,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Plan<'k>> {
         let e = |e| self.err(e);
         let nbytes = shape
             .iter()
@@ -138,15 +166,13 @@ impl HDF5Store {
             self.check_chunk_dims(key, &chunk_dims, &dims, &max)?;
         }
         if !coral_layout(&pipeline, &chunk_dims, &dims, shape) {
-            return self.read_whole(dset, key, ftype.id(), nbytes);
+            return Ok(Plan::Whole { ftype, nbytes });
         }
         // Coral's layout: `chunk_dims`, `dims` and `shape` have one rank, at least 1.
         let grid = self.chunk_grid(key, dtype, shape, &dims, chunk_dims[0])?;
-        let chunks = self.read_chunks(dset, &grid, locate)?;
-        Ok(RawRead::Chunks {
+        Ok(Plan::Chunked {
             pipeline,
-            chunk_bytes: grid.chunk_bytes,
-            chunks,
+            grid,
             nbytes,
         })
     }
@@ -213,37 +239,51 @@ impl HDF5Store {
         rows: u64,
     ) -> Result<ChunkGrid<'k>> {
         // Sizes read from the file: checked.
-        let chunk_bytes = shape[1..]
+        let overflow = || corrupt(&self.path, key, format!("chunks of {rows} rows overflow"));
+        let row_bytes = shape[1..]
             .iter()
             .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
-            .and_then(|row| row.checked_mul(usize::try_from(rows).ok()?))
-            .ok_or_else(|| corrupt(&self.path, key, format!("chunks of {rows} rows overflow")))?;
+            .ok_or_else(overflow)?;
+        let chunk_bytes = usize::try_from(rows)
+            .ok()
+            .and_then(|r| row_bytes.checked_mul(r))
+            .ok_or_else(overflow)?;
         Ok(ChunkGrid {
             key,
             rows,
             n_chunks: dims[0].div_ceil(rows),
+            row_bytes,
             chunk_bytes,
             rank: dims.len(),
         })
     }
 
-    /// Reads (with `locate`, locates) every chunk of `grid`, in order; `None` for a chunk never
-    /// written.
-    fn read_chunks(
+    /// Reads (with `locate`, locates) the chunks `range` of `grid`, in order; `None` for a
+    /// chunk never written.
+    pub(crate) fn read_chunks(
         &self,
         dset: hid_t,
         grid: &ChunkGrid<'_>,
+        range: Range<u64>,
         locate: bool,
     ) -> Result<Vec<Option<(ChunkSrc, u32)>>> {
-        let (key, n_chunks) = (grid.key, grid.n_chunks);
+        let key = grid.key;
+        if range.start > range.end || range.end > grid.n_chunks {
+            return Err(corrupt(
+                &self.path,
+                key,
+                format!("chunks {range:?} of {}", grid.n_chunks),
+            ));
+        }
+        let n = range.end - range.start;
         // A count read from the file: an allocation that may fail does (no abort).
         let mut chunks = Vec::new();
-        usize::try_from(n_chunks)
+        usize::try_from(n)
             .ok()
             .and_then(|n| chunks.try_reserve(n).ok())
-            .ok_or_else(|| corrupt(&self.path, key, format!("{n_chunks} chunks")))?;
+            .ok_or_else(|| corrupt(&self.path, key, format!("{n} chunks")))?;
         let mut offset = vec![0u64; grid.rank];
-        for i in 0..n_chunks {
+        for i in range {
             // Below dims[0], as i < n_chunks: no overflow.
             offset[0] = i * grid.rows;
             chunks.push(self.read_chunk(dset, grid, i, &offset, locate)?);
@@ -262,6 +302,8 @@ impl HDF5Store {
         locate: bool,
     ) -> Result<Option<(ChunkSrc, u32)>> {
         let key = grid.key;
+        #[cfg(feature = "testing")]
+        self.test_counters.chunk_read();
         let mut mask: u32 = 0;
         let mut addr: u64 = 0;
         let mut size: u64 = 0;
@@ -510,14 +552,28 @@ fn coral_layout(
         && dims == want
 }
 
-/// The chunks of a dataset (`key`) in Coral's layout: `n_chunks` of `rows` rows, each
-/// `chunk_bytes` bytes decoded, in a dataset of rank `rank`.
-struct ChunkGrid<'k> {
-    key: &'k str,
-    rows: u64,
-    n_chunks: u64,
-    chunk_bytes: usize,
-    rank: usize,
+/// The chunks of a dataset (`key`) in Coral's layout: `n_chunks` of `rows` rows of `row_bytes`
+/// bytes, each `chunk_bytes` bytes decoded, in a dataset of rank `rank`.
+pub(crate) struct ChunkGrid<'k> {
+    pub(crate) key: &'k str,
+    pub(crate) rows: u64,
+    pub(crate) n_chunks: u64,
+    pub(crate) row_bytes: usize,
+    pub(crate) chunk_bytes: usize,
+    pub(crate) rank: usize,
+}
+
+/// How a dataset's bytes are read ([`HDF5Store::plan`]).
+pub(crate) enum Plan<'k> {
+    /// Coral's layout: chunk by chunk, decoded by Coral, through `pipeline`.
+    Chunked {
+        pipeline: Vec<FilterInfo>,
+        grid: ChunkGrid<'k>,
+        nbytes: usize,
+    },
+    /// Anything else (h5py's datasets, scalars, empty tensors): the whole array through HDF5's
+    /// pipeline, in its file type `ftype`.
+    Whole { ftype: Hid, nbytes: usize },
 }
 
 /// Where a stored chunk's bytes are.
@@ -572,9 +628,6 @@ impl RawRead {
         element_size: usize,
         reader: Option<&std::fs::File>,
     ) -> std::result::Result<Vec<u8>, String> {
-        thread_local! {
-            static READ: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         match self {
             RawRead::Whole(b) => Ok(b),
             RawRead::Chunks {
@@ -588,8 +641,9 @@ impl RawRead {
                 out.par_chunks_mut(chunk_bytes.max(1))
                     .zip(chunks.into_par_iter())
                     .enumerate()
-                    .try_for_each(|(i, (dst, c))| {
-                        let mut decode = |bytes: &[u8], mask: u32| {
+                    .try_for_each(|(i, (dst, c))| match c {
+                        None => Ok::<(), String>(()),
+                        Some((src, mask)) => with_stored(&src, reader, i as u64, |bytes| {
                             chunk::decode_into(
                                 &pipeline,
                                 element_size,
@@ -599,34 +653,42 @@ impl RawRead {
                                 dst,
                             )
                             .map_err(|e| format!("chunk {i}: {e}"))
-                        };
-                        match c {
-                            None => Ok::<(), String>(()),
-                            Some((ChunkSrc::Bytes(bytes), mask)) => decode(&bytes, mask),
-                            Some((ChunkSrc::At { addr, size }, mask)) => READ.with(|cell| {
-                                let mut buf = cell.borrow_mut();
-                                let file = reader.ok_or_else(|| {
-                                    format!("chunk {i}: located, but the file has no reader")
-                                })?;
-                                let size = usize::try_from(size)
-                                    .map_err(|_| format!("chunk {i} is {size} bytes"))?;
-                                // The buffer only grows: no zeroing per chunk.
-                                if buf.len() < size {
-                                    let more = size - buf.len();
-                                    chunk::room(&mut buf, more)
-                                        .map_err(|e| format!("chunk {i}: {e}"))?;
-                                    buf.resize(size, 0);
-                                }
-                                let buf = &mut buf[..size];
-                                file.read_exact_at(buf, addr).map_err(|e| {
-                                    format!("chunk {i}: reading {size} bytes at {addr}: {e}")
-                                })?;
-                                decode(buf, mask)
-                            }),
-                        }
+                        }),
                     })?;
                 Ok(out)
             }
         }
+    }
+}
+
+/// Runs `f` on the stored bytes of chunk `i`: those already read, or those at its location read
+/// through `reader` into a buffer of this thread's (which only grows: no allocation or zeroing
+/// per chunk).
+pub(crate) fn with_stored<T>(
+    src: &ChunkSrc,
+    reader: Option<&std::fs::File>,
+    i: u64,
+    f: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    thread_local! {
+        static READ: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    match src {
+        ChunkSrc::Bytes(bytes) => f(bytes),
+        &ChunkSrc::At { addr, size } => READ.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let file =
+                reader.ok_or_else(|| format!("chunk {i}: located, but the file has no reader"))?;
+            let size = usize::try_from(size).map_err(|_| format!("chunk {i} is {size} bytes"))?;
+            if buf.len() < size {
+                let more = size - buf.len();
+                chunk::room(&mut buf, more).map_err(|e| format!("chunk {i}: {e}"))?;
+                buf.resize(size, 0);
+            }
+            let buf = &mut buf[..size];
+            file.read_exact_at(buf, addr)
+                .map_err(|e| format!("chunk {i}: reading {size} bytes at {addr}: {e}"))?;
+            f(buf)
+        }),
     }
 }

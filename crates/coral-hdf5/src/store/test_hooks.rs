@@ -1,6 +1,8 @@
-//! Test hook (feature `testing`): damaging a stored weight behind the store's back.
+//! Test hooks (feature `testing`): damaging a stored weight behind the store's back, and
+//! counting what reads do.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use coral_core::ContentHash;
 use coral_store_api::Result;
@@ -10,7 +12,103 @@ use super::{corrupt, HDF5Store, RawRead};
 use crate::chunk;
 use crate::h5;
 
+/// A test's code run between locating chunks and reading them.
+type Hook = Box<dyn FnMut() + Send>;
+
+/// What reads did, counted since the store opened or the last
+/// [`HDF5Store::take_read_stats_for_testing`], and a hook to run between locating chunks and
+/// reading them.
+#[derive(Default)]
+pub(crate) struct Counters {
+    chunks: AtomicU64,
+    max_decoded: AtomicU64,
+    retries: AtomicU64,
+    after_locate: Mutex<Option<Hook>>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counters")
+            .field("chunks", &self.chunks)
+            .field("max_decoded", &self.max_decoded)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Counters {
+    /// One chunk read or located.
+    pub(crate) fn chunk_read(&self) {
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A buffer of `n` decoded bytes held at once by a partial or streamed load.
+    pub(crate) fn decoded(&self, n: usize) {
+        self.max_decoded.fetch_max(n as u64, Ordering::Relaxed);
+    }
+
+    /// A partial read done again because the space epoch moved.
+    pub(crate) fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs the hook of [`HDF5Store::set_after_locate_for_testing`], if any (outside the
+    /// store's lock).
+    pub(crate) fn after_locate(&self) {
+        let hook = self
+            .after_locate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut hook) = hook {
+            hook();
+            let mut slot = self.after_locate.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(hook);
+            }
+        }
+    }
+}
+
+/// What reads did ([`HDF5Store::take_read_stats_for_testing`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Chunks read or located (by any load).
+    pub chunks: u64,
+    /// The largest buffer of decoded data `load_rows`, `load_byte_range` or one window of
+    /// `load_into` held.
+    pub max_decoded_bytes: u64,
+    /// Partial reads (rows, bytes, windows) done again because file space was freed between
+    /// locating their chunks and reading them.
+    pub retries: u64,
+}
+
 impl HDF5Store {
+    /// Test hook: what reads did since the store opened or the last call, and starts counting
+    /// again.
+    #[doc(hidden)]
+    pub fn take_read_stats_for_testing(&self) -> ReadStats {
+        ReadStats {
+            chunks: self.test_counters.chunks.swap(0, Ordering::Relaxed),
+            max_decoded_bytes: self.test_counters.max_decoded.swap(0, Ordering::Relaxed),
+            retries: self.test_counters.retries.swap(0, Ordering::Relaxed),
+        }
+    }
+
+    /// Test hook: `hook` runs in every partial read (`load_rows`, `load_byte_range`, each
+    /// window of `load_into`) between locating its chunks under the lock and reading them
+    /// outside it, on the reading thread; it may call the store (not a partial read: that one
+    /// does not run the hook). `None` removes it.
+    #[doc(hidden)]
+    pub fn set_after_locate_for_testing(&self, hook: Option<Box<dyn FnMut() + Send>>) {
+        *self
+            .test_counters
+            .after_locate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
     /// Test hook: flips the lowest bit of the first data byte of the weight stored under `key`
     /// and writes it back through the dataset's own pipeline, so it still decodes but no longer
     /// hashes to its key. Returns false when the key is not stored in full or is empty.

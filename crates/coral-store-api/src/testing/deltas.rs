@@ -24,6 +24,10 @@ where
         ("deltas::persistence", persistence::<H>),
         ("deltas::weight_kept_as_delta", weight_kept_as_delta::<H>),
         ("deltas::chain_of_two", chain_of_two::<H>),
+        (
+            "deltas::slices_of_delta_weights",
+            slices_of_delta_weights::<H>,
+        ),
         ("deltas::delete_referenced", delete_referenced::<H>),
         ("deltas::missing_reference", missing_reference::<H>),
         (
@@ -302,6 +306,41 @@ where
     // Storing the weight in full as well keeps it loadable.
     assert_eq!(store.store(&target).unwrap(), tk);
     assert_delta_weight(&store, &tk, &target, "delta and full");
+}
+
+/// `load_rows`, `load_byte_range` and `load_into` of weights kept as deltas (one and two links)
+/// agree with `load`; a strict store's `load_into` of a delta whose reference is corrupt is
+/// [`StoreError::Integrity`].
+pub fn slices_of_delta_weights<H>(h: &H)
+where
+    H: Harness,
+    H::Store: DeltaStore,
+{
+    let store = h.open(true);
+    let (reference, t1) = tuned_pair("slices", 3);
+    let t2 = tune(&t1, "slices.2", 7);
+    let rk = store.store(&reference).unwrap();
+    let (k1, k2) = (t1.compute_hash(), t2.compute_hash());
+    store
+        .store_delta(&lossless_delta(&t1, &reference, rk), &k1)
+        .unwrap();
+    store
+        .store_delta(&lossless_delta(&t2, &t1, k1), &k2)
+        .unwrap();
+    let mut rng = Rng::new(33);
+    for (k, w) in [(k1, &t1), (k2, &t2)] {
+        super::weights::check_slices(&store, &k, w, &mut rng, 10);
+    }
+    let mut sink = Vec::new();
+    assert!(store.load_rows(&k2, 0..65).is_err(), "rows past the end");
+    h.corrupt(&store, &rk);
+    assert!(
+        matches!(
+            store.load_into(&k1, &mut sink),
+            Err(StoreError::Integrity { .. })
+        ),
+        "load_into of a delta on a corrupt reference"
+    );
 }
 
 /// A chain of two deltas: t2 against t1 (itself a delta) against a weight stored in full.

@@ -21,6 +21,11 @@
 //!   by `list_weights` and found by `exists`, `load`, `load_batch` and `get_metadata`, rebuilt
 //!   and verified (backends use [`crate::resolve`]); deleting a weight that deltas refer to is
 //!   [`crate::StoreError::Referenced`] or leaves every dependent readable;
+//! - `load_rows`, `load_byte_range` and `load_into` give exactly the part of what `load` gives
+//!   (also for weights kept as deltas and legacy keys), rows with the weight's metadata but no
+//!   hash; bad ranges are [`crate::StoreError::InvalidRange`]; `load_into` verifies as `load`
+//!   does (the suite does not ask whether a slice of a corrupt weight is refused: a backend that
+//!   reads only the chunks involved cannot tell);
 //! - a delta whose reference is absent is refused by `store_delta` or loads as
 //!   [`crate::StoreError::MissingReference`]; cycles and over-long chains are errors.
 //!

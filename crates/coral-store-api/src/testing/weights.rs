@@ -40,6 +40,12 @@ pub fn checks<H: Harness>() -> Vec<Check<H>> {
         ("weights::concurrent_use", concurrent_use::<H>),
         ("weights::storage_info", storage_info::<H>),
         ("weights::closed_store", closed_store::<H>),
+        (
+            "weights::slices_agree_with_load",
+            slices_agree_with_load::<H>,
+        ),
+        ("weights::slices_out_of_range", slices_out_of_range::<H>),
+        ("weights::load_into_verifies", load_into_verifies::<H>),
         ("weights::persistence", persistence::<H>),
     ]
 }
@@ -612,6 +618,15 @@ pub fn closed_store<H: Harness>(h: &H) {
         "store_batch",
     );
     closed(store.storage_info().map(drop), "storage_info");
+    closed(store.load_rows(&key, 0..1).map(drop), "load_rows");
+    closed(
+        store.load_byte_range(&key, 0..1).map(drop),
+        "load_byte_range",
+    );
+    closed(
+        store.load_into(&key, &mut Vec::new()).map(drop),
+        "load_into",
+    );
 }
 
 /// What is stored survives closing and opening the same location again (for backends whose
@@ -702,4 +717,317 @@ pub fn hashed_weights<H: Harness>(h: &H) {
         .load_hashed(&absent)
         .expect("load_hashed absent")
         .is_none());
+}
+
+/// Checks `load_rows`, `load_byte_range` and `load_into` of `key` against `w` (its whole data,
+/// as `load` gives it): the given row ranges, every chunk-like boundary, and `n_random` random
+/// ranges of rows and of bytes.
+pub fn check_slices<S: WeightStore + ?Sized>(
+    store: &S,
+    key: &ContentHash,
+    w: &WeightTensor,
+    rng: &mut Rng,
+    n_random: usize,
+) {
+    let what = format!("{} {} {:?}", w.name(), w.dtype(), w.shape());
+    let nbytes = w.nbytes();
+    // Streamed: all of it, in order, under its key.
+    let mut sink = Vec::new();
+    let (meta, hash) = store
+        .load_into(key, &mut sink)
+        .unwrap_or_else(|e| panic!("{what}: load_into: {e}"))
+        .unwrap_or_else(|| panic!("{what}: load_into gave None"));
+    assert_eq!(hash, *key, "{what}: load_into's hash");
+    assert_eq!(meta.hash, Some(*key), "{what}: load_into's metadata hash");
+    assert_eq!(
+        (meta.shape.as_slice(), meta.dtype),
+        (w.shape(), w.dtype()),
+        "{what}: load_into's metadata"
+    );
+    assert_eq!(meta.name, w.name(), "{what}: load_into's name");
+    assert!(sink[..] == w.data()[..], "{what}: load_into's data");
+    // Bytes.
+    let mut byte_ranges = vec![0..0, 0..nbytes, nbytes..nbytes];
+    for _ in 0..n_random {
+        let a = (rng.next_u64() % (nbytes as u64 + 1)) as usize;
+        let b = (rng.next_u64() % (nbytes as u64 + 1)) as usize;
+        byte_ranges.push(a.min(b)..a.max(b));
+    }
+    for r in byte_ranges {
+        let got = store
+            .load_byte_range(key, r.start as u64..r.end as u64)
+            .unwrap_or_else(|e| panic!("{what}: load_byte_range {r:?}: {e}"))
+            .unwrap_or_else(|| panic!("{what}: load_byte_range {r:?} gave None"));
+        assert!(got[..] == w.data()[r.clone()], "{what}: bytes {r:?}");
+    }
+    // Rows.
+    let Some(&n) = w.shape().first() else {
+        return;
+    };
+    let row = nbytes.checked_div(n).unwrap_or(0);
+    let mut row_ranges = vec![0..0, 0..n, n..n, n / 2..n, 0..n / 2];
+    for k in [1usize, 2, 3, 7] {
+        if k < n {
+            row_ranges.push(k - 1..k + 1);
+            row_ranges.push(n - k..n);
+        }
+    }
+    for _ in 0..n_random {
+        let a = (rng.next_u64() % (n as u64 + 1)) as usize;
+        let b = (rng.next_u64() % (n as u64 + 1)) as usize;
+        row_ranges.push(a.min(b)..a.max(b));
+    }
+    for r in row_ranges {
+        let got = store
+            .load_rows(key, r.clone())
+            .unwrap_or_else(|e| panic!("{what}: load_rows {r:?}: {e}"))
+            .unwrap_or_else(|| panic!("{what}: load_rows {r:?} gave None"));
+        let mut shape = w.shape().to_vec();
+        shape[0] = r.len();
+        assert_eq!(got.shape(), &shape[..], "{what}: rows {r:?}: shape");
+        assert_eq!(got.dtype(), w.dtype(), "{what}: rows {r:?}: dtype");
+        assert_eq!(got.name(), w.name(), "{what}: rows {r:?}: name");
+        assert_eq!(
+            got.metadata().hash,
+            None,
+            "{what}: rows {r:?} carry no hash"
+        );
+        assert!(
+            got.data()[..] == w.data()[r.start * row..r.end * row],
+            "{what}: rows {r:?}: data"
+        );
+    }
+}
+
+/// `load_rows`, `load_byte_range` and `load_into` agree with `load` for every dtype, in 0-d,
+/// empty, 1-d, 2-d and 3-d shapes and a tensor of several MiB (several chunks), on empty
+/// ranges, whole ranges, ranges at the start, the end and around small boundaries, and random
+/// ones; the metadata of rows is the weight's own, without its hash; legacy keys stream under
+/// their key; absent keys are `None` with nothing written.
+pub fn slices_agree_with_load<H: Harness>(h: &H) {
+    let store = h.open(true);
+    let mut rng = Rng::new(4242);
+    let shapes: &[&[usize]] = &[&[], &[0], &[3, 0, 2], &[1], &[1000], &[37, 13], &[9, 7, 5]];
+    for (i, dtype) in [DType::F32, DType::BF16, DType::U8, DType::F64, DType::Bool]
+        .into_iter()
+        .enumerate()
+    {
+        for (j, shape) in shapes.iter().enumerate() {
+            let w = rich_metadata(sample_tensor(
+                &format!("slice.{dtype}.{j}"),
+                dtype,
+                shape,
+                5000 + (i * 100 + j) as u64,
+            ));
+            let key = store.store(&w).unwrap();
+            check_slices(&store, &key, &w, &mut rng, 12);
+            let rows = store.load_rows(&key, 0..0).ok().flatten();
+            if let Some(rows) = rows {
+                assert_metadata_kept(
+                    &coral_core::WeightMetadata {
+                        shape: w.shape().to_vec(),
+                        ..rows.metadata().clone()
+                    },
+                    w.metadata(),
+                    "rows' metadata",
+                );
+            }
+        }
+    }
+    // Several MiB: more than one chunk of any sensible size.
+    let big = sample_tensor("slice.big", DType::F32, &[1100, 1029], 5999);
+    let key = store.store(&big).unwrap();
+    check_slices(&store, &key, &big, &mut rng, 8);
+    // Legacy keys.
+    let w = sample_tensor("slice.legacy", DType::F16, &[40, 3], 5998);
+    let lk = w.compute_hash_with(HashAlgorithm::Xxh3Legacy);
+    store.store_with_key(&w, &lk).unwrap();
+    check_slices(&store, &lk, &w, &mut rng, 8);
+    // A sink that fails: its error, naming the key.
+    struct Broken;
+    impl std::io::Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("disk full"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    match store.load_into(&key, &mut Broken) {
+        Err(e @ StoreError::Backend { .. }) => {
+            assert!(e.to_string().contains(&key.to_hex()), "{e}");
+        }
+        other => panic!("a broken sink: expected Backend, got {other:?}"),
+    }
+    // Absent keys.
+    for key in absent_keys() {
+        assert!(
+            store.load_rows(&key, 0..1).unwrap().is_none(),
+            "load_rows {key}"
+        );
+        assert!(
+            store
+                .load_rows(&key, std::ops::Range { start: 5, end: 1 })
+                .unwrap()
+                .is_none(),
+            "load_rows {key}"
+        );
+        assert!(
+            store.load_byte_range(&key, 0..1).unwrap().is_none(),
+            "load_byte_range {key}"
+        );
+        let mut sink = Vec::new();
+        assert!(
+            store.load_into(&key, &mut sink).unwrap().is_none(),
+            "load_into {key}"
+        );
+        assert!(sink.is_empty(), "load_into {key} wrote nothing");
+    }
+}
+
+/// Rows of a 0-d weight, reversed ranges and ranges past the end are
+/// [`StoreError::InvalidRange`] naming the key and the range, for rows and for bytes.
+pub fn slices_out_of_range<H: Harness>(h: &H) {
+    use crate::error::RangeUnit;
+    let store = h.open(true);
+    let check = |r: Result<(), StoreError>,
+                 key: &ContentHash,
+                 unit: RangeUnit,
+                 range: (u64, u64),
+                 what: &str| {
+        match r {
+            Err(e @ StoreError::InvalidRange { .. }) => {
+                let StoreError::InvalidRange {
+                    key: k,
+                    unit: u,
+                    start,
+                    end,
+                    ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((k, *u, (*start, *end)), (key, unit, range), "{what}: {e}");
+                let msg = e.to_string();
+                assert!(msg.contains(&key.to_hex()), "{what}: the key in {msg:?}");
+                assert!(
+                    msg.contains(&format!("{}..{}", range.0, range.1)),
+                    "{what}: the range in {msg:?}"
+                );
+            }
+            other => panic!("{what}: expected InvalidRange, got {other:?}"),
+        }
+    };
+    let scalar = sample_tensor("oor.scalar", DType::F32, &[], 1);
+    let sk = store.store(&scalar).unwrap();
+    check(
+        store.load_rows(&sk, 0..0).map(drop),
+        &sk,
+        RangeUnit::Rows,
+        (0, 0),
+        "rows of a 0-d weight",
+    );
+    check(
+        store.load_rows(&sk, 0..1).map(drop),
+        &sk,
+        RangeUnit::Rows,
+        (0, 1),
+        "rows of a 0-d weight",
+    );
+    check(
+        store.load_byte_range(&sk, 0..5).map(drop),
+        &sk,
+        RangeUnit::Bytes,
+        (0, 5),
+        "bytes past a scalar",
+    );
+    for shape in [&[6usize, 5][..], &[50], &[4, 3, 2], &[0, 3]] {
+        let w = sample_tensor("oor", DType::I16, shape, 2);
+        let key = store.store(&w).unwrap();
+        let n = shape[0];
+        let nb = w.nbytes() as u64;
+        let what = format!("{shape:?}");
+        for r in [0..n + 1, n + 1..n + 1, n..n + 3, usize::MAX - 1..usize::MAX] {
+            check(
+                store.load_rows(&key, r.clone()).map(drop),
+                &key,
+                RangeUnit::Rows,
+                (r.start as u64, r.end as u64),
+                &format!("{what}: rows {r:?}"),
+            );
+        }
+        if n > 1 {
+            let r = std::ops::Range { start: 2, end: 1 };
+            check(
+                store.load_rows(&key, r).map(drop),
+                &key,
+                RangeUnit::Rows,
+                (2, 1),
+                &format!("{what}: reversed rows"),
+            );
+        }
+        for r in [
+            0..nb + 1,
+            nb + 1..nb + 1,
+            nb..u64::MAX,
+            std::ops::Range { start: 3, end: 2 },
+        ] {
+            if r.start <= r.end && r.end <= nb {
+                continue;
+            }
+            check(
+                store.load_byte_range(&key, r.clone()).map(drop),
+                &key,
+                RangeUnit::Bytes,
+                (r.start, r.end),
+                &format!("{what}: bytes {r:?}"),
+            );
+        }
+    }
+}
+
+/// `load_into` verifies: a corrupt weight is [`StoreError::Integrity`] (naming the weight, its
+/// key and the hash of what was read) in a strict store, and the corrupt data under its actual
+/// hash in a lenient one, for SHA-256 and legacy keys.
+pub fn load_into_verifies<H: Harness>(h: &H) {
+    for algorithm in [HashAlgorithm::Sha256, HashAlgorithm::Xxh3Legacy] {
+        let (store, _w, key) = corrupted(h, true, algorithm);
+        let mut sink = Vec::new();
+        match store.load_into(&key, &mut sink) {
+            Err(StoreError::Integrity {
+                name,
+                expected,
+                actual,
+            }) => {
+                assert_eq!(name, "victim", "{algorithm:?}: name");
+                assert_eq!(expected, key, "{algorithm:?}: expected");
+                assert_ne!(actual, key, "{algorithm:?}: actual");
+                assert_eq!(actual.algorithm(), algorithm);
+            }
+            other => panic!("{algorithm:?}: expected Integrity, got {other:?}"),
+        }
+        let other = sample_tensor("bystander", DType::F32, &[16, 4], 71);
+        let mut sink = Vec::new();
+        let (_, hash) = store
+            .load_into(&other.compute_hash(), &mut sink)
+            .unwrap()
+            .unwrap();
+        assert_eq!(hash, other.compute_hash());
+        assert!(sink[..] == other.data()[..], "bystander streamed");
+
+        let (store, w, key) = corrupted(h, false, algorithm);
+        let lenient = store.load(&key).unwrap().unwrap();
+        let mut sink = Vec::new();
+        let (meta, hash) = store
+            .load_into(&key, &mut sink)
+            .unwrap_or_else(|e| panic!("{algorithm:?}: lenient load_into: {e}"))
+            .unwrap();
+        assert_eq!(meta.shape, w.shape());
+        assert_ne!(hash, key, "{algorithm:?}: the actual hash");
+        assert_eq!(hash, lenient.compute_hash_with(algorithm));
+        assert!(
+            sink[..] == lenient.data()[..],
+            "{algorithm:?}: lenient data"
+        );
+    }
 }
