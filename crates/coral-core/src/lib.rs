@@ -45,4 +45,4 @@ pub use manifest::{
     check_link_target, check_relative_path, BlobChunk, FileContent, ManifestFile, ManifestTensor,
     ModelFormat, ModelManifest, ModelName,
 };
-pub use tensor::{HashedWeight, JsonMap, WeightMetadata, WeightTensor};
+pub use tensor::{HashedWeight, JsonMap, Release, WeightMetadata, WeightTensor, RELEASE_WINDOW};

@@ -81,11 +81,48 @@ impl WeightMetadata {
 /// let a = w.to_array::<f32>().unwrap();
 /// assert_eq!(a[[1, 0]], 3.0);
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct WeightTensor {
     metadata: WeightMetadata,
     data: Bytes,
+    release: Option<Release>,
 }
+
+/// Metadata and data: a release hint is not part of the value.
+impl PartialEq for WeightTensor {
+    fn eq(&self, other: &Self) -> bool {
+        self.metadata == other.metadata && self.data == other.data
+    }
+}
+
+/// A hint a weight's owner gives with data it can drop once consumed (memory-mapped file pages,
+/// which count in the process's resident memory until dropped): called with byte ranges of the
+/// data that a consumer has read and will not read again. Not part of the weight's value: two
+/// weights compare equal whatever their hints.
+#[derive(Clone)]
+pub struct Release(std::sync::Arc<dyn Fn(std::ops::Range<usize>) + Send + Sync>);
+
+impl Release {
+    /// A hint calling `f`.
+    pub fn new(f: impl Fn(std::ops::Range<usize>) + Send + Sync + 'static) -> Self {
+        Release(std::sync::Arc::new(f))
+    }
+
+    /// Says that bytes `range` of the data are consumed.
+    pub fn call(&self, range: std::ops::Range<usize>) {
+        (self.0)(range)
+    }
+}
+
+impl std::fmt::Debug for Release {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Release")
+    }
+}
+
+/// Data at least this large is hashed a window at a time when it carries a [`Release`] hint,
+/// each window released once hashed.
+pub const RELEASE_WINDOW: usize = 8 << 20;
 
 impl WeightTensor {
     /// Builds a tensor; refuses data whose length disagrees with shape × dtype size.
@@ -101,7 +138,31 @@ impl WeightTensor {
                 actual: data.len(),
             });
         }
-        Ok(WeightTensor { metadata, data })
+        Ok(WeightTensor {
+            metadata,
+            data,
+            release: None,
+        })
+    }
+
+    /// Attaches a [`Release`] hint: consumers that read the data once, in order (hashing, a
+    /// store's compression), call it with the ranges they are done with.
+    pub fn with_release(mut self, release: Release) -> Self {
+        self.release = Some(release);
+        self
+    }
+
+    /// The release hint, if any.
+    pub fn release_hint(&self) -> Option<&Release> {
+        self.release.as_ref()
+    }
+
+    /// Tells the data's owner that bytes `range` of the data are consumed (no-op without a
+    /// hint).
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        if let Some(r) = &self.release {
+            r.call(range);
+        }
     }
 
     /// Builds a tensor from raw little-endian bytes.
@@ -216,14 +277,27 @@ impl WeightTensor {
         self.data.len()
     }
 
-    /// Computes the content hash with `algorithm` (does not store it in the metadata).
+    /// Computes the content hash with `algorithm` (does not store it in the metadata). Data
+    /// with a [`Release`] hint is hashed [`RELEASE_WINDOW`] bytes at a time, each window released
+    /// once hashed, so that hashing a memory-mapped tensor holds one window resident.
     pub fn compute_hash_with(&self, algorithm: HashAlgorithm) -> ContentHash {
-        ContentHash::compute(
-            algorithm,
-            self.metadata.dtype,
-            &self.metadata.shape,
-            &self.data,
-        )
+        if self.release.is_none() || self.data.len() < 2 * RELEASE_WINDOW {
+            return ContentHash::compute(
+                algorithm,
+                self.metadata.dtype,
+                &self.metadata.shape,
+                &self.data,
+            );
+        }
+        let mut h = crate::ContentHasher::new(algorithm, self.metadata.dtype, &self.metadata.shape);
+        let mut start = 0;
+        while start < self.data.len() {
+            let end = (start + RELEASE_WINDOW).min(self.data.len());
+            h.update(&self.data[start..end]);
+            self.release(start..end);
+            start = end;
+        }
+        h.finish()
     }
 
     /// Computes Coral's SHA-256 content hash.
@@ -385,5 +459,44 @@ mod tests {
         let wt = WeightTensor::from_array("t", t.view().into_dyn()).unwrap();
         assert_eq!(wt.shape(), &[3, 2]);
         assert_eq!(wt.to_array::<i64>().unwrap(), t.to_owned().into_dyn());
+    }
+}
+
+#[cfg(test)]
+mod release_tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn a_release_hint_sees_every_window_and_changes_no_hash() {
+        let n = 2 * RELEASE_WINDOW + 12_345;
+        let data: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+        let plain = WeightTensor::from_bytes("w", vec![n], DType::U8, data).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let hinted = plain
+            .clone()
+            .with_release(Release::new(move |r| s.lock().unwrap().push(r)));
+        assert!(hinted == plain, "the hint is not part of the value");
+        for alg in [HashAlgorithm::Sha256, HashAlgorithm::Xxh3Legacy] {
+            seen.lock().unwrap().clear();
+            assert_eq!(hinted.compute_hash_with(alg), plain.compute_hash_with(alg));
+            let ranges = seen.lock().unwrap().clone();
+            assert_eq!(ranges.len(), 3);
+            let mut pos = 0;
+            for r in ranges {
+                assert_eq!(r.start, pos);
+                pos = r.end;
+            }
+            assert_eq!(pos, n);
+        }
+        // Small data is hashed at once, without calls.
+        seen.lock().unwrap().clear();
+        let s = seen.clone();
+        let small = WeightTensor::from_vec("s", vec![3], vec![1.0f32, 2.0, 3.0])
+            .unwrap()
+            .with_release(Release::new(move |r| s.lock().unwrap().push(r)));
+        let _ = small.compute_hash();
+        assert!(seen.lock().unwrap().is_empty());
     }
 }

@@ -307,7 +307,13 @@ fn metadata_of_delta(d: &Delta, key: &ContentHash) -> WeightMetadata {
 impl DeltaStore for HDF5Store {
     fn store_delta(&self, delta: &Delta, delta_hash: &ContentHash) -> Result<ContentHash> {
         let key = delta_hash.to_hex();
-        let enc = self.encode(key.clone(), DType::U8, &[delta.data.len()], &delta.data)?;
+        let enc = self.encode(
+            key.clone(),
+            DType::U8,
+            &[delta.data.len()],
+            &delta.data,
+            None,
+        )?;
         self.with_write(|inner| {
             if self.delta_present(inner, &key)? {
                 return Ok(());
@@ -402,7 +408,13 @@ impl ManifestStore for HDF5Store {
         // The content hash of the bytes (as a 1-D uint8 weight's): zstd frames carry no
         // checksum, so a flipped bit could otherwise decode to another manifest that parses.
         let hash = ContentHash::sha256(DType::U8, &[json.len()], &json);
-        let enc = self.encode(name.clone(), DType::U8, &[json.len()], &Bytes::from(json))?;
+        let enc = self.encode(
+            name.clone(),
+            DType::U8,
+            &[json.len()],
+            &Bytes::from(json),
+            None,
+        )?;
         self.with_write(|inner| {
             let g = inner.models.as_ref().ok_or_else(|| StoreError::ReadOnly {
                 location: self.path.display().to_string(),

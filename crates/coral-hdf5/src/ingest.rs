@@ -411,7 +411,13 @@ impl<'a, 'w> Writer<'a, 'w> {
             store.unlink(weights, &hex)?;
         }
         let w = self.items[i].0;
-        let plan = store.encode(hex, w.dtype(), w.shape(), w.data())?;
+        let plan = store.encode(
+            hex,
+            w.dtype(),
+            w.shape(),
+            w.data(),
+            w.release_hint().cloned(),
+        )?;
         let p = self.plans.len();
         let n = plan.n_chunks();
         self.plans.push(Arc::new(plan));

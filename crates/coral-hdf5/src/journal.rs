@@ -1061,7 +1061,17 @@ fn pwrite_full(fd: c_int, buf: &[u8], off: u64) -> std::io::Result<()> {
         off,
         data: buf.to_vec(),
     });
-    with_fd(fd, |file| file.write_all_at(buf, off))
+    // In pieces of 1 MiB: one write of megabytes into the page cache costs several times the
+    // system time of the same bytes in smaller pieces (`dd bs=64M` against `bs=1M`: 2.5 s
+    // against 0.4 s of system time for 1.1 GB on the bench machine).
+    with_fd(fd, |file| {
+        let mut at = off;
+        for piece in buf.chunks(1 << 20) {
+            file.write_all_at(piece, at)?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    })
 }
 
 fn fstat_fd(fd: c_int) -> std::io::Result<libc::stat> {

@@ -555,6 +555,9 @@ impl<'a> Adder<'a> {
                 key: *w.key(),
                 len: w.weight().nbytes() as u64,
             }));
+            if let Some(m) = &map {
+                crate::source::release_pages(m, ranges[start].start, ranges[end - 1].end);
+            }
             (self.progress)(sum as u64);
             start = end;
         }

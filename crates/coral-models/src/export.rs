@@ -324,7 +324,7 @@ fn write_blob(
                     c.len
                 );
             }
-            w.write_all(wt.data())?;
+            write_pieces(w, wt.data())?;
             n += c.len;
             progress(c.len);
         }
@@ -409,14 +409,7 @@ fn export_tensors(
                 .map_err(|e| ModelError::Invalid(format!("tensor {:?}: {e}", t.name)))?;
             write_file(out, |w| {
                 w.write_all(&h)?;
-                let mut n = h.len() as u64;
-                for_each_tensor_in(store, &picked, group_bytes, |_, wt| {
-                    w.write_all(wt.data())?;
-                    n += wt.nbytes() as u64;
-                    progress(wt.nbytes() as u64);
-                    Ok(())
-                })?;
-                Ok(n)
+                Ok(h.len() as u64 + stream_tensors(store, &picked, w, group_bytes, progress)?)
             })
         }
         Some(ModelFormat::Safetensors) => {
@@ -425,22 +418,10 @@ fn export_tensors(
                 .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
                 .collect();
             let (prefix, offsets) = st::build_header(&list)?;
+            check_offsets(&picked, &offsets)?;
             write_file(out, |w| {
                 w.write_all(&prefix)?;
-                let mut n = prefix.len() as u64;
-                let mut i = 0;
-                for_each_tensor_in(store, &picked, group_bytes, |t, wt| {
-                    let [b, e] = offsets.get(i).copied().unwrap_or([u64::MAX, 0]);
-                    i += 1;
-                    if e.checked_sub(b) != Some(wt.nbytes() as u64) {
-                        bail!("tensor {:?}: data does not fit offsets [{b}, {e}]", t.name);
-                    }
-                    w.write_all(wt.data())?;
-                    n += wt.nbytes() as u64;
-                    progress(wt.nbytes() as u64);
-                    Ok(())
-                })?;
-                Ok(n)
+                Ok(prefix.len() as u64 + stream_tensors(store, &picked, w, group_bytes, progress)?)
             })
         }
         _ => bail!(
@@ -595,6 +576,108 @@ pub fn for_each_tensor_in(
             f(t, w)?;
         }
         start = end;
+    }
+    Ok(())
+}
+
+/// A tensor's size by its manifest entry (saturating: only for grouping).
+fn manifest_nbytes(t: &ManifestTensor) -> usize {
+    t.shape
+        .iter()
+        .fold(t.dtype.size(), |a, &d| a.saturating_mul(d))
+}
+
+/// Writes the data of `tensors`, in order, to `w`, each verified against its key: tensors of
+/// [`crate::load::STREAM_BYTES`] or more streamed as the store decodes them (memory bounded by
+/// a few chunks), runs of smaller ones loaded in parallel groups of `group_bytes`. Returns the
+/// bytes written; `progress` receives them as they go.
+pub(crate) fn stream_tensors(
+    store: &dyn Store,
+    tensors: &[ManifestTensor],
+    w: &mut dyn Write,
+    group_bytes: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < tensors.len() {
+        let t = &tensors[i];
+        if manifest_nbytes(t) >= crate::load::STREAM_BYTES {
+            let mut pw = Progressing { inner: w, progress };
+            let got = crate::load::load_streamed(
+                store,
+                &t.key,
+                Some((t.dtype, t.shape.as_slice())),
+                &mut pw,
+            )
+            .with_context(|| format!("tensor {:?}", t.name))?;
+            if got != manifest_nbytes(t) as u64 {
+                bail!("tensor {:?}: {got} bytes, the manifest says more", t.name);
+            }
+            n += got;
+            i += 1;
+            continue;
+        }
+        let j = tensors[i..]
+            .iter()
+            .position(|t| manifest_nbytes(t) >= crate::load::STREAM_BYTES)
+            .map_or(tensors.len(), |k| i + k);
+        for_each_tensor_in(store, &tensors[i..j], group_bytes, |_, wt| {
+            write_pieces(w, wt.data())?;
+            n += wt.nbytes() as u64;
+            progress(wt.nbytes() as u64);
+            Ok(())
+        })?;
+        i = j;
+    }
+    Ok(n)
+}
+
+/// A writer that reports the bytes going through.
+struct Progressing<'a, 'p> {
+    inner: &'a mut dyn Write,
+    progress: &'p (dyn Fn(u64) + Sync),
+}
+
+impl Write for Progressing<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(&buf[..buf.len().min(WRITE_PIECE)])?;
+        (self.progress)(k as u64);
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Checks that `offsets` lay `tensors` out back to back from 0, each as long as its shape says.
+pub(crate) fn check_offsets(tensors: &[ManifestTensor], offsets: &[[u64; 2]]) -> Result<()> {
+    if tensors.len() != offsets.len() {
+        bail!("{} offsets for {} tensors", offsets.len(), tensors.len());
+    }
+    let mut pos = 0u64;
+    for (t, &[b, e]) in tensors.iter().zip(offsets) {
+        let len = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.size() as u64, |a, &d| a.checked_mul(d as u64));
+        if b != pos || e.checked_sub(b) != len {
+            bail!("tensor {:?}: data does not fit offsets [{b}, {e}]", t.name);
+        }
+        pos = e;
+    }
+    Ok(())
+}
+
+/// Output goes to the file at most this many bytes per `write`: on Linux one write of tens of
+/// megabytes into the page cache costs several times the system time of the same bytes in
+/// pieces of a megabyte (measured: `dd bs=64M` 2.5 s of system time for 1.1 GB, `bs=1M` 0.4 s).
+const WRITE_PIECE: usize = 1 << 20;
+
+/// Writes `data` in pieces of [`WRITE_PIECE`] bytes.
+pub(crate) fn write_pieces(w: &mut dyn Write, data: &[u8]) -> std::io::Result<()> {
+    for piece in data.chunks(WRITE_PIECE) {
+        w.write_all(piece)?;
     }
     Ok(())
 }

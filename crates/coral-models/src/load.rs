@@ -28,3 +28,56 @@ pub fn load_verified(store: &dyn Store, key: &ContentHash) -> Result<HashedWeigh
     }
     Ok(w)
 }
+
+/// Tensors of at least this many bytes are streamed (decoded a few chunks at a time straight
+/// into the output, hashed on the way) rather than loaded whole.
+pub const STREAM_BYTES: usize = 32 << 20;
+
+/// Writes a weight's data to `sink` as the store decodes it, and checks it: its key (the data
+/// that went to `sink` hashes to `key`), dtype and shape (as `want` says, when given). Returns
+/// the bytes written. On an error the sink may hold part of the data, or data that did not
+/// verify: write to a temporary file and keep it only after `Ok`.
+pub fn load_streamed(
+    store: &dyn Store,
+    key: &ContentHash,
+    want: Option<(coral_core::DType, &[usize])>,
+    sink: &mut dyn std::io::Write,
+) -> Result<u64> {
+    let mut counting = Counting { inner: sink, n: 0 };
+    let (meta, actual) = store.load_into(key, &mut counting)?.ok_or_else(|| {
+        ModelError::Inconsistent(format!("weight {key} is missing from the store"))
+    })?;
+    if actual != *key {
+        bail!(
+            "weight {key} ({:?}) is damaged: its data hashes to {actual}",
+            meta.name
+        );
+    }
+    if let Some((dtype, shape)) = want {
+        if meta.dtype != dtype || meta.shape != shape {
+            bail!(
+                "stored weight is {} {:?}, the manifest says {dtype} {shape:?}",
+                meta.dtype,
+                meta.shape
+            );
+        }
+    }
+    Ok(counting.n)
+}
+
+/// A writer that counts what goes through.
+struct Counting<'a> {
+    inner: &'a mut dyn std::io::Write,
+    n: u64,
+}
+
+impl std::io::Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -208,19 +208,7 @@ impl SourceFile {
         let (Some(map), Some(first), Some(last)) = (&self.map, group.first(), group.last()) else {
             return;
         };
-        let page = 4096;
-        let start = first.start / page * page;
-        let end = (last.start + last.len).min(map.len());
-        if end > start {
-            // SAFETY: the mapping is a private read-only file mapping: MADV_DONTNEED only drops
-            // resident pages, which are read again from the file if touched.
-            let r = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-            };
-            if let Err(e) = r {
-                tracing::debug!("madvise: {e}");
-            }
-        }
+        release_pages(map, first.start, last.start + last.len);
     }
 
     /// The tensor as a weight (its bytes shared with the map, not copied).
@@ -234,7 +222,17 @@ impl SourceFile {
             })?;
         let mut meta = coral_core::WeightMetadata::new(t.name.clone(), t.shape.clone(), t.dtype);
         meta.model_name = Some(model.to_string());
-        Ok(WeightTensor::new(meta, self.bytes.slice(t.start..end))?)
+        let w = WeightTensor::new(meta, self.bytes.slice(t.start..end))?;
+        Ok(match &self.map {
+            // Hashing and the store's compression drop the pages they are done with.
+            Some(map) => {
+                let (map, base) = (map.clone(), t.start);
+                w.with_release(coral_core::Release::new(move |r| {
+                    release_pages(&map, base + r.start, base + r.end)
+                }))
+            }
+            None => w,
+        })
     }
 
     /// The manifest of this file stored under `name`, given each tensor's key.
@@ -385,21 +383,10 @@ fn write_st_data(
     group_bytes: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
+    crate::export::check_offsets(tensors, offsets)?;
     w.write_all(prefix)?;
-    let mut pos = 0u64;
-    let mut i = 0usize;
-    crate::export::for_each_tensor_in(store, tensors, group_bytes, |t, wt| {
-        let [b, e] = offsets.get(i).copied().unwrap_or([u64::MAX, 0]);
-        i += 1;
-        if b != pos || e.checked_sub(b) != Some(wt.nbytes() as u64) {
-            bail!("tensor {:?}: data does not fit offsets [{b}, {e}]", t.name);
-        }
-        w.write_all(wt.data())?;
-        pos = e;
-        progress(wt.nbytes() as u64);
-        Ok(())
-    })?;
-    Ok(prefix.len() as u64 + pos)
+    let n = crate::export::stream_tensors(store, tensors, w, group_bytes, progress)?;
+    Ok(prefix.len() as u64 + n)
 }
 
 /// A file to write a model to: `.npz` members are written, then their headers completed.
@@ -435,16 +422,10 @@ pub fn write_model(
                     m.tensors.len()
                 );
             };
-            let mut n = 0u64;
-            crate::export::for_each_tensor(store, m, group_bytes, |_, wt| {
-                let h = npy::header_bytes(t.dtype, &t.shape, NonNumpy::Refuse)?;
-                w.write_all(&h)?;
-                w.write_all(wt.data())?;
-                n = (h.len() + wt.nbytes()) as u64;
-                progress(wt.nbytes() as u64);
-                Ok(())
-            })?;
-            Ok(n)
+            let h = npy::header_bytes(t.dtype, &t.shape, NonNumpy::Refuse)?;
+            w.write_all(&h)?;
+            let n = crate::export::stream_tensors(store, &m.tensors, w, group_bytes, progress)?;
+            Ok(h.len() as u64 + n)
         }
         ModelFormat::Npz => {
             let mut zw = npz::Writer::new(w);
@@ -486,6 +467,29 @@ pub fn write_model(
         ),
     }
 }
+/// Drops the resident pages of `map` that lie wholly within bytes `[start, end)` (the last page
+/// of the file counts as whole): they are read again from the file should they be touched.
+pub(crate) fn release_pages(map: &memmap2::Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let end = end.min(map.len());
+    let first = start.div_ceil(PAGE) * PAGE;
+    let last = if end == map.len() {
+        end
+    } else {
+        end / PAGE * PAGE
+    };
+    if last > first {
+        // SAFETY: the mapping is a private read-only file mapping, never written: MADV_DONTNEED
+        // only drops resident pages, which are read again from the file if touched.
+        let r = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+        };
+        if let Err(e) = r {
+            tracing::debug!("madvise: {e}");
+        }
+    }
+}
+
 /// Shared bytes of a memory-mapped file.
 pub fn mapped_bytes(map: Arc<memmap2::Mmap>) -> Bytes {
     Bytes::from_owner(MapOwner(map))

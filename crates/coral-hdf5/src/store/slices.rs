@@ -233,7 +233,7 @@ impl HDF5Store {
                         && part.meta.dtype == meta.dtype
                         && part.rows.start == next_start =>
                 {
-                    current = part.data;
+                    give_back_window(std::mem::replace(&mut current, part.data));
                     next_start = part.rows.end;
                 }
                 _ => {
@@ -244,6 +244,7 @@ impl HDF5Store {
                 }
             }
         }
+        give_back_window(current);
         let actual = hasher.finish();
         resolve::check_hash(&meta.name, key, &actual, self.opts.strict_integrity)?;
         Ok(Some((meta, actual)))
@@ -368,8 +369,7 @@ impl Located {
             .ok()
             .and_then(|n| n.checked_mul(row_bytes))
             .ok_or_else(|| format!("rows {rows:?} overflow"))?;
-        let mut out =
-            crate::mem::zeroed(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
+        let mut out = take_window(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
         let es = meta.dtype.size();
         // Each chunk's part of `out`, and where that part starts in the decoded chunk. The
         // chunks cover `rows` exactly, in order; every count is below the weight's rows, and a
@@ -399,7 +399,11 @@ impl Located {
             .into_par_iter()
             .with_max_len(1)
             .try_for_each(|(i, dst, skip, c)| match c {
-                None => Ok(()), // never written: zeros, as `out` is
+                None => {
+                    // Never written: zeros (a reused buffer holds older bytes).
+                    dst.fill(0);
+                    Ok(())
+                }
                 Some((src, mask)) => with_stored(&src, reader.as_ref(), i, |bytes| {
                     decode_part(&pipeline, es, mask, bytes, chunk_bytes, skip, dst)
                         .map_err(|e| format!("chunk {i}: {e}"))
@@ -447,6 +451,42 @@ fn decode_part(
         dst.copy_from_slice(&whole[skip..]);
         Ok(())
     })
+}
+
+/// Window buffers `load_into` has finished with, for the next windows: reading a large weight
+/// then allocates (and the kernel faults in and zeroes) two windows, not one per window.
+static WINDOWS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Windows kept for reuse at most (two per `load_into` on each of a few threads).
+const WINDOWS_KEPT: usize = 4;
+
+/// A buffer of `len` bytes, not zeroed when reused (the caller writes every byte): a kept
+/// window large enough, else fresh memory; `None` when the memory is not there.
+fn take_window(len: usize) -> Option<Vec<u8>> {
+    let reused = WINDOWS.lock().ok().and_then(|mut w| {
+        let i = w.iter().position(|b| b.capacity() >= len)?;
+        Some(w.swap_remove(i))
+    });
+    match reused {
+        Some(mut b) => {
+            // Within capacity: no allocation. Old bytes are overwritten by the decode.
+            b.resize(len, 0);
+            Some(b)
+        }
+        None => crate::mem::zeroed(len),
+    }
+}
+
+/// Keeps a finished window for reuse (dropped when enough are kept).
+fn give_back_window(b: Vec<u8>) {
+    if b.capacity() < (1 << 20) {
+        return;
+    }
+    if let Ok(mut w) = WINDOWS.lock() {
+        if w.len() < WINDOWS_KEPT {
+            w.push(b);
+        }
+    }
 }
 
 #[cfg(test)]

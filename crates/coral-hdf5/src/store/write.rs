@@ -65,6 +65,8 @@ pub(crate) struct Encoded {
     pub(crate) dims: Vec<u64>,
     pub(crate) layout: Layout,
     pub(crate) data: Bytes,
+    /// The weight owner's hint: each chunk's input is released once compressed.
+    pub(crate) release: Option<coral_core::Release>,
 }
 
 impl Encoded {
@@ -108,7 +110,11 @@ impl Encoded {
             .ok_or_else(|| chunk::ChunkError(format!("chunk {c} out of range")))?;
         let es = self.dtype.size();
         if part.len() == cb {
-            chunk::encode_into(pipeline, es, part, out)
+            let r = chunk::encode_into(pipeline, es, part, out);
+            if let Some(release) = &self.release {
+                release.call(start..end);
+            }
+            r
         } else {
             thread_local! {
                 static PADDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -213,6 +219,7 @@ impl HDF5Store {
         dtype: DType,
         shape: &[usize],
         data: &Bytes,
+        release: Option<coral_core::Release>,
     ) -> Result<Encoded> {
         let layout = self.layout(&key, dtype, shape)?;
         let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
@@ -222,6 +229,7 @@ impl HDF5Store {
             dims,
             layout,
             data: data.clone(),
+            release,
         })
     }
 
