@@ -6,83 +6,15 @@
 //! Run with `cargo xtask bench` (or `cargo bench -p coral-cli --bench cli` with
 //! `CORAL_TEST_MODEL` and `CORAL_TEST_PYTHON` set). Prints a markdown table.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{measure, median};
 use coral_store_api::testenv;
 
 const CORAL: &str = env!("CARGO_BIN_EXE_coral");
-
-fn vm_hwm_one(pid: libc::pid_t) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// The peak RSS of `pid` and of its descendants, summed: `coral` runs a command on a local
-/// store in a child process (its crash guard), which holds the data; the parent only waits.
-fn vm_hwm(pid: libc::pid_t) -> Option<u64> {
-    let mut total = vm_hwm_one(pid)?;
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                total += vm_hwm_one(c).unwrap_or(0);
-                stack.push(c);
-            }
-        }
-    }
-    Some(total)
-}
-
-/// Runs a child to completion; returns (wall seconds, peak RSS bytes, stdout). The peak is the
-/// highest sum of `VmHWM` over the child and its descendants (read from /proc every millisecond
-/// until it exits): `ru_maxrss` would count the benchmark's own memory, inherited at spawn.
-fn measure(cmd: &mut Command) -> (f64, u64, String) {
-    let out_path = std::env::temp_dir().join(format!("coral-bench-{}.out", std::process::id()));
-    let out_file = std::fs::File::create(&out_path).expect("temp file");
-    let start = Instant::now();
-    let child = cmd
-        .stdout(out_file)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    let mut peak = 0u64;
-    loop {
-        if let Some(h) = vm_hwm(pid) {
-            peak = peak.max(h);
-        }
-        // SAFETY: waits (without blocking) for our own child; no rusage wanted.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            break;
-        }
-        assert!(r == 0, "waitpid failed");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let _ = std::fs::remove_file(&out_path);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed ({status}): {stdout}"
-    );
-    std::mem::forget(child);
-    (secs, peak, stdout)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn coral(store: &Path, args: &[&str]) -> Command {
     coral_bin(Path::new(CORAL), store, args)
