@@ -322,8 +322,14 @@ fn a_checkpoint_folder_and_its_finetune_go_in_and_out() {
     // Both come back byte for byte, modes and links included.
     for (model, orig) in [("checkpoint-0", &base), ("ft", &ft)] {
         let out = dir.path().join(format!("out-{model}"));
-        run_ok(&mut cmd(&store, &["export", model, out.to_str().unwrap()]));
+        let r = ok_json(&store, &["export", model, out.to_str().unwrap()]);
         assert_same_tree(orig, &out);
+        // --json lists every entry with its size.
+        let files = r["files"].as_array().unwrap();
+        assert_eq!(files.len(), 16, "{r}");
+        let blob = files.iter().find(|f| f["path"] == "training_args.bin").unwrap();
+        assert_eq!(blob["bytes"], 8_000_000, "{r}");
+        assert_eq!(r["bytes"], b["bytes_in"], "{r}");
     }
     // An export into a folder that is not empty needs --force; an empty one is fine.
     let busy = dir.path().join("out-ft");

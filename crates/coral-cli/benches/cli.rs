@@ -222,7 +222,17 @@ fn main() {
         ],
     );
     run(&whole, &["add", model.to_str().unwrap(), "--name", "m"]);
-    run(&whole, &["add", ft.to_str().unwrap(), "--name", "ft"]);
+    run(
+        &whole,
+        &[
+            "add",
+            ft.to_str().unwrap(),
+            "--name",
+            "ft",
+            "--reference",
+            "none",
+        ],
+    );
     run(&solo, &["add", ft.to_str().unwrap(), "--name", "ft"]);
     let (ref_b, whole_b) = (stored_bytes(&with_ref), stored_bytes(&whole));
     let both_whole = coral_stored + stored_bytes(&solo);
@@ -279,6 +289,20 @@ fn main() {
         mb(ref_b),
         100.0 * ref_b as f64 / both_whole as f64
     );
+    let (named, auto) = reference_choice(&model, &ft, dir.path(), runs);
+    println!();
+    println!(
+        "| `coral add` of the fine-tune into a store of {CHOICE_MODELS} models | wall s (median) | fine-tune stored |"
+    );
+    println!("|---|---|---|");
+    println!("| `--reference m` | {:.3} | {} |", named.0, mb(named.2));
+    println!(
+        "| no `--reference`: chosen automatically (chose {}) | {:.3} ({:+.1}%) | {} |",
+        auto.1,
+        auto.0,
+        100.0 * (auto.0 / named.0 - 1.0),
+        mb(auto.2)
+    );
     if let Some(table) = before {
         println!();
         println!("{table}");
@@ -287,6 +311,71 @@ fn main() {
     println!(
         "{runs} runs each, medians; coral times are the whole process, spawn to exit, coral-ml's are timed inside Python (interpreter start excluded); peak RSS is the highest sum of `VmHWM` over coral and its child process (the crash guard runs the command in a child), sampled every millisecond (coral-ml's includes the Python interpreter and NumPy)."
     );
+}
+
+/// Models in the store the reference is chosen from: the model and aliases of it (the same
+/// tensors under other names: manifests only), so that choosing reads that many manifests.
+const CHOICE_MODELS: usize = 25;
+
+/// The cost of choosing the reference: the fine-tune added into copies of a store holding the
+/// model under [`CHOICE_MODELS`] names, with `--reference m` and without (chosen), interleaved
+/// run by run. Returns the medians (seconds), the model chosen and the bytes stored.
+type Choice = (f64, String, u64);
+
+fn reference_choice(model: &Path, ft: &Path, dir: &Path, runs: usize) -> (Choice, Choice) {
+    let base = dir.join("choice-base.h5");
+    for i in 0..CHOICE_MODELS {
+        let name = if i == 0 {
+            "m".to_string()
+        } else {
+            format!("alias-{i:02}")
+        };
+        let st = coral(
+            &base,
+            &[
+                "add",
+                model.to_str().unwrap(),
+                "--name",
+                &name,
+                "--reference",
+                "none",
+            ],
+        )
+        .status()
+        .expect("coral");
+        assert!(st.success());
+    }
+    let (mut named, mut auto) = (Vec::new(), Vec::new());
+    let mut chose = [String::new(), String::new()];
+    let mut stored = [0u64; 2];
+    for _ in 0..runs.max(5) {
+        for with_name in [true, false] {
+            let store = dir.join("choice.h5");
+            std::fs::copy(&base, &store).expect("copy store");
+            let mut args = vec!["--json", "add", ft.to_str().unwrap(), "--name", "ft"];
+            if with_name {
+                args.extend(["--reference", "m"]);
+            }
+            let (t, _, out) = measure(&mut coral(&store, &args));
+            let r: serde_json::Value = serde_json::from_str(&out).expect("add --json");
+            let k = usize::from(!with_name);
+            if with_name {
+                named.push(t);
+            } else {
+                auto.push(t);
+                assert_eq!(r["reference_auto"], true, "{r}");
+            }
+            chose[k] = r["reference"].as_str().unwrap_or("").to_string();
+            stored[k] = r["bytes_stored"].as_u64().unwrap_or(0);
+            std::fs::remove_file(&store).expect("remove store");
+        }
+    }
+    std::fs::remove_file(&base).expect("remove store");
+    let [c0, c1] = chose;
+    (
+        (median(named), c0, stored[0]),
+        (median(auto), c1, stored[1]),
+    )
 }
 
 /// With `CORAL_BENCH_BEFORE` set to another build of `coral` (an earlier commit's), `add` and

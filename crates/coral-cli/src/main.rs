@@ -771,7 +771,18 @@ fn export(
     pb.finish_and_clear();
     let n = n?;
     if cli.json {
-        print_json(&json!({"model": name, "out": out, "bytes": n, "tensors": tensors}))?;
+        // A folder: what each entry is, and its size.
+        let files: Vec<serde_json::Value> = match &m {
+            Some(m) if tensors.is_empty() => m
+                .files
+                .iter()
+                .map(|f| json!({"path": f.path, "kind": f.kind(), "bytes": f.size()}))
+                .collect(),
+            _ => Vec::new(),
+        };
+        print_json(&json!({
+            "model": name, "out": out, "bytes": n, "tensors": tensors, "files": files
+        }))?;
     } else if tensors.is_empty() {
         out!("exported {name} to {} ({})", out.display(), human_bytes(n));
     } else {
