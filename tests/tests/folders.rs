@@ -327,7 +327,10 @@ fn a_checkpoint_folder_and_its_finetune_go_in_and_out() {
         // --json lists every entry with its size.
         let files = r["files"].as_array().unwrap();
         assert_eq!(files.len(), 16, "{r}");
-        let blob = files.iter().find(|f| f["path"] == "training_args.bin").unwrap();
+        let blob = files
+            .iter()
+            .find(|f| f["path"] == "training_args.bin")
+            .unwrap();
         assert_eq!(blob["bytes"], 8_000_000, "{r}");
         assert_eq!(r["bytes"], b["bytes_in"], "{r}");
     }
