@@ -399,18 +399,34 @@ impl<'a> Adder<'a> {
         self.report.tensors += source.tensors().len();
         let mut keys: Vec<ContentHash> = Vec::with_capacity(source.tensors().len());
         let mut tally = Tally::default();
-        for group in groups(source.tensors(), self.opts.group_bytes) {
-            self.cancelled()?;
-            // Each tensor is hashed once, here; the store trusts the proof.
-            let tensors: Vec<HashedWeight> = group
+        let groups = groups(source.tensors(), self.opts.group_bytes);
+        let opts = self.opts;
+        // Each tensor is hashed once, here; the store trusts the proof. A group is hashed while
+        // the one before it is compressed and written, so the hash of one large tensor (a
+        // single SHA-256 stream, on one core) overlaps the store's work on the other cores.
+        let hash = |group: &[SourceTensor]| -> Result<Vec<HashedWeight>> {
+            group
                 .par_iter()
-                .map(|t| source.weight(t, &self.opts.name).map(HashedWeight::new))
-                .collect::<Result<_>>()?;
+                .map(|t| source.weight(t, &opts.name).map(HashedWeight::new))
+                .collect()
+        };
+        let mut hashed = match groups.first() {
+            Some(g) => Some(hash(g)),
+            None => None,
+        };
+        for (gi, group) in groups.iter().enumerate() {
+            self.cancelled()?;
+            let tensors = hashed.take().unwrap_or_else(|| hash(group))?;
             let plans: Vec<Plan> = tensors
                 .par_iter()
                 .map(|w| plan(self.store, &self.ref_tensors, w))
                 .collect::<Result<_>>()?;
-            let t = self.write_group(&tensors, plans, true)?;
+            let (t, next) = rayon::join(
+                || self.write_group(&tensors, plans, true),
+                || groups.get(gi + 1).map(|g| hash(g)),
+            );
+            hashed = next;
+            let t = t?;
             tally.parts += t.parts;
             tally.reused += t.reused;
             tally.bytes_stored += t.bytes_stored;
