@@ -410,10 +410,7 @@ impl<'a> Adder<'a> {
                 .map(|t| source.weight(t, &opts.name).map(HashedWeight::new))
                 .collect()
         };
-        let mut hashed = match groups.first() {
-            Some(g) => Some(hash(g)),
-            None => None,
-        };
+        let mut hashed = groups.first().map(|g| hash(g));
         for (gi, group) in groups.iter().enumerate() {
             self.cancelled()?;
             let tensors = hashed.take().unwrap_or_else(|| hash(group))?;
