@@ -308,57 +308,9 @@ fn ok(m: Measured, what: &str) -> Measured {
     m
 }
 
-const PY: &str = r#"
-import json, struct, sys, time
-import numpy as np
-from coral.core.weight_tensor import WeightMetadata, WeightTensor
-from coral.storage.hdf5_store import HDF5Store
-
-# NumPy has no bfloat16: the tensors go in and come out as uint16, the same bytes.
-DT = {"BF16": np.uint16}
-
-def tensors(path):
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    n = struct.unpack("<Q", raw[:8].tobytes())[0]
-    header = json.loads(raw[8:8 + n].tobytes())
-    base = 8 + n
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        s, t = e["data_offsets"]
-        a = np.frombuffer(raw[base + s:base + t], dtype=DT[e["dtype"]]).reshape(e["shape"])
-        yield name, a
-
-mode, model, store = sys.argv[1], sys.argv[2], sys.argv[3]
-t0 = time.perf_counter()
-if mode == "add":
-    st = HDF5Store(store)
-    keys = {}
-    for name, a in tensors(model):
-        w = WeightTensor(data=a, metadata=WeightMetadata(name=name, shape=a.shape, dtype=a.dtype))
-        keys[name] = st.store(w)
-    st.close()
-    open(store + ".keys.json", "w").write(json.dumps(keys))
-else:
-    out = sys.argv[4]
-    raw = open(model, "rb").read(8)
-    n = struct.unpack("<Q", raw)[0]
-    header_bytes = open(model, "rb").read(8 + n)
-    header = json.loads(header_bytes[8:])
-    keys = json.loads(open(store + ".keys.json").read())
-    st = HDF5Store(store, mode="r")
-    order = sorted((e["data_offsets"][0], k) for k, e in header.items() if k != "__metadata__")
-    with open(out, "wb") as f:
-        f.write(header_bytes)
-        for _, name in order:
-            f.write(np.ascontiguousarray(st.load(keys[name]).data).tobytes())
-    st.close()
-print(json.dumps({"seconds": time.perf_counter() - t0}))
-"#;
-
 fn python(py: &Path, args: &[&Path]) -> Command {
-    let mut c = Command::new(py);
-    c.arg("-c").arg(PY).args(args);
+    let mut c = common::coral_ml(py);
+    c.args(args);
     c
 }
 

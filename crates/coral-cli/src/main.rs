@@ -753,11 +753,7 @@ fn export(
             m.tensors
                 .iter()
                 .filter(|t| tensors.contains(&t.name))
-                .map(|t| {
-                    t.shape
-                        .iter()
-                        .fold(t.dtype.size() as u64, |a, &d| a.saturating_mul(d as u64))
-                })
+                .map(|t| t.nbytes().unwrap_or(0))
                 .sum(),
             Vec::new(),
         ),

@@ -96,6 +96,15 @@ pub struct ManifestTensor {
     pub data_offsets: Option<[u64; 2]>,
 }
 
+impl ManifestTensor {
+    /// Bytes of data its dtype and shape make; `None` when that overflows (a damaged manifest).
+    pub fn nbytes(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size() as u64, |a, &d| a.checked_mul(d as u64))
+    }
+}
+
 /// The file format a model came in, and goes back out in: stored as `"safetensors"`, `"npy"`,
 /// `"npz"` or `"folder"` (a manifest naming another does not parse: an older Coral refuses a
 /// newer format).

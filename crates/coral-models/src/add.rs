@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::error::{inconsistent, Context, ModelError, Result};
 use crate::folder::{EntryKind, SourceFolder};
+use crate::groups::groups;
 use crate::source::{SourceFile, SourceTensor};
 
 /// Which model changed tensors are delta-coded against.
@@ -194,11 +195,11 @@ fn add_leased(
         Reference::Auto => (choose_reference(store, source)?, true),
     };
     let mut written = Written::default();
-    let result =
-        Adder::new(store, opts, reference.as_ref(), &mut written, progress).and_then(|adder| {
-            let mut report = adder.run(source)?;
+    let result = Adder::new(store, opts, reference.as_ref(), &mut written, progress)
+        .run(source)
+        .map(|mut report| {
             report.reference_auto = auto && report.reference.is_some();
-            Ok(report)
+            report
         });
     match result {
         Ok(report) => Ok(report),
@@ -338,8 +339,8 @@ impl<'a> Adder<'a> {
         reference: Option<&'a ModelManifest>,
         written: &'a mut Written,
         progress: &'a (dyn Fn(u64) + Sync),
-    ) -> Result<Self> {
-        Ok(Adder {
+    ) -> Self {
+        Adder {
             store,
             opts,
             ref_tensors: reference
@@ -361,7 +362,7 @@ impl<'a> Adder<'a> {
             },
             written,
             progress,
-        })
+        }
     }
 
     fn cancelled(&self) -> Result<()> {
@@ -399,7 +400,14 @@ impl<'a> Adder<'a> {
         self.report.tensors += source.tensors().len();
         let mut keys: Vec<ContentHash> = Vec::with_capacity(source.tensors().len());
         let mut tally = Tally::default();
-        let groups = groups(source.tensors(), self.opts.group_bytes);
+        let all = source.tensors();
+        let groups: Vec<&[SourceTensor]> = groups(
+            all.iter().map(|t| t.len as u64),
+            self.opts.group_bytes as u64,
+        )
+        .into_iter()
+        .map(|r| &all[r])
+        .collect();
         let opts = self.opts;
         // Each tensor is hashed once, here; the store trusts the proof. A group is hashed while
         // the one before it is compressed and written, so the hash of one large tensor (a
@@ -522,18 +530,11 @@ impl<'a> Adder<'a> {
         let ranges = crate::folder::chunk_ranges(data);
         let mut chunks = Vec::with_capacity(ranges.len());
         let mut tally = Tally::default();
-        let mut start = 0;
-        while start < ranges.len() {
+        let sizes = ranges.iter().map(|r| r.len() as u64);
+        for group in groups(sizes, self.opts.group_bytes as u64) {
             self.cancelled()?;
-            // Groups of at most group_bytes, at least one chunk.
-            let mut end = start;
-            let mut sum = 0usize;
-            while end < ranges.len()
-                && (end == start || sum + ranges[end].len() <= self.opts.group_bytes)
-            {
-                sum += ranges[end].len();
-                end += 1;
-            }
+            let (start, end) = (group.start, group.end);
+            let sum: usize = ranges[start..end].iter().map(|r| r.len()).sum();
             let weights: Vec<HashedWeight> = ranges[start..end]
                 .par_iter()
                 .map(|r| {
@@ -572,7 +573,6 @@ impl<'a> Adder<'a> {
                 crate::source::release_pages(m, ranges[start].start, ranges[end - 1].end);
             }
             (self.progress)(sum as u64);
-            start = end;
         }
         Ok((data.len() as u64, chunks, tally))
     }
@@ -691,23 +691,4 @@ fn plan(
             Ok(Plan::Full)
         }
     }
-}
-
-/// Splits tensors into consecutive groups of at most `budget` bytes (one tensor at least).
-fn groups(tensors: &[SourceTensor], budget: usize) -> Vec<&[SourceTensor]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut sum = 0usize;
-    for (i, t) in tensors.iter().enumerate() {
-        if i > start && sum + t.len > budget {
-            out.push(&tensors[start..i]);
-            start = i;
-            sum = 0;
-        }
-        sum += t.len;
-    }
-    if start < tensors.len() {
-        out.push(&tensors[start..]);
-    }
-    out
 }

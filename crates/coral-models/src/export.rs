@@ -17,6 +17,7 @@ use coral_store_api::Store;
 use rayon::prelude::*;
 
 use crate::error::{bail, Context, ModelError, Result};
+use crate::groups::groups;
 use crate::load_resolved;
 
 /// Options of [`export_with`].
@@ -103,17 +104,7 @@ pub fn export_with(
 /// removed on failure).
 fn write_file(out: &Path, f: impl FnOnce(&mut BufWriter<File>) -> Result<u64>) -> Result<u64> {
     let tmp = tmp_path(out);
-    let res = (|| -> Result<u64> {
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        let n = f(&mut w)?;
-        w.flush()?;
-        w.into_inner()
-            .map_err(|e| e.into_error())?
-            .sync_all()
-            .context("syncing output")?;
-        Ok(n)
-    })();
+    let res = write_in_place(&tmp, f);
     match res {
         Ok(n) => {
             std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
@@ -300,16 +291,8 @@ fn write_blob(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
     let mut n = 0u64;
-    let mut start = 0;
-    while start < chunks.len() {
-        let mut end = start;
-        let mut sum = 0u64;
-        while end < chunks.len()
-            && (end == start || sum.saturating_add(chunks[end].len) <= group_bytes as u64)
-        {
-            sum = sum.saturating_add(chunks[end].len);
-            end += 1;
-        }
+    for group in groups(chunks.iter().map(|c| c.len), group_bytes as u64) {
+        let (start, end) = (group.start, group.end);
         let loaded: Vec<WeightTensor> = chunks[start..end]
             .par_iter()
             .map(|c| load_resolved(store, &c.key).with_context(|| format!("blob chunk {}", c.key)))
@@ -328,7 +311,6 @@ fn write_blob(
             n += c.len;
             progress(c.len);
         }
-        start = end;
     }
     Ok(n)
 }
@@ -418,10 +400,16 @@ fn export_tensors(
                 .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
                 .collect();
             let (prefix, offsets) = st::build_header(&list)?;
-            check_offsets(&picked, &offsets)?;
             write_file(out, |w| {
-                w.write_all(&prefix)?;
-                Ok(prefix.len() as u64 + stream_tensors(store, &picked, w, group_bytes, progress)?)
+                crate::source::write_st_data(
+                    store,
+                    &prefix,
+                    &offsets,
+                    &picked,
+                    w,
+                    group_bytes,
+                    progress,
+                )
             })
         }
         _ => bail!(
@@ -541,23 +529,9 @@ pub fn for_each_tensor_in(
     group_bytes: usize,
     mut f: impl FnMut(&ManifestTensor, WeightTensor) -> Result<()>,
 ) -> Result<()> {
-    let mut start = 0;
-    while start < tensors.len() {
-        let mut end = start;
-        let mut sum = 0usize;
-        while end < tensors.len() {
-            let t = &tensors[end];
-            let n = t
-                .shape
-                .iter()
-                .fold(t.dtype.size(), |a, &d| a.saturating_mul(d));
-            if end > start && sum.saturating_add(n) > group_bytes {
-                break;
-            }
-            sum = sum.saturating_add(n);
-            end += 1;
-        }
-        let group = &tensors[start..end];
+    let sizes = tensors.iter().map(manifest_nbytes);
+    for range in groups(sizes, group_bytes as u64) {
+        let group = &tensors[range];
         let loaded: Vec<WeightTensor> = group
             .par_iter()
             .map(|t| load_resolved(store, &t.key).with_context(|| format!("tensor {:?}", t.name)))
@@ -575,16 +549,13 @@ pub fn for_each_tensor_in(
             }
             f(t, w)?;
         }
-        start = end;
     }
     Ok(())
 }
 
-/// A tensor's size by its manifest entry (saturating: only for grouping).
-fn manifest_nbytes(t: &ManifestTensor) -> usize {
-    t.shape
-        .iter()
-        .fold(t.dtype.size(), |a, &d| a.saturating_mul(d))
+/// A tensor's size by its manifest entry (saturating: only for grouping and streaming choices).
+fn manifest_nbytes(t: &ManifestTensor) -> u64 {
+    t.nbytes().unwrap_or(u64::MAX)
 }
 
 /// Writes the data of `tensors`, in order, to `w`, each verified against its key: tensors of
@@ -602,7 +573,7 @@ pub(crate) fn stream_tensors(
     let mut i = 0;
     while i < tensors.len() {
         let t = &tensors[i];
-        if manifest_nbytes(t) >= crate::load::STREAM_BYTES {
+        if manifest_nbytes(t) >= crate::load::STREAM_BYTES as u64 {
             let mut pw = Progressing { inner: w, progress };
             let got = crate::load::load_streamed(
                 store,
@@ -611,7 +582,7 @@ pub(crate) fn stream_tensors(
                 &mut pw,
             )
             .with_context(|| format!("tensor {:?}", t.name))?;
-            if got != manifest_nbytes(t) as u64 {
+            if got != manifest_nbytes(t) {
                 bail!("tensor {:?}: {got} bytes, the manifest says more", t.name);
             }
             n += got;
@@ -620,7 +591,7 @@ pub(crate) fn stream_tensors(
         }
         let j = tensors[i..]
             .iter()
-            .position(|t| manifest_nbytes(t) >= crate::load::STREAM_BYTES)
+            .position(|t| manifest_nbytes(t) >= crate::load::STREAM_BYTES as u64)
             .map_or(tensors.len(), |k| i + k);
         for_each_tensor_in(store, &tensors[i..j], group_bytes, |_, wt| {
             write_pieces(w, wt.data())?;
@@ -657,11 +628,7 @@ pub(crate) fn check_offsets(tensors: &[ManifestTensor], offsets: &[[u64; 2]]) ->
     }
     let mut pos = 0u64;
     for (t, &[b, e]) in tensors.iter().zip(offsets) {
-        let len = t
-            .shape
-            .iter()
-            .try_fold(t.dtype.size() as u64, |a, &d| a.checked_mul(d as u64));
-        if b != pos || e.checked_sub(b) != len {
+        if b != pos || e.checked_sub(b) != t.nbytes() {
             bail!("tensor {:?}: data does not fit offsets [{b}, {e}]", t.name);
         }
         pos = e;

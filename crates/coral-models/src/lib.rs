@@ -49,6 +49,7 @@ mod error;
 mod export;
 mod folder;
 mod gc;
+mod groups;
 mod keys;
 mod load;
 mod source;

@@ -374,7 +374,9 @@ pub(crate) fn write_safetensors(
     write_st_data(store, &prefix, &offsets, tensors, w, group_bytes, progress)
 }
 
-fn write_st_data(
+/// Writes a safetensors file: `prefix` (length and header), then the tensors' data where
+/// `offsets` say (checked to lay them out back to back). Returns the bytes written.
+pub(crate) fn write_st_data(
     store: &dyn Store,
     prefix: &[u8],
     offsets: &[[u64; 2]],
