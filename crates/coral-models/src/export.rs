@@ -102,7 +102,7 @@ pub fn export_with(
 
 /// Writes a file through a temporary one beside it, synced, renamed into place at the end (and
 /// removed on failure).
-fn write_file(out: &Path, f: impl FnOnce(&mut BufWriter<File>) -> Result<u64>) -> Result<u64> {
+fn write_file(out: &Path, f: impl FnOnce(&mut BufWriter<WriteBack>) -> Result<u64>) -> Result<u64> {
     let tmp = tmp_path(out);
     let res = write_in_place(&tmp, f);
     match res {
@@ -119,16 +119,121 @@ fn write_file(out: &Path, f: impl FnOnce(&mut BufWriter<File>) -> Result<u64>) -
 
 /// A file of a folder export, written in place (the folder itself is the temporary) and
 /// synced.
-fn write_in_place(path: &Path, f: impl FnOnce(&mut BufWriter<File>) -> Result<u64>) -> Result<u64> {
+fn write_in_place(
+    path: &Path,
+    f: impl FnOnce(&mut BufWriter<WriteBack>) -> Result<u64>,
+) -> Result<u64> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut w = BufWriter::with_capacity(1 << 20, WriteBack::new(file));
     let n = f(&mut w)?;
-    w.flush()?;
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
     w.into_inner()
-        .map_err(|e| e.into_error())?
+        .map_err(|e| e.into_error())
+        .with_context(|| format!("writing {}", path.display()))?
+        .file
         .sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
     Ok(n)
+}
+
+/// Bytes of output between write-back requests.
+const WRITE_BACK_WINDOW: u64 = 32 << 20;
+
+/// A file written front to back that keeps the page cache out of the way, as the kernel
+/// developers recommend for streaming writes: after each [`WRITE_BACK_WINDOW`] it asks the
+/// kernel to start writing that window to disk (`sync_file_range(WRITE)`), waits for the
+/// window before it, and drops that one's pages (`posix_fadvise(DONTNEED)`). Without it, a
+/// multi-GB export fills memory with dirty pages, and copying into the page cache slows as it
+/// fills: on this machine a 4 GiB export's CPU grew to 4.5× its 1 GiB one. Off Linux it is a
+/// plain file.
+#[derive(Debug)]
+pub(crate) struct WriteBack {
+    file: File,
+    /// Bytes written so far.
+    pos: u64,
+    /// Start of the window not yet handed to write-back.
+    queued: u64,
+    /// Start of the window handed to write-back but not yet waited for.
+    flushed: u64,
+}
+
+impl WriteBack {
+    pub(crate) fn new(file: File) -> Self {
+        WriteBack {
+            file,
+            pos: 0,
+            queued: 0,
+            flushed: 0,
+        }
+    }
+
+    /// Hands the bytes since `queued` to write-back, then waits for and drops the window
+    /// before them. Failures here are only hints lost: the final `sync_all` reports real
+    /// write errors.
+    #[cfg(target_os = "linux")]
+    fn write_back(&mut self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let (Ok(off), Ok(len)) = (
+            libc::off64_t::try_from(self.queued),
+            libc::off64_t::try_from(self.pos - self.queued),
+        ) else {
+            return;
+        };
+        // SAFETY: fd is this open file's descriptor; the calls take plain integers.
+        unsafe { libc::sync_file_range(fd, off, len, libc::SYNC_FILE_RANGE_WRITE) };
+        if let (Ok(prev), Ok(plen)) = (
+            libc::off64_t::try_from(self.flushed),
+            libc::off64_t::try_from(self.queued - self.flushed),
+        ) {
+            if plen > 0 {
+                // SAFETY: as above.
+                unsafe {
+                    libc::sync_file_range(
+                        fd,
+                        prev,
+                        plen,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                    );
+                    libc::posix_fadvise(fd, prev, plen, libc::POSIX_FADV_DONTNEED);
+                }
+            }
+        }
+        self.flushed = self.queued;
+        self.queued = self.pos;
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn write_back(&mut self) {}
+}
+
+impl Write for WriteBack {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.file.write(buf)?;
+        self.pos += k as u64;
+        if self.pos - self.queued >= WRITE_BACK_WINDOW {
+            self.write_back();
+        }
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// `.npz` seeks back to complete member headers; write-back starts afresh from wherever the
+/// file is next written (windows skipped are left to the final sync).
+impl std::io::Seek for WriteBack {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let p = self.file.seek(to)?;
+        self.pos = p;
+        self.queued = p;
+        self.flushed = p;
+        Ok(p)
+    }
 }
 
 fn export_folder(
@@ -647,4 +752,33 @@ pub(crate) fn write_pieces(w: &mut dyn Write, data: &[u8]) -> std::io::Result<()
         w.write_all(piece)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom};
+
+    /// Bytes through [`WriteBack`] land as written, across several write-back windows and
+    /// after seeks back and forth.
+    #[test]
+    fn write_back_keeps_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let len = 3 * WRITE_BACK_WINDOW as usize + 12_345;
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let n = write_in_place(&path, |w| {
+            w.write_all(&[0u8; 8])?;
+            write_pieces(w, &data[8..])?;
+            w.seek(SeekFrom::Start(0))?;
+            w.write_all(&data[..8])?;
+            w.seek(SeekFrom::End(0))?;
+            Ok(len as u64)
+        })
+        .unwrap();
+        assert_eq!(n, len as u64);
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(back.len(), len);
+        assert!(back == data, "the file differs from what was written");
+    }
 }
