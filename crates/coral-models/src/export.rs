@@ -145,8 +145,8 @@ const WRITE_BACK_WINDOW: u64 = 32 << 20;
 /// kernel to start writing that window to disk (`sync_file_range(WRITE)`), waits for the
 /// window before it, and drops that one's pages (`posix_fadvise(DONTNEED)`). Without it, a
 /// multi-GB export fills memory with dirty pages, and copying into the page cache slows as it
-/// fills: on this machine a 4 GiB export's CPU grew to 4.5× its 1 GiB one. Off Linux it is a
-/// plain file.
+/// fills: on this machine a 4 GiB export took 8.7× the CPU of a 1 GiB one (13.9 s against
+/// 1.6 s), and 3.6× with write-back (5.6 s). Off Linux it is a plain file.
 #[derive(Debug)]
 pub(crate) struct WriteBack {
     file: File,
