@@ -6,7 +6,10 @@
 //! buffer protocol (`__getbuffer__`) would do the same, but it is in the stable ABI only from
 //! Python 3.11, and this module is built for 3.9 and later (abi3-py39). Bytes that nothing else
 //! shares are handed over writable (numpy arrays from `load` can be modified in place, as
-//! coral-ml's can); shared ones (a memory map, bytes a cache also holds) read-only.
+//! coral-ml's can); shared ones (a memory map, bytes a cache also holds) read-only. When numpy
+//! frees the last array over an unshared buffer, a large one goes back to the HDF5 store's pool
+//! ([`coral_hdf5::recycle`], at most 256 MiB, `CORAL_BUFFER_CACHE_MB`), so that a process that
+//! loads again and again decodes into memory it has faulted in already.
 //!
 //! **In:** the Python side passes a C-contiguous array with its data address and length
 //! (`arr.__array_interface__["data"][0]`, `arr.nbytes`); [`borrowed`] wraps them in [`Bytes`]
@@ -33,7 +36,19 @@ pub struct Buffer {
 
 enum Keep {
     Shared(#[allow(dead_code)] Bytes),
-    Unique(#[allow(dead_code)] BytesMut),
+    Unique(BytesMut),
+    Gone,
+}
+
+impl Drop for Buffer {
+    /// numpy freed the last array over these bytes: a large unshared buffer goes back to the
+    /// HDF5 store's pool, for the next load to decode into memory already faulted in.
+    fn drop(&mut self) {
+        if let Keep::Unique(mut b) = std::mem::replace(&mut self._keep, Keep::Gone) {
+            b.clear(); // nothing to keep: the conversion then moves no bytes
+            coral_hdf5::recycle(Vec::from(b));
+        }
+    }
 }
 
 impl std::fmt::Debug for Buffer {

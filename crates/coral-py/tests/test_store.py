@@ -209,3 +209,19 @@ def test_weight_tensor_api():
     assert WeightTensor(np.ones(3)).metadata.name == "unnamed"
     assert "WeightTensor" in repr(w)
     assert json.dumps(w.metadata.compression_info) == "{}"
+
+
+def test_freed_arrays_are_reused_and_never_leak_into_the_next_load(store_path):
+    """A large array numpy frees goes back to Coral's pool; the next load decodes into it: its
+    old bytes (scribbled over here) must never show through, in the chunks or past them."""
+    a = weight("a", shape=(1500, 1000), seed=1)   # 6 MB: pooled
+    b = weight("b", shape=(1400, 1000), seed=2)   # fits into a's buffer
+    z = WeightTensor(np.zeros((1450, 1000), np.float32), WeightMetadata("z", (1450, 1000), np.float32))
+    with HDF5Store(store_path) as store:
+        keys = store.store_batch({"a": a, "b": b, "z": z})
+        for _ in range(3):
+            for name, w in (("a", a), ("b", b), ("z", z)):
+                back = store.load(keys[name])
+                assert same_bytes(back.data, w.data), name
+                back.data[...] = np.float32(np.nan)  # scribble before it is freed
+                del back

@@ -461,7 +461,8 @@ impl HDF5Store {
             })?;
             Ok(group)
         };
-        let decode_group = |mut group: Group| -> Result<Vec<(ContentHash, HashedWeight)>> {
+        type Decoded = Vec<(ContentHash, WeightTensor)>;
+        let decode_group = |mut group: Group| -> Result<Decoded> {
             // Largest first: hashing a large tensor is one thread's work, which the others
             // overlap with the smaller ones.
             group.sort_by_key(|(_, _, raw)| std::cmp::Reverse(raw.nbytes()));
@@ -477,28 +478,47 @@ impl HDF5Store {
                         })?;
                     let w = WeightTensor::new(meta, data)
                         .map_err(|err| corrupt(&self.path, &k, err.to_string()))?;
-                    Ok((key, self.verify(w, &key)?))
+                    Ok((key, w))
                 })
                 .collect()
         };
-        // Pipeline: read the next group while the previous one decodes and verifies.
+        let verify_group = |group: Decoded| -> Result<Vec<(ContentHash, HashedWeight)>> {
+            group
+                .into_par_iter()
+                .with_max_len(1)
+                .map(|(key, w)| Ok((key, self.verify(w, &key)?)))
+                .collect()
+        };
+        // Pipeline: read the next group while the current one decodes and the previous one is
+        // verified. Verifying apart from decoding keeps every core busy while one hashes a
+        // large tensor (a single SHA-256 stream): the next group decodes meanwhile.
         let mut pending = read_group(&mut i)?;
+        let mut decoded: Decoded = Vec::new();
         let mut result = Ok(());
-        while !pending.is_empty() {
+        while !pending.is_empty() || !decoded.is_empty() {
             let current = std::mem::take(&mut pending);
+            let to_verify = std::mem::take(&mut decoded);
             let more = i < keys.len();
-            let (next, decoded) = rayon::join(
+            let ((next, dec), verified) = rayon::join(
                 || {
-                    if more {
-                        read_group(&mut i)
-                    } else {
-                        Ok(Vec::new())
-                    }
+                    rayon::join(
+                        || {
+                            if more {
+                                read_group(&mut i)
+                            } else {
+                                Ok(Vec::new())
+                            }
+                        },
+                        || decode_group(current),
+                    )
                 },
-                || decode_group(current),
+                || verify_group(to_verify),
             );
-            match decoded {
-                Ok(d) => out.extend(d),
+            match verified.and_then(|v| dec.map(|d| (v, d))) {
+                Ok((v, d)) => {
+                    out.extend(v);
+                    decoded = d;
+                }
                 Err(e) => {
                     result = Err(e);
                     break;

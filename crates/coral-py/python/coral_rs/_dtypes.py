@@ -12,10 +12,23 @@ from typing import Optional
 
 import numpy as np
 
-try:  # optional
-    import ml_dtypes as _ml
-except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
-    _ml = None
+# ml_dtypes is imported on first need, not with coral_rs: importing it takes about a second
+# (it registers its casts and ufunc loops with numpy), which a script that never meets bf16 or
+# fp8 should not pay.
+_ML_UNSET = object()
+_ml_module = _ML_UNSET
+
+
+def _ml():
+    """The ml_dtypes module, or None when it is not installed."""
+    global _ml_module
+    if _ml_module is _ML_UNSET:
+        try:
+            import ml_dtypes
+        except ImportError:  # exercised in a subprocess by the tests
+            ml_dtypes = None
+        _ml_module = ml_dtypes
+    return _ml_module
 
 #: Coral's names of the dtypes numpy has itself.
 NUMPY_NAMES = (
@@ -45,14 +58,15 @@ ALL_NAMES = NUMPY_NAMES + tuple(EXTENDED)
 
 def has_ml_dtypes() -> bool:
     """True when bf16 and fp8 come back as ``ml_dtypes`` dtypes."""
-    return _ml is not None
+    return _ml() is not None
 
 
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype Coral gives back for its dtype ``name``."""
     if name in EXTENDED:
-        if _ml is not None:
-            return np.dtype(getattr(_ml, name))
+        ml = _ml()
+        if ml is not None:
+            return np.dtype(getattr(ml, name))
         return EXTENDED[name]
     return np.dtype(name)
 
