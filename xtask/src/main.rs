@@ -14,8 +14,8 @@
 //!   [PYTEST ARGS]` runs only those; see [`python`]); and exits with the tests' status.
 //! - `cargo xtask ci`: `cargo fmt --check`, clippy with warnings denied, `cargo deny check`, then
 //!   the same as `cargo xtask test`. `.ci/run` runs it.
-//! - `cargo xtask bench [ARGS...]`: the same set-up and server, the Python package installed in
-//!   the venv (for the `python` bench), then `cargo bench --workspace ARGS...`, and the command
+//! - `cargo xtask bench [ARGS...]`: the same set-up and server, the Python package and the
+//!   peers (lmzip, glyd) installed in the venv (for the `python` and `peers` benches), then `cargo bench --workspace ARGS...`, and the command
 //!   line that reproduces it.
 //! - `cargo xtask with-env -- COMMAND...`: the same set-up and server around any command, for
 //!   example `cargo xtask with-env -- cargo test -p coral-s3`.
@@ -249,6 +249,7 @@ fn bench(paths: &Paths, extra: &[String]) -> Result<i32> {
     let (mut server, mut env) = prepare(paths)?;
     let bin = demo::build_coral(paths, true, &[])?;
     python::install_wheel(paths)?;
+    setup::ensure_bench_packages(paths)?;
     env.push(("CORAL_BIN".into(), bin.display().to_string()));
     let mut cmd = setup::cargo();
     cmd.current_dir(&paths.root)
