@@ -220,7 +220,7 @@ fn zlib_planes(data: &[u8], planes: usize, level: u32) -> Result<Vec<u8>, ChunkE
     Ok(out)
 }
 
-/// How much of a plane [`zlib_planes`] tries both strategies on.
+/// How much of a plane [`zlib_planes`] tries the strategies on.
 const STRATEGY_SAMPLE: usize = 16 << 10;
 
 /// How much of a plane whose byte histogram looks random [`zlib_planes`] deflates to see whether
@@ -247,7 +247,7 @@ fn matches_pay(
     Ok(trial.len() * 10 < sample.len() * 9)
 }
 
-/// The two deflate strategies of [`zlib_planes`], one compressor each, per thread and level.
+/// The three deflate strategies of [`zlib_planes`], one compressor each, per thread and level.
 struct Deflaters {
     level: u32,
     default: zlib_rs::Deflate,
