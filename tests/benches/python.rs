@@ -6,7 +6,7 @@
 use std::process::Command;
 
 fn main() {
-    // `cargo bench` passes `--bench`; a filter is not meaningful here.
+    // `cargo bench` passes `--bench` and any filter: this bench has one case, and ignores them.
     let (Ok(python), Ok(model)) = (
         std::env::var("CORAL_TEST_PYTHON"),
         std::env::var("CORAL_TEST_MODEL"),
