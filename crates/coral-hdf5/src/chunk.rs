@@ -227,32 +227,14 @@ const STRATEGY_SAMPLE: usize = 16 << 10;
 /// it is (matches make uniform bytes compressible: the low byte of position indices).
 const MATCH_SAMPLE: usize = 4 << 10;
 
-/// True when deflating the first [`MATCH_SAMPLE`] bytes of a plane that order-0 statistics call
-/// random saves a tenth of them: its bytes repeat in strings, and it is deflated after all.
-fn matches_pay(
-    cell: &std::cell::RefCell<Option<Deflaters>>,
-    level: u32,
-    plane: &[u8],
-) -> Result<bool, ChunkError> {
-    let mut guard = cell.borrow_mut();
-    if !matches!(&*guard, Some(d) if d.level == level) {
-        *guard = Some(Deflaters::new(level));
-    }
-    let Some(d) = guard.as_mut() else {
-        return Err(err("deflate: no compressor"));
-    };
-    let sample = &plane[..plane.len().min(MATCH_SAMPLE)];
-    let mut trial = Vec::new();
-    deflate_sync(&mut d.default, sample, &mut trial)?;
-    Ok(trial.len() * 10 < sample.len() * 9)
-}
-
-/// The three deflate strategies of [`zlib_planes`], one compressor each, per thread and level.
+/// The three deflate strategies of [`zlib_planes`], one compressor each, and two scratch buffers
+/// for the trials: one per thread and level (see [`with_deflaters`]).
 struct Deflaters {
     level: u32,
-    default: zlib_rs::Deflate,
-    rle: zlib_rs::Deflate,
-    huffman: zlib_rs::Deflate,
+    /// Huffman only, RLE, default: the order in which a tie is won (fastest first).
+    by_strategy: [zlib_rs::Deflate; 3],
+    trial: Vec<u8>,
+    best: Vec<u8>,
 }
 
 impl Deflaters {
@@ -263,35 +245,84 @@ impl Deflaters {
             strategy,
             ..zlib_rs::DeflateConfig::default()
         };
+        let new = |strategy| zlib_rs::Deflate::new_with_config(config(strategy));
         Deflaters {
             level,
-            default: zlib_rs::Deflate::new_with_config(config(zlib_rs::Strategy::Default)),
-            rle: zlib_rs::Deflate::new_with_config(config(zlib_rs::Strategy::Rle)),
-            huffman: zlib_rs::Deflate::new_with_config(config(zlib_rs::Strategy::HuffmanOnly)),
+            by_strategy: [
+                new(zlib_rs::Strategy::HuffmanOnly),
+                new(zlib_rs::Strategy::Rle),
+                new(zlib_rs::Strategy::Default),
+            ],
+            trial: Vec::new(),
+            best: Vec::new(),
         }
+    }
+
+    /// True when deflating the first [`MATCH_SAMPLE`] bytes of a plane that order-0 statistics
+    /// call random saves a tenth of them: its bytes repeat in strings, and it is deflated after
+    /// all.
+    fn matches_pay(&mut self, plane: &[u8]) -> Result<bool, ChunkError> {
+        let sample = &plane[..plane.len().min(MATCH_SAMPLE)];
+        self.trial.clear();
+        deflate_sync(&mut self.by_strategy[2], sample, &mut self.trial)?;
+        Ok(self.trial.len() * 10 < sample.len() * 9)
+    }
+
+    /// Appends `plane` to `out` in the strategy that codes its first [`STRATEGY_SAMPLE`] bytes
+    /// smallest (the whole plane when it is at most twice that, whose winning trial is then
+    /// the output itself).
+    fn deflate_plane(&mut self, plane: &[u8], out: &mut Vec<u8>) -> Result<(), ChunkError> {
+        let whole = plane.len() <= 2 * STRATEGY_SAMPLE;
+        let sample = if whole {
+            plane
+        } else {
+            &plane[..STRATEGY_SAMPLE]
+        };
+        let mut winner = None;
+        for (i, d) in self.by_strategy.iter_mut().enumerate() {
+            self.trial.clear();
+            deflate_sync(d, sample, &mut self.trial)?;
+            if winner.is_none() || self.trial.len() < self.best.len() {
+                std::mem::swap(&mut self.trial, &mut self.best);
+                winner = Some(i);
+            }
+        }
+        let Some(i) = winner else {
+            return Err(err("deflate: no strategy"));
+        };
+        if whole {
+            out.extend_from_slice(&self.best);
+            return Ok(());
+        }
+        deflate_sync(&mut self.by_strategy[i], plane, out)
     }
 }
 
-/// The zlib strategies [`zlib_planes`] chooses from.
-#[derive(Debug, Clone, Copy)]
-enum Strategy {
-    Huffman,
-    Rle,
-    Default,
-}
-
-impl Deflaters {
-    fn get(&mut self, s: Strategy) -> &mut zlib_rs::Deflate {
-        match s {
-            Strategy::Huffman => &mut self.huffman,
-            Strategy::Rle => &mut self.rle,
-            Strategy::Default => &mut self.default,
-        }
+/// Runs `f` on this thread's [`Deflaters`] for `level` (made, or remade for another level,
+/// on first use): their compressors and buffers are reused from chunk to chunk.
+fn with_deflaters<R>(
+    level: u32,
+    f: impl FnOnce(&mut Deflaters) -> Result<R, ChunkError>,
+) -> Result<R, ChunkError> {
+    thread_local! {
+        static DEFLATE: std::cell::RefCell<Option<Deflaters>> =
+            const { std::cell::RefCell::new(None) };
     }
+    DEFLATE.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        if !matches!(&*guard, Some(d) if d.level == level) {
+            *guard = Some(Deflaters::new(level));
+        }
+        match guard.as_mut() {
+            Some(d) => f(d),
+            None => Err(err("deflate: no compressor")),
+        }
+    })
 }
 
 /// Appends `input` to `out` as raw deflate blocks ended by a sync flush (byte-aligned, no final
-/// block), from a fresh stream.
+/// block), from a fresh stream. zlib writes into `out`'s spare capacity directly: nothing is
+/// zeroed first.
 fn deflate_sync(
     d: &mut zlib_rs::Deflate,
     input: &[u8],
@@ -302,21 +333,21 @@ fn deflate_sync(
     loop {
         let left = input.len() - consumed;
         // Stored blocks cost 5 bytes per 64 KiB at worst; the sync flush a few more.
-        let room_now = left + (left >> 10) + 1024;
-        let start = out.len();
-        room(out, room_now)?;
-        out.resize(start + room_now, 0);
+        room(out, left + (left >> 10) + 1024)?;
+        let spare = out.spare_capacity_mut();
+        let room_now = spare.len();
         let (in0, out0) = (d.total_in(), d.total_out());
-        let r = d.compress(
-            &input[consumed..],
-            &mut out[start..],
-            zlib_rs::DeflateFlush::SyncFlush,
-        );
+        let r = d.compress_uninit(&input[consumed..], spare, zlib_rs::DeflateFlush::SyncFlush);
         let produced = usize::try_from(d.total_out() - out0).unwrap_or(usize::MAX);
         consumed += usize::try_from(d.total_in() - in0).unwrap_or(usize::MAX);
-        out.truncate(start + produced.min(room_now));
+        if produced > room_now || consumed > input.len() {
+            return Err(err("deflate: the compressor wrote past its output"));
+        }
+        // SAFETY: zlib-rs initialised the first `produced` bytes of the spare capacity it was
+        // given (its `total_out` counts them), and `produced` is within that capacity.
+        unsafe { out.set_len(out.len() + produced) };
         r.map_err(|e| err(format!("deflate: {e:?}")))?;
-        if consumed >= input.len() && produced < room_now {
+        if consumed == input.len() && produced < room_now {
             return Ok(());
         }
     }
@@ -329,10 +360,6 @@ fn zlib_planes_into(
     level: u32,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkError> {
-    thread_local! {
-        static DEFLATE: std::cell::RefCell<Option<Deflaters>> =
-            const { std::cell::RefCell::new(None) };
-    }
     let planes = planes.max(1);
     room(out, data.len() + data.len() / 65535 * 5 + 64)?;
     out.extend_from_slice(&[0x78, 0x5e]);
@@ -349,9 +376,7 @@ fn zlib_planes_into(
         if plane.is_empty() {
             continue;
         }
-        if entropy(plane) > STORE_ABOVE_BITS
-            && !DEFLATE.with(|cell| matches_pay(cell, level, plane))?
-        {
+        if entropy(plane) > STORE_ABOVE_BITS && !with_deflaters(level, |d| d.matches_pay(plane))? {
             for block in plane.chunks(65535) {
                 let len = block.len() as u16;
                 out.push(0); // BFINAL 0, BTYPE 00 (stored), padded to the byte
@@ -360,39 +385,7 @@ fn zlib_planes_into(
                 out.extend_from_slice(block);
             }
         } else {
-            DEFLATE.with(|cell| -> Result<(), ChunkError> {
-                let mut guard = cell.borrow_mut();
-                if !matches!(&*guard, Some(d) if d.level == level) {
-                    *guard = Some(Deflaters::new(level));
-                }
-                let Some(d) = guard.as_mut() else {
-                    return Err(err("deflate: no compressor"));
-                };
-                // Try the strategies on a sample (the plane itself when it is small); ties go
-                // to the faster one (Huffman only, then RLE).
-                let whole = plane.len() <= 2 * STRATEGY_SAMPLE;
-                let sample = if whole {
-                    plane
-                } else {
-                    &plane[..STRATEGY_SAMPLE]
-                };
-                let mut best: Option<(Vec<u8>, Strategy)> = None;
-                for strategy in [Strategy::Huffman, Strategy::Rle, Strategy::Default] {
-                    let mut trial = Vec::new();
-                    deflate_sync(d.get(strategy), sample, &mut trial)?;
-                    if best.as_ref().is_none_or(|(t, _)| trial.len() < t.len()) {
-                        best = Some((trial, strategy));
-                    }
-                }
-                let Some((trial, strategy)) = best else {
-                    return Err(err("deflate: no strategy"));
-                };
-                if whole {
-                    out.extend_from_slice(&trial);
-                    return Ok(());
-                }
-                deflate_sync(d.get(strategy), plane, out)
-            })?;
+            with_deflaters(level, |d| d.deflate_plane(plane, out))?;
         }
     }
     out.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff]); // final, empty stored block

@@ -140,8 +140,9 @@ mod tests {
         v.iter_mut().for_each(|b| *b = 0xAB);
         let ptr = v.as_ptr();
         super::recycle(v);
-        super::recycle(vec![1u8; 100]); // small: not kept
-                                        // Too small a request for it (it would waste over half): fresh memory.
+        // Small: not kept.
+        super::recycle(vec![1u8; 100]);
+        // Too small a request for it (it would waste over half): fresh memory.
         let small = super::zeroed(10 << 20).unwrap();
         assert_ne!(small.as_ptr(), ptr);
         // A fitting one gets it back, zeroed.
