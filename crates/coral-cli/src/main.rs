@@ -389,18 +389,8 @@ fn report(json: bool, e: &anyhow::Error, code: u8) {
 /// source in their own message already ("writing X: No space left on device"), and anyhow's
 /// chain would repeat it.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string().replace('\n', " ");
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
+    let e: &(dyn std::error::Error + 'static) = e.as_ref();
+    coral_core::one_line(e)
 }
 
 /// True for the commands on a local HDF5 store (any of a sync's two): they run in a child
@@ -648,21 +638,11 @@ fn add(
     let cancel = on_interrupt();
     let name = match name {
         Some(n) => new_model_name(n)?,
-        None => {
-            let stem = if file.is_dir() {
-                file.canonicalize()
-                    .ok()
-                    .and_then(|p| p.file_name().map(|s| s.to_owned()))
-            } else {
-                file.file_stem().map(|s| s.to_owned())
-            };
-            new_model_name(
-                stem.as_ref()
-                    .and_then(|s| s.to_str())
-                    .ok_or_else(|| anyhow!("give the model a name with --name"))?,
-            )
-            .context("the file name is not a valid model name; give one with --name")?
-        }
+        None => new_model_name(
+            &ops::default_model_name(file)
+                .ok_or_else(|| anyhow!("give the model a name with --name"))?,
+        )
+        .context("the file name is not a valid model name; give one with --name")?,
     };
     let reference = match reference {
         None => ops::Reference::Auto,

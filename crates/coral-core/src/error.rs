@@ -82,3 +82,40 @@ pub enum CoreError {
 
 /// Result with [`CoreError`].
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;
+
+/// An error and its causes on one line, each once, as every Coral front end shows them ("adding
+/// model.safetensors: writing chunk 0 of KEY: No space left on device"): library errors often
+/// quote their source in their own message already, so a cause whose text is there is left out;
+/// line breaks become spaces.
+///
+/// ```
+/// #[derive(Debug)]
+/// struct Writing(std::io::Error);
+/// impl std::fmt::Display for Writing {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         f.write_str("writing x")
+///     }
+/// }
+/// impl std::error::Error for Writing {
+///     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+///         Some(&self.0)
+///     }
+/// }
+/// let e = Writing(std::io::Error::other("disk full"));
+/// assert_eq!(coral_core::one_line(&e), "writing x: disk full");
+/// ```
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = String::new();
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        let text = c.to_string().replace('\n', " ");
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+        cur = c.source();
+    }
+    msg
+}

@@ -39,7 +39,7 @@ pub mod tensor;
 pub use codec::{Codec, CodecSpec};
 pub use delta::{encode_best_lossless, Delta, DeltaConfig, DeltaEncoder, DeltaRefusal, DeltaType};
 pub use dtype::{DType, Element};
-pub use error::{CoreError, Result};
+pub use error::{one_line, CoreError, Result};
 pub use hash::{ContentHash, ContentHasher, HashAlgorithm};
 pub use manifest::{
     check_link_target, check_relative_path, BlobChunk, FileContent, ManifestFile, ManifestTensor,

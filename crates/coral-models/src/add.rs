@@ -31,6 +31,18 @@ pub enum Reference {
     Model(ModelName),
 }
 
+/// The name a model added from `path` gets when none is given: a folder's own name (after
+/// following links, so `.` names the folder), else the file's name without its extension.
+/// `None` when the path has no such name in UTF-8.
+pub fn default_model_name(path: &std::path::Path) -> Option<String> {
+    let name = if path.is_dir() {
+        path.canonicalize().ok()?.file_name()?.to_owned()
+    } else {
+        path.file_stem()?.to_owned()
+    };
+    name.into_string().ok()
+}
+
 /// Options of [`add`].
 #[derive(Debug, Clone)]
 pub struct AddOptions {

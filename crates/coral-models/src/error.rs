@@ -72,17 +72,7 @@ impl ModelError {
     /// The error and its causes in one line ("storing weights: writing chunk 0 of KEY: No
     /// space left on device"), each cause once.
     pub fn one_line(&self) -> String {
-        let mut s = self.to_string();
-        let mut cur = std::error::Error::source(self);
-        while let Some(c) = cur {
-            let text = c.to_string();
-            if !s.ends_with(&text) {
-                s.push_str(": ");
-                s.push_str(&text);
-            }
-            cur = c.source();
-        }
-        s
+        coral_core::one_line(self)
     }
 
     /// The store error at the root, if any (for example, to tell

@@ -63,7 +63,10 @@ mod tests;
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
-pub use add::{add, choose_reference, AddOptions, AddReport, FileReport, Reference, SourceRef};
+pub use add::{
+    add, choose_reference, default_model_name, AddOptions, AddReport, FileReport, Reference,
+    SourceRef,
+};
 pub use diff::{diff, relative_change, ChangedTensor, DiffReport, FilesDiff};
 pub use error::{Context, ModelError, Result};
 pub use export::{

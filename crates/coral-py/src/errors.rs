@@ -16,22 +16,6 @@ pyo3::create_exception!(
     "Data read back does not hash to its key: the store holds damaged bytes."
 );
 
-/// The error and its causes, one after another, without repeating a cause that the message
-/// already quotes.
-pub fn chain(e: &(dyn Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !msg.contains(&s) {
-            msg.push_str(": ");
-            msg.push_str(&s);
-        }
-        cur = c.source();
-    }
-    msg
-}
-
 /// Which Python exception a store error is.
 enum Kind {
     Integrity,
@@ -54,7 +38,7 @@ fn store_kind(e: &StoreError) -> Kind {
 /// The exception for any error: the first [`StoreError`] or `std::io::Error` in its chain
 /// decides; otherwise `ValueError`.
 pub fn to_py(e: &(dyn Error + 'static)) -> PyErr {
-    let msg = chain(e);
+    let msg = coral_core::one_line(e);
     let mut kind = Kind::Value;
     let mut cur: Option<&(dyn Error + 'static)> = Some(e);
     while let Some(c) = cur {

@@ -29,22 +29,12 @@ pub fn add_model(
 ) -> PyResult<String> {
     let given = match name {
         Some(n) => n,
-        None => {
-            let stem = if path.is_dir() {
-                path.canonicalize()
-                    .ok()
-                    .and_then(|p| p.file_name().map(|s| s.to_owned()))
-            } else {
-                path.file_stem().map(|s| s.to_owned())
-            };
-            stem.and_then(|s| s.to_str().map(str::to_owned))
-                .ok_or_else(|| {
-                    errors::value(format!(
-                        "{}: no model name in the path; give one with name=",
-                        path.display()
-                    ))
-                })?
-        }
+        None => coral_models::default_model_name(&path).ok_or_else(|| {
+            errors::value(format!(
+                "{}: no model name in the path; give one with name=",
+                path.display()
+            ))
+        })?,
     };
     let model = ModelName::for_new_model(given).map_err(|e| errors::to_py(&e))?;
     let reference = match reference.as_deref() {
