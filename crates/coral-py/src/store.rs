@@ -202,6 +202,45 @@ fn lookup(key: &str) -> Option<ContentHash> {
     ContentHash::parse(key).ok()
 }
 
+impl PyStore {
+    /// `f` on the key `key` names, without the GIL; for a string that is no key, what an absent
+    /// key gives (`None`, `false`), as the seed's `Optional` says: never an exception.
+    fn keyed<R: Send + Default>(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        f: impl FnOnce(&dyn Store, &ContentHash) -> Result<R, StoreError> + Send,
+    ) -> PyResult<R> {
+        match lookup(key) {
+            Some(k) => self.detached(py, move |s| f(s, &k)),
+            None => Ok(R::default()),
+        }
+    }
+
+    /// The keys `f` lists, as hex.
+    fn hex_keys(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&dyn Store) -> Result<Vec<ContentHash>, StoreError> + Send,
+    ) -> PyResult<Vec<String>> {
+        Ok(self
+            .detached(py, f)?
+            .iter()
+            .map(ContentHash::to_hex)
+            .collect())
+    }
+
+    /// `f` on this store and `local` (both open), without the GIL: the seed's syncs.
+    fn with_local<R: Send>(
+        &self,
+        py: Python<'_>,
+        local: &PyStore,
+        f: impl FnOnce(&dyn Store, &dyn Store) -> Result<R, PyErr> + Send,
+    ) -> PyResult<R> {
+        py.detach(|| self.with(|remote| local.with(|l| f(remote, l))))
+    }
+}
+
 #[pymethods]
 impl PyStore {
     /// Opens (or creates, by mode) an HDF5 store: the seed's `HDF5Store` arguments.
@@ -310,10 +349,11 @@ impl PyStore {
             .collect::<PyResult<Vec<_>>>()?;
         // The HDF5 store hashes inside its pipeline, overlapped with compression and writes,
         // when it is left to key the weights itself (SHA-256, no key given): the common case.
+        let algorithm = self.with(|s| Ok(s.hash_algorithm()))?;
         let pipelined = self.backend == "hdf5"
             && items
                 .iter()
-                .all(|i| i.key.is_none() && i.algorithm == HashAlgorithm::Sha256);
+                .all(|i| i.key.is_none() && i.algorithm == algorithm);
         if pipelined {
             let named: Vec<(String, WeightTensor)> = items
                 .into_iter()
@@ -358,33 +398,24 @@ impl PyStore {
 
     /// The metadata without the data; None when absent.
     fn get_metadata(&self, py: Python<'_>, key: &str) -> PyResult<Option<MetaOut>> {
-        let Some(k) = lookup(key) else {
-            return Ok(None);
-        };
-        let m = self.detached(py, move |s| s.get_metadata(&k))?;
-        Ok(m.map(|m| meta_out(&m, Some(&k))))
+        self.keyed(py, key, |s, k| {
+            Ok(s.get_metadata(k)?.map(|m| meta_out(&m, Some(k))))
+        })
     }
 
     /// True when the key is present (in full or as a delta).
     fn exists(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
-        let Some(k) = lookup(key) else {
-            return Ok(false);
-        };
-        self.detached(py, move |s| s.exists(&k))
+        self.keyed(py, key, |s, k| s.exists(k))
     }
 
     /// Deletes a weight; False when absent.
     fn delete(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
-        let Some(k) = lookup(key) else {
-            return Ok(false);
-        };
-        self.detached(py, move |s| s.delete(&k))
+        self.keyed(py, key, |s, k| s.delete(k))
     }
 
     /// Every key, sorted.
     fn list_weights(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        let keys = self.detached(py, |s| s.list_weights())?;
-        Ok(keys.iter().map(ContentHash::to_hex).collect())
+        self.hex_keys(py, |s| s.list_weights())
     }
 
     /// The store's figures, as JSON.
@@ -428,32 +459,22 @@ impl PyStore {
 
     /// Loads a delta; None when absent.
     fn load_delta(&self, py: Python<'_>, key: &str) -> PyResult<Option<DeltaOut>> {
-        let Some(k) = lookup(key) else {
-            return Ok(None);
-        };
-        Ok(self.detached(py, move |s| s.load_delta(&k))?.map(delta_out))
+        Ok(self.keyed(py, key, |s, k| s.load_delta(k))?.map(delta_out))
     }
 
     /// True when a delta is stored under the key.
     fn delta_exists(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
-        let Some(k) = lookup(key) else {
-            return Ok(false);
-        };
-        self.detached(py, move |s| s.delta_exists(&k))
+        self.keyed(py, key, |s, k| s.delta_exists(k))
     }
 
     /// Deletes a delta; False when absent.
     fn delete_delta(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
-        let Some(k) = lookup(key) else {
-            return Ok(false);
-        };
-        self.detached(py, move |s| s.delete_delta(&k))
+        self.keyed(py, key, |s, k| s.delete_delta(k))
     }
 
     /// Every delta key, sorted.
     fn list_deltas(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        let keys = self.detached(py, |s| s.list_deltas())?;
-        Ok(keys.iter().map(ContentHash::to_hex).collect())
+        self.hex_keys(py, |s| s.list_deltas())
     }
 
     /// Delta figures, as JSON.
@@ -464,11 +485,8 @@ impl PyStore {
 
     /// Uploads what `local` has and this store lacks; the seed's stats as JSON.
     fn sync_from_local(&self, py: Python<'_>, local: PyRef<'_, PyStore>) -> PyResult<String> {
-        let local: &PyStore = &local;
-        let stats = py.detach(|| {
-            self.with(|remote| {
-                local.with(|l| remote.sync_from_local(l).map_err(|e| errors::to_py(&e)))
-            })
+        let stats = self.with_local(py, &local, |remote, l| {
+            remote.sync_from_local(l).map_err(|e| errors::to_py(&e))
         })?;
         Ok(serde_json::json!({
             "uploaded": stats.uploaded,
@@ -481,11 +499,8 @@ impl PyStore {
 
     /// Downloads what this store has and `local` lacks; the seed's stats as JSON.
     fn sync_to_local(&self, py: Python<'_>, local: PyRef<'_, PyStore>) -> PyResult<String> {
-        let local: &PyStore = &local;
-        let stats = py.detach(|| {
-            self.with(|remote| {
-                local.with(|l| remote.sync_to_local(l).map_err(|e| errors::to_py(&e)))
-            })
+        let stats = self.with_local(py, &local, |remote, l| {
+            remote.sync_to_local(l).map_err(|e| errors::to_py(&e))
         })?;
         Ok(serde_json::json!({
             "downloaded": stats.downloaded,
