@@ -83,6 +83,11 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// The codec of new weights in a local store: zstd (default, the fastest), coral (the float
+    /// codec, the most compact; h5py reads it through the coral-h5plugin plugin), gzip, lzf,
+    /// none. Existing weights keep theirs.
+    #[arg(long, global = true, env = "CORAL_COMPRESSION")]
+    compression: Option<String>,
     /// Seconds to wait for another writer of a local store (and, when writing, for the
     /// readers a commit waits for), or on an S3 store for the leases in the way (a writer for
     /// `coral gc`'s, gc for the writers'), before giving up.
@@ -222,6 +227,11 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
     init_logging(&cli);
+    if let Some(c) = &cli.compression {
+        // coral-open reads the codec from the environment (so a relayed child has it too):
+        // set before any thread starts.
+        std::env::set_var("CORAL_COMPRESSION", c);
+    }
     if !cli.guarded_child && uses_a_file_store(&cli) {
         if let Some(code) = relay(&cli) {
             return code;

@@ -7,9 +7,12 @@
 //! - LZF (id 32000): a raw LZF block (h5py's filter); when it would not be smaller the chunk is
 //!   stored unfiltered with the filter's bit set in the chunk's filter mask, as HDF5 does for an
 //!   optional filter that fails;
-//! - Zstandard (id 32015): one zstd frame with its content size, level in `cd_values[0]`.
+//! - Zstandard (id 32015): one zstd frame with its content size, level in `cd_values[0]`;
+//! - Coral's float codec (id 307, `coral-float-codec`): one frame, the kind in `cd_values[1]`.
 
-use crate::h5::{FilterInfo, FILTER_DEFLATE, FILTER_LZF, FILTER_SHUFFLE, FILTER_ZSTD};
+use crate::h5::{
+    FilterInfo, FILTER_CORAL, FILTER_DEFLATE, FILTER_LZF, FILTER_SHUFFLE, FILTER_ZSTD,
+};
 
 /// A chunk-level failure (corrupt or unsupported data).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,7 +33,7 @@ pub fn supported(pipeline: &[FilterInfo]) -> bool {
     pipeline.iter().all(|f| {
         matches!(
             f.id,
-            FILTER_SHUFFLE | FILTER_DEFLATE | FILTER_LZF | FILTER_ZSTD
+            FILTER_SHUFFLE | FILTER_DEFLATE | FILTER_LZF | FILTER_ZSTD | FILTER_CORAL
         )
     })
 }
@@ -60,6 +63,12 @@ pub fn encode_into(
 ) -> Result<u32, ChunkError> {
     thread_local! {
         static SHUFFLED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if let [f] = pipeline {
+        if f.id == FILTER_CORAL {
+            coral_encode(&f.cd, data, out)?;
+            return Ok(0);
+        }
     }
     let shuffle_first = matches!(pipeline.first(), Some(f) if f.id == FILTER_SHUFFLE);
     let codec = &pipeline[usize::from(shuffle_first)..];
@@ -130,6 +139,11 @@ fn encode_generic(
                 let planes = if shuffled { element_size } else { 1 };
                 Some(zstd_planes(input, planes, level)?)
             }
+            FILTER_CORAL => {
+                let mut out = Vec::new();
+                coral_encode(&f.cd, input, &mut out)?;
+                Some(out)
+            }
             FILTER_LZF => match lzf_compress(input) {
                 Some(v) => Some(v),
                 None => {
@@ -144,6 +158,31 @@ fn encode_generic(
         }
     }
     Ok((cur.unwrap_or_else(|| data.to_vec()), mask))
+}
+
+/// Codes `data` with Coral's float codec as the kind `cd[1]` names (opaque bytes otherwise).
+fn coral_encode(cd: &[u32], data: &[u8], out: &mut Vec<u8>) -> Result<(), ChunkError> {
+    let kind = cd
+        .get(1)
+        .and_then(|&k| u8::try_from(k).ok())
+        .and_then(coral_float_codec::Kind::from_code)
+        .unwrap_or(coral_float_codec::Kind::Bytes);
+    coral_float_codec::encode(kind, data, out).map_err(|e| err(e.to_string()))
+}
+
+/// Decodes a Coral float codec frame of exactly `chunk_bytes` bytes.
+fn coral_decode(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkError> {
+    let n = coral_float_codec::decoded_len(data).map_err(|e| err(e.to_string()))?;
+    if n != chunk_bytes as u64 {
+        return Err(err(format!(
+            "corrupt coral-float frame: {n} bytes, expected {chunk_bytes}"
+        )));
+    }
+    let mut out = Vec::new();
+    room(&mut out, chunk_bytes)?;
+    out.resize(chunk_bytes, 0);
+    coral_float_codec::decode_into(data, &mut out).map_err(|e| err(e.to_string()))?;
+    Ok(out)
 }
 
 /// HDF5's shuffle (`coral_core::codec::shuffle`, vectorised there).
@@ -578,6 +617,7 @@ pub fn decode(
             FILTER_DEFLATE => inflate(&cur, chunk_bytes)?,
             FILTER_ZSTD => zstd_decompress(&cur, chunk_bytes)?,
             FILTER_LZF => lzf_decompress(&cur, chunk_bytes)?,
+            FILTER_CORAL => coral_decode(&cur, chunk_bytes)?,
             other => return Err(err(format!("unsupported filter {other}"))),
         };
     }
@@ -614,6 +654,18 @@ pub fn decode_into(
         static SCRATCH: std::cell::RefCell<Scratch> = const {
             std::cell::RefCell::new(Scratch { buf: Vec::new(), whole: Vec::new(), zstd: None, inflate: None })
         };
+    }
+    if let [f] = pipeline {
+        if f.id == FILTER_CORAL && mask == 0 && dst.len() == chunk_bytes {
+            // Straight into the tensor: no scratch, no copy.
+            let n = coral_float_codec::decoded_len(data).map_err(|e| err(e.to_string()))?;
+            if n != chunk_bytes as u64 {
+                return Err(err(format!(
+                    "corrupt coral-float frame: {n} bytes, expected {chunk_bytes}"
+                )));
+            }
+            return coral_float_codec::decode_into(data, dst).map_err(|e| err(e.to_string()));
+        }
     }
     let shuffle_first = matches!(pipeline.first(), Some(f) if f.id == FILTER_SHUFFLE);
     let shuffled = shuffle_first && element_size > 1 && mask & 1 == 0;

@@ -43,6 +43,8 @@ pub const FILTER_SHUFFLE: H5Z_filter_t = 2;
 pub const FILTER_LZF: H5Z_filter_t = 32000;
 /// Registered HDF5 filter id of Zstandard.
 pub const FILTER_ZSTD: H5Z_filter_t = 32015;
+/// Coral's float codec (`coral-float-codec`; HDF5's range for unregistered filters).
+pub const FILTER_CORAL: H5Z_filter_t = coral_float_codec::FILTER_ID as H5Z_filter_t;
 
 /// An HDF5 failure: what was being done and the library's error stack.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +212,7 @@ fn init() {
         hdf5::sync::sync(|| ());
         let _g = hdf5_sys::LOCK.lock();
         register_zstd_filter();
+        register_coral_filter();
     });
 }
 
@@ -1098,6 +1101,19 @@ fn register_zstd_filter() {
     unsafe {
         if hdf5_sys::h5z::H5Zfilter_avail(FILTER_ZSTD) <= 0 {
             H5Zregister(&ZSTD_CLASS.0 as *const H5Z_class2_t as *const c_void);
+        }
+    }
+}
+
+/// Registers Coral's float codec (the class of the `coral-h5plugin` plugin) in this process, so
+/// HDF5's own pipeline reads and writes its datasets without `HDF5_PLUGIN_PATH`.
+fn register_coral_filter() {
+    // SAFETY: registering a static filter class laid out as `H5Z_class2_t`.
+    unsafe {
+        if hdf5_sys::h5z::H5Zfilter_avail(FILTER_CORAL) <= 0 {
+            H5Zregister(
+                &coral_h5plugin::CLASS.0 as *const coral_h5plugin::H5ZClass2 as *const c_void,
+            );
         }
     }
 }

@@ -18,6 +18,10 @@ pub enum Compression {
     Lzf,
     /// Zstandard (registered filter id 32015; h5py reads it with `hdf5plugin`), levels 1-22.
     Zstd,
+    /// Coral's float codec (filter id 307, `coral-float-codec`) for bf16, f16 and f32; other
+    /// dtypes get zstd (level 1, after shuffle). h5py reads it with the `coral-h5plugin`
+    /// plugin on `HDF5_PLUGIN_PATH`. No level.
+    Coral,
 }
 
 impl Compression {
@@ -28,6 +32,7 @@ impl Compression {
             Compression::Gzip => "gzip",
             Compression::Lzf => "lzf",
             Compression::Zstd => "zstd",
+            Compression::Coral => "coral",
         }
     }
 }
@@ -46,8 +51,9 @@ impl FromStr for Compression {
             "gzip" | "deflate" => Ok(Compression::Gzip),
             "lzf" => Ok(Compression::Lzf),
             "zstd" | "zstandard" => Ok(Compression::Zstd),
+            "coral" => Ok(Compression::Coral),
             other => Err(StoreError::InvalidConfig(format!(
-                "unknown compression {other:?} (use gzip, lzf, zstd or none)"
+                "unknown compression {other:?} (use coral, gzip, lzf, zstd or none)"
             ))),
         }
     }
@@ -212,7 +218,7 @@ impl HDF5StoreOptions {
         match self.compression {
             Compression::Gzip => Some(self.level.unwrap_or(4)),
             Compression::Zstd => Some(self.level.unwrap_or(1)),
-            Compression::None | Compression::Lzf => None,
+            Compression::None | Compression::Lzf | Compression::Coral => None,
         }
     }
 
@@ -266,7 +272,7 @@ impl HDF5StoreOptions {
             (Compression::Zstd, Some(l)) if !(-7..=22).contains(&l) || l == 0 => {
                 return bad(format!("zstd level must be 1-22 or -7..-1, got {l}"))
             }
-            (Compression::None | Compression::Lzf, Some(l)) => {
+            (Compression::None | Compression::Lzf | Compression::Coral, Some(l)) => {
                 return bad(format!("{} takes no level (got {l})", self.compression))
             }
             _ => {}
@@ -286,7 +292,7 @@ impl HDF5StoreOptions {
             Some(l) => format!("{}-{l}", self.compression),
             None => self.compression.to_string(),
         };
-        if self.shuffle && self.compression != Compression::None {
+        if self.shuffle && !matches!(self.compression, Compression::None | Compression::Coral) {
             s.push_str("+shuffle");
         }
         s
@@ -317,5 +323,9 @@ mod tests {
             .is_ok());
         assert!(HDF5StoreOptions::new().chunk_bytes(10).validate().is_err());
         assert_eq!(HDF5StoreOptions::new().describe(), "gzip-4+shuffle");
+        let coral = HDF5StoreOptions::new().compression("coral".parse().unwrap());
+        assert_eq!(coral.describe(), "coral");
+        assert!(coral.clone().level(3).validate().is_err());
+        assert!(coral.validate().is_ok());
     }
 }

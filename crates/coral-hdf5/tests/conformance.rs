@@ -60,6 +60,20 @@ fn zstd_small_chunks() {
 }
 
 #[test]
+fn coral_float_codec() {
+    // The float codec on every dtype (floats through it, the rest through zstd), whole and in
+    // 4 KiB chunks.
+    testing::run_all(&H5Harness::new(
+        HDF5StoreOptions::new().compression(Compression::Coral),
+    ));
+    testing::run_weights(&H5Harness::new(
+        HDF5StoreOptions::new()
+            .compression(Compression::Coral)
+            .chunk_bytes(4096),
+    ));
+}
+
+#[test]
 fn lzf_no_shuffle() {
     testing::run_weights(&H5Harness::new(
         HDF5StoreOptions::new()

@@ -22,10 +22,15 @@ use coral_store_api::WeightStore;
 use serde_json::Value;
 
 fn helper(python: &Path, args: &[&str]) -> Value {
+    helper_with(python, args, &[])
+}
+
+fn helper_with(python: &Path, args: &[&str], env: &[(&str, &Path)]) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/coral_ml_helper.py");
     let out = Command::new(python)
         .arg(script)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap();
     assert!(
@@ -39,6 +44,100 @@ fn helper(python: &Path, args: &[&str]) -> Value {
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
+}
+
+/// A folder holding only the float codec's HDF5 plugin (`libcoral_h5plugin.so`, which cargo
+/// builds beside this test as a dependency of coral-hdf5), for `HDF5_PLUGIN_PATH`.
+fn plugin_dir(tmp: &Path) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let name = format!(
+        "{}coral_h5plugin{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    let so = [deps.join(&name), deps.parent().unwrap().join(&name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not built beside {}", deps.display()));
+    let dir = tmp.join("hdf5-plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&so, dir.join(&name)).unwrap();
+    dir
+}
+
+/// The float codec (filter 307): h5py, with only `HDF5_PLUGIN_PATH` pointing at our plugin,
+/// reads every dataset bit for bit: every dtype (floats through the codec, the rest through
+/// zstd), special values, many chunks, and the real model in fp32 and bf16.
+#[test]
+fn h5py_reads_the_float_codec_through_the_plugin() {
+    let Some(python) = testenv::python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugin_dir(dir.path());
+    let mut tensors: Vec<WeightTensor> = DType::ALL
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &d)| {
+            [
+                sample_tensor(&format!("t.{d}"), d, &[300, 17], i as u64),
+                sample_tensor(&format!("s.{d}"), d, &[], 100 + i as u64),
+                sample_tensor(&format!("o.{d}"), d, &[3], 300 + i as u64),
+            ]
+        })
+        .collect();
+    tensors.extend(special_float_tensors());
+    if let Some(model_path) = testenv::model_path() {
+        for bf16 in [false, true] {
+            tensors.extend(
+                model::load_model(&model_path, bf16)
+                    .into_iter()
+                    .take(12)
+                    .map(|(_, t)| t),
+            );
+        }
+    }
+    let path = dir.path().join("coral-codec.h5");
+    let keys: BTreeMap<ContentHash, WeightTensor> = {
+        let store = HDF5Store::open(
+            &path,
+            HDF5StoreOptions::new()
+                .compression(Compression::Coral)
+                .chunk_bytes(8192),
+        )
+        .unwrap();
+        tensors
+            .iter()
+            .map(|t| (store.store(t).unwrap(), t.clone()))
+            .collect()
+    };
+    let dump = helper_with(
+        &python,
+        &["dump", path.to_str().unwrap()],
+        &[("HDF5_PLUGIN_PATH", &plugins)],
+    );
+    let mut through_codec = 0;
+    for (key, t) in &keys {
+        let d = &dump[format!("weights/{}", key.to_hex())];
+        assert!(d.is_object(), "{} missing in h5py", t.name());
+        assert_eq!(
+            d["sha256"],
+            sha256_hex(t.data()),
+            "h5py read other bytes for {}",
+            t.name()
+        );
+        if d["filters"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|id| id == "307"))
+        {
+            through_codec += 1;
+        }
+    }
+    assert!(
+        through_codec >= 6,
+        "only {through_codec} datasets used filter 307"
+    );
 }
 
 #[test]

@@ -174,8 +174,17 @@ fn open_file(
         }
     }
     use coral_hdf5::{Compression, HDF5Store, HDF5StoreOptions, Mode as H5Mode};
+    // New weights' codec: zstd's byte-plane encoder (the fastest), or $CORAL_COMPRESSION
+    // (`coral` for the float codec, the most compact; gzip, lzf, none).
+    let compression = match std::env::var("CORAL_COMPRESSION") {
+        Ok(c) if !c.is_empty() => match c.parse::<Compression>() {
+            Ok(c) => c,
+            Err(e) => bail!("CORAL_COMPRESSION: {e}"),
+        },
+        _ => Compression::Zstd,
+    };
     let opts = HDF5StoreOptions::new()
-        .compression(Compression::Zstd)
+        .compression(compression)
         .wait(wait)
         .allow_unjournaled(std::env::var_os("CORAL_ALLOW_UNJOURNALED").is_some_and(|v| v == "1"))
         .mode(match mode {

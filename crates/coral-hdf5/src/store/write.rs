@@ -161,21 +161,40 @@ impl HDF5Store {
     pub(crate) fn pipeline(&self, dtype: DType) -> Vec<FilterInfo> {
         let mut p = Vec::new();
         let es = dtype.size();
-        if self.opts.shuffle && es > 1 && self.opts.compression != Compression::None {
+        let mut compression = self.opts.compression;
+        if compression == Compression::Coral {
+            let kind = match dtype {
+                DType::BF16 => Some(coral_float_codec::Kind::Bf16),
+                DType::F16 => Some(coral_float_codec::Kind::F16),
+                DType::F32 => Some(coral_float_codec::Kind::F32),
+                _ => None,
+            };
+            match kind {
+                Some(k) => {
+                    return vec![FilterInfo {
+                        id: h5::FILTER_CORAL,
+                        cd: vec![u32::from(coral_float_codec::VERSION), u32::from(k.code())],
+                    }]
+                }
+                // The codec models floats; anything else gets the byte-plane zstd encoder.
+                None => compression = Compression::Zstd,
+            }
+        }
+        if self.opts.shuffle && es > 1 && compression != Compression::None {
             p.push(FilterInfo {
                 id: h5::FILTER_SHUFFLE,
                 cd: vec![es as u32],
             });
         }
-        match self.opts.compression {
-            Compression::None => {}
+        match compression {
+            Compression::None | Compression::Coral => {}
             Compression::Gzip => p.push(FilterInfo {
                 id: h5::FILTER_DEFLATE,
                 cd: vec![self.opts.effective_level().unwrap_or(4) as u32],
             }),
             Compression::Zstd => p.push(FilterInfo {
                 id: h5::FILTER_ZSTD,
-                cd: vec![self.opts.effective_level().unwrap_or(1) as u32],
+                cd: vec![self.opts.level.unwrap_or(1) as u32],
             }),
             Compression::Lzf => p.push(FilterInfo {
                 id: h5::FILTER_LZF,

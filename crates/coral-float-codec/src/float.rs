@@ -1,0 +1,646 @@
+//! The float model: fields, contexts, table choice, and the coding passes (`docs/format.md`,
+//! "The Coral float codec", is the normative description).
+//!
+//! A value is split into sign `s`, exponent `e`, the top [`MT`] mantissa bits `m` and the low
+//! mantissa bits `r` (16 for f32, 3 for f16, none for bf16). Signs are a raw bitmap; `e` is
+//! coded with a table chosen by the running mean of the exponents before it; `m` with a table
+//! per exponent bucket; `r`, per block of [`BLOCK`] values, after a block level that says which
+//! of its low bits are all zero, coded or kept as raw bytes.
+
+use crate::bits::{BitReader, BitWriter};
+use crate::rans::{self, Decoder, EncSymbol, Encoder, Table, PROB_SCALE};
+use crate::{CodecError, Kind};
+
+/// Fewer values than this are stored: tables would cost more than they save.
+pub(crate) const MIN_VALUES: usize = 64;
+/// Values per block of the low-bits levels.
+pub(crate) const BLOCK: usize = 128;
+/// Exponent contexts before merging: the running mean's distance from the base in half
+/// exponents, -16..=15.
+const E_CTX_FULL: usize = 32;
+/// Mantissa bits modelled per exponent bucket.
+const MT: u32 = 7;
+
+/// The bit layout of a kind.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    width: u32,
+    ebits: u32,
+    mbits: u32,
+    /// Low mantissa bits below the top [`MT`].
+    rb: u32,
+}
+
+impl Layout {
+    fn of(kind: Kind) -> Layout {
+        let (width, ebits, mbits) = match kind {
+            Kind::Bf16 => (16, 8, 7),
+            Kind::F16 => (16, 5, 10),
+            Kind::F32 | Kind::Bytes => (32, 8, 23),
+        };
+        Layout {
+            width,
+            ebits,
+            mbits,
+            rb: mbits - MT,
+        }
+    }
+    fn bytes(self) -> usize {
+        (self.width / 8) as usize
+    }
+    fn e_alpha(self) -> usize {
+        1 << self.ebits
+    }
+    /// f32: the low bits are two bytes, R1 (high) and R0.
+    fn two_bytes(self) -> bool {
+        self.rb == 16
+    }
+    fn r1_alpha(self) -> usize {
+        if self.two_bytes() {
+            256
+        } else {
+            1 << self.rb
+        }
+    }
+    #[inline(always)]
+    fn load(self, data: &[u8], i: usize) -> u32 {
+        if self.width == 16 {
+            u32::from(u16::from_le_bytes([data[2 * i], data[2 * i + 1]]))
+        } else {
+            u32::from_le_bytes([
+                data[4 * i],
+                data[4 * i + 1],
+                data[4 * i + 2],
+                data[4 * i + 3],
+            ])
+        }
+    }
+    #[inline(always)]
+    fn store(self, dst: &mut [u8], i: usize, v: u32) {
+        if self.width == 16 {
+            dst[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_le_bytes());
+        } else {
+            dst[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    #[inline(always)]
+    fn exp(self, v: u32) -> u32 {
+        (v >> self.mbits) & ((1 << self.ebits) - 1)
+    }
+    #[inline(always)]
+    fn man(self, v: u32) -> u32 {
+        (v >> self.rb) & ((1 << MT) - 1)
+    }
+    #[inline(always)]
+    fn rest(self, v: u32) -> u32 {
+        v & ((1 << self.rb) - 1)
+    }
+    /// The level of a block's low bits: 2 all zero, 1 the low byte zero (f32), 0 otherwise.
+    fn level(self, rest_or: u32) -> u32 {
+        if rest_or == 0 {
+            2
+        } else if self.two_bytes() && rest_or & 0xff == 0 {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// The table slots of a frame, in header order: Z, E × ne, M × nb, R1 × 2, R0.
+#[derive(Debug, Clone, Copy)]
+struct Slots {
+    ne: usize,
+    nb: usize,
+}
+
+impl Slots {
+    const Z: usize = 0;
+    fn e(self, c: usize) -> usize {
+        1 + c
+    }
+    fn m(self, b: usize) -> usize {
+        1 + self.ne + b
+    }
+    fn r1(self, z: usize) -> usize {
+        1 + self.ne + self.nb + z
+    }
+    fn r0(self) -> usize {
+        3 + self.ne + self.nb
+    }
+    fn count(self) -> usize {
+        4 + self.ne + self.nb
+    }
+    /// The alphabet of a slot, and whether it may be raw (whole bytes only).
+    fn alphabet(self, l: Layout, slot: usize) -> (usize, bool) {
+        if slot == Self::Z {
+            (3, false)
+        } else if slot <= self.ne {
+            (l.e_alpha(), false)
+        } else if slot < self.r1(0) {
+            (1 << MT, false)
+        } else if slot < self.r0() {
+            (l.r1_alpha(), l.two_bytes())
+        } else {
+            (256, true)
+        }
+    }
+}
+
+/// The exponent context of a running mean `a` (in sixteenths) around `e_base`.
+#[inline(always)]
+fn e_ctx_full(a: i32, e_base: i32) -> usize {
+    (((a + 4) >> 3) - 2 * e_base + 16).clamp(0, E_CTX_FULL as i32 - 1) as usize
+}
+
+/// The full contexts merged into `ne`, centred on the base.
+fn merge_map(ne: usize) -> [u8; E_CTX_FULL] {
+    let mut m = [0u8; E_CTX_FULL];
+    for (c, v) in m.iter_mut().enumerate() {
+        *v = (c as i32 - 16 + (ne / 2) as i32).clamp(0, ne as i32 - 1) as u8;
+    }
+    m
+}
+
+/// The running mean of the exponents, in sixteenths: 1/32 of the way to each new one.
+#[inline(always)]
+fn ema(a: i32, e: u32) -> i32 {
+    a + ((((e as i32) << 4) - a) >> 5)
+}
+
+/// How the encoder codes a slot.
+#[derive(Debug, Clone)]
+enum SlotCode {
+    Unused,
+    Raw,
+    Coded(Vec<EncSymbol>),
+}
+
+/// The block count and the values of block `b` (one block of all values without low bits).
+#[inline(always)]
+fn block(b: usize, n: usize, blocks: bool) -> (usize, usize) {
+    if blocks {
+        (b * BLOCK, ((b + 1) * BLOCK).min(n))
+    } else {
+        (0, n)
+    }
+}
+
+/// Codes `data` (whole values of `kind`, any tail bytes kept raw) after the frame header.
+pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
+    let l = Layout::of(kind);
+    let n = data.len() / l.bytes();
+    let tail = &data[n * l.bytes()..];
+    let ea = l.e_alpha();
+    let blocks = l.rb > 0;
+    let outer = if blocks { n.div_ceil(BLOCK) } else { 1 };
+
+    // Pass 0: the base exponent (the most common) and the signs.
+    let mut eh = vec![0u64; ea];
+    let mut signs = vec![0u8; n.div_ceil(8)];
+    for (i, s) in signs.iter_mut().enumerate() {
+        let mut byte = 0u8;
+        for j in 0..8.min(n - 8 * i) {
+            let v = l.load(data, 8 * i + j);
+            eh[l.exp(v) as usize] += 1;
+            byte |= ((v >> (l.width - 1)) as u8) << j;
+        }
+        *s = byte;
+    }
+    let e_base = (0..ea)
+        .max_by_key(|&e| (eh[e], usize::MAX - e))
+        .unwrap_or(0);
+
+    // Pass 1: contexts and histograms.
+    let mut levels = vec![2u8; outer];
+    let mut ctx = vec![0u8; n];
+    let mut h_e = vec![0u64; E_CTX_FULL * ea];
+    let mut h_me = vec![0u64; ea << MT];
+    let mut h_z = [0u64; 3];
+    let r1a = l.r1_alpha();
+    let mut h_r1 = vec![0u64; 2 * r1a];
+    let mut h_r0 = vec![0u64; 256];
+    let mut a = (e_base as i32) << 4;
+    for (b, level) in levels.iter_mut().enumerate() {
+        let (lo, hi) = block(b, n, blocks);
+        let z = if blocks {
+            let or = (lo..hi).fold(0, |or, i| or | l.rest(l.load(data, i)));
+            let z = l.level(or);
+            *level = z as u8;
+            h_z[z as usize] += 1;
+            z
+        } else {
+            2
+        };
+        for (i, slot) in ctx.iter_mut().enumerate().take(hi).skip(lo) {
+            let v = l.load(data, i);
+            let (e, m) = (l.exp(v), l.man(v));
+            let c = e_ctx_full(a, e_base as i32);
+            *slot = c as u8;
+            h_e[c * ea + e as usize] += 1;
+            a = ema(a, e);
+            h_me[((e as usize) << MT) + m as usize] += 1;
+            if z < 2 {
+                let r = l.rest(v);
+                if l.two_bytes() {
+                    h_r1[z as usize * r1a + (r >> 8) as usize] += 1;
+                    if z == 0 {
+                        h_r0[(r & 0xff) as usize] += 1;
+                    }
+                } else {
+                    h_r1[r as usize] += 1;
+                }
+            }
+        }
+    }
+
+    // Exponent contexts: the count whose tables cost least.
+    let mut best_ne = (f64::INFINITY, 1usize, Vec::new());
+    for ne in [1usize, 2, 4, 6, 8, 12, 16, 24, 32] {
+        let map = merge_map(ne);
+        let mut t = vec![vec![0u64; ea]; ne];
+        for c in 0..E_CTX_FULL {
+            for (x, &v) in t[map[c] as usize]
+                .iter_mut()
+                .zip(&h_e[c * ea..(c + 1) * ea])
+            {
+                *x += v;
+            }
+        }
+        let cost: f64 = t.iter().map(|t| rans::cost_bits(t)).sum();
+        if cost < best_ne.0 {
+            best_ne = (cost, ne, t);
+        }
+    }
+    let (_, ne, e_tables) = best_ne;
+    let e_map = merge_map(ne);
+
+    // Mantissa buckets: the most common exponents each get one, the rest share the last.
+    let mut by_freq: Vec<usize> = (0..ea).filter(|&e| eh[e] > 0).collect();
+    by_freq.sort_by(|&x, &y| eh[y].cmp(&eh[x]).then(x.cmp(&y)));
+    let me = |e: usize| &h_me[e << MT..(e + 1) << MT];
+    let mut total_m = vec![0u64; 1 << MT];
+    for e in 0..ea {
+        for (t, &v) in total_m.iter_mut().zip(me(e)) {
+            *t += v;
+        }
+    }
+    let mut best_nb = (f64::INFINITY, 1usize);
+    for nb in [1usize, 2, 3, 4, 6, 8, 12, 16] {
+        if nb > 1 && nb - 1 > by_freq.len() {
+            break;
+        }
+        let mut rest = total_m.clone();
+        let mut cost = ((nb - 1) as u32 * l.ebits) as f64;
+        for &e in by_freq.iter().take(nb - 1) {
+            cost += rans::cost_bits(me(e));
+            for (r, &v) in rest.iter_mut().zip(me(e)) {
+                *r -= v;
+            }
+        }
+        cost += rans::cost_bits(&rest);
+        if cost < best_nb.0 {
+            best_nb = (cost, nb);
+        }
+    }
+    let nb = best_nb.1;
+    let owners: Vec<usize> = by_freq.iter().take(nb - 1).copied().collect();
+    let mut m_map = vec![(nb - 1) as u8; ea];
+    for (b, &e) in owners.iter().enumerate() {
+        m_map[e] = b as u8;
+    }
+
+    // Every slot: unused, raw or coded, whichever is smallest.
+    let slots = Slots { ne, nb };
+    let mut counts: Vec<Vec<u64>> = vec![Vec::new(); slots.count()];
+    counts[Slots::Z] = if blocks { h_z.to_vec() } else { vec![0; 3] };
+    for (c, t) in e_tables.into_iter().enumerate() {
+        counts[slots.e(c)] = t;
+    }
+    for b in 0..nb {
+        counts[slots.m(b)] = vec![0; 1 << MT];
+    }
+    for e in 0..ea {
+        for (t, &v) in counts[slots.m(m_map[e] as usize)].iter_mut().zip(me(e)) {
+            *t += v;
+        }
+    }
+    counts[slots.r1(0)] = h_r1[..r1a].to_vec();
+    counts[slots.r1(1)] = h_r1[r1a..].to_vec();
+    counts[slots.r0()] = h_r0;
+    let mut codes = Vec::with_capacity(slots.count());
+    let mut hdr = BitWriter::new();
+    hdr.put(e_base as u32, l.ebits);
+    hdr.put((ne - 1) as u32, 5);
+    hdr.put((nb - 1) as u32, 4);
+    for &e in &owners {
+        hdr.put(e as u32, l.ebits);
+    }
+    let mut coded_symbols = 0u64;
+    for (slot, c) in counts.iter().enumerate() {
+        let total: u64 = c.iter().sum();
+        let (alpha, may_be_raw) = slots.alphabet(l, slot);
+        if total == 0 {
+            hdr.put(0, 2);
+            codes.push(SlotCode::Unused);
+        } else if may_be_raw && rans::cost_bits(c) >= total as f64 * 8.0 {
+            hdr.put(1, 2);
+            codes.push(SlotCode::Raw);
+        } else if alpha.is_power_of_two()
+            && rans::cost_bits(c) >= total as f64 * f64::from(alpha.trailing_zeros())
+        {
+            // Flat: every symbol equally likely, no table sent.
+            hdr.put(3, 2);
+            codes.push(SlotCode::Coded(Table::uniform(alpha).enc_symbols()));
+            coded_symbols += total;
+        } else {
+            let tb = rans::table_bits(total);
+            hdr.put(2, 2);
+            rans::write_table(&mut hdr, &rans::normalize(c, tb), tb);
+            codes.push(SlotCode::Coded(Table::from_counts(c, tb).enc_symbols()));
+            coded_symbols += total;
+        }
+    }
+    let hdr = hdr.finish();
+
+    // Pass 2 (forward): raw low bytes (f32 only).
+    let mut raw = Vec::new();
+    if codes.iter().any(|c| matches!(c, SlotCode::Raw)) {
+        let is_raw = |slot: usize| matches!(codes[slot], SlotCode::Raw);
+        let (r1_raw, r0_raw) = (
+            [is_raw(slots.r1(0)), is_raw(slots.r1(1))],
+            is_raw(slots.r0()),
+        );
+        raw.reserve(2 * n);
+        for (b, &z) in levels.iter().enumerate() {
+            if z == 2 {
+                continue;
+            }
+            let (lo, hi) = block(b, n, blocks);
+            for i in lo..hi {
+                let r = l.rest(l.load(data, i));
+                if r1_raw[z as usize] {
+                    raw.push((r >> 8) as u8);
+                }
+                if z == 0 && r0_raw {
+                    raw.push(r as u8);
+                }
+            }
+        }
+    }
+
+    // Pass 3 (backward): the rANS stream.
+    let mut enc = Encoder::new(coded_symbols as usize);
+    let mut k = coded_symbols as usize;
+    let mut put = |enc: &mut Encoder, slot: usize, v: u32| {
+        if let SlotCode::Coded(t) = &codes[slot] {
+            k -= 1;
+            enc.put_sym(k, &t[v as usize]);
+        }
+    };
+    for b in (0..outer).rev() {
+        let (lo, hi) = block(b, n, blocks);
+        let z = u32::from(levels[b]);
+        for i in (lo..hi).rev() {
+            let v = l.load(data, i);
+            if z < 2 {
+                let r = l.rest(v);
+                if l.two_bytes() {
+                    if z == 0 {
+                        put(&mut enc, slots.r0(), r & 0xff);
+                    }
+                    put(&mut enc, slots.r1(z as usize), r >> 8);
+                } else {
+                    put(&mut enc, slots.r1(0), r);
+                }
+            }
+            let e = l.exp(v);
+            put(&mut enc, slots.m(m_map[e as usize] as usize), l.man(v));
+            put(&mut enc, slots.e(e_map[ctx[i] as usize] as usize), e);
+        }
+        if blocks {
+            put(&mut enc, Slots::Z, z);
+        }
+    }
+    let (states, words) = enc.finish();
+
+    out.reserve(hdr.len() + signs.len() + raw.len() + tail.len() + words.len() * 2 + 32);
+    out.extend_from_slice(&(hdr.len() as u32).to_le_bytes());
+    out.extend_from_slice(&hdr);
+    out.extend_from_slice(&signs);
+    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(&raw);
+    out.push(tail.len() as u8);
+    out.extend_from_slice(tail);
+    for x in states {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// Takes `n` bytes from `body` at `*pos`.
+fn take<'a>(body: &'a [u8], pos: &mut usize, n: usize, what: &str) -> Result<&'a [u8], CodecError> {
+    let end = pos
+        .checked_add(n)
+        .filter(|&e| e <= body.len())
+        .ok_or_else(|| CodecError::corrupt(format!("{what}: {n} bytes past the frame's end")))?;
+    let s = &body[*pos..end];
+    *pos = end;
+    Ok(s)
+}
+
+fn take_u32(body: &[u8], pos: &mut usize, what: &str) -> Result<u32, CodecError> {
+    let b = take(body, pos, 4, what)?;
+    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+type Lut = [u32; PROB_SCALE as usize];
+
+/// How the decoder reads one slot.
+#[derive(Clone, Copy)]
+enum Src<'t> {
+    Unused,
+    Raw,
+    Coded(&'t Lut),
+}
+
+/// Raw low bytes, read in order; reading past the end yields zeros and is flagged.
+struct RawBytes<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl RawBytes<'_> {
+    #[inline(always)]
+    fn next(&mut self) -> u32 {
+        let v = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        u32::from(v)
+    }
+}
+
+/// One field of one value.
+#[inline(always)]
+fn get(
+    src: Src<'_>,
+    k: &mut usize,
+    bad: &mut bool,
+    raw: &mut RawBytes<'_>,
+    dec: &mut Decoder<'_>,
+) -> u32 {
+    match src {
+        Src::Coded(lut) => {
+            let v = dec.get(*k, lut);
+            *k += 1;
+            v
+        }
+        Src::Raw => raw.next(),
+        Src::Unused => {
+            *bad = true;
+            0
+        }
+    }
+}
+
+/// Decodes a float body into `dst`.
+pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
+    let l = Layout::of(kind);
+    let n = dst.len() / l.bytes();
+    let ea = l.e_alpha();
+    let blocks = l.rb > 0;
+    let mut pos = 0;
+    let hlen = take_u32(body, &mut pos, "table header length")? as usize;
+    let hdr = take(body, &mut pos, hlen, "table header")?;
+    let signs = take(body, &mut pos, n.div_ceil(8), "signs")?;
+    let rlen = take_u32(body, &mut pos, "raw bytes length")? as usize;
+    let raw = take(body, &mut pos, rlen, "raw bytes")?;
+    let tlen = take(body, &mut pos, 1, "tail length")?[0] as usize;
+    let tail = take(body, &mut pos, tlen, "tail")?;
+    if tlen != dst.len() - n * l.bytes() {
+        return Err(CodecError::corrupt(format!(
+            "tail of {tlen} bytes for {} bytes",
+            dst.len()
+        )));
+    }
+    let mut states = [0u32; rans::STATES];
+    for x in &mut states {
+        *x = take_u32(body, &mut pos, "coder states")?;
+        if *x < rans::RANS_L {
+            return Err(CodecError::corrupt("coder state below its bound"));
+        }
+    }
+    let words = &body[pos..];
+    if words.len() % 2 != 0 {
+        return Err(CodecError::corrupt("odd length of the coded words"));
+    }
+
+    let mut h = BitReader::new(hdr);
+    let e_base = h.get(l.ebits) as i32;
+    let ne = h.get(5) as usize + 1;
+    let nb = h.get(4) as usize + 1;
+    let mut m_map = vec![(nb - 1) as u8; ea];
+    for b in 0..nb - 1 {
+        let e = h.get(l.ebits) as usize;
+        if m_map[e] != (nb - 1) as u8 {
+            return Err(CodecError::corrupt(format!(
+                "exponent {e} owns two mantissa buckets"
+            )));
+        }
+        m_map[e] = b as u8;
+    }
+    let slots = Slots { ne, nb };
+    let mut luts: Vec<Box<Lut>> = Vec::new();
+    let mut modes: Vec<(u8, usize)> = Vec::with_capacity(slots.count());
+    for slot in 0..slots.count() {
+        let (alpha, may_be_raw) = slots.alphabet(l, slot);
+        match h.get(2) {
+            0 => modes.push((0, 0)),
+            1 if may_be_raw => modes.push((1, 0)),
+            2 => {
+                let t = rans::read_table(&mut h, alpha)?;
+                modes.push((2, luts.len()));
+                luts.push(t.lookup());
+            }
+            3 if alpha.is_power_of_two() => {
+                modes.push((2, luts.len()));
+                luts.push(Table::uniform(alpha).lookup());
+            }
+            m => return Err(CodecError::corrupt(format!("slot {slot}: mode {m}"))),
+        }
+    }
+    if h.overrun {
+        return Err(CodecError::corrupt("table header ends early"));
+    }
+    let src: Vec<Src<'_>> = modes
+        .iter()
+        .map(|&(m, i)| match m {
+            1 => Src::Raw,
+            2 => Src::Coded(&luts[i]),
+            _ => Src::Unused,
+        })
+        .collect();
+    let e_map = merge_map(ne);
+    let e_src: Vec<Src<'_>> = (0..E_CTX_FULL)
+        .map(|c| src[slots.e(e_map[c] as usize)])
+        .collect();
+    let m_src: Vec<Src<'_>> = (0..ea).map(|e| src[slots.m(m_map[e] as usize)]).collect();
+    let (r1_src, r0_src) = ([src[slots.r1(0)], src[slots.r1(1)]], src[slots.r0()]);
+
+    let mut rb = RawBytes { data: raw, pos: 0 };
+    let mut dec = Decoder::new(states, words);
+    let mut k = 0usize;
+    let mut bad = false;
+    let mut a = e_base << 4;
+    let outer = if blocks { n.div_ceil(BLOCK) } else { 1 };
+    let shift_s = l.width - 1;
+    for b in 0..outer {
+        let (lo, hi) = block(b, n, blocks);
+        let z = if blocks {
+            let z = get(src[Slots::Z], &mut k, &mut bad, &mut rb, &mut dec);
+            bad |= z > 2 || (z == 1 && !l.two_bytes());
+            z.min(2)
+        } else {
+            2
+        };
+        for i in lo..hi {
+            let e = get(
+                e_src[e_ctx_full(a, e_base)],
+                &mut k,
+                &mut bad,
+                &mut rb,
+                &mut dec,
+            ) & (ea as u32 - 1);
+            a = ema(a, e);
+            let m = get(m_src[e as usize], &mut k, &mut bad, &mut rb, &mut dec) & 0x7f;
+            let r = if z == 2 {
+                0
+            } else if l.two_bytes() {
+                let r1 = get(r1_src[z as usize], &mut k, &mut bad, &mut rb, &mut dec);
+                let r0 = if z == 0 {
+                    get(r0_src, &mut k, &mut bad, &mut rb, &mut dec)
+                } else {
+                    0
+                };
+                (r1 << 8 | r0) & 0xffff
+            } else {
+                get(r1_src[0], &mut k, &mut bad, &mut rb, &mut dec) & ((1 << l.rb) - 1)
+            };
+            let s = u32::from(signs[i >> 3] >> (i & 7)) & 1;
+            l.store(dst, i, s << shift_s | e << l.mbits | m << l.rb | r);
+        }
+    }
+    dst[n * l.bytes()..].copy_from_slice(tail);
+    if bad {
+        return Err(CodecError::corrupt(
+            "a value reads a table the frame does not have",
+        ));
+    }
+    if rb.pos != raw.len() || !dec.finished() {
+        return Err(CodecError::corrupt(
+            "coded data does not end where it should",
+        ));
+    }
+    Ok(())
+}

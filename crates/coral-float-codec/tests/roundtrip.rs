@@ -1,0 +1,208 @@
+//! Property tests: every kind round-trips bit for bit (special values, NaN payloads, empty and
+//! odd-length input, low-precision blocks), and damaged or truncated frames are an error,
+//! never a panic or other bytes.
+
+use coral_float_codec::{decode, decode_into, encode, Kind, HEADER_BYTES};
+use proptest::prelude::*;
+
+const KINDS: [Kind; 4] = [Kind::Bytes, Kind::Bf16, Kind::F16, Kind::F32];
+
+fn round_trip(kind: Kind, data: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    encode(kind, data, &mut frame).unwrap();
+    assert!(
+        frame.len() <= data.len() + HEADER_BYTES,
+        "{kind:?}: frame grew past the stored size"
+    );
+    let mut back = Vec::new();
+    decode(&frame, &mut back).unwrap();
+    assert_eq!(back, data, "{kind:?}");
+    let mut exact = vec![0u8; data.len()];
+    decode_into(&frame, &mut exact).unwrap();
+    assert_eq!(exact, data);
+    frame
+}
+
+/// Weight-like values: a scale per row of 64, Gaussian-ish, some rows at lower precision, and
+/// a sprinkling of special values.
+fn weights(kind: Kind, n: usize, seed: u64, specials: bool) -> Vec<u8> {
+    let mut s = seed | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut out = Vec::with_capacity(n * kind.size());
+    let mut scale = 0.02f32;
+    let mut low_precision = false;
+    for i in 0..n {
+        if i % 64 == 0 {
+            scale = 0.005 + (next() % 1000) as f32 * 1e-4;
+            low_precision = next() % 5 == 0;
+        }
+        let u: f32 = (0..4)
+            .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32)
+            .sum::<f32>()
+            - 2.0;
+        let mut v = (u * scale).to_bits();
+        if low_precision {
+            v &= !0x1fff;
+        }
+        if specials && next() % 97 == 0 {
+            v = [
+                0x7fc0_0001,
+                0xffff_ffff,
+                0x7f80_0000,
+                0xff80_0000,
+                0x8000_0000,
+                0,
+                1,
+                0x0000_0fff,
+                0x7f7f_ffff,
+            ][(next() % 9) as usize];
+        }
+        match kind {
+            Kind::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            Kind::Bf16 => out.extend_from_slice(&((v >> 16) as u16).to_le_bytes()),
+            Kind::F16 => out.extend_from_slice(&half_bits(f32::from_bits(v)).to_le_bytes()),
+            Kind::Bytes => out.push(v as u8),
+        }
+    }
+    out
+}
+
+/// f32 to IEEE half bits (truncating; NaN stays NaN): enough for test data.
+fn half_bits(f: f32) -> u16 {
+    let b = f.to_bits();
+    let s = ((b >> 16) & 0x8000) as u16;
+    let e = ((b >> 23) & 0xff) as i32;
+    let m = b & 0x7f_ffff;
+    if e == 0xff {
+        return s | 0x7c00 | ((m >> 13) as u16) | u16::from(m != 0);
+    }
+    let e = e - 127 + 15;
+    if e >= 31 {
+        s | 0x7c00
+    } else if e <= 0 {
+        s
+    } else {
+        s | (e as u16) << 10 | (m >> 13) as u16
+    }
+}
+
+#[test]
+fn weight_like_values_compress_and_round_trip() {
+    for kind in [Kind::Bf16, Kind::F16, Kind::F32] {
+        for n in [64, 1000, 100_000] {
+            let data = weights(kind, n, 7, true);
+            let frame = round_trip(kind, &data);
+            assert!(
+                n < 1000 || frame.len() < data.len(),
+                "{kind:?} {n}: {} >= {}",
+                frame.len(),
+                data.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn low_precision_blocks_cost_no_low_bits() {
+    // f32 whose low 16 bits are zero everywhere: bf16 kept in f32.
+    let data: Vec<u8> = weights(Kind::F32, 50_000, 3, false)
+        .chunks_exact(4)
+        .flat_map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0xffff_0000).to_le_bytes())
+        .collect();
+    let frame = round_trip(Kind::F32, &data);
+    let bf16 = round_trip(Kind::Bf16, &weights(Kind::Bf16, 50_000, 3, false));
+    assert!(
+        frame.len() < bf16.len() + 2_000,
+        "{} against {}",
+        frame.len(),
+        bf16.len()
+    );
+}
+
+#[test]
+fn every_bit_pattern_of_16_bits() {
+    let data: Vec<u8> = (0..=u16::MAX).flat_map(|v| v.to_le_bytes()).collect();
+    for kind in KINDS {
+        round_trip(kind, &data);
+    }
+}
+
+#[test]
+fn empty_tiny_and_constant() {
+    for kind in KINDS {
+        round_trip(kind, &[]);
+        round_trip(kind, &[1]);
+        round_trip(kind, &[1, 2, 3]);
+        round_trip(kind, &[0u8; 4096]);
+        round_trip(kind, &[0xffu8; 4095]);
+    }
+}
+
+#[test]
+fn damaged_frames_are_errors() {
+    let data = weights(Kind::F32, 20_000, 11, true);
+    let mut frame = Vec::new();
+    encode(Kind::F32, &data, &mut frame).unwrap();
+    let mut out = Vec::new();
+    // Every truncation point of the first bytes and a spread of later ones.
+    for cut in (0..frame.len()).filter(|&c| c < 400 || c % 97 == 0) {
+        assert!(decode(&frame[..cut], &mut out).is_err(), "cut at {cut}");
+    }
+    // A flipped bit anywhere: an error, or (never) other bytes.
+    for i in (0..frame.len()).step_by(37) {
+        let mut bad = frame.clone();
+        bad[i] ^= 1 << (i % 8);
+        if let Ok(()) = decode(&bad, &mut out) {
+            assert_eq!(out, data, "flip at byte {i} gave other bytes");
+        }
+    }
+    // A frame for another size.
+    let mut small = vec![0u8; data.len() - 4];
+    assert!(decode_into(&frame, &mut small).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn any_bytes_round_trip(kind in 0usize..4, data in proptest::collection::vec(any::<u8>(), 0..3000)) {
+        round_trip(KINDS[kind], &data);
+    }
+
+    #[test]
+    fn weights_of_any_length_round_trip(kind in 1usize..4, n in 0usize..5000, seed in any::<u64>(), tail in 0usize..4) {
+        let mut data = weights(KINDS[kind], n, seed, true);
+        data.extend(std::iter::repeat_n(0xA5, tail));
+        round_trip(KINDS[kind], &data);
+    }
+
+    #[test]
+    fn garbage_after_a_header_is_an_error_or_the_data(kind in 1usize..4, body in proptest::collection::vec(any::<u8>(), 0..2000), n in 0u64..5000) {
+        let mut frame = vec![b'C', b'F', 1, 1, KINDS[kind].code(), 0, 0, 0];
+        frame.extend_from_slice(&n.to_le_bytes());
+        frame.extend_from_slice(&0u64.to_le_bytes());
+        frame.extend_from_slice(&body);
+        let mut out = Vec::new();
+        let _ = decode(&frame, &mut out); // must not panic
+    }
+
+    #[test]
+    fn flipped_bits_never_give_other_bytes(seed in any::<u64>(), flips in proptest::collection::vec((any::<usize>(), 0u8..8), 1..4)) {
+        let data = weights(Kind::Bf16, 3000, seed, true);
+        let mut frame = Vec::new();
+        encode(Kind::Bf16, &data, &mut frame).unwrap();
+        for (at, bit) in flips {
+            let i = at % frame.len();
+            frame[i] ^= 1 << bit;
+        }
+        let mut out = Vec::new();
+        if decode(&frame, &mut out).is_ok() {
+            prop_assert_eq!(out, data);
+        }
+    }
+}
