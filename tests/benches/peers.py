@@ -10,7 +10,9 @@ seed):
   fine-tune are both rounded to bf16 (about 15% of the elements differ, by 1 ulp);
 - fp32 sparse fine-tune: a tenth of the tensors multiplied by (1 + 1e-3*N(0,1)).
 
-For each tool, whole commands: "compress" stores the file (`coral add` into a new HDF5 store,
+Coral runs twice: with its default codec (zstd's byte-plane encoder) and with `--compression
+coral` (the float codec, `coral-float-codec`). For each tool, whole commands: "compress" stores
+the file (`coral add` into a new HDF5 store,
 `lmz compress`, glyd's `compress` at level max); "decompress" writes it back (`coral export`,
 `lmz decompress`, glyd's `decompress`) and the bytes are compared with the input. "Saved" is
 1 - output/input for the whole output file (for Coral the store file, container included). A
@@ -137,24 +139,30 @@ open(b, "wb").write(out)
 
 
 class Coral:
-    name = "Coral"
+    """`coral` with the codec of new weights: zstd (its default) or coral (the float codec)."""
 
-    def __init__(self, bin):
+    def __init__(self, bin, compression):
         self.bin = bin
+        self.compression = compression
+        self.name = "Coral" if compression == "zstd" else f"Coral {compression}"
 
     def version(self):
-        return subprocess.run([self.bin, "--version"], capture_output=True, text=True).stdout.strip()
+        v = subprocess.run([self.bin, "--version"], capture_output=True, text=True).stdout.strip()
+        return f"{v} --compression {self.compression}"
+
+    def cmd(self, out, *args):
+        return [self.bin, "--quiet", "--compression", self.compression, "--store", out, *args]
 
     def compress(self, src, out):
-        return timed([self.bin, "--quiet", "--store", out, "add", src, "--name", "m", "--reference", "none"])
+        return timed(self.cmd(out, "add", src, "--name", "m", "--reference", "none"))
 
     def decompress(self, out, dst):
-        return timed([self.bin, "--quiet", "--store", out, "export", "m", dst])
+        return timed(self.cmd(out, "export", "m", dst))
 
     def finetune(self, base, ft, out):
         self.compress(base, out)
         before = os.path.getsize(out)
-        timed([self.bin, "--quiet", "--store", out, "add", ft, "--name", "ft", "--reference", "m"])
+        timed(self.cmd(out, "add", ft, "--name", "ft", "--reference", "m"))
         return os.path.getsize(out) - before
 
 
@@ -206,7 +214,7 @@ def main():
     work = tempfile.mkdtemp(prefix="coral-peers-", dir=args.dir)
     try:
         files, changed = make_cases(args.model, work)
-        tools = [Coral(args.coral), Lmzip(), Glyd()]
+        tools = [Coral(args.coral, "zstd"), Coral(args.coral, "coral"), Lmzip(), Glyd()]
         rows = {}
         for tool in tools:
             r = rows[tool.name] = {"version": tool.version()}
@@ -243,10 +251,12 @@ def main():
             print(f"| {r['version']} | {r['fp32']['saved']:.2%} | {r['bf16']['saved']:.2%} | "
                   f"{r['fp32']['c']:.0f} / {r['bf16']['c']:.0f} | {r['fp32']['d']:.0f} / {r['bf16']['d']:.0f} | "
                   f"{r['bf16-ft'] / 1e6:.2f} MB | {r['fp32-ft'] / 1e6:.2f} MB |")
-        c, l = rows["Coral"], rows["lmzip"]
-        print(f"\nCoral against lmzip: compress {c['fp32']['c'] / l['fp32']['c']:.1f}× / "
-              f"{c['bf16']['c'] / l['bf16']['c']:.1f}×, decompress {c['fp32']['d'] / l['fp32']['d']:.1f}× / "
-              f"{c['bf16']['d'] / l['bf16']['d']:.1f}× (fp32 / bf16)")
+        l = rows["lmzip"]
+        for name in ("Coral", "Coral coral"):
+            c = rows[name]
+            print(f"\n{name} against lmzip: compress {c['fp32']['c'] / l['fp32']['c']:.2f}× / "
+                  f"{c['bf16']['c'] / l['bf16']['c']:.2f}×, decompress {c['fp32']['d'] / l['fp32']['d']:.2f}× / "
+                  f"{c['bf16']['d'] / l['bf16']['d']:.2f}× (fp32 / bf16)")
         print("\nruns (compress / decompress, s):")
         for name, r in rows.items():
             for case in ("fp32", "bf16"):

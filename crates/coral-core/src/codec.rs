@@ -41,6 +41,9 @@ pub enum Codec {
         /// zstd's level: 1 to 22, or negative for the fast levels (down to -7).
         level: i32,
     },
+    /// Coral's float codec (`coral-float-codec`): one frame; floats modelled field by field,
+    /// anything else stored. It takes no shuffle.
+    Coral,
 }
 
 impl Codec {
@@ -51,6 +54,7 @@ impl Codec {
             Codec::Gzip { .. } => "gzip",
             Codec::Lz4 => "lz4",
             Codec::Zstd { .. } => "zstd",
+            Codec::Coral => "coral",
         }
     }
 
@@ -59,7 +63,7 @@ impl Codec {
         match self {
             Codec::Gzip { level } => Some(*level as i32),
             Codec::Zstd { level } => Some(*level),
-            Codec::None | Codec::Lz4 => None,
+            Codec::None | Codec::Lz4 | Codec::Coral => None,
         }
     }
 
@@ -72,6 +76,7 @@ impl Codec {
                 level: level.unwrap_or(4).try_into().unwrap_or(0),
             },
             "lz4" => Codec::Lz4,
+            "coral" => Codec::Coral,
             "zstd" | "zstandard" => Codec::Zstd {
                 level: level.unwrap_or(3),
             },
@@ -157,6 +162,16 @@ impl CodecSpec {
     /// Compresses `data` whose elements are `element_size` bytes wide.
     pub fn compress(&self, data: &[u8], element_size: usize) -> Result<Vec<u8>> {
         self.codec.validate()?;
+        if self.codec == Codec::Coral {
+            // Without a dtype, the width decides: 4 bytes as f32, 2 as bf16 (lossless for any
+            // bits; `compress_dtype` models f16 as f16).
+            let kind = match element_size {
+                4 => coral_float_codec::Kind::F32,
+                2 => coral_float_codec::Kind::Bf16,
+                _ => coral_float_codec::Kind::Bytes,
+            };
+            return coral_encode(kind, data);
+        }
         if self.shuffle && element_size > 1 && self.codec != Codec::None {
             let shuffled = shuffle(data, element_size);
             compress_raw(self.codec, &shuffled)
@@ -176,7 +191,7 @@ impl CodecSpec {
         expected_len: usize,
     ) -> Result<Vec<u8>> {
         let raw = decompress_raw(self.codec, data, expected_len)?;
-        if self.shuffle && element_size > 1 {
+        if self.shuffle && element_size > 1 && self.codec != Codec::Coral {
             Ok(unshuffle(&raw, element_size))
         } else {
             Ok(raw)
@@ -188,6 +203,23 @@ fn corrupt(codec: Codec, reason: impl fmt::Display) -> CoreError {
     CoreError::Corrupt {
         codec: codec.name().to_owned(),
         reason: reason.to_string(),
+    }
+}
+
+/// Codes `data` with Coral's float codec as values of `kind`.
+pub fn coral_encode(kind: coral_float_codec::Kind, data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    coral_float_codec::encode(kind, data, &mut out).map_err(|e| corrupt(Codec::Coral, e))?;
+    Ok(out)
+}
+
+/// The float codec's kind for a dtype (opaque bytes for the dtypes it does not model).
+pub fn coral_kind(dtype: crate::DType) -> coral_float_codec::Kind {
+    match dtype {
+        crate::DType::F32 => coral_float_codec::Kind::F32,
+        crate::DType::BF16 => coral_float_codec::Kind::Bf16,
+        crate::DType::F16 => coral_float_codec::Kind::F16,
+        _ => coral_float_codec::Kind::Bytes,
     }
 }
 
@@ -221,6 +253,7 @@ pub fn compress_raw(codec: Codec, data: &[u8]) -> Result<Vec<u8>> {
                 .map_err(|e| corrupt(codec, e))?;
             enc.compress(data).map_err(|e| corrupt(codec, e))
         }
+        Codec::Coral => coral_encode(coral_float_codec::Kind::Bytes, data),
     }
 }
 
@@ -243,6 +276,19 @@ pub fn decompress_raw(codec: Codec, data: &[u8], expected_len: usize) -> Result<
             // an error, not a reallocation.
             dec.decompress_to_buffer(data, &mut out)
                 .map_err(|e| corrupt(codec, e))?;
+            out
+        }
+        Codec::Coral => {
+            let n = coral_float_codec::decoded_len(data).map_err(|e| corrupt(codec, e))?;
+            if n != expected_len as u64 {
+                return Err(corrupt(
+                    codec,
+                    format!("frame of {n} bytes, expected {expected_len}"),
+                ));
+            }
+            let mut out = alloc(codec, expected_len)?;
+            out.resize(expected_len, 0);
+            coral_float_codec::decode_into(data, &mut out).map_err(|e| corrupt(codec, e))?;
             out
         }
     };

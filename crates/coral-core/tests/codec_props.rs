@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 /// Every codec and level worth testing: none, gzip 1-9, lz4, zstd fast (negative) to high.
 fn codecs() -> Vec<Codec> {
-    let mut v = vec![Codec::None, Codec::Lz4];
+    let mut v = vec![Codec::None, Codec::Lz4, Codec::Coral];
     v.extend((1..=9).map(|level| Codec::Gzip { level }));
     v.extend([-7, -1, 1, 3, 9, 19].map(|level| Codec::Zstd { level }));
     v

@@ -210,6 +210,8 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     let e_base = (0..ea)
         .max_by_key(|&e| (eh[e], usize::MAX - e))
         .unwrap_or(0);
+    // No bitmap when every sign is 0 (differences, magnitudes, all-positive scales).
+    let any_sign = signs.iter().any(|&b| b != 0);
 
     // Pass 1: contexts and histograms.
     let mut levels = vec![2u8; outer];
@@ -333,6 +335,7 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     hdr.put(e_base as u32, l.ebits);
     hdr.put((ne - 1) as u32, 5);
     hdr.put((nb - 1) as u32, 4);
+    hdr.put(u32::from(any_sign), 1);
     for &e in &owners {
         hdr.put(e as u32, l.ebits);
     }
@@ -427,7 +430,9 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     out.reserve(hdr.len() + signs.len() + raw.len() + tail.len() + words.len() * 2 + 32);
     out.extend_from_slice(&(hdr.len() as u32).to_le_bytes());
     out.extend_from_slice(&hdr);
-    out.extend_from_slice(&signs);
+    if any_sign {
+        out.extend_from_slice(&signs);
+    }
     out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
     out.extend_from_slice(&raw);
     out.push(tail.len() as u8);
@@ -513,7 +518,17 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
     let mut pos = 0;
     let hlen = take_u32(body, &mut pos, "table header length")? as usize;
     let hdr = take(body, &mut pos, hlen, "table header")?;
-    let signs = take(body, &mut pos, n.div_ceil(8), "signs")?;
+    // The flag that says whether the signs are there: the header's bit E + 9.
+    let sign_bit = l.ebits as usize + 9;
+    let any_sign = hdr
+        .get(sign_bit / 8)
+        .is_some_and(|b| (b >> (sign_bit % 8)) & 1 == 1);
+    let zeros = vec![0u8; if any_sign { 0 } else { n.div_ceil(8) }];
+    let signs = if any_sign {
+        take(body, &mut pos, n.div_ceil(8), "signs")?
+    } else {
+        &zeros[..]
+    };
     let rlen = take_u32(body, &mut pos, "raw bytes length")? as usize;
     let raw = take(body, &mut pos, rlen, "raw bytes")?;
     let tlen = take(body, &mut pos, 1, "tail length")?[0] as usize;
@@ -540,6 +555,7 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
     let e_base = h.get(l.ebits) as i32;
     let ne = h.get(5) as usize + 1;
     let nb = h.get(4) as usize + 1;
+    h.get(1); // the signs flag, read above
     let mut m_map = vec![(nb - 1) as u8; ea];
     for b in 0..nb - 1 {
         let e = h.get(l.ebits) as usize;

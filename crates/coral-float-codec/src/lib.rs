@@ -111,6 +111,9 @@ impl CodecError {
     }
 }
 
+/// The largest size [`decode`] allocates for: HDF5's largest chunk (4 GiB).
+pub const MAX_DECODED: u64 = 1 << 32;
+
 /// Frame modes.
 const MODE_STORED: u8 = 0;
 const MODE_FLOAT: u8 = 1;
@@ -178,11 +181,12 @@ fn parse_header(frame: &[u8]) -> Result<(u8, Kind, u64, u64), CodecError> {
 /// Decodes a frame into `out` (cleared first).
 pub fn decode(frame: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     let n = decoded_len(frame)?;
-    if n > frame.len() as u64 * 64 + 64 {
-        // Even an all-zero f32 chunk codes at well over a byte per 64 values' worth.
+    if n > MAX_DECODED {
+        // A constant chunk codes to a few dozen bytes whatever its size, so the size cannot be
+        // bounded by the frame's; it is bounded by HDF5's largest chunk instead. Callers that
+        // know the size use [`decode_into`].
         return Err(CodecError::corrupt(format!(
-            "declares {n} bytes from a frame of {}",
-            frame.len()
+            "declares {n} bytes, above {MAX_DECODED}"
         )));
     }
     let n = usize::try_from(n).map_err(|_| CodecError::Alloc(n))?;

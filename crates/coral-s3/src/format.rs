@@ -155,6 +155,12 @@ pub fn encode_weight(
             .map_err(zip_err)?;
             Ok((body, Encoding::Npz, false))
         }
+        Codec::Coral => {
+            let body =
+                coral_core::codec::coral_encode(coral_core::codec::coral_kind(meta.dtype), data)
+                    .map_err(|e| ferr(e.to_string()))?;
+            Ok((body, Encoding::Raw, false))
+        }
         codec => {
             let spec = CodecSpec::new(codec, true);
             let body = spec
@@ -389,7 +395,7 @@ mod tests {
         fn weight_bodies_round_trip(
             dt in 0usize..DType::ALL.len(),
             n in 0usize..300,
-            codec in prop::sample::select(vec!["none", "gzip-1", "gzip-6", "zstd-3", "lz4"]),
+            codec in prop::sample::select(vec!["none", "gzip-1", "gzip-6", "zstd-3", "lz4", "coral"]),
             seed in any::<u64>(),
         ) {
             let dtype = DType::ALL[dt];

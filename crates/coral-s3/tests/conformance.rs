@@ -67,6 +67,14 @@ fn conformance_zstd_raw() {
 }
 
 #[test]
+fn conformance_coral_float_codec() {
+    // The float codec as the S3 option: every dtype, damage, reopen, on both engines.
+    for h in harnesses("coral") {
+        testing::run_all(&h);
+    }
+}
+
+#[test]
 fn conformance_uncompressed() {
     for h in harnesses("none") {
         testing::run_weights(&h);

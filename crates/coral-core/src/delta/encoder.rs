@@ -277,11 +277,16 @@ impl DeltaEncoder {
         if let Err(why) = self.check_pair(self.config.delta_type, target, reference) {
             return Ok(Err(why));
         }
-        let delta =
-            match self.encode_with(self.config.delta_type, target, reference, reference_key)? {
-                Ok(d) => d,
-                Err(why) => return Ok(Err(why)),
-            };
+        let delta = match self.encode_with(
+            self.config.delta_type,
+            self.config.codec_spec(),
+            target,
+            reference,
+            reference_key,
+        )? {
+            Ok(d) => d,
+            Err(why) => return Ok(Err(why)),
+        };
         let (max_ratio, min_saving) = (
             self.config.max_delta_ratio,
             self.config.min_compression_ratio,
@@ -310,20 +315,26 @@ impl DeltaEncoder {
         if let Err(why) = unbounded.check_pair(delta_type, target, reference) {
             return Ok(Err(why));
         }
-        self.encode_with(delta_type, target, reference, reference_key)
+        self.encode_with(
+            delta_type,
+            self.config.codec_spec(),
+            target,
+            reference,
+            reference_key,
+        )
     }
 
     /// Encodes with `kind`; the pair is already checked for shape, dtype and acceptance.
     fn encode_with(
         &self,
         kind: DeltaType,
+        spec: CodecSpec,
         target: &WeightTensor,
         reference: &WeightTensor,
         reference_key: &ContentHash,
     ) -> Result<std::result::Result<Delta, DeltaRefusal>> {
         let name = target.name();
         let dtype = target.dtype();
-        let spec = self.config.codec_spec();
         let mut meta = JsonMap::new();
         let (t, r) = (&target.data()[..], &reference.data()[..]);
         let data = if kind.is_lossless() {
@@ -501,16 +512,23 @@ impl DeltaEncoder {
             return Ok(None);
         }
         let dtype = target.dtype();
-        let candidates: Vec<DeltaType> = DeltaType::LOSSLESS
+        let zstd = self.config.codec_spec();
+        let mut candidates: Vec<(DeltaType, CodecSpec)> = DeltaType::LOSSLESS
             .into_iter()
             .filter(|k| k.accepts(dtype))
+            .map(|k| (k, zstd))
             .collect();
+        if matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            // The difference in ulps through the float codec: a fine-tune's ±1-ulp steps are
+            // small integers there, each coded in well under a byte.
+            candidates.push((DeltaType::Compressed, CodecSpec::new(Codec::Coral, false)));
+        }
         let (compressed, deltas) = rayon::join(
             || compressed_size(target),
             || {
                 candidates
                     .par_iter()
-                    .map(|&k| self.encode_with(k, target, reference, reference_key))
+                    .map(|&(k, spec)| self.encode_with(k, spec, target, reference, reference_key))
                     .collect::<Result<Vec<_>>>()
             },
         );
