@@ -393,12 +393,11 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     }
 
     // Pass 3 (backward): the rANS stream.
+    // Each field has its state: Z and E state 0, M 1, R1 2, R0 3.
     let mut enc = Encoder::new(coded_symbols as usize);
-    let mut k = coded_symbols as usize;
-    let mut put = |enc: &mut Encoder, slot: usize, v: u32| {
+    let put = |enc: &mut Encoder, state: usize, slot: usize, v: u32| {
         if let SlotCode::Coded(t) = &codes[slot] {
-            k -= 1;
-            enc.put_sym(k, &t[v as usize]);
+            enc.put_sym(state, &t[v as usize]);
         }
     };
     for b in (0..outer).rev() {
@@ -410,19 +409,19 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
                 let r = l.rest(v);
                 if l.two_bytes() {
                     if z == 0 {
-                        put(&mut enc, slots.r0(), r & 0xff);
+                        put(&mut enc, 3, slots.r0(), r & 0xff);
                     }
-                    put(&mut enc, slots.r1(z as usize), r >> 8);
+                    put(&mut enc, 2, slots.r1(z as usize), r >> 8);
                 } else {
-                    put(&mut enc, slots.r1(0), r);
+                    put(&mut enc, 2, slots.r1(0), r);
                 }
             }
             let e = l.exp(v);
-            put(&mut enc, slots.m(m_map[e as usize] as usize), l.man(v));
-            put(&mut enc, slots.e(e_map[ctx[i] as usize] as usize), e);
+            put(&mut enc, 1, slots.m(m_map[e as usize] as usize), l.man(v));
+            put(&mut enc, 0, slots.e(e_map[ctx[i] as usize] as usize), e);
         }
         if blocks {
-            put(&mut enc, Slots::Z, z);
+            put(&mut enc, 0, Slots::Z, z);
         }
     }
     let (states, words) = enc.finish();
@@ -490,17 +489,13 @@ impl RawBytes<'_> {
 #[inline(always)]
 fn get(
     src: Src<'_>,
-    k: &mut usize,
+    state: usize,
     bad: &mut bool,
     raw: &mut RawBytes<'_>,
     dec: &mut Decoder<'_>,
 ) -> u32 {
     match src {
-        Src::Coded(lut) => {
-            let v = dec.get(*k, lut);
-            *k += 1;
-            v
-        }
+        Src::Coded(lut) => dec.get(state, lut),
         Src::Raw => raw.next(),
         Src::Unused => {
             *bad = true;
@@ -606,7 +601,6 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
 
     let mut rb = RawBytes { data: raw, pos: 0 };
     let mut dec = Decoder::new(states, words);
-    let mut k = 0usize;
     let mut bad = false;
     let mut a = e_base << 4;
     let outer = if blocks { n.div_ceil(BLOCK) } else { 1 };
@@ -614,34 +608,29 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
     for b in 0..outer {
         let (lo, hi) = block(b, n, blocks);
         let z = if blocks {
-            let z = get(src[Slots::Z], &mut k, &mut bad, &mut rb, &mut dec);
+            let z = get(src[Slots::Z], 0, &mut bad, &mut rb, &mut dec);
             bad |= z > 2 || (z == 1 && !l.two_bytes());
             z.min(2)
         } else {
             2
         };
         for i in lo..hi {
-            let e = get(
-                e_src[e_ctx_full(a, e_base)],
-                &mut k,
-                &mut bad,
-                &mut rb,
-                &mut dec,
-            ) & (ea as u32 - 1);
+            let e =
+                get(e_src[e_ctx_full(a, e_base)], 0, &mut bad, &mut rb, &mut dec) & (ea as u32 - 1);
             a = ema(a, e);
-            let m = get(m_src[e as usize], &mut k, &mut bad, &mut rb, &mut dec) & 0x7f;
+            let m = get(m_src[e as usize], 1, &mut bad, &mut rb, &mut dec) & 0x7f;
             let r = if z == 2 {
                 0
             } else if l.two_bytes() {
-                let r1 = get(r1_src[z as usize], &mut k, &mut bad, &mut rb, &mut dec);
+                let r1 = get(r1_src[z as usize], 2, &mut bad, &mut rb, &mut dec);
                 let r0 = if z == 0 {
-                    get(r0_src, &mut k, &mut bad, &mut rb, &mut dec)
+                    get(r0_src, 3, &mut bad, &mut rb, &mut dec)
                 } else {
                     0
                 };
                 (r1 << 8 | r0) & 0xffff
             } else {
-                get(r1_src[0], &mut k, &mut bad, &mut rb, &mut dec) & ((1 << l.rb) - 1)
+                get(r1_src[0], 2, &mut bad, &mut rb, &mut dec) & ((1 << l.rb) - 1)
             };
             let s = u32::from(signs[i >> 3] >> (i & 7)) & 1;
             l.store(dst, i, s << shift_s | e << l.mbits | m << l.rb | r);

@@ -1,6 +1,7 @@
 //! Static rANS (range asymmetric numeral systems) with 12-bit probabilities, four interleaved
 //! 32-bit states and 16-bit renormalisation, after Fabian Giesen's `ryg_rans`: one stream of
-//! 16-bit words that every state reads from in turn.
+//! 16-bit words that every state reads from as its symbols come (the float model gives each
+//! field its own state, so the decoder keeps them in registers).
 //!
 //! Written here rather than taken from a crate: the well-kept Rust coders (`constriction`) drive
 //! one state through generic model objects, where this codec switches among dozens of tables
@@ -271,10 +272,10 @@ impl Encoder {
         }
     }
 
-    /// Codes a symbol on state `k % STATES` (`k` the symbol's index in decoding order).
+    /// Codes a symbol on state `state` (below [`STATES`]).
     #[inline(always)]
-    pub fn put_sym(&mut self, k: usize, s: &EncSymbol) {
-        let x = &mut self.x[k % STATES];
+    pub fn put_sym(&mut self, state: usize, s: &EncSymbol) {
+        let x = &mut self.x[state % STATES];
         // Branch-free renormalisation: the word is always written, and kept when it is due.
         let out = u64::from(*x) >= s.x_max;
         if let Some(w) = self.words.get_mut(self.len) {
@@ -317,10 +318,10 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    /// Decodes one symbol with lookup `lut` on state `k % STATES`.
+    /// Decodes one symbol with lookup `lut` on state `state` (below [`STATES`]).
     #[inline(always)]
-    pub fn get(&mut self, k: usize, lut: &[u32; PROB_SCALE as usize]) -> u32 {
-        let x = &mut self.x[k % STATES];
+    pub fn get(&mut self, state: usize, lut: &[u32; PROB_SCALE as usize]) -> u32 {
+        let x = &mut self.x[state % STATES];
         let slot = *x & (PROB_SCALE - 1);
         let v = lut[slot as usize];
         let freq = ((v >> 8) & 0xfff) + 1;

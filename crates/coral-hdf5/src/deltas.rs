@@ -306,31 +306,50 @@ fn metadata_of_delta(d: &Delta, key: &ContentHash) -> WeightMetadata {
 
 impl DeltaStore for HDF5Store {
     fn store_delta(&self, delta: &Delta, delta_hash: &ContentHash) -> Result<ContentHash> {
-        let key = delta_hash.to_hex();
-        let enc = self.encode(
-            key.clone(),
-            DType::U8,
-            &[delta.data.len()],
-            &delta.data,
-            None,
-        )?;
+        let keys = self.store_delta_batch(std::slice::from_ref(&(delta.clone(), *delta_hash)))?;
+        Ok(keys.first().copied().unwrap_or(*delta_hash))
+    }
+
+    /// One commit for the whole batch: every commit closes the file, and each close leaves
+    /// the unused tails of HDF5's allocation blocks behind (about 4 KiB), which one commit per
+    /// delta of a fine-tune turned into a fifth of what its deltas cost.
+    fn store_delta_batch(&self, deltas: &[(Delta, ContentHash)]) -> Result<Vec<ContentHash>> {
+        let encoded = deltas
+            .iter()
+            .map(|(delta, hash)| {
+                let key = hash.to_hex();
+                let enc = self.encode(
+                    key.clone(),
+                    DType::U8,
+                    &[delta.data.len()],
+                    &delta.data,
+                    None,
+                )?;
+                Ok((key, enc, delta))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if encoded.is_empty() {
+            return Ok(Vec::new());
+        }
         self.with_write(|inner| {
-            if self.delta_present(inner, &key)? {
-                return Ok(());
-            }
             let g = self
                 .deltas_group(inner)
                 .ok_or_else(|| StoreError::ReadOnly {
                     location: self.path.display().to_string(),
                 })?;
-            if h5::link_exists(g.id(), &key).map_err(|e| self.err(e))? {
-                // An uncommitted leftover of an interrupted write.
-                self.unlink(g.id(), &key)?;
+            for (key, enc, delta) in &encoded {
+                if self.delta_present(inner, key)? {
+                    continue;
+                }
+                if h5::link_exists(g.id(), key).map_err(|e| self.err(e))? {
+                    // An uncommitted leftover of an interrupted write.
+                    self.unlink(g.id(), key)?;
+                }
+                self.write_dataset(inner, g.id(), enc, &|obj| Self::delta_attrs(delta, obj))?;
             }
-            self.write_dataset(inner, g.id(), &enc, &|obj| Self::delta_attrs(delta, obj))?;
             self.flush(inner)
         })?;
-        Ok(*delta_hash)
+        Ok(deltas.iter().map(|(_, k)| *k).collect())
     }
 
     fn load_delta(&self, delta_hash: &ContentHash) -> Result<Option<Delta>> {

@@ -69,3 +69,55 @@ fn weight_kept_as_delta_is_found_by_its_key() {
     let ro = HDF5Store::open(&path, HDF5StoreOptions::new().mode(Mode::Read)).unwrap();
     assert!(ro.list_weights().unwrap().is_empty());
 }
+
+/// `store_delta_batch` writes many deltas in one commit: every one loads back by its key and
+/// through the float codec's delta, and the file grows by far less than one commit per delta.
+#[test]
+fn a_batch_of_deltas_is_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let enc = DeltaEncoder::new(DeltaConfig::default());
+    let mut sizes = Vec::new();
+    for batched in [false, true] {
+        let path = dir.path().join(format!("batch-{batched}.h5"));
+        let store = HDF5Store::open(&path, HDF5StoreOptions::new()).unwrap();
+        let mut deltas = Vec::new();
+        let mut targets = Vec::new();
+        for j in 0..40 {
+            let base: Vec<f32> = (0..256)
+                .map(|i| ((i + 7 * j) as f32 * 0.37).sin())
+                .collect();
+            let tuned: Vec<f32> = base
+                .iter()
+                .map(|v| f32::from_bits(v.to_bits() + 1))
+                .collect();
+            let r = WeightTensor::from_vec(format!("w{j}"), vec![256], base).unwrap();
+            let t = WeightTensor::from_vec(format!("w{j}.ft"), vec![256], tuned).unwrap();
+            let rk = store.store(&r).unwrap();
+            let d = enc.encode_best_lossless(&t, &r, &rk).unwrap().unwrap();
+            deltas.push((d, t.compute_hash()));
+            targets.push(t);
+        }
+        let before = std::fs::metadata(&path).unwrap().len();
+        if batched {
+            let keys = store.store_delta_batch(&deltas).unwrap();
+            assert_eq!(keys, deltas.iter().map(|(_, k)| *k).collect::<Vec<_>>());
+        } else {
+            for (d, k) in &deltas {
+                store.store_delta(d, k).unwrap();
+            }
+        }
+        drop(store);
+        sizes.push(std::fs::metadata(&path).unwrap().len() - before);
+        let store = HDF5Store::open(&path, HDF5StoreOptions::new().mode(Mode::Read)).unwrap();
+        for (t, (_, k)) in targets.iter().zip(&deltas) {
+            assert!(store.delta_exists(k).unwrap());
+            assert_eq!(store.load(k).unwrap().unwrap().data(), t.data());
+        }
+    }
+    assert!(
+        sizes[1] * 2 < sizes[0],
+        "one commit grew the file by {} bytes, one per delta by {}",
+        sizes[1],
+        sizes[0]
+    );
+}

@@ -38,6 +38,9 @@ fn invalid_options_touch_nothing() {
             .compression(Compression::Zstd)
             .level(40),
         HDF5StoreOptions::new().chunk_bytes(1),
+        HDF5StoreOptions::new()
+            .compression(Compression::Coral)
+            .level(1),
     ] {
         let e = HDF5Store::open(&p, o).unwrap_err();
         assert!(matches!(e, StoreError::InvalidConfig(_)), "{e}");
@@ -278,6 +281,7 @@ fn flipped_byte_is_caught() {
         Compression::Gzip,
         Compression::Lzf,
         Compression::Zstd,
+        Compression::Coral,
     ] {
         for rel in [0.0, 0.3, 0.5, 0.99] {
             let e = flipped_load(c, rel, 0x10).unwrap_err();
@@ -298,8 +302,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     /// Any single-byte change anywhere in a stored chunk is an error or gives back the exact data.
     #[test]
-    fn any_flip_is_never_silent(c in 0usize..4, rel in 0.0f64..1.0, mask in 1u8..=255) {
-        let c = [Compression::None, Compression::Gzip, Compression::Lzf, Compression::Zstd][c];
+    fn any_flip_is_never_silent(c in 0usize..5, rel in 0.0f64..1.0, mask in 1u8..=255) {
+        let c = [Compression::None, Compression::Gzip, Compression::Lzf, Compression::Zstd, Compression::Coral][c];
         let _ = flipped_load(c, rel, mask);
     }
 }

@@ -605,6 +605,7 @@ impl<'a> Adder<'a> {
             ..Tally::default()
         };
         let mut batch: Vec<HashedWeight> = Vec::new();
+        let mut delta_batch: Vec<(coral_core::Delta, ContentHash)> = Vec::new();
         for (w, plan) in tensors.iter().zip(plans) {
             let key = w.key();
             if !self.seen.insert(*key) {
@@ -619,18 +620,23 @@ impl<'a> Adder<'a> {
                 }
                 Plan::Delta(d) => {
                     self.report.delta_coded += 1;
-                    let k = store
-                        .store_delta(&d, key)
-                        .with_context(|| format!("storing delta of {:?}", w.name()))?;
-                    if k != *key {
-                        self.written.deltas.push(k);
-                        inconsistent!(
-                            "store returned key {k} for delta of {:?}, expected {key}",
-                            w.name()
-                        );
-                    }
-                    self.written.deltas.push(*key);
                     tally.bytes_stored = tally.bytes_stored.saturating_add(d.nbytes() as u64);
+                    delta_batch.push((*d, *key));
+                }
+            }
+        }
+        if !delta_batch.is_empty() {
+            // Record first: a batch that fails half-way is rolled back too.
+            self.written
+                .deltas
+                .extend(delta_batch.iter().map(|(_, k)| *k));
+            let keys = store
+                .store_delta_batch(&delta_batch)
+                .context("storing deltas")?;
+            for ((_, want), k) in delta_batch.iter().zip(&keys) {
+                if k != want {
+                    self.written.deltas.push(*k);
+                    inconsistent!("store returned key {k} for a delta, expected {want}");
                 }
             }
         }

@@ -247,6 +247,13 @@ pub trait DeltaStore: WeightStore {
     /// Stores a delta under the key of the weight it encodes; returns the key.
     fn store_delta(&self, delta: &Delta, delta_hash: &ContentHash) -> Result<ContentHash>;
 
+    /// Stores several deltas, each under its weight's key; returns the keys in order. The
+    /// default stores them one by one; a store that commits per call (HDF5) overrides it to
+    /// commit once, as `store_batch` does for weights. On an error some may have been stored.
+    fn store_delta_batch(&self, deltas: &[(Delta, ContentHash)]) -> Result<Vec<ContentHash>> {
+        deltas.iter().map(|(d, k)| self.store_delta(d, k)).collect()
+    }
+
     /// Loads a delta; `Ok(None)` when absent.
     fn load_delta(&self, delta_hash: &ContentHash) -> Result<Option<Delta>>;
 
