@@ -109,6 +109,18 @@ def test_every_dtype_round_trips(store_path, name, shape):
     assert same_bytes(back.data, data)
 
 
+@pytest.mark.parametrize("name", DTYPES)
+def test_the_float_codec_round_trips_every_dtype(store_path, name):
+    # compression="coral": Coral's float codec for float32/bfloat16/float16, zstd for the rest.
+    data = raw_of(name, 3000).reshape(100, 30)
+    w = WeightTensor(data, WeightMetadata(name="x", shape=(100, 30), dtype=data.dtype, dtype_name=name))
+    with HDF5Store(store_path, compression="coral") as store:
+        key = store.store(w)
+        back = store.load(key)
+        assert "coral" in store.get_storage_info()["compression"]
+    assert same_bytes(back.data, data)
+
+
 def test_bf16_and_fp8_are_ml_dtypes():
     import ml_dtypes
 

@@ -14,7 +14,8 @@ class HDF5Store(NativeStore):
     """``HDF5Store(filepath, compression="gzip", compression_opts=4, mode="a")``.
 
     ``compression``: "gzip" (levels 1-9), "lzf", "zstd" (Coral's faster codec, levels 1-22;
-    h5py reads it with hdf5plugin) or None. ``mode``: h5py's "r", "r+", "w", "w-"/"x", "a".
+    h5py reads it with hdf5plugin), "coral" (Coral's float codec, the most compact on float
+    weights; h5py reads it with the ``coral-h5plugin`` plugin on ``HDF5_PLUGIN_PATH``) or None. ``mode``: h5py's "r", "r+", "w", "w-"/"x", "a".
     Every load is verified against its key."""
 
     def __init__(
