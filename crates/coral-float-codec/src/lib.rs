@@ -4,7 +4,7 @@
 //! Each value is split into its fields, and each field gets the model that suits it:
 //! - the **exponent**, rANS-coded with a table chosen by the running mean of the exponents
 //!   before it (a tensor's rows differ in scale);
-//! - the **sign**, kept as a raw bit unless it is skewed;
+//! - the **sign**, kept as a raw bitmap (left out when every sign is 0, as in differences);
 //! - the **top seven mantissa bits**, coded with a table per exponent bucket (within a binade
 //!   the weights' density is not flat);
 //! - for f32 and f16 the **low mantissa bits**, per block of 128 values: a block whose low

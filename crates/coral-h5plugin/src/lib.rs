@@ -89,13 +89,10 @@ pub fn apply(reverse: bool, cd: &[u32], input: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// HDF5's filter callback: `*buf` (`nbytes` valid bytes, `*buf_size` allocated) is replaced
-/// with a `malloc`'d buffer holding the result, as the filter contract requires. Returns the
-/// result's length, 0 on failure.
+/// HDF5's filter callback for this codec ([`apply`] through [`run_filter`]).
 ///
 /// # Safety
-/// HDF5's contract: `buf` and `buf_size` are valid, `*buf` holds `nbytes` readable bytes and
-/// was allocated with `malloc`, and `cd_values` holds `cd_nelmts` values.
+/// As [`run_filter`].
 pub unsafe extern "C" fn filter(
     flags: c_uint,
     cd_nelmts: usize,
@@ -103,6 +100,27 @@ pub unsafe extern "C" fn filter(
     nbytes: usize,
     buf_size: *mut usize,
     buf: *mut *mut c_void,
+) -> usize {
+    // SAFETY: the caller's (HDF5's) contract, passed on.
+    unsafe { run_filter(flags, cd_nelmts, cd_values, nbytes, buf_size, buf, apply) }
+}
+
+/// The glue of an HDF5 filter callback around `f(reverse, cd_values, input)`: `*buf` (`nbytes`
+/// valid bytes, `*buf_size` allocated) is replaced with a `malloc`'d buffer holding `f`'s
+/// result, as the filter contract requires. Returns the result's length, 0 on failure (`f`
+/// gave `None`, or no memory). coral-hdf5's zstd filter uses it too.
+///
+/// # Safety
+/// HDF5's contract: `buf` and `buf_size` are valid, `*buf` holds `nbytes` readable bytes and
+/// was allocated with `malloc`, and `cd_values` holds `cd_nelmts` values (or is null).
+pub unsafe fn run_filter(
+    flags: c_uint,
+    cd_nelmts: usize,
+    cd_values: *const c_uint,
+    nbytes: usize,
+    buf_size: *mut usize,
+    buf: *mut *mut c_void,
+    f: impl FnOnce(bool, &[u32], &[u8]) -> Option<Vec<u8>>,
 ) -> usize {
     // SAFETY: as the function's contract says; the result goes into a fresh malloc'd buffer
     // and the old one is freed only once that succeeded.
@@ -116,7 +134,7 @@ pub unsafe extern "C" fn filter(
         } else {
             std::slice::from_raw_parts(cd_values, cd_nelmts)
         };
-        let Some(out) = apply(flags & H5Z_FLAG_REVERSE != 0, cd, input) else {
+        let Some(out) = f(flags & H5Z_FLAG_REVERSE != 0, cd, input) else {
             return 0;
         };
         let p = libc::malloc(out.len().max(1)) as *mut u8;

@@ -33,7 +33,7 @@ use hdf5_sys::h5t::{
     H5T_STD_I32LE, H5T_STD_I64LE, H5T_STD_I8LE, H5T_STD_U16LE, H5T_STD_U32LE, H5T_STD_U64LE,
     H5T_STD_U8LE, H5T_VARIABLE,
 };
-use hdf5_sys::h5z::{H5Z_class2_t, H5Z_filter_t, H5Zregister, H5Z_FLAG_OPTIONAL, H5Z_FLAG_REVERSE};
+use hdf5_sys::h5z::{H5Z_class2_t, H5Z_filter_t, H5Zregister, H5Z_FLAG_OPTIONAL};
 
 /// HDF5 filter id of deflate (gzip).
 pub const FILTER_DEFLATE: H5Z_filter_t = 1;
@@ -1118,8 +1118,8 @@ fn register_coral_filter() {
     }
 }
 
-/// HDF5's filter callback for zstd: level in `cd_values[0]` (3 when absent). Buffers are
-/// allocated with `malloc` as HDF5 filters do. Returns 0 on failure.
+/// HDF5's filter callback for zstd: level in `cd_values[0]` (3 when absent). The buffer
+/// hand-over is `coral_h5plugin::run_filter`'s. Returns 0 on failure.
 unsafe extern "C" fn zstd_filter(
     flags: c_uint,
     cd_nelmts: usize,
@@ -1128,41 +1128,18 @@ unsafe extern "C" fn zstd_filter(
     buf_size: *mut usize,
     buf: *mut *mut c_void,
 ) -> usize {
-    // SAFETY: HDF5 hands a buffer `*buf` of `nbytes` valid bytes; we replace it with a malloc'd
-    // buffer and free the old one, as the filter contract requires.
-    unsafe {
-        if buf.is_null() || (*buf).is_null() || buf_size.is_null() {
-            return 0;
-        }
-        let input = std::slice::from_raw_parts(*buf as *const u8, nbytes);
-        let out: Vec<u8> = if flags & H5Z_FLAG_REVERSE != 0 {
+    let zstd = |reverse: bool, cd: &[u32], input: &[u8]| -> Option<Vec<u8>> {
+        if reverse {
             let size = match zstd::zstd_safe::get_frame_content_size(input) {
                 Ok(Some(s)) if s <= (1u64 << 34) => s as usize,
-                _ => return 0,
+                _ => return None,
             };
-            match zstd::bulk::decompress(input, size) {
-                Ok(v) => v,
-                Err(_) => return 0,
-            }
+            zstd::bulk::decompress(input, size).ok()
         } else {
-            let level = if cd_nelmts > 0 && !cd_values.is_null() {
-                *cd_values as i32
-            } else {
-                3
-            };
-            match zstd::bulk::compress(input, level) {
-                Ok(v) => v,
-                Err(_) => return 0,
-            }
-        };
-        let p = libc::malloc(out.len().max(1)) as *mut u8;
-        if p.is_null() {
-            return 0;
+            let level = cd.first().map_or(3, |&l| l as i32);
+            zstd::bulk::compress(input, level).ok()
         }
-        ptr::copy_nonoverlapping(out.as_ptr(), p, out.len());
-        libc::free(*buf);
-        *buf = p as *mut c_void;
-        *buf_size = out.len().max(1);
-        out.len()
-    }
+    };
+    // SAFETY: HDF5's filter contract, passed on.
+    unsafe { coral_h5plugin::run_filter(flags, cd_nelmts, cd_values, nbytes, buf_size, buf, zstd) }
 }
