@@ -123,7 +123,8 @@ const MODE_FLOAT: u8 = 1;
 pub fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     out.clear();
     let values = data.len() / kind.size();
-    if kind != Kind::Bytes && values >= float::MIN_VALUES {
+    // The float body's lengths are u32: inputs above 4 GiB (no HDF5 chunk is) are stored.
+    if kind != Kind::Bytes && values >= float::MIN_VALUES && data.len() <= u32::MAX as usize {
         header(out, MODE_FLOAT, kind, data);
         float::encode(kind, data, out);
         if out.len() < HEADER_BYTES + data.len() {
