@@ -359,8 +359,13 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
         } else {
             let tb = rans::table_bits(total);
             hdr.put(2, 2);
-            rans::write_table(&mut hdr, &rans::normalize(c, tb), tb);
-            codes.push(SlotCode::Coded(Table::from_counts(c, tb).enc_symbols()));
+            let freq = rans::normalize(c, tb);
+            rans::write_table(&mut hdr, &freq, tb);
+            let scaled = freq
+                .into_iter()
+                .map(|f| f << (rans::PROB_BITS - tb))
+                .collect();
+            codes.push(SlotCode::Coded(Table::from_freq(scaled).enc_symbols()));
             coded_symbols += total;
         }
     }

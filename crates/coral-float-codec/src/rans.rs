@@ -184,17 +184,6 @@ impl Table {
         Table::from_freq(vec![PROB_SCALE / n as u32; n])
     }
 
-    /// A table normalised from counts at `tb` bits, scaled to [`PROB_BITS`].
-    pub fn from_counts(counts: &[u64], tb: u32) -> Self {
-        let shift = PROB_BITS - tb;
-        Table::from_freq(
-            normalize(counts, tb)
-                .into_iter()
-                .map(|f| f << shift)
-                .collect(),
-        )
-    }
-
     /// The decoding lookup: per slot of [`PROB_SCALE`], `symbol | (freq - 1) << 8 | start << 20`.
     pub fn lookup(&self) -> Box<[u32; PROB_SCALE as usize]> {
         let mut lut = Box::new([0u32; PROB_SCALE as usize]);

@@ -71,6 +71,22 @@ pub static CLASS: SyncClass = SyncClass(H5ZClass2 {
 /// HDF5's flag for the read direction.
 const H5Z_FLAG_REVERSE: c_uint = 0x0100;
 
+/// The filter's `cd_values` for values of `kind`: `[format version, kind code]`.
+pub fn cd_values(kind: Kind) -> Vec<u32> {
+    vec![
+        u32::from(coral_float_codec::VERSION),
+        u32::from(kind.code()),
+    ]
+}
+
+/// The kind `cd_values` name ([`cd_values`]); opaque bytes when they name none.
+pub fn kind_of(cd: &[u32]) -> Kind {
+    cd.get(1)
+        .and_then(|&k| u8::try_from(k).ok())
+        .and_then(Kind::from_code)
+        .unwrap_or(Kind::Bytes)
+}
+
 /// What the filter does to one chunk, without HDF5: decodes when `reverse`, else codes `input`
 /// as the kind `cd[1]` names. `None` on any failure (HDF5 then fails the read, or stores the
 /// chunk unfiltered on write, the filter being optional).
@@ -79,12 +95,7 @@ pub fn apply(reverse: bool, cd: &[u32], input: &[u8]) -> Option<Vec<u8>> {
     if reverse {
         coral_float_codec::decode(input, &mut out).ok()?;
     } else {
-        let kind = cd
-            .get(1)
-            .and_then(|&k| u8::try_from(k).ok())
-            .and_then(Kind::from_code)
-            .unwrap_or(Kind::Bytes);
-        coral_float_codec::encode(kind, input, &mut out).ok()?;
+        coral_float_codec::encode(kind_of(cd), input, &mut out).ok()?;
     }
     Some(out)
 }

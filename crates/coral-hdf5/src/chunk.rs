@@ -160,24 +160,15 @@ fn encode_generic(
     Ok((cur.unwrap_or_else(|| data.to_vec()), mask))
 }
 
-/// Codes `data` with Coral's float codec as the kind `cd[1]` names (opaque bytes otherwise).
+/// Codes `data` with Coral's float codec as the kind `cd` names (opaque bytes otherwise).
 fn coral_encode(cd: &[u32], data: &[u8], out: &mut Vec<u8>) -> Result<(), ChunkError> {
-    let kind = cd
-        .get(1)
-        .and_then(|&k| u8::try_from(k).ok())
-        .and_then(coral_float_codec::Kind::from_code)
-        .unwrap_or(coral_float_codec::Kind::Bytes);
-    coral_float_codec::encode(kind, data, out).map_err(|e| err(e.to_string()))
+    coral_float_codec::encode(coral_h5plugin::kind_of(cd), data, out)
+        .map_err(|e| err(e.to_string()))
 }
 
-/// Decodes a Coral float codec frame of exactly `chunk_bytes` bytes.
+/// Decodes a Coral float codec frame of exactly `chunk_bytes` bytes (a frame of another size
+/// is refused by the codec before it decodes anything).
 fn coral_decode(data: &[u8], chunk_bytes: usize) -> Result<Vec<u8>, ChunkError> {
-    let n = coral_float_codec::decoded_len(data).map_err(|e| err(e.to_string()))?;
-    if n != chunk_bytes as u64 {
-        return Err(err(format!(
-            "corrupt coral-float frame: {n} bytes, expected {chunk_bytes}"
-        )));
-    }
     let mut out = Vec::new();
     room(&mut out, chunk_bytes)?;
     out.resize(chunk_bytes, 0);
@@ -658,12 +649,6 @@ pub fn decode_into(
     if let [f] = pipeline {
         if f.id == FILTER_CORAL && mask == 0 && dst.len() == chunk_bytes {
             // Straight into the tensor: no scratch, no copy.
-            let n = coral_float_codec::decoded_len(data).map_err(|e| err(e.to_string()))?;
-            if n != chunk_bytes as u64 {
-                return Err(err(format!(
-                    "corrupt coral-float frame: {n} bytes, expected {chunk_bytes}"
-                )));
-            }
             return coral_float_codec::decode_into(data, dst).map_err(|e| err(e.to_string()));
         }
     }

@@ -163,21 +163,15 @@ impl HDF5Store {
         let es = dtype.size();
         let mut compression = self.opts.compression;
         if compression == Compression::Coral {
-            let kind = match dtype {
-                DType::BF16 => Some(coral_float_codec::Kind::Bf16),
-                DType::F16 => Some(coral_float_codec::Kind::F16),
-                DType::F32 => Some(coral_float_codec::Kind::F32),
-                _ => None,
-            };
-            match kind {
-                Some(k) => {
+            match coral_core::codec::coral_kind(dtype) {
+                // The codec models floats; anything else gets the byte-plane zstd encoder.
+                coral_float_codec::Kind::Bytes => compression = Compression::Zstd,
+                kind => {
                     return vec![FilterInfo {
                         id: h5::FILTER_CORAL,
-                        cd: vec![u32::from(coral_float_codec::VERSION), u32::from(k.code())],
+                        cd: coral_h5plugin::cd_values(kind),
                     }]
                 }
-                // The codec models floats; anything else gets the byte-plane zstd encoder.
-                None => compression = Compression::Zstd,
             }
         }
         if self.opts.shuffle && es > 1 && compression != Compression::None {
