@@ -15,7 +15,7 @@ fn main() {
     let header: serde_like::Header = serde_like::parse(&raw[8..8 + n]);
     let data = &raw[8 + n..];
     for kind in [Kind::F32, Kind::Bf16] {
-        let (mut input, mut coded) = (0usize, 0usize);
+        let (mut input, mut coded, mut tables) = (0usize, 0usize, 0usize);
         let (mut te, mut td) = (0f64, 0f64);
         let mut frame = Vec::new();
         for t in &header.tensors {
@@ -34,8 +34,11 @@ fn main() {
                     .collect(),
             };
             let row = t.shape.iter().skip(1).product::<usize>().max(1) * kind.size();
-            let rows = ((4 << 20) / row).clamp(1, t.shape.first().copied().unwrap_or(1).max(1));
-            let cb = rows * row;
+            // As coral-hdf5 plans them: as few chunks of 4 MiB at most as hold the rows, the
+            // rows spread evenly over them.
+            let d0 = t.shape.first().copied().unwrap_or(1).max(1);
+            let most = ((4 << 20) / row).clamp(1, d0);
+            let cb = d0.div_ceil(d0.div_ceil(most)) * row;
             for chunk in vals.chunks(cb) {
                 let mut c = chunk.to_vec();
                 c.resize(cb, 0);
@@ -51,10 +54,13 @@ fn main() {
                 assert!(back == c, "{} round trip", t.name);
                 input += chunk.len();
                 coded += frame.len();
+                if frame[3] == 1 {
+                    tables += 4 + u32::from_le_bytes(frame[24..28].try_into().unwrap()) as usize;
+                }
             }
         }
         println!(
-            "{kind:?}: {input} -> {coded} bytes ({:.3}% saved), encode {:.0} MB/s, decode {:.0} MB/s (one thread)",
+            "{kind:?}: {input} -> {coded} bytes ({:.3}% saved; {tables} of them tables), encode {:.0} MB/s, decode {:.0} MB/s (one thread)",
             100.0 * (1.0 - coded as f64 / input as f64),
             input as f64 / te / 1e6,
             input as f64 / td / 1e6
