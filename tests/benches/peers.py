@@ -10,8 +10,9 @@ seed):
   fine-tune are both rounded to bf16 (about 15% of the elements differ, by 1 ulp);
 - fp32 sparse fine-tune: a tenth of the tensors multiplied by (1 + 1e-3*N(0,1)).
 
-Coral runs twice: with its default codec (zstd's byte-plane encoder) and with `--compression
-coral` (the float codec, `coral-float-codec`). For each tool, whole commands: "compress" stores
+Coral runs three times: with its default codec (zstd's byte-plane encoder), with `--compression
+coral` (the float codec, `coral-float-codec`) and with `--compression none` (no codec: the floor
+of its times, hashing, HDF5 and the file writes). For each tool, whole commands: "compress" stores
 the file (`coral add` into a new HDF5 store,
 `lmz compress`, glyd's `compress` at level max); "decompress" writes it back (`coral export`,
 `lmz decompress`, glyd's `decompress`) and the bytes are compared with the input. "Saved" is
@@ -214,7 +215,8 @@ def main():
     work = tempfile.mkdtemp(prefix="coral-peers-", dir=args.dir)
     try:
         files, changed = make_cases(args.model, work)
-        tools = [Coral(args.coral, "zstd"), Coral(args.coral, "coral"), Lmzip(), Glyd()]
+        # `none` (no codec at all) is the floor of Coral's times: hashing, HDF5, the file writes.
+        tools = [Coral(args.coral, c) for c in ("zstd", "coral", "none")] + [Lmzip(), Glyd()]
         rows = {}
         for tool in tools:
             r = rows[tool.name] = {"version": tool.version()}
@@ -252,7 +254,7 @@ def main():
                   f"{r['fp32']['c']:.0f} / {r['bf16']['c']:.0f} | {r['fp32']['d']:.0f} / {r['bf16']['d']:.0f} | "
                   f"{r['bf16-ft'] / 1e6:.2f} MB | {r['fp32-ft'] / 1e6:.2f} MB |")
         l = rows["lmzip"]
-        for name in ("Coral", "Coral coral"):
+        for name in ("Coral", "Coral coral", "Coral none"):
             c = rows[name]
             print(f"\n{name} against lmzip: compress {c['fp32']['c'] / l['fp32']['c']:.2f}× / "
                   f"{c['bf16']['c'] / l['bf16']['c']:.2f}×, decompress {c['fp32']['d'] / l['fp32']['d']:.2f}× / "

@@ -3,7 +3,7 @@
 //! prints the coded bytes, as Coral's HDF5 store chunks them (4 MiB of whole rows), and the
 //! single-thread coding and decoding rates.
 
-use coral_float_codec::{decode_into, encode, Kind};
+use coral_float_codec::{decode_into, encode, Kind, HEADER_BYTES};
 use std::time::Instant;
 
 fn main() {
@@ -54,8 +54,11 @@ fn main() {
                 assert!(back == c, "{} round trip", t.name);
                 input += chunk.len();
                 coded += frame.len();
+                // A float frame (mode 1) starts its body with the table header's length.
                 if frame[3] == 1 {
-                    tables += 4 + u32::from_le_bytes(frame[24..28].try_into().unwrap()) as usize;
+                    let at = HEADER_BYTES;
+                    tables +=
+                        4 + u32::from_le_bytes(frame[at..at + 4].try_into().unwrap()) as usize;
                 }
             }
         }
