@@ -190,7 +190,7 @@ impl HDF5Store {
                         ),
                     ));
                 }
-                self.flush(inner)?;
+                self.commit_now(inner)?;
                 let old_meta = std::fs::metadata(&self.path)
                     .map_err(|e| StoreError::backend(format!("compacting {}", loc()), e))?;
                 let bytes_before = old_meta.len();

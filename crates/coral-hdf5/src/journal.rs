@@ -77,6 +77,8 @@ use hdf5_sys::h5fd::H5FD_mem_t;
 use hdf5_sys::h5i::hid_t;
 
 const MAGIC: &[u8; 8] = b"CORALJ01";
+/// Bytes written between two requests to start writeback ([`JFile::start_writeback`]).
+const WRITEBACK_BYTES: u64 = 8 << 20;
 const HEADER: usize = 16;
 
 /// The byte a reader locks shared while it holds the file open (an open-file-description lock,
@@ -357,6 +359,9 @@ struct JFile {
     dirty: bool,
     /// HDF5 cut its allocation below the committed size: cut the file there after the commit.
     cut: Option<u64>,
+    /// Bytes written since the kernel was last asked to start writing the file back
+    /// ([`JFile::start_writeback`]).
+    unstarted: u64,
 }
 
 const ACC_RDWR: c_uint = 0x1;
@@ -576,6 +581,29 @@ impl JFile {
         self.dirty = false;
         self.committed_eof = self.eof;
         Ok(())
+    }
+
+    /// With durability on, asks the kernel to start writing the file's dirty pages back once
+    /// [`WRITEBACK_BYTES`] were written since the last ask (`sync_file_range` with
+    /// `SYNC_FILE_RANGE_WRITE`: it waits for no write to finish). The commit's `fdatasync`
+    /// then finds most of a large add on the disk already instead of writing it all while the
+    /// add waits (75 MB took 36 ms here). It changes nothing the commit relies on: the pages
+    /// the file has are the ones any crash may find written; metadata waiting for the commit
+    /// is not in them. A failure is ignored: the commit's sync still writes everything.
+    fn start_writeback(&mut self, written: u64) {
+        if !self.durable {
+            return;
+        }
+        self.unstarted = self.unstarted.saturating_add(written);
+        if self.unstarted < WRITEBACK_BYTES {
+            return;
+        }
+        self.unstarted = 0;
+        #[cfg(target_os = "linux")]
+        // SAFETY: a valid descriptor; offset 0 and length 0 name the whole file.
+        unsafe {
+            libc::sync_file_range(self.fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
     }
 
     /// Appends the bytes of the file in `[addr, end)` (clipped to the committed size) to the
@@ -1288,6 +1316,7 @@ unsafe extern "C" fn j_open(
         pending: Vec::new(),
         dirty: false,
         cut: None,
+        unstarted: 0,
     });
     Box::into_raw(jf) as *mut FdT
 }
@@ -1465,6 +1494,7 @@ unsafe extern "C" fn j_write(
     }
     jf.dirty = true;
     jf.eof = jf.eof.max(end);
+    jf.start_writeback(size as u64);
     0
 }
 

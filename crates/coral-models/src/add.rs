@@ -19,6 +19,10 @@ use crate::folder::{EntryKind, SourceFolder};
 use crate::groups::groups;
 use crate::source::{SourceFile, SourceTensor};
 
+/// An unhashed tensor (one the reference has no counterpart of) counts for this share of its
+/// bytes against [`AddOptions::group_bytes`].
+const UNHASHED_SHARE: u64 = 8;
+
 /// Which model changed tensors are delta-coded against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reference {
@@ -179,7 +183,18 @@ pub fn add<'a>(
 ) -> Result<AddReport> {
     let source = source.into();
     let lease = store.acquire_lease(LeaseKind::Shared, "add", opts.wait)?;
-    let r = add_leased(store, source, opts, progress);
+    // One commit for the whole add (HDF5: one close and reopen, one round of syncs), made
+    // after the manifest, or after a failed add has removed what it wrote.
+    let r = store
+        .defer_commits()
+        .map_err(ModelError::from)
+        .and_then(|()| {
+            let r = add_leased(store, source, opts, progress);
+            let committed = store
+                .commit_deferred()
+                .with_context(|| format!("committing the add of {}", opts.name));
+            r.and_then(|report| committed.map(|()| report))
+        });
     // The manifest is written (or not) already: a lease that cannot be given back goes stale.
     if let Err(e) = store.release_lease(lease) {
         tracing::warn!("releasing the add's lease: {e} (it goes stale and is then ignored)");
@@ -333,6 +348,16 @@ struct Tally {
     bytes_stored: u64,
 }
 
+impl Tally {
+    fn plus(self, o: Tally) -> Tally {
+        Tally {
+            parts: self.parts + o.parts,
+            reused: self.reused + o.reused,
+            bytes_stored: self.bytes_stored.saturating_add(o.bytes_stored),
+        }
+    }
+}
+
 /// One add's state: what is stored so far, across every file of a folder.
 struct Adder<'a> {
     store: &'a dyn Store,
@@ -408,49 +433,99 @@ impl<'a> Adder<'a> {
     }
 
     /// Stores a file's tensors, in groups; returns their keys and what it cost.
+    ///
+    /// A tensor the reference model has under its name, dtype and shape is hashed here first:
+    /// its key decides whether it is reused or delta-coded. Any other tensor can only be new
+    /// or a copy of what the store has, so it goes to the store unhashed
+    /// ([`coral_store_api::WeightStore::store_unhashed_batch`]), whose pipeline hashes one
+    /// tensor while it compresses and writes others (the hash of a large tensor is a single
+    /// SHA-256 stream, on one core).
     fn tensors(&mut self, source: &SourceFile) -> Result<(Vec<ContentHash>, Tally)> {
         self.report.tensors += source.tensors().len();
         let mut keys: Vec<ContentHash> = Vec::with_capacity(source.tensors().len());
         let mut tally = Tally::default();
         let all = source.tensors();
-        let groups: Vec<&[SourceTensor]> = groups(
-            all.iter().map(|t| t.len as u64),
-            self.opts.group_bytes as u64,
-        )
-        .into_iter()
-        .map(|r| &all[r])
-        .collect();
         let opts = self.opts;
-        // Each tensor is hashed once, here; the store trusts the proof. A group is hashed while
-        // the one before it is compressed and written, so the hash of one large tensor (a
-        // single SHA-256 stream, on one core) overlaps the store's work on the other cores.
-        let hash = |group: &[SourceTensor]| -> Result<Vec<HashedWeight>> {
+        let refs = &self.ref_tensors;
+        let candidates: Vec<bool> = all
+            .iter()
+            .map(|t| {
+                refs.get(t.name.as_str())
+                    .is_some_and(|r| r.dtype == t.dtype && r.shape == t.shape)
+            })
+            .collect();
+        // A candidate holds its data (and its reference's, and its delta) for the group; an
+        // unhashed tensor holds nothing, since the store's pipeline bounds what it has in
+        // flight, so it counts for less: larger groups keep that pipeline full (on all-MiniLM
+        // a 47 MB embedding hashed alone would leave every other core idle).
+        let sizes = all.iter().zip(&candidates).map(|(t, &c)| {
+            let len = t.len as u64;
+            if c {
+                len
+            } else {
+                len / UNHASHED_SHARE
+            }
+        });
+        let groups: Vec<&[SourceTensor]> = groups(sizes, self.opts.group_bytes as u64)
+            .into_iter()
+            .map(|r| &all[r])
+            .collect();
+        // The candidates of a group are hashed while the group before it is stored.
+        let hash = |first: usize, group: &[SourceTensor]| -> Result<Vec<(usize, HashedWeight)>> {
             group
                 .par_iter()
-                .map(|t| source.weight(t, &opts.name).map(HashedWeight::new))
+                .enumerate()
+                .filter(|(i, _)| candidates[first + i])
+                .map(|(i, t)| Ok((i, HashedWeight::new(source.weight(t, &opts.name)?))))
                 .collect()
         };
-        let mut hashed = groups.first().map(|g| hash(g));
+        let mut first = 0;
+        let mut hashed = groups.first().map(|g| hash(0, g));
         for (gi, group) in groups.iter().enumerate() {
             self.cancelled()?;
-            let tensors = hashed.take().unwrap_or_else(|| hash(group))?;
-            let plans: Vec<Plan> = tensors
-                .par_iter()
-                .map(|w| plan(self.store, &self.ref_tensors, w))
+            let next_first = first + group.len();
+            let hashed_now = hashed.take().unwrap_or_else(|| hash(first, group))?;
+            let unhashed: Vec<(usize, WeightTensor)> = group
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !candidates[first + i])
+                .map(|(i, t)| Ok((i, source.weight(t, &opts.name)?)))
                 .collect::<Result<_>>()?;
-            let (t, next) = rayon::join(
-                || self.write_group(&tensors, plans, true),
-                || groups.get(gi + 1).map(|g| hash(g)),
+            let plans: Vec<Plan> = hashed_now
+                .par_iter()
+                .map(|(_, w)| plan(self.store, &self.ref_tensors, w))
+                .collect::<Result<_>>()?;
+            let (stored, next) = rayon::join(
+                || -> Result<(Tally, Vec<ContentHash>)> {
+                    let weights: Vec<HashedWeight> =
+                        hashed_now.iter().map(|(_, w)| w.clone()).collect();
+                    let a = self.write_group(&weights, plans, true)?;
+                    let plain: Vec<WeightTensor> =
+                        unhashed.iter().map(|(_, w)| w.clone()).collect();
+                    let (b, unhashed_keys) = self.write_unhashed(&plain, true)?;
+                    Ok((a.plus(b), unhashed_keys))
+                },
+                || groups.get(gi + 1).map(|g| hash(next_first, g)),
             );
             hashed = next;
-            let t = t?;
-            tally.parts += t.parts;
-            tally.reused += t.reused;
-            tally.bytes_stored += t.bytes_stored;
-            keys.extend(tensors.iter().map(|w| *w.key()));
-            drop(tensors);
+            let (t, unhashed_keys) = stored?;
+            tally = tally.plus(t);
+            let mut group_keys: Vec<Option<ContentHash>> = vec![None; group.len()];
+            for (i, w) in &hashed_now {
+                group_keys[*i] = Some(*w.key());
+            }
+            for ((i, _), k) in unhashed.iter().zip(unhashed_keys) {
+                group_keys[*i] = Some(k);
+            }
+            for (k, t) in group_keys.into_iter().zip(group.iter()) {
+                keys.push(k.ok_or_else(|| {
+                    ModelError::Inconsistent(format!("tensor {:?} got no key", t.name))
+                })?);
+            }
+            drop((hashed_now, unhashed));
             source.release(group);
             (self.progress)(group.iter().map(|t| t.len as u64).sum());
+            first = next_first;
         }
         Ok((keys, tally))
     }
@@ -547,8 +622,8 @@ impl<'a> Adder<'a> {
             self.cancelled()?;
             let (start, end) = (group.start, group.end);
             let sum: usize = ranges[start..end].iter().map(|r| r.len()).sum();
-            let weights: Vec<HashedWeight> = ranges[start..end]
-                .par_iter()
+            let weights: Vec<WeightTensor> = ranges[start..end]
+                .iter()
                 .map(|r| {
                     let mut meta = WeightMetadata::new(
                         format!("{}@{}", e.path, r.start),
@@ -557,29 +632,15 @@ impl<'a> Adder<'a> {
                     );
                     meta.model_name = Some(self.opts.name.to_string());
                     meta.layer_type = Some("blob".to_string());
-                    Ok(HashedWeight::new(WeightTensor::new(
-                        meta,
-                        bytes.slice(r.clone()),
-                    )?))
+                    Ok(WeightTensor::new(meta, bytes.slice(r.clone()))?)
                 })
                 .collect::<Result<_>>()?;
-            let plans: Vec<Plan> = weights
-                .par_iter()
-                .map(|w| {
-                    Ok(if self.store.exists(w.key())? {
-                        Plan::Reused
-                    } else {
-                        Plan::Full
-                    })
-                })
-                .collect::<Result<_>>()?;
-            let t = self.write_group(&weights, plans, false)?;
-            tally.parts += t.parts;
-            tally.reused += t.reused;
-            tally.bytes_stored += t.bytes_stored;
-            chunks.extend(weights.iter().map(|w| BlobChunk {
-                key: *w.key(),
-                len: w.weight().nbytes() as u64,
+            // A chunk is stored or found present: no delta, so no hash is needed first.
+            let (t, keys) = self.write_unhashed(&weights, false)?;
+            tally = tally.plus(t);
+            chunks.extend(weights.iter().zip(keys).map(|(w, key)| BlobChunk {
+                key,
+                len: w.nbytes() as u64,
             }));
             if let Some(m) = &map {
                 crate::source::release_pages(m, ranges[start].start, ranges[end - 1].end);
@@ -662,6 +723,52 @@ impl<'a> Adder<'a> {
         }
         self.report.bytes_stored = self.report.bytes_stored.saturating_add(tally.bytes_stored);
         Ok(tally)
+    }
+}
+
+impl Adder<'_> {
+    /// Stores weights whose keys are not known yet ([`Store::store_unhashed_batch`]): each is
+    /// new or already present. Counts into the report like [`Adder::write_group`]; returns the
+    /// group's own counts and the keys, in order.
+    fn write_unhashed(
+        &mut self,
+        weights: &[WeightTensor],
+        count_tensors: bool,
+    ) -> Result<(Tally, Vec<ContentHash>)> {
+        let mut tally = Tally {
+            parts: weights.len(),
+            ..Tally::default()
+        };
+        if weights.is_empty() {
+            return Ok((tally, Vec::new()));
+        }
+        let stored = self
+            .store
+            .store_unhashed_batch(weights)
+            .context("storing weights")?;
+        if stored.len() != weights.len() {
+            inconsistent!(
+                "store returned {} results for {} weights",
+                stored.len(),
+                weights.len()
+            );
+        }
+        for s in &stored {
+            self.seen.insert(s.key);
+            if s.new {
+                // A later failure of this add removes it again.
+                self.written.weights.push(s.key);
+                self.report.new += usize::from(count_tensors);
+                tally.bytes_stored = tally.bytes_stored.saturating_add(s.stored_bytes);
+            } else {
+                tally.reused += 1;
+            }
+        }
+        if count_tensors {
+            self.report.reused += tally.reused;
+        }
+        self.report.bytes_stored = self.report.bytes_stored.saturating_add(tally.bytes_stored);
+        Ok((tally, stored.into_iter().map(|s| s.key).collect()))
     }
 }
 

@@ -293,6 +293,14 @@ impl WeightStore for NoManifests {
     fn close(&mut self) -> coral_store_api::Result<()> {
         self.inner.close()
     }
+    fn defer_commits(&self) -> coral_store_api::Result<()> {
+        self.leases.lock().unwrap().push("defer commits".to_owned());
+        Ok(())
+    }
+    fn commit_deferred(&self) -> coral_store_api::Result<()> {
+        self.leases.lock().unwrap().push("commit".to_owned());
+        Ok(())
+    }
 }
 
 impl DeltaStore for NoManifests {
@@ -391,6 +399,17 @@ fn a_failed_add_leaves_the_store_as_it_was() {
     )
     .unwrap_err();
     assert!(e.one_line().contains("read-only"), "{}", e.one_line());
+    // Each add (the one that worked and the one that failed) commits once, at its end.
+    assert_eq!(
+        store.log(),
+        [
+            "take shared:add",
+            "defer commits",
+            "commit",
+            "give shared:add"
+        ]
+        .repeat(2)
+    );
     assert_eq!(store.list_weights().unwrap(), weights);
     assert!(store.list_deltas().unwrap().is_empty());
     assert_eq!(store.list_manifests().unwrap(), vec![name("base")]);
@@ -426,7 +445,16 @@ fn a_failed_add_on_a_shared_store_leaves_what_it_stored_for_gc() {
     assert_eq!(store.list_weights().unwrap().len(), 2);
     assert!(store.list_manifests().unwrap().is_empty());
     // The add held a shared lease, and gave it back.
-    assert_eq!(store.log(), ["take shared:add", "give shared:add"]);
+    // One commit, after the failure too, inside the lease.
+    assert_eq!(
+        store.log(),
+        [
+            "take shared:add",
+            "defer commits",
+            "commit",
+            "give shared:add"
+        ]
+    );
     // gc keeps them while they are young, removes them after.
     *store.young.lock().unwrap() = store.list_weights().unwrap().into_iter().collect();
     let g = gc(&store, false).unwrap();
@@ -747,4 +775,72 @@ fn a_damaged_blob_fails_the_folder_export_and_leaves_nothing() {
         "{:?}",
         v.failures
     );
+}
+
+/// Tensors with no counterpart in the reference go to the store unhashed: a repeat within the
+/// file, a tensor another model stored, and new ones are told apart by the store; tensors the
+/// reference has are hashed first and delta-coded. Every model exports as it was added, on
+/// the memory store and on HDF5.
+#[test]
+fn unhashed_and_planned_tensors_count_and_export_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let hdf5 = coral_hdf5::HDF5Store::open(
+        dir.path().join("s.h5"),
+        coral_hdf5::HDF5StoreOptions::new().chunk_bytes(4096),
+    )
+    .unwrap();
+    let memory = MemoryStore::new();
+    let stores: [&dyn Store; 2] = [&memory, &hdf5];
+    for store in stores {
+        let base = vec![
+            ("a", vec![2048], smooth(2048, 0.0)),
+            ("b", vec![16, 8], smooth(128, 1.0)),
+            ("tied", vec![2048], smooth(2048, 0.0)),
+        ];
+        let p = model_file(dir.path(), "base.safetensors", &base);
+        let r = add(
+            store,
+            &SourceFile::open(&p).unwrap(),
+            &opts("base", None),
+            &|_| {},
+        )
+        .unwrap();
+        // "tied" repeats "a": stored once.
+        assert_eq!((r.new, r.reused, r.delta_coded), (2, 1, 0), "{r:?}");
+        assert!(r.bytes_stored > 0);
+        // The same file again with no reference: every tensor is found in the store.
+        let r = add(
+            store,
+            &SourceFile::open(&p).unwrap(),
+            &opts("again", None),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!((r.new, r.reused, r.bytes_stored), (0, 3, 0), "{r:?}");
+        // A fine-tune against base: "a" changed (a delta), "b" is the same, "c" is new.
+        let mut ft = base.clone();
+        ft[0].2 = ft[0].2.iter().map(|v| v + 1e-4).collect();
+        ft.push(("c", vec![300], smooth(300, 5.0)));
+        let q = model_file(dir.path(), "ft.safetensors", &ft);
+        let r = add(
+            store,
+            &SourceFile::open(&q).unwrap(),
+            &opts("ft", Some("base")),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            (r.tensors, r.new + r.reused + r.delta_coded),
+            (4, 4),
+            "{r:?}"
+        );
+        assert_eq!((r.reused, r.delta_coded), (2, 1), "{r:?}");
+        for (model, file) in [("base", &p), ("again", &p), ("ft", &q)] {
+            let got = export_bytes(store, model, dir.path(), "safetensors");
+            assert!(
+                got == std::fs::read(file).unwrap(),
+                "{model} exports as added"
+            );
+        }
+    }
 }

@@ -159,6 +159,39 @@ pub trait WeightStore: Send + Sync + std::fmt::Debug {
         weights.iter().map(|w| self.store_hashed(w)).collect()
     }
 
+    /// Stores many weights whose hashes are not known yet, in order, keyed by
+    /// [`hash_algorithm`](Self::hash_algorithm); returns what each store did, in the same order
+    /// (`new: false` for a weight the store had, or one repeated earlier in the batch). By
+    /// default the weights are hashed on every core, then stored as a
+    /// [`store_hashed_batch`](Self::store_hashed_batch); the HDF5 store hashes inside its
+    /// pipeline instead, overlapped with compressing and writing the weights hashed before.
+    /// All or nothing where the backend can.
+    fn store_unhashed_batch(&self, weights: &[WeightTensor]) -> Result<Vec<Stored>> {
+        use rayon::prelude::*;
+        let algorithm = self.hash_algorithm();
+        let hashed: Vec<HashedWeight> = weights
+            .par_iter()
+            .map(|w| HashedWeight::with_algorithm(w.clone(), algorithm))
+            .collect();
+        self.store_hashed_batch(&hashed)
+    }
+
+    /// Holds back commits until the matching [`commit_deferred`](Self::commit_deferred): the
+    /// writes in between, from any thread, become durable (and visible to other processes)
+    /// together, in one commit, and a crash before it loses them all. Calls nest. By default
+    /// nothing is held: a backend whose writes are each their own object (S3, memory) has no
+    /// commit to save. The HDF5 store commits by closing and reopening its file, with
+    /// several syncs; an add makes one commit instead of one per batch.
+    fn defer_commits(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Ends a [`defer_commits`](Self::defer_commits): the outermost one commits what was
+    /// written since it. Also call it after a failure, to commit what the caller undid.
+    fn commit_deferred(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The seed's `store_batch`: many weights, given as (name, weight); returns name → key.
     fn store_batch(
         &self,

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -55,6 +55,11 @@ pub struct HDF5Store {
     /// locations under the mutex and the chunks themselves outside it checks that it did not
     /// change in between (see [`HDF5Store::load_full`]).
     pub(crate) space_epoch: AtomicU64,
+    /// Open [`WeightStore::defer_commits`] calls: while above 0, [`HDF5Store::flush`] only
+    /// notes (in `uncommitted`) that there is something to commit.
+    pub(crate) deferred: AtomicUsize,
+    /// A flush was held back since the outermost `defer_commits`.
+    pub(crate) uncommitted: AtomicBool,
     /// The file's bytes for the checked string reader, opened on first use (`crate::vlen`).
     pub(crate) raw: std::sync::OnceLock<Option<crate::vlen::RawFile>>,
     /// What reads did, for tests (`test_hooks`).
@@ -158,6 +163,8 @@ impl HDF5Store {
             opts,
             inner: Mutex::new(Some(inner)),
             space_epoch: AtomicU64::new(0),
+            deferred: AtomicUsize::new(0),
+            uncommitted: AtomicBool::new(false),
             raw: std::sync::OnceLock::new(),
             #[cfg(feature = "testing")]
             test_counters: test_hooks::Counters::default(),
@@ -323,6 +330,36 @@ impl WeightStore for HDF5Store {
             Some(m) => Ok(Some(m)),
             None => self.delta_metadata(key),
         }
+    }
+
+    /// Hashes inside the pipeline: while one thread hashes a large weight, the others
+    /// compress (and this thread writes) the weights hashed before it.
+    fn store_unhashed_batch(&self, weights: &[WeightTensor]) -> Result<Vec<Stored>> {
+        let items: Vec<(&WeightTensor, KeyGiven)> =
+            weights.iter().map(|w| (w, KeyGiven::Compute)).collect();
+        self.store_many(&items)
+    }
+
+    fn defer_commits(&self) -> Result<()> {
+        // Under the mutex, so that no flush is half-way through while the count changes.
+        self.with(|_| {
+            self.deferred.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+
+    fn commit_deferred(&self) -> Result<()> {
+        self.with(|inner| {
+            let before = self
+                .deferred
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
+                .unwrap_or(0);
+            if before == 1 && self.uncommitted.swap(false, Ordering::SeqCst) {
+                commit_reopen(&self.path, &self.opts, inner)
+            } else {
+                Ok(())
+            }
+        })
     }
 
     fn store_hashed_batch(&self, weights: &[HashedWeight]) -> Result<Vec<Stored>> {

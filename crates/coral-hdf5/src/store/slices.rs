@@ -214,13 +214,16 @@ impl HDF5Store {
             let mut next: Option<Result<Rows>> = None;
             let mut written = Ok(());
             // Not a `join`: the sink need not be `Send`, so it is written on this thread while
-            // the next window is read on the pool. Nothing here holds the store's lock.
+            // the window is hashed and the next one read on the pool (the hash, one SHA-256
+            // stream, would otherwise add its time to the writes'). Nothing here holds the
+            // store's lock.
             rayon::in_place_scope(|s| {
                 if next_start < n {
                     let next = &mut next;
                     s.spawn(move |_| *next = Some(self.read_rows(key, &mut window(next_start))));
                 }
-                hasher.update(&current);
+                let (hasher, data) = (&mut hasher, &current);
+                s.spawn(move |_| hasher.update(data));
                 written = sink.write_all(&current);
             });
             written.map_err(|e| slice::sink_error(key, e))?;

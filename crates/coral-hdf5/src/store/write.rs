@@ -163,8 +163,21 @@ impl HDF5Store {
         h5::delete_link(group, name).map_err(|e| self.err(e))
     }
 
-    /// Commits what this store wrote ([`commit_reopen`]). Call under the lock.
+    /// Commits what this store wrote ([`commit_reopen`]), or, while commits are deferred
+    /// ([`coral_store_api::WeightStore::defer_commits`]), notes that there is something to
+    /// commit. Call under the lock.
     pub(crate) fn flush(&self, inner: &mut Inner) -> Result<()> {
+        if self.deferred.load(Ordering::SeqCst) > 0 {
+            self.uncommitted.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        commit_reopen(&self.path, &self.opts, inner)
+    }
+
+    /// Commits now, deferred or not (compaction copies the committed file). Call under the
+    /// lock.
+    pub(crate) fn commit_now(&self, inner: &mut Inner) -> Result<()> {
+        self.uncommitted.store(false, Ordering::SeqCst);
         commit_reopen(&self.path, &self.opts, inner)
     }
 

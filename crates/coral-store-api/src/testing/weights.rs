@@ -35,6 +35,8 @@ pub fn checks<H: Harness>() -> Vec<Check<H>> {
         ("weights::metadata_without_data", metadata_without_data::<H>),
         ("weights::batches", batches::<H>),
         ("weights::hashed_weights", hashed_weights::<H>),
+        ("weights::unhashed_batches", unhashed_batches::<H>),
+        ("weights::deferred_commits", deferred_commits::<H>),
         ("weights::integrity_strict", integrity_strict::<H>),
         ("weights::integrity_lenient", integrity_lenient::<H>),
         ("weights::concurrent_use", concurrent_use::<H>),
@@ -717,6 +719,67 @@ pub fn hashed_weights<H: Harness>(h: &H) {
         .load_hashed(&absent)
         .expect("load_hashed absent")
         .is_none());
+}
+
+/// `store_unhashed_batch` keys each weight by its SHA-256 hash and says what it wrote, in
+/// order: a weight the store had and a repeat within the batch are not new, and take no bytes.
+pub fn unhashed_batches<H: Harness>(h: &H) {
+    let store = h.open(true);
+    assert!(store
+        .store_unhashed_batch(&[])
+        .expect("empty batch")
+        .is_empty());
+    let a = sample_tensor("a", DType::F32, &[300, 7], 911);
+    let b = sample_tensor("b", DType::BF16, &[1 << 16], 912);
+    let c = sample_tensor("c", DType::I8, &[0], 913);
+    let had = store.store(&a).expect("store a");
+    let batch = store
+        .store_unhashed_batch(&[b.clone(), a.clone(), c.clone(), b.clone()])
+        .expect("store_unhashed_batch");
+    let keys: Vec<ContentHash> = batch.iter().map(|s| s.key).collect();
+    let want = vec![b.compute_hash(), had, c.compute_hash(), b.compute_hash()];
+    assert_eq!(keys, want, "keys are SHA-256 hashes, in order");
+    let news: Vec<bool> = batch.iter().map(|s| s.new).collect();
+    assert_eq!(news, vec![true, false, true, false], "{batch:?}");
+    assert!(batch[0].stored_bytes > 0, "{batch:?}");
+    assert!(
+        batch[1].stored_bytes == 0 && batch[3].stored_bytes == 0,
+        "{batch:?}"
+    );
+    for (w, k) in [(&b, keys[0]), (&c, keys[2])] {
+        let back = store.load(&k).expect("load").expect("present");
+        assert_same_tensor(&back, w, "unhashed batch");
+    }
+}
+
+/// Writes between `defer_commits` and `commit_deferred` (nested too) are all there after it,
+/// and after the store is opened again; a `commit_deferred` with nothing deferred is harmless.
+pub fn deferred_commits<H: Harness>(h: &H) {
+    let store = h.open(true);
+    store
+        .commit_deferred()
+        .expect("commit_deferred with nothing deferred");
+    store.defer_commits().expect("defer_commits");
+    let a = store_and_check(&store, &sample_tensor("a", DType::F32, &[40, 3], 921));
+    store.defer_commits().expect("nested defer_commits");
+    let b = store_and_check(&store, &sample_tensor("b", DType::F16, &[17], 922));
+    store.commit_deferred().expect("inner commit_deferred");
+    assert!(store.delete(&a).expect("delete a while deferred"));
+    let c = store_and_check(&store, &sample_tensor("c", DType::U8, &[5, 5], 923));
+    store.commit_deferred().expect("outer commit_deferred");
+    assert_eq!(store.list_weights().expect("list"), sorted(vec![b, c]));
+    let Some(store) = h.reopen(store) else {
+        return;
+    };
+    assert_eq!(
+        store.list_weights().expect("list after reopen"),
+        sorted(vec![b, c])
+    );
+}
+
+fn sorted(mut keys: Vec<ContentHash>) -> Vec<ContentHash> {
+    keys.sort();
+    keys
 }
 
 /// Checks `load_rows`, `load_byte_range` and `load_into` of `key` against `w` (its whole data,
