@@ -1,5 +1,6 @@
 //! The last line of defence against a damaged store: a command on a local store runs in a
-//! child process (the `coral` binary itself, re-executed with [`CHILD_FLAG`]), so a crash inside
+//! child process (a fork of this one, [`fork_child`]; or, where this process already has
+//! threads, the `coral` binary itself, re-executed with [`CHILD_FLAG`]), so a crash inside
 //! libhdf5 on bytes it trusts becomes a one-line report instead of a signal. A writing command
 //! that crashes leaves its journal behind, and the next open rolls the store back to its last
 //! commit, as after any killed writer.
@@ -12,6 +13,7 @@
 //! concerns only the child, which then stops quietly with status 141 (`src/main.rs`).
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
@@ -92,6 +94,70 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
+/// Forks: the child returns `Ok(None)` and runs the command itself; the parent waits for it
+/// (passing SIGINT, SIGTERM and SIGHUP on) and returns how it ended. Only while this process
+/// has one thread (a fork copies the calling thread alone, so a lock another thread held would
+/// stay held in the child for ever), which `/proc/self/task` tells; `Err` otherwise, or when
+/// the fork fails, and the caller then runs the binary again with [`run_child`]. A fork costs
+/// a fraction of a millisecond; running the binary again, 6 to 10 ms here (libhdf5 and the
+/// libraries it links are loaded and relocated a second time), on every command.
+pub fn fork_child() -> Result<Option<Outcome>> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .context("counting this process's threads")?
+        .count();
+    if threads != 1 {
+        anyhow::bail!("{threads} threads: not forking");
+    }
+    // Nothing buffered may be written twice.
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: this process has one thread (checked above), so the child gets every lock in
+    // the state this thread left it.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).context("forking");
+    }
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(wait_forwarding(pid)))
+}
+
+/// Waits for the child `pid`, passing SIGINT, SIGTERM and SIGHUP on to it.
+fn wait_forwarding(pid: libc::pid_t) -> Outcome {
+    CHILD.store(pid, Ordering::SeqCst);
+    forward_signals();
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: waiting for our own child, with a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            CHILD.store(0, Ordering::SeqCst);
+            return Outcome::Exited(1);
+        }
+    }
+    CHILD.store(0, Ordering::SeqCst);
+    if libc::WIFEXITED(status) {
+        Outcome::Exited(u8::try_from(libc::WEXITSTATUS(status)).unwrap_or(1))
+    } else {
+        Outcome::Signaled(libc::WTERMSIG(status))
+    }
+}
+
+/// Installs [`forward`] for SIGINT, SIGTERM and SIGHUP.
+fn forward_signals() {
+    let handler = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only reads an atomic and calls kill(2), both async-signal-safe.
+    unsafe {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, handler);
+        }
+    }
+}
+
 /// Runs `exe` with [`CHILD_FLAG`] and then `args` (the parent's own arguments), with the
 /// parent's stdio and environment, and waits for it, passing SIGINT, SIGTERM and SIGHUP on.
 pub fn run_child(exe: &Path, args: &[OsString]) -> Result<Outcome> {
@@ -101,13 +167,7 @@ pub fn run_child(exe: &Path, args: &[OsString]) -> Result<Outcome> {
         .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
     CHILD.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
-    let handler = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only reads an atomic and calls kill(2), both async-signal-safe.
-    unsafe {
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::signal(sig, handler);
-        }
-    }
+    forward_signals();
     let status = child.wait();
     CHILD.store(0, Ordering::SeqCst);
     let status = status.with_context(|| format!("waiting for {}", exe.display()))?;
@@ -142,6 +202,20 @@ mod tests {
         );
         let pipe = Outcome::Signaled(libc::SIGPIPE);
         assert_eq!((pipe.message("s.h5"), pipe.exit_status()), (None, 141));
+    }
+
+    /// The test harness runs tests on threads of their own, so this process has several
+    /// threads here: the fork is refused (the caller runs the binary again instead). A forked
+    /// child of a one-thread process is tested end to end in `tests/tests/cli.rs`.
+    #[test]
+    fn no_fork_with_other_threads() {
+        let t = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(200)));
+        let e = fork_child()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("threads"), "{e}");
+        let _ = t.join();
     }
 
     #[test]

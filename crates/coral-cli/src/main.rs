@@ -414,16 +414,24 @@ fn uses_a_file_store(cli: &Cli) -> bool {
     }
 }
 
-/// Runs this command in a child process (this binary again, with the hidden flag) and relays
-/// how it ended; `None` when no child could be started (the command then runs here).
+/// Runs this command in a child process (a fork of this one, else this binary again with the
+/// hidden flag) and relays how it ended; `None` in the forked child, which runs the command,
+/// and when no child could be started (the command then runs here).
 fn relay(cli: &Cli) -> Option<ExitCode> {
-    let exe = std::env::current_exe()
-        .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
-        .ok()?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let outcome = guard::run_child(&exe, &args)
-        .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
-        .ok()?;
+    let outcome = match guard::fork_child() {
+        Ok(None) => return None,
+        Ok(Some(outcome)) => outcome,
+        Err(e) => {
+            tracing::debug!(error = %e, "not forking; running the binary again");
+            let exe = std::env::current_exe()
+                .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
+                .ok()?;
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            guard::run_child(&exe, &args)
+                .map_err(|e| tracing::debug!(error = %e, "running unguarded"))
+                .ok()?
+        }
+    };
     if let Some(m) = outcome.message(&cli.store) {
         report(cli.json, &anyhow!(m), outcome.exit_status());
     }

@@ -462,8 +462,11 @@ pub fn create_group(loc: hid_t, name: &str, heap_hint: usize) -> Result<Hid, H5E
 
 /// A file creation property list with wide symbol-table nodes (128 links per leaf instead of
 /// 8), so groups split their nodes, a multi-node metadata update, far less often; narrow
-/// chunk-index nodes (8 chunks per node instead of 64): most weights have one to a few chunks,
-/// and HDF5 allocates every node whole (about 2.5 KiB per weight saved); and persistent
+/// chunk-index nodes (4 chunks per node instead of 64): most weights have one to a few chunks,
+/// and HDF5 allocates every node whole (about 2.6 KiB per weight saved; against 8 per node,
+/// 140 bytes a weight, 14.6 KB of all-MiniLM-L6-v2's store). Not 2 per node (K = 1): HDF5
+/// 1.10.8 fails to split such nodes ("unable to encode node level") past a few hundred
+/// chunks; K = 2 was tested to 12,000 (`tests/slices.rs`). And persistent
 /// free-space tracking (`H5F_FSPACE_STRATEGY_FSM_AGGR`, persist, threshold 1): space freed by a
 /// delete is recorded in the file when it closes and reused by later writes after it is opened
 /// again (without it HDF5 forgets free space at close, and the file only grows). HDF5 writes
@@ -482,7 +485,7 @@ pub fn make_fcpl(persistent_free_space: bool) -> Result<Hid, H5Error> {
         check(hdf5_sys::h5p::H5Pset_sym_k(p.id(), 16, 16), || {
             "sym_k".into()
         })?;
-        check(hdf5_sys::h5p::H5Pset_istore_k(p.id(), 4), || {
+        check(hdf5_sys::h5p::H5Pset_istore_k(p.id(), 2), || {
             "istore_k".into()
         })?;
         if persistent_free_space {

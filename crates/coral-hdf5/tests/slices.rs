@@ -492,3 +492,23 @@ proptest! {
         prop_assert!(sink[..] == full.data()[..]);
     }
 }
+
+/// A weight of 12,000 chunks (a chunk index many levels deep, with Coral's narrow index
+/// nodes) stores, loads whole and in rows, and survives the store being opened again.
+#[test]
+fn a_weight_of_many_chunks_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = sample_tensor("many", DType::F32, &[12_000, 1024], 77);
+    let key = {
+        let store = open(&dir, "many.h5", small_chunks());
+        store.store(&w).unwrap()
+    };
+    let store = open(&dir, "many.h5", small_chunks());
+    let back = store.load(&key).unwrap().unwrap();
+    assert!(back.data() == w.data(), "whole load differs");
+    let rows = store.load_rows(&key, 5_999..6_003).unwrap().unwrap();
+    assert!(
+        rows.data() == &w.data()[5_999 * 4096..6_003 * 4096],
+        "rows differ"
+    );
+}
