@@ -174,7 +174,9 @@ impl SourceRef<'_> {
 /// collector deletes what it stores or reuses before its manifest names it; a failed add there
 /// deletes nothing (another writer may already use what it stored: `coral gc` removes it after
 /// its grace period) and says how much it left. On a store with one writer at a time (HDF5,
-/// memory) a failed add removes what it wrote.
+/// memory) a failed add removes what it wrote. The whole add is one commit
+/// ([`coral_store_api::WeightStore::defer_commits`]): on HDF5 a crash part-way leaves the store
+/// as it was before the add.
 pub fn add<'a>(
     store: &dyn Store,
     source: impl Into<SourceRef<'a>>,
