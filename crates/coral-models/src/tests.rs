@@ -797,38 +797,29 @@ fn unhashed_and_planned_tensors_count_and_export_alike() {
             ("b", vec![16, 8], smooth(128, 1.0)),
             ("tied", vec![2048], smooth(2048, 0.0)),
         ];
+        let add_as = |file: &Path, model: &str, reference: Option<&str>| {
+            add(
+                store,
+                &SourceFile::open(file).unwrap(),
+                &opts(model, reference),
+                &|_| {},
+            )
+            .unwrap()
+        };
         let p = model_file(dir.path(), "base.safetensors", &base);
-        let r = add(
-            store,
-            &SourceFile::open(&p).unwrap(),
-            &opts("base", None),
-            &|_| {},
-        )
-        .unwrap();
+        let r = add_as(&p, "base", None);
         // "tied" repeats "a": stored once.
         assert_eq!((r.new, r.reused, r.delta_coded), (2, 1, 0), "{r:?}");
         assert!(r.bytes_stored > 0);
         // The same file again with no reference: every tensor is found in the store.
-        let r = add(
-            store,
-            &SourceFile::open(&p).unwrap(),
-            &opts("again", None),
-            &|_| {},
-        )
-        .unwrap();
+        let r = add_as(&p, "again", None);
         assert_eq!((r.new, r.reused, r.bytes_stored), (0, 3, 0), "{r:?}");
         // A fine-tune against base: "a" changed (a delta), "b" is the same, "c" is new.
         let mut ft = base.clone();
         ft[0].2 = ft[0].2.iter().map(|v| v + 1e-4).collect();
         ft.push(("c", vec![300], smooth(300, 5.0)));
         let q = model_file(dir.path(), "ft.safetensors", &ft);
-        let r = add(
-            store,
-            &SourceFile::open(&q).unwrap(),
-            &opts("ft", Some("base")),
-            &|_| {},
-        )
-        .unwrap();
+        let r = add_as(&q, "ft", Some("base"));
         assert_eq!(
             (r.tensors, r.new + r.reused + r.delta_coded),
             (4, 4),

@@ -68,7 +68,9 @@ fn a_failed_add_leaves_what_it_stored_until_gc_finds_it_old() {
         let opts = |name: &str, cancel| AddOptions {
             name: ModelName::new(name).unwrap(),
             reference: coral_models::Reference::None,
-            group_bytes: 4096,
+            // A tensor stored unhashed counts for an eighth of its bytes: each 4 KB tensor is
+            // a group of its own.
+            group_bytes: 512,
             cancel,
             wait: Duration::from_secs(10),
         };
