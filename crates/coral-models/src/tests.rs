@@ -370,6 +370,14 @@ impl ManifestStore for NoManifests {
     }
 }
 
+/// What an add does to [`NoManifests`]' log: a shared lease around one deferred commit.
+const ADD_LOG: [&str; 4] = [
+    "take shared:add",
+    "defer commits",
+    "commit",
+    "give shared:add",
+];
+
 #[test]
 fn a_failed_add_leaves_the_store_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
@@ -400,16 +408,7 @@ fn a_failed_add_leaves_the_store_as_it_was() {
     .unwrap_err();
     assert!(e.one_line().contains("read-only"), "{}", e.one_line());
     // Each add (the one that worked and the one that failed) commits once, at its end.
-    assert_eq!(
-        store.log(),
-        [
-            "take shared:add",
-            "defer commits",
-            "commit",
-            "give shared:add"
-        ]
-        .repeat(2)
-    );
+    assert_eq!(store.log(), ADD_LOG.repeat(2));
     assert_eq!(store.list_weights().unwrap(), weights);
     assert!(store.list_deltas().unwrap().is_empty());
     assert_eq!(store.list_manifests().unwrap(), vec![name("base")]);
@@ -444,17 +443,9 @@ fn a_failed_add_on_a_shared_store_leaves_what_it_stored_for_gc() {
     // Nothing deleted: another writer may already use them.
     assert_eq!(store.list_weights().unwrap().len(), 2);
     assert!(store.list_manifests().unwrap().is_empty());
-    // The add held a shared lease, and gave it back.
-    // One commit, after the failure too, inside the lease.
-    assert_eq!(
-        store.log(),
-        [
-            "take shared:add",
-            "defer commits",
-            "commit",
-            "give shared:add"
-        ]
-    );
+    // The add held a shared lease, and gave it back; it committed once, after the failure
+    // too, inside the lease.
+    assert_eq!(store.log(), ADD_LOG);
     // gc keeps them while they are young, removes them after.
     *store.young.lock().unwrap() = store.list_weights().unwrap().into_iter().collect();
     let g = gc(&store, false).unwrap();
