@@ -968,11 +968,8 @@ impl WeightStore for S3Store {
 
     /// Hashes on the blocking pool, four at a time, then sends the batch as
     /// [`WeightStore::store_hashed_batch`] does.
-    fn store_batch(
-        &self,
-        weights: &[(String, WeightTensor)],
-    ) -> Result<BTreeMap<String, ContentHash>> {
-        let items: Vec<WeightTensor> = weights.iter().map(|(_, w)| w.clone()).collect();
+    fn store_unhashed_batch(&self, weights: &[WeightTensor]) -> Result<Vec<Stored>> {
+        let items: Vec<WeightTensor> = weights.to_vec();
         let hashed: Vec<HashedWeight> = self.run(async move {
             futures::stream::iter(items)
                 .map(|w| tokio::task::spawn_blocking(move || HashedWeight::new(w)))
@@ -981,12 +978,7 @@ impl WeightStore for S3Store {
                 .await
                 .map_err(|e| StoreError::backend("hashing a batch", e))
         })?;
-        let stored = self.store_hashed_batch(&hashed)?;
-        Ok(weights
-            .iter()
-            .zip(stored)
-            .map(|((name, _), s)| (name.clone(), s.key))
-            .collect())
+        self.store_hashed_batch(&hashed)
     }
 
     /// Sends the batch's new weights concurrently (duplicates once); a big batch lists what is

@@ -193,16 +193,13 @@ pub trait WeightStore: Send + Sync + std::fmt::Debug {
     }
 
     /// The seed's `store_batch`: many weights, given as (name, weight); returns name → key.
+    /// A [`store_unhashed_batch`](Self::store_unhashed_batch).
     fn store_batch(
         &self,
         weights: &[(String, WeightTensor)],
     ) -> Result<BTreeMap<String, ContentHash>> {
-        let algorithm = self.hash_algorithm();
-        let hashed: Vec<HashedWeight> = weights
-            .iter()
-            .map(|(_, w)| HashedWeight::with_algorithm(w.clone(), algorithm))
-            .collect();
-        let stored = self.store_hashed_batch(&hashed)?;
+        let plain: Vec<WeightTensor> = weights.iter().map(|(_, w)| w.clone()).collect();
+        let stored = self.store_unhashed_batch(&plain)?;
         Ok(weights
             .iter()
             .zip(stored)

@@ -6,7 +6,7 @@
 //! ranges and streamed loads that read only the chunks they need) and [`write`] (encoding,
 //! datasets, chunks, attributes, unlinks and flushes).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -368,23 +368,6 @@ impl WeightStore for HDF5Store {
             .map(|w| (w.weight(), KeyGiven::Known(*w.key())))
             .collect();
         self.store_many(&items)
-    }
-
-    /// Hashes inside the pipeline, overlapped with compression and writes.
-    fn store_batch(
-        &self,
-        weights: &[(String, WeightTensor)],
-    ) -> Result<BTreeMap<String, ContentHash>> {
-        let items: Vec<(&WeightTensor, KeyGiven)> = weights
-            .iter()
-            .map(|(_, w)| (w, KeyGiven::Compute))
-            .collect();
-        let stored = self.store_many(&items)?;
-        Ok(weights
-            .iter()
-            .zip(stored)
-            .map(|((n, _), s)| (n.clone(), s.key))
-            .collect())
     }
 
     fn load_hashed_batch(
