@@ -473,12 +473,12 @@ impl<'a> Adder<'a> {
             .map(|r| &all[r])
             .collect();
         // The candidates of a group are hashed while the group before it is stored.
-        let hash = |first: usize, group: &[SourceTensor]| -> Result<Vec<(usize, HashedWeight)>> {
+        let hash = |first: usize, group: &[SourceTensor]| -> Result<Vec<HashedWeight>> {
             group
                 .par_iter()
                 .enumerate()
                 .filter(|(i, _)| candidates[first + i])
-                .map(|(i, t)| Ok((i, HashedWeight::new(source.weight(t, &opts.name)?))))
+                .map(|(_, t)| Ok(HashedWeight::new(source.weight(t, &opts.name)?)))
                 .collect()
         };
         let mut first = 0;
@@ -486,25 +486,22 @@ impl<'a> Adder<'a> {
         for (gi, group) in groups.iter().enumerate() {
             self.cancelled()?;
             let next_first = first + group.len();
+            let is_candidate = &candidates[first..next_first];
             let hashed_now = hashed.take().unwrap_or_else(|| hash(first, group))?;
-            let unhashed: Vec<(usize, WeightTensor)> = group
+            let unhashed: Vec<WeightTensor> = group
                 .iter()
-                .enumerate()
-                .filter(|(i, _)| !candidates[first + i])
-                .map(|(i, t)| Ok((i, source.weight(t, &opts.name)?)))
+                .zip(is_candidate)
+                .filter(|(_, &c)| !c)
+                .map(|(t, _)| source.weight(t, &opts.name))
                 .collect::<Result<_>>()?;
             let plans: Vec<Plan> = hashed_now
                 .par_iter()
-                .map(|(_, w)| plan(self.store, &self.ref_tensors, w))
+                .map(|w| plan(self.store, &self.ref_tensors, w))
                 .collect::<Result<_>>()?;
             let (stored, next) = rayon::join(
                 || -> Result<(Tally, Vec<ContentHash>)> {
-                    let weights: Vec<HashedWeight> =
-                        hashed_now.iter().map(|(_, w)| w.clone()).collect();
-                    let a = self.write_group(&weights, plans, true)?;
-                    let plain: Vec<WeightTensor> =
-                        unhashed.iter().map(|(_, w)| w.clone()).collect();
-                    let (b, unhashed_keys) = self.write_unhashed(&plain, true)?;
+                    let a = self.write_group(&hashed_now, plans, true)?;
+                    let (b, unhashed_keys) = self.write_unhashed(&unhashed, true)?;
                     Ok((a.plus(b), unhashed_keys))
                 },
                 || groups.get(gi + 1).map(|g| hash(next_first, g)),
@@ -512,15 +509,16 @@ impl<'a> Adder<'a> {
             hashed = next;
             let (t, unhashed_keys) = stored?;
             tally = tally.plus(t);
-            let mut group_keys: Vec<Option<ContentHash>> = vec![None; group.len()];
-            for (i, w) in &hashed_now {
-                group_keys[*i] = Some(*w.key());
-            }
-            for ((i, _), k) in unhashed.iter().zip(unhashed_keys) {
-                group_keys[*i] = Some(k);
-            }
-            for (k, t) in group_keys.into_iter().zip(group.iter()) {
-                keys.push(k.ok_or_else(|| {
+            // The group's keys in file order: a candidate's from its hash, any other's from
+            // the store.
+            let (mut planned, mut other) = (hashed_now.iter(), unhashed_keys.into_iter());
+            for (t, &c) in group.iter().zip(is_candidate) {
+                let key = if c {
+                    planned.next().map(|w| *w.key())
+                } else {
+                    other.next()
+                };
+                keys.push(key.ok_or_else(|| {
                     ModelError::Inconsistent(format!("tensor {:?} got no key", t.name))
                 })?);
             }
