@@ -1472,6 +1472,12 @@ unsafe extern "C" fn j_write(
     let b = unsafe { std::slice::from_raw_parts(buf as *const u8, size) };
     let split = end.min(jf.committed_eof).max(addr);
     let head = (split - addr) as usize;
+    // Bytes that reach the file now (metadata below the committed size waits in memory).
+    let to_file = if head == 0 || t == H5FD_mem_t::H5FD_MEM_DRAW {
+        size
+    } else {
+        size - head
+    };
     let r = if head == 0 {
         pwrite_full(jf.fd, b, addr)
     } else if t == H5FD_mem_t::H5FD_MEM_DRAW {
@@ -1494,7 +1500,7 @@ unsafe extern "C" fn j_write(
     }
     jf.dirty = true;
     jf.eof = jf.eof.max(end);
-    jf.start_writeback(size as u64);
+    jf.start_writeback(to_file as u64);
     0
 }
 
