@@ -168,9 +168,12 @@ pub(crate) struct WriteBack {
 /// request and waits for it.
 #[derive(Debug)]
 struct Flusher {
-    /// Windows `(start, end)` for the thread (none when it could not start).
+    /// Windows `(start, end)` for the thread (none before the first window, or when it could
+    /// not start).
     windows: Option<std::sync::mpsc::SyncSender<(u64, u64)>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The thread was asked for (it starts once, at the first window).
+    started: bool,
 }
 
 impl Drop for Flusher {
@@ -184,29 +187,33 @@ impl Drop for Flusher {
 
 impl WriteBack {
     pub(crate) fn new(file: File) -> Self {
-        let (windows, thread) = match file.try_clone() {
-            Ok(f) => {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                let spawned = std::thread::Builder::new()
-                    .name("coral-write-back".to_owned())
-                    .spawn(move || write_back_windows(&f, rx));
-                match spawned {
-                    Ok(t) => (Some(tx), Some(t)),
-                    Err(_) => (None, None),
-                }
-            }
-            Err(_) => (None, None),
-        };
         WriteBack {
             file,
             pos: 0,
             queued: 0,
-            flusher: Flusher { windows, thread },
+            flusher: Flusher {
+                windows: None,
+                thread: None,
+                started: false,
+            },
         }
     }
 
-    /// Hands the bytes since `queued` to the write-back thread.
+    /// Hands the bytes since `queued` to the write-back thread, started at the first window (a
+    /// file smaller than one window, as most of a folder's are, starts none).
     fn write_back(&mut self) {
+        if !self.flusher.started {
+            self.flusher.started = true;
+            if let Ok(f) = self.file.try_clone() {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let spawned = std::thread::Builder::new()
+                    .name("coral-write-back".to_owned())
+                    .spawn(move || write_back_windows(&f, rx));
+                if let Ok(t) = spawned {
+                    (self.flusher.windows, self.flusher.thread) = (Some(tx), Some(t));
+                }
+            }
+        }
         if let Some(tx) = &self.flusher.windows {
             if tx.send((self.queued, self.pos)).is_err() {
                 self.flusher.windows = None;
