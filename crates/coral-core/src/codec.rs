@@ -170,7 +170,7 @@ impl CodecSpec {
                 2 => coral_float_codec::Kind::Bf16,
                 _ => coral_float_codec::Kind::Bytes,
             };
-            return coral_encode(kind, data);
+            return coral_encode(kind, data, 1);
         }
         if self.shuffle && element_size > 1 && self.codec != Codec::None {
             let shuffled = shuffle(data, element_size);
@@ -206,10 +206,16 @@ fn corrupt(codec: Codec, reason: impl fmt::Display) -> CoreError {
     }
 }
 
-/// Codes `data` with Coral's float codec as values of `kind`.
-pub fn coral_encode(kind: coral_float_codec::Kind, data: &[u8]) -> Result<Vec<u8>> {
+/// Codes `data` with Coral's float codec as values of `kind`, in rows of `row_values` (a
+/// tensor's dimensions after the first; 1 when unknown).
+pub fn coral_encode(
+    kind: coral_float_codec::Kind,
+    data: &[u8],
+    row_values: usize,
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    coral_float_codec::encode(kind, data, &mut out).map_err(|e| corrupt(Codec::Coral, e))?;
+    coral_float_codec::encode_rows(kind, data, row_values, &mut out)
+        .map_err(|e| corrupt(Codec::Coral, e))?;
     Ok(out)
 }
 
@@ -253,7 +259,7 @@ pub fn compress_raw(codec: Codec, data: &[u8]) -> Result<Vec<u8>> {
                 .map_err(|e| corrupt(codec, e))?;
             enc.compress(data).map_err(|e| corrupt(codec, e))
         }
-        Codec::Coral => coral_encode(coral_float_codec::Kind::Bytes, data),
+        Codec::Coral => coral_encode(coral_float_codec::Kind::Bytes, data, 1),
     }
 }
 

@@ -3,7 +3,7 @@
 //! prints the coded bytes, as Coral's HDF5 store chunks them (4 MiB of whole rows), and the
 //! single-thread coding and decoding rates.
 
-use coral_float_codec::{decode_into, encode, Kind, HEADER_BYTES};
+use coral_float_codec::{decode_into, encode_rows, Kind, HEADER_BYTES};
 use std::time::Instant;
 
 fn main() {
@@ -43,7 +43,7 @@ fn main() {
                 let mut c = chunk.to_vec();
                 c.resize(cb, 0);
                 let t0 = Instant::now();
-                encode(kind, &c, &mut frame).unwrap();
+                encode_rows(kind, &c, row / kind.size(), &mut frame).unwrap();
                 te += t0.elapsed().as_secs_f64();
                 let mut back = vec![0u8; c.len()];
                 let t1 = Instant::now();

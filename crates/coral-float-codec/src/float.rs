@@ -2,10 +2,12 @@
 //! "The Coral float codec", is the normative description).
 //!
 //! A value is split into sign `s`, exponent `e`, the top [`MT`] mantissa bits `m` and the low
-//! mantissa bits `r` (16 for f32, 3 for f16, none for bf16). Signs are a raw bitmap; `e` is
-//! coded with a table chosen by the running mean of the exponents before it; `m` with a table
-//! per exponent bucket; `r`, per block of [`BLOCK`] values, after a block level that says which
-//! of its low bits are all zero, coded or kept as raw bytes.
+//! mantissa bits `r` (16 for f32, 3 for f16, none for bf16). Signs are coded with an adaptive
+//! estimate per column, or kept as a bitmap; `e` is coded with a table chosen by a mean of the
+//! exponents before it in its row and its column; `m` with a table per exponent bucket; `r`,
+//! per block of [`BLOCK`] values, after a block level that says which of its low bits are all
+//! zero, coded or kept as raw bytes. Version 1 frames (no columns, signs as a bitmap) decode
+//! through the same code with one column.
 
 use crate::bits::{BitReader, BitWriter};
 use crate::rans::{self, Decoder, EncSymbol, Encoder, Table, PROB_SCALE};
@@ -20,6 +22,13 @@ pub(crate) const BLOCK: usize = 128;
 const E_CTX_FULL: usize = 32;
 /// Mantissa bits modelled per exponent bucket.
 const MT: u32 = 7;
+/// Columns the column models track at most (version 2): longer rows are one column.
+pub(crate) const MAX_COLS: usize = 1 << 20;
+
+/// How a frame keeps its signs (version 2; version 1 has only the first two, as a flag).
+const SIGNS_NONE: u32 = 0;
+const SIGNS_RAW: u32 = 1;
+const SIGNS_CODED: u32 = 2;
 
 /// The bit layout of a kind.
 #[derive(Debug, Clone, Copy)]
@@ -153,6 +162,27 @@ fn e_ctx_full(a: i32, e_base: i32) -> usize {
     (((a + 4) >> 3) - 2 * e_base + 16).clamp(0, E_CTX_FULL as i32 - 1) as usize
 }
 
+#[cfg(test)]
+mod ctx_tests {
+    use super::*;
+
+    #[test]
+    fn the_v2_context_is_the_mixed_means_context() {
+        for e_base in [0, 1, 60, 120, 127, 200, 255] {
+            for a in (0..=255 << 4).step_by(7) {
+                for col in (0..=255 << 4).step_by(13) {
+                    let mean = (5 * a + 3 * col) >> 3;
+                    assert_eq!(
+                        e_ctx_v2(a, col_term(col, e_base)),
+                        e_ctx_full(mean, e_base),
+                        "a {a} col {col} base {e_base}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The full contexts merged into `ne`, centred on the base.
 fn merge_map(ne: usize) -> [u8; E_CTX_FULL] {
     let mut m = [0u8; E_CTX_FULL];
@@ -166,6 +196,67 @@ fn merge_map(ne: usize) -> [u8; E_CTX_FULL] {
 #[inline(always)]
 fn ema(a: i32, e: u32) -> i32 {
     a + ((((e as i32) << 4) - a) >> 5)
+}
+
+/// The exponent context of version 2: [`e_ctx_full`] of a mean five eighths the row's
+/// running mean `a` and three eighths the column's `col` (a weight matrix's columns differ in
+/// scale as its rows do), `e_ctx_full(((5 * a + 3 * col) >> 3), e_base)`.
+///
+/// Computed as `(5a + k) >> 6` with `k` = [`col_term`], the same value (nested floor divisions
+/// compose): the column's part is ready long before `a` is, so the decoder's chain from one
+/// exponent to the next is no longer than version 1's.
+#[inline(always)]
+fn e_ctx_v2(a: i32, k: i32) -> usize {
+    ((5 * a + k) >> 6).clamp(0, E_CTX_FULL as i32 - 1) as usize
+}
+
+/// The column's part of [`e_ctx_v2`]: `3 * col + 32 + 64 * (16 - 2 * e_base)`.
+#[inline(always)]
+fn col_term(col: i32, e_base: i32) -> i32 {
+    3 * col + 32 + 64 * (16 - 2 * e_base)
+}
+
+/// The running mean of a column's exponents, in sixteenths: 1/16 of the way to each new one.
+#[inline(always)]
+fn col_ema(a: i32, e: u32) -> i32 {
+    a + ((((e as i32) << 4) - a) >> 4)
+}
+
+/// A column's sign model (version 2): two running estimates of P(sign = 1) in 1/65536, one
+/// fast (1/32 of the way to each sign) and one slow (1/256); their mean is the probability.
+#[derive(Debug, Clone, Copy)]
+struct SignModel {
+    fast: i32,
+    slow: i32,
+}
+
+impl SignModel {
+    const START: SignModel = SignModel {
+        fast: 1 << 15,
+        slow: 1 << 15,
+    };
+
+    /// The frequency of sign 1 out of [`PROB_SCALE`].
+    #[inline(always)]
+    fn f1(self) -> u32 {
+        (((self.fast + self.slow) >> 5) as u32).clamp(1, PROB_SCALE - 1)
+    }
+
+    /// Moves both estimates towards sign `s` (0 or 1): `p += (t - p) >> k`, `t` being 0 or
+    /// 65535 and the shift arithmetic (rounding down), so each stays within 0..=65535.
+    #[inline(always)]
+    fn update(&mut self, s: u32) {
+        let t = -(s as i32) & 0xffff;
+        self.fast += (t - self.fast) >> 5;
+        self.slow += (t - self.slow) >> 8;
+    }
+}
+
+/// The cost of a binary symbol of frequency `f` (out of [`PROB_SCALE`]), in 1/65536 bits.
+fn bit_costs() -> Vec<u32> {
+    (0..=PROB_SCALE)
+        .map(|f| (-(f.max(1) as f64 / f64::from(PROB_SCALE)).log2() * 65536.0) as u32)
+        .collect()
 }
 
 /// How the encoder codes a slot.
@@ -186,8 +277,9 @@ fn block(b: usize, n: usize, blocks: bool) -> (usize, usize) {
     }
 }
 
-/// Codes `data` (whole values of `kind`, any tail bytes kept raw) after the frame header.
-pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
+/// Codes `data` (whole values of `kind`, any tail bytes kept raw, rows of `cols` values, 1 to
+/// [`MAX_COLS`]) after a version 2 frame header.
+pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     let l = Layout::of(kind);
     let n = data.len() / l.bytes();
     let tail = &data[n * l.bytes()..];
@@ -223,6 +315,13 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     let mut h_r1 = vec![0u64; 2 * r1a];
     let mut h_r0 = vec![0u64; 256];
     let mut a = (e_base as i32) << 4;
+    let mut colm = vec![(e_base as i32) << 4; cols];
+    // The sign model's frequency of sign 1 for each value, and what coding them would cost.
+    let mut sm = vec![SignModel::START; if any_sign { cols } else { 0 }];
+    let mut sf = vec![0u16; if any_sign { n } else { 0 }];
+    let costs = bit_costs();
+    let mut sign_cost = 0u64;
+    let mut col = 0usize;
     for (b, level) in levels.iter_mut().enumerate() {
         let (lo, hi) = block(b, n, blocks);
         let z = if blocks {
@@ -237,11 +336,26 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
         for (i, slot) in ctx.iter_mut().enumerate().take(hi).skip(lo) {
             let v = l.load(data, i);
             let (e, m) = (l.exp(v), l.man(v));
-            let c = e_ctx_full(a, e_base as i32);
+            let cm = &mut colm[col];
+            let c = e_ctx_v2(a, col_term(*cm, e_base as i32));
             *slot = c as u8;
             h_e[c * ea + e as usize] += 1;
             a = ema(a, e);
+            *cm = col_ema(*cm, e);
             h_me[((e as usize) << MT) + m as usize] += 1;
+            if any_sign {
+                let s = v >> (l.width - 1);
+                let f1 = sm[col].f1();
+                sf[i] = f1 as u16;
+                // f1 for sign 1, PROB_SCALE - f1 for sign 0, without a branch.
+                let f = (PROB_SCALE - f1) ^ ((f1 ^ (PROB_SCALE - f1)) & s.wrapping_neg());
+                sign_cost += u64::from(costs[f as usize]);
+                sm[col].update(s);
+            }
+            col += 1;
+            if col == cols {
+                col = 0;
+            }
             if z < 2 {
                 let r = l.rest(v);
                 if l.two_bytes() {
@@ -276,6 +390,14 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     }
     let (_, ne, e_tables) = best_ne;
     let e_map = merge_map(ne);
+    // Signs: coded by column where that beats the bitmap by more than a word.
+    let sign_mode = if !any_sign {
+        SIGNS_NONE
+    } else if (sign_cost >> 16) + 32 < n as u64 {
+        SIGNS_CODED
+    } else {
+        SIGNS_RAW
+    };
 
     // Mantissa buckets: the most common exponents each get one, the rest share the last.
     let mut by_freq: Vec<usize> = (0..ea).filter(|&e| eh[e] > 0).collect();
@@ -335,11 +457,16 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     hdr.put(e_base as u32, l.ebits);
     hdr.put((ne - 1) as u32, 5);
     hdr.put((nb - 1) as u32, 4);
-    hdr.put(u32::from(any_sign), 1);
+    hdr.put(sign_mode, 2);
+    hdr.gamma(cols as u32);
     for &e in &owners {
         hdr.put(e as u32, l.ebits);
     }
-    let mut coded_symbols = 0u64;
+    let mut coded_symbols = if sign_mode == SIGNS_CODED {
+        n as u64
+    } else {
+        0
+    };
     for (slot, c) in counts.iter().enumerate() {
         let total: u64 = c.iter().sum();
         let (alpha, may_be_raw) = slots.alphabet(l, slot);
@@ -400,6 +527,9 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     // Pass 3 (backward): the rANS stream.
     // Each field has its state: Z and E state 0, M 1, R1 2, R0 3.
     let mut enc = Encoder::new(coded_symbols as usize);
+    if sign_mode == SIGNS_CODED {
+        enc.binary();
+    }
     let put = |enc: &mut Encoder, state: usize, slot: usize, v: u32| {
         if let SlotCode::Coded(t) = &codes[slot] {
             enc.put_sym(state, &t[v as usize]);
@@ -410,6 +540,9 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
         let z = u32::from(levels[b]);
         for i in (lo..hi).rev() {
             let v = l.load(data, i);
+            if sign_mode == SIGNS_CODED {
+                enc.put_bit(3, v >> (l.width - 1), u32::from(sf[i]));
+            }
             if z < 2 {
                 let r = l.rest(v);
                 if l.two_bytes() {
@@ -434,7 +567,7 @@ pub(crate) fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) {
     out.reserve(hdr.len() + signs.len() + raw.len() + tail.len() + words.len() * 2 + 32);
     out.extend_from_slice(&(hdr.len() as u32).to_le_bytes());
     out.extend_from_slice(&hdr);
-    if any_sign {
+    if sign_mode == SIGNS_RAW {
         out.extend_from_slice(&signs);
     }
     out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
@@ -509,8 +642,13 @@ fn get(
     }
 }
 
-/// Decodes a float body into `dst`.
-pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
+/// Decodes a float body of frame version `version` (1 or 2) into `dst`.
+pub(crate) fn decode(
+    kind: Kind,
+    version: u8,
+    body: &[u8],
+    dst: &mut [u8],
+) -> Result<(), CodecError> {
     let l = Layout::of(kind);
     let n = dst.len() / l.bytes();
     let ea = l.e_alpha();
@@ -518,13 +656,33 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
     let mut pos = 0;
     let hlen = take_u32(body, &mut pos, "table header length")? as usize;
     let hdr = take(body, &mut pos, hlen, "table header")?;
-    // The flag that says whether the signs are there: the header's bit E + 9.
-    let sign_bit = l.ebits as usize + 9;
-    let any_sign = hdr
-        .get(sign_bit / 8)
-        .is_some_and(|b| (b >> (sign_bit % 8)) & 1 == 1);
-    let zeros = vec![0u8; if any_sign { 0 } else { n.div_ceil(8) }];
-    let signs = if any_sign {
+    let v2 = version >= 2;
+    let mut h = BitReader::new(hdr);
+    let e_base = h.get(l.ebits) as i32;
+    let ne = h.get(5) as usize + 1;
+    let nb = h.get(4) as usize + 1;
+    // Version 1: a flag, the signs kept raw or all 0. Version 2: a mode, and the row length.
+    let (sign_mode, cols) = if v2 {
+        let mode = h.get(2);
+        let cols = h.gamma(20).unwrap_or(0) as usize;
+        if mode > SIGNS_CODED || cols == 0 || cols > MAX_COLS {
+            return Err(CodecError::corrupt(format!(
+                "sign mode {mode}, rows of {cols} values"
+            )));
+        }
+        (mode, cols)
+    } else {
+        (h.get(1), 1)
+    };
+    let zeros = vec![
+        0u8;
+        if sign_mode == SIGNS_RAW {
+            0
+        } else {
+            n.div_ceil(8)
+        }
+    ];
+    let signs = if sign_mode == SIGNS_RAW {
         take(body, &mut pos, n.div_ceil(8), "signs")?
     } else {
         &zeros[..]
@@ -551,11 +709,6 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
         return Err(CodecError::corrupt("odd length of the coded words"));
     }
 
-    let mut h = BitReader::new(hdr);
-    let e_base = h.get(l.ebits) as i32;
-    let ne = h.get(5) as usize + 1;
-    let nb = h.get(4) as usize + 1;
-    h.get(1); // the signs flag, read above
     let mut m_map = vec![(nb - 1) as u8; ea];
     for b in 0..nb - 1 {
         let e = h.get(l.ebits) as usize;
@@ -608,6 +761,9 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
     let mut dec = Decoder::new(states, words);
     let mut bad = false;
     let mut a = e_base << 4;
+    let mut colm = vec![e_base << 4; if v2 { cols } else { 0 }];
+    let mut sm = vec![SignModel::START; if sign_mode == SIGNS_CODED { cols } else { 0 }];
+    let mut col = 0usize;
     let outer = if blocks { n.div_ceil(BLOCK) } else { 1 };
     let shift_s = l.width - 1;
     for b in 0..outer {
@@ -620,9 +776,16 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
             2
         };
         for i in lo..hi {
-            let e =
-                get(e_src[e_ctx_full(a, e_base)], 0, &mut bad, &mut rb, &mut dec) & (ea as u32 - 1);
+            let ctx = if v2 {
+                e_ctx_v2(a, col_term(colm[col], e_base))
+            } else {
+                e_ctx_full(a, e_base)
+            };
+            let e = get(e_src[ctx], 0, &mut bad, &mut rb, &mut dec) & (ea as u32 - 1);
             a = ema(a, e);
+            if v2 {
+                colm[col] = col_ema(colm[col], e);
+            }
             let m = get(m_src[e as usize], 1, &mut bad, &mut rb, &mut dec) & 0x7f;
             let r = if z == 2 {
                 0
@@ -637,7 +800,18 @@ pub(crate) fn decode(kind: Kind, body: &[u8], dst: &mut [u8]) -> Result<(), Code
             } else {
                 get(r1_src[0], 2, &mut bad, &mut rb, &mut dec) & ((1 << l.rb) - 1)
             };
-            let s = u32::from(signs[i >> 3] >> (i & 7)) & 1;
+            let s = if sign_mode == SIGNS_CODED {
+                let model = &mut sm[col];
+                let s = dec.get_bit(3, model.f1());
+                model.update(s);
+                s
+            } else {
+                u32::from(signs[i >> 3] >> (i & 7)) & 1
+            };
+            col += 1;
+            if col == cols {
+                col = 0;
+            }
             l.store(dst, i, s << shift_s | e << l.mbits | m << l.rb | r);
         }
     }

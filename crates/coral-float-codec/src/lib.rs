@@ -2,26 +2,31 @@
 //! back bit for bit (NaN payloads, signed zeros, subnormals and all).
 //!
 //! Each value is split into its fields, and each field gets the model that suits it:
-//! - the **exponent**, rANS-coded with a table chosen by the running mean of the exponents
-//!   before it (a tensor's rows differ in scale);
-//! - the **sign**, kept as a raw bitmap (left out when every sign is 0, as in differences);
+//! - the **exponent**, rANS-coded with a table chosen by a mean of the exponents before it in
+//!   its row and in its column (a tensor's rows and columns differ in scale);
+//! - the **sign**, coded with a running estimate per column (a matrix's columns lean to one
+//!   sign), or kept as a bitmap when that would not pay, or left out when every sign is 0;
 //! - the **top seven mantissa bits**, coded with a table per exponent bucket (within a binade
 //!   the weights' density is not flat);
 //! - for f32 and f16 the **low mantissa bits**, per block of 128 values: a block whose low
 //!   bits are all zero (weights kept at lower precision) says so once and codes none of them;
 //!   the rest are coded bytewise, or kept raw when coding would not pay.
 //!
+//! Columns need the row length, which [`encode_rows`] takes (a tensor's dimensions after the
+//! first); [`encode`] knows none and codes rows of one value.
+//!
 //! The frame is described in `docs/format.md` ("The Coral float codec") precisely enough to
 //! decode it without this crate; HDF5 reads it as filter [`FILTER_ID`] (the `coral-h5plugin`
 //! crate is the plugin h5py loads).
 //!
 //! ```
-//! use coral_float_codec::{decode, encode, Kind};
+//! use coral_float_codec::{decode, encode_rows, Kind};
+//! // 64 rows of 64 values.
 //! let values: Vec<u8> = (0..4096u32)
 //!     .flat_map(|i| ((i as f32 * 0.37).sin() * 0.05).to_le_bytes())
 //!     .collect();
 //! let mut frame = Vec::new();
-//! encode(Kind::F32, &values, &mut frame).unwrap();
+//! encode_rows(Kind::F32, &values, 64, &mut frame).unwrap();
 //! assert!(frame.len() < values.len());
 //! let mut back = Vec::new();
 //! decode(&frame, &mut back).unwrap();
@@ -41,8 +46,8 @@ pub const FILTER_NAME: &str = "coral-float";
 
 /// Frame magic.
 pub const MAGIC: [u8; 2] = *b"CF";
-/// Frame format version.
-pub const VERSION: u8 = 1;
+/// The frame format version [`encode`] writes. [`decode`] reads this one and version 1.
+pub const VERSION: u8 = 2;
 /// Bytes of the frame header.
 pub const HEADER_BYTES: usize = 24;
 
@@ -118,15 +123,33 @@ pub const MAX_DECODED: u64 = 1 << 32;
 const MODE_STORED: u8 = 0;
 const MODE_FLOAT: u8 = 1;
 
-/// Codes `data` as values of `kind` into `out` (cleared first). Input too small or too random
-/// to gain is stored, so a frame is never more than [`HEADER_BYTES`] larger than its input.
+/// Codes `data` as values of `kind` into `out` (cleared first), with no row structure known
+/// ([`encode_rows`] with rows of one value).
 pub fn encode(kind: Kind, data: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    encode_rows(kind, data, 1, out)
+}
+
+/// Codes `data`, rows of `row_values` values of `kind` each (a tensor's trailing dimensions:
+/// the codec models columns as well as rows), into `out` (cleared first). Input too small or
+/// too random to gain is stored, so a frame is never more than [`HEADER_BYTES`] larger than its
+/// input. Rows of 0 or of more than 2^20 values are coded as rows of one.
+pub fn encode_rows(
+    kind: Kind,
+    data: &[u8],
+    row_values: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
     out.clear();
     let values = data.len() / kind.size();
     // The float body's lengths are u32: inputs above 4 GiB (no HDF5 chunk is) are stored.
     if kind != Kind::Bytes && values >= float::MIN_VALUES && data.len() <= u32::MAX as usize {
         header(out, MODE_FLOAT, kind, data);
-        float::encode(kind, data, out);
+        let cols = if (1..=float::MAX_COLS).contains(&row_values) {
+            row_values.min(values)
+        } else {
+            1
+        };
+        float::encode(kind, data, cols, out);
         if out.len() < HEADER_BYTES + data.len() {
             return Ok(());
         }
@@ -156,17 +179,18 @@ fn checksum(data: &[u8]) -> u64 {
 
 /// The decoded size a frame declares (checked against the frame's header only).
 pub fn decoded_len(frame: &[u8]) -> Result<u64, CodecError> {
-    Ok(parse_header(frame)?.2)
+    Ok(parse_header(frame)?.3)
 }
 
-fn parse_header(frame: &[u8]) -> Result<(u8, Kind, u64, u64), CodecError> {
+/// A frame header's version, mode, kind, decoded size and checksum.
+fn parse_header(frame: &[u8]) -> Result<(u8, u8, Kind, u64, u64), CodecError> {
     let h = frame.get(..HEADER_BYTES).ok_or_else(|| {
         CodecError::corrupt(format!("{} bytes, shorter than a header", frame.len()))
     })?;
     if h[..2] != MAGIC {
         return Err(CodecError::corrupt("bad magic"));
     }
-    if h[2] != VERSION {
+    if !(1..=VERSION).contains(&h[2]) {
         return Err(CodecError::corrupt(format!("unknown version {}", h[2])));
     }
     let kind = Kind::from_code(h[4])
@@ -176,7 +200,7 @@ fn parse_header(frame: &[u8]) -> Result<(u8, Kind, u64, u64), CodecError> {
         w.copy_from_slice(&h[at..at + 8]);
         u64::from_le_bytes(w)
     };
-    Ok((h[3], kind, word(8), word(16)))
+    Ok((h[2], h[3], kind, word(8), word(16)))
 }
 
 /// Decodes a frame into `out` (cleared first).
@@ -200,7 +224,7 @@ pub fn decode(frame: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
 
 /// Decodes a frame into `dst`, which must be exactly the frame's decoded size.
 pub fn decode_into(frame: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
-    let (mode, kind, n, check) = parse_header(frame)?;
+    let (version, mode, kind, n, check) = parse_header(frame)?;
     if n != dst.len() as u64 {
         return Err(CodecError::Size {
             got: n,
@@ -219,7 +243,7 @@ pub fn decode_into(frame: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
             }
             dst.copy_from_slice(body);
         }
-        MODE_FLOAT if kind != Kind::Bytes => float::decode(kind, body, dst)?,
+        MODE_FLOAT if kind != Kind::Bytes => float::decode(kind, version, body, dst)?,
         m => {
             return Err(CodecError::corrupt(format!(
                 "unknown mode {m} for kind {kind:?}"

@@ -249,6 +249,8 @@ pub struct Encoder {
     /// Words in reverse decoding order: the first `len` are written.
     words: Vec<u16>,
     len: usize,
+    /// `1 / f` for every frequency `f` ([`Encoder::put_bit`]), made on its first use.
+    inv: Vec<f64>,
 }
 
 impl Encoder {
@@ -258,6 +260,7 @@ impl Encoder {
             x: [RANS_L; STATES],
             words: vec![0; symbols + STATES],
             len: 0,
+            inv: Vec::new(),
         }
     }
 
@@ -277,6 +280,28 @@ impl Encoder {
         // whole number; the 2^-14 nudge makes whole quotients exact.
         let q = (f64::from(*x) * s.inv + 1.0 / 16384.0) as u32;
         *x = (q << PROB_BITS) + (*x - q * s.freq) + s.start;
+    }
+
+    /// Prepares [`Encoder::put_bit`]'s reciprocals.
+    pub fn binary(&mut self) {
+        self.inv = (0..=PROB_SCALE)
+            .map(|f| 1.0 / f64::from(f.max(1)))
+            .collect();
+    }
+
+    /// Codes a binary symbol `bit` on state `state` (after [`Encoder::binary`]), 1 having frequency `f1` (1 to
+    /// [`PROB_SCALE`] - 1) and coming after 0 in the table.
+    #[inline(always)]
+    pub fn put_bit(&mut self, state: usize, bit: u32, f1: u32) {
+        let f0 = PROB_SCALE - f1;
+        let (start, freq) = if bit != 0 { (f0, f1) } else { (0, f0) };
+        let s = EncSymbol {
+            x_max: u64::from((RANS_L >> PROB_BITS) << 16) * u64::from(freq),
+            inv: self.inv[freq as usize],
+            start,
+            freq,
+        };
+        self.put_sym(state, &s);
     }
 
     /// The final states and the words in decoding order.
@@ -316,7 +341,29 @@ impl<'a> Decoder<'a> {
         let freq = ((v >> 8) & 0xfff) + 1;
         let start = v >> 20;
         *x = freq * (*x >> PROB_BITS) + slot - start;
-        // Branch-free renormalisation: the next word is always read, and taken when due.
+        self.renormalise(state);
+        v & 0xff
+    }
+
+    /// Decodes a binary symbol on state `state`, as [`Encoder::put_bit`] coded it.
+    #[inline(always)]
+    pub fn get_bit(&mut self, state: usize, f1: u32) -> u32 {
+        let x = &mut self.x[state % STATES];
+        let slot = *x & (PROB_SCALE - 1);
+        let f0 = PROB_SCALE - f1;
+        let bit = u32::from(slot >= f0);
+        // (f0, f1) for 1, (0, f0) for 0, without a branch (the bit is a coin toss).
+        let mask = bit.wrapping_neg();
+        let (start, freq) = (f0 & mask, f0 ^ ((f0 ^ f1) & mask));
+        *x = freq * (*x >> PROB_BITS) + slot - start;
+        self.renormalise(state);
+        bit
+    }
+
+    /// Branch-free renormalisation: the next word is always read, and taken when due.
+    #[inline(always)]
+    fn renormalise(&mut self, state: usize) {
+        let x = &mut self.x[state % STATES];
         let w = match self.words.get(self.pos..self.pos + 2) {
             Some(b) => u32::from(u16::from_le_bytes([b[0], b[1]])),
             None => 0,
@@ -325,7 +372,6 @@ impl<'a> Decoder<'a> {
         self.overrun |= due & (self.pos + 2 > self.words.len());
         self.pos += 2 * usize::from(due);
         *x = if due { (*x << 16) | w } else { *x };
-        v & 0xff
     }
 
     /// True when every word was read and every state is back at its start: the stream was

@@ -11,19 +11,22 @@
 //! links no HDF5 of its own: the class structure is declared here as HDF5 1.8-2.x lay it out
 //! (`H5Z_class2_t`). `coral-hdf5` registers the same [`CLASS`] in its process.
 //!
-//! `cd_values`: `[format version (1), kind]`, the kind as [`coral_float_codec::Kind::code`]
-//! (1 bf16, 2 f16, 3 f32). Decoding needs neither: every frame names its kind.
+//! `cd_values`: `[format version, kind, row values]`: the version the writer codes (2; 1 in
+//! datasets written before the codec modelled columns), the kind as
+//! [`coral_float_codec::Kind::code`] (1 bf16, 2 f16, 3 f32), and the values in one row of a
+//! chunk (the product of the dataset's dimensions after the first; absent in version 1, read as
+//! 1). Decoding needs none of them: every frame names its kind and row length.
 //!
 //! ```
 //! // The filter's callback, as HDF5 calls it: code 4 KiB of f32 in place, then decode it.
 //! let data: Vec<u8> = (0..1024u32).flat_map(|i| (i as f32 * 1e-3).to_le_bytes()).collect();
-//! let coded = coral_h5plugin::apply(false, &[1, 3], &data).unwrap();
+//! let coded = coral_h5plugin::apply(false, &[2, 3, 32], &data).unwrap();
 //! assert_eq!(coral_h5plugin::apply(true, &[], &coded).unwrap(), data);
 //! ```
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
-use coral_float_codec::{Kind, FILTER_ID};
+use coral_float_codec::{CodecError, Kind, FILTER_ID};
 
 /// HDF5's `H5Z_class2_t`.
 #[repr(C)]
@@ -71,12 +74,25 @@ pub static CLASS: SyncClass = SyncClass(H5ZClass2 {
 /// HDF5's flag for the read direction.
 const H5Z_FLAG_REVERSE: c_uint = 0x0100;
 
-/// The filter's `cd_values` for values of `kind`: `[format version, kind code]`.
-pub fn cd_values(kind: Kind) -> Vec<u32> {
+/// The filter's `cd_values` for values of `kind` in rows of `row_values`: `[format version,
+/// kind code, row values]` (row values above `u32::MAX` are written as 1: the codec models rows
+/// of at most 2^20 values).
+pub fn cd_values(kind: Kind, row_values: usize) -> Vec<u32> {
     vec![
         u32::from(coral_float_codec::VERSION),
         u32::from(kind.code()),
+        u32::try_from(row_values).unwrap_or(1),
     ]
+}
+
+/// The row length `cd_values` name ([`cd_values`]); 1 when they name none.
+pub fn rows_of(cd: &[u32]) -> usize {
+    cd.get(2).map_or(1, |&r| r as usize)
+}
+
+/// Codes one chunk as the filter does on write: the kind and row length from `cd`.
+pub fn encode_chunk(cd: &[u32], data: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    coral_float_codec::encode_rows(kind_of(cd), data, rows_of(cd), out)
 }
 
 /// The kind `cd_values` name ([`cd_values`]); opaque bytes when they name none.
@@ -95,7 +111,7 @@ pub fn apply(reverse: bool, cd: &[u32], input: &[u8]) -> Option<Vec<u8>> {
     if reverse {
         coral_float_codec::decode(input, &mut out).ok()?;
     } else {
-        coral_float_codec::encode(kind_of(cd), input, &mut out).ok()?;
+        encode_chunk(cd, input, &mut out).ok()?;
     }
     Some(out)
 }

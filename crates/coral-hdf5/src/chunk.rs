@@ -160,10 +160,10 @@ fn encode_generic(
     Ok((cur.unwrap_or_else(|| data.to_vec()), mask))
 }
 
-/// Codes `data` with Coral's float codec as the kind `cd` names (opaque bytes otherwise).
+/// Codes `data` with Coral's float codec as the kind `cd` names (opaque bytes otherwise), in
+/// rows of the length `cd` names.
 fn coral_encode(cd: &[u32], data: &[u8], out: &mut Vec<u8>) -> Result<(), ChunkError> {
-    coral_float_codec::encode(coral_h5plugin::kind_of(cd), data, out)
-        .map_err(|e| err(e.to_string()))
+    coral_h5plugin::encode_chunk(cd, data, out).map_err(|e| err(e.to_string()))
 }
 
 /// Decodes a Coral float codec frame of exactly `chunk_bytes` bytes (a frame of another size

@@ -132,6 +132,11 @@ fn h5py_reads_the_float_codec_through_the_plugin() {
             .is_some_and(|f| f.iter().any(|id| id == "307"))
         {
             through_codec += 1;
+            // `[version, kind, values in a row]`: the codec models the rows' columns.
+            let row: usize = t.shape().iter().skip(1).product();
+            let params = &d["filter_params"]["307"];
+            assert_eq!(params[0], 2, "{}: {params}", t.name());
+            assert_eq!(params[2], row as u64, "{}: {params}", t.name());
         }
     }
     assert!(

@@ -156,9 +156,14 @@ pub fn encode_weight(
             Ok((body, Encoding::Npz, false))
         }
         Codec::Coral => {
-            let body =
-                coral_core::codec::coral_encode(coral_core::codec::coral_kind(meta.dtype), data)
-                    .map_err(|e| ferr(e.to_string()))?;
+            // Rows as the tensor has them: the codec models its columns too.
+            let row_values = meta.shape.iter().skip(1).product::<usize>();
+            let body = coral_core::codec::coral_encode(
+                coral_core::codec::coral_kind(meta.dtype),
+                data,
+                row_values,
+            )
+            .map_err(|e| ferr(e.to_string()))?;
             Ok((body, Encoding::Raw, false))
         }
         codec => {

@@ -181,8 +181,8 @@ impl HDF5Store {
         commit_reopen(&self.path, &self.opts, inner)
     }
 
-    /// The pipeline new datasets of `dtype` get.
-    pub(crate) fn pipeline(&self, dtype: DType) -> Vec<FilterInfo> {
+    /// The pipeline new datasets of `dtype` get, rows of `row_values` values.
+    pub(crate) fn pipeline(&self, dtype: DType, row_values: usize) -> Vec<FilterInfo> {
         let mut p = Vec::new();
         let es = dtype.size();
         let mut compression = self.opts.compression;
@@ -193,7 +193,7 @@ impl HDF5Store {
                 kind => {
                     return vec![FilterInfo {
                         id: h5::FILTER_CORAL,
-                        cd: coral_h5plugin::cd_values(kind),
+                        cd: coral_h5plugin::cd_values(kind, row_values),
                     }]
                 }
             }
@@ -245,7 +245,7 @@ impl HDF5Store {
         Ok(Layout::Chunked {
             rows: rows as u64,
             chunk_dims,
-            pipeline: self.pipeline(dtype),
+            pipeline: self.pipeline(dtype, row_bytes / dtype.size().max(1)),
         })
     }
 

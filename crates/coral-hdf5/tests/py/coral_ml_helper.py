@@ -152,6 +152,8 @@ def cmd_dump(path):
                     "shape": list(data.shape),
                     "sha256": hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest(),
                     "filters": [str(x) for x in ds._filters.keys()],
+                    "filter_params": {str(k): [int(x) for x in v] if isinstance(v, tuple) else []
+                                      for k, v in ds._filters.items()},
                 }
     print(json.dumps(out))
 
