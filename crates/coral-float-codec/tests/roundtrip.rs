@@ -268,8 +268,16 @@ fn damaged_frames_are_errors() {
     }
 }
 
+/// Cases per property: 200, or `CORAL_CODEC_CASES` for a long run (`docs/reliability.md`).
+fn cases() -> u32 {
+    std::env::var("CORAL_CODEC_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn any_bytes_round_trip(kind in 0usize..4, data in proptest::collection::vec(any::<u8>(), 0..3000)) {
