@@ -249,7 +249,7 @@ pub struct Encoder {
     /// Words in reverse decoding order: the first `len` are written.
     words: Vec<u16>,
     len: usize,
-    /// `1 / f` for every frequency `f` ([`Encoder::put_bit`]), made on its first use.
+    /// `1 / f` for every frequency `f` ([`Encoder::put_bit`]), made by [`Encoder::binary`].
     inv: Vec<f64>,
 }
 
