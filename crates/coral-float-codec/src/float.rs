@@ -252,12 +252,13 @@ impl SignModel {
     }
 }
 
-/// The cost of a binary symbol of frequency `f` (out of [`PROB_SCALE`]), in 1/65536 bits.
-fn bit_costs() -> Vec<u32> {
+/// The cost of a binary symbol of frequency `f` (out of [`PROB_SCALE`]), in 1/65536 bits: made
+/// once per process, not per frame.
+static BIT_COSTS: std::sync::LazyLock<Box<[u32]>> = std::sync::LazyLock::new(|| {
     (0..=PROB_SCALE)
         .map(|f| (-(f.max(1) as f64 / f64::from(PROB_SCALE)).log2() * 65536.0) as u32)
         .collect()
-}
+});
 
 /// How the encoder codes a slot.
 #[derive(Debug, Clone)]
@@ -319,7 +320,7 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     // The sign model's frequency of sign 1 for each value, and what coding them would cost.
     let mut sm = vec![SignModel::START; if any_sign { cols } else { 0 }];
     let mut sf = vec![0u16; if any_sign { n } else { 0 }];
-    let costs = bit_costs();
+    let costs = &*BIT_COSTS;
     let mut sign_cost = 0u64;
     let mut col = 0usize;
     for (b, level) in levels.iter_mut().enumerate() {
@@ -527,9 +528,6 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     // Pass 3 (backward): the rANS stream.
     // Each field has its state: Z and E state 0, M 1, R1 2, R0 3.
     let mut enc = Encoder::new(coded_symbols as usize);
-    if sign_mode == SIGNS_CODED {
-        enc.binary();
-    }
     let put = |enc: &mut Encoder, state: usize, slot: usize, v: u32| {
         if let SlotCode::Coded(t) = &codes[slot] {
             enc.put_sym(state, &t[v as usize]);
@@ -674,18 +672,11 @@ pub(crate) fn decode(
     } else {
         (h.get(1), 1)
     };
-    let zeros = vec![
-        0u8;
-        if sign_mode == SIGNS_RAW {
-            0
-        } else {
-            n.div_ceil(8)
-        }
-    ];
+    // The bitmap, when the signs are one (mode 0 has every sign 0, mode 2 codes them).
     let signs = if sign_mode == SIGNS_RAW {
         take(body, &mut pos, n.div_ceil(8), "signs")?
     } else {
-        &zeros[..]
+        &[][..]
     };
     let rlen = take_u32(body, &mut pos, "raw bytes length")? as usize;
     let raw = take(body, &mut pos, rlen, "raw bytes")?;
@@ -800,13 +791,15 @@ pub(crate) fn decode(
             } else {
                 get(r1_src[0], 2, &mut bad, &mut rb, &mut dec) & ((1 << l.rb) - 1)
             };
-            let s = if sign_mode == SIGNS_CODED {
-                let model = &mut sm[col];
-                let s = dec.get_bit(3, model.f1());
-                model.update(s);
-                s
-            } else {
-                u32::from(signs[i >> 3] >> (i & 7)) & 1
+            let s = match sign_mode {
+                SIGNS_CODED => {
+                    let model = &mut sm[col];
+                    let s = dec.get_bit(3, model.f1());
+                    model.update(s);
+                    s
+                }
+                SIGNS_RAW => u32::from(signs[i >> 3] >> (i & 7)) & 1,
+                _ => 0,
             };
             col += 1;
             if col == cols {

@@ -233,14 +233,28 @@ pub struct EncSymbol {
 
 impl EncSymbol {
     pub fn new(start: u32, freq: u32) -> Self {
+        Self::with_inv(start, freq, 1.0 / f64::from(freq.max(1)))
+    }
+
+    /// A symbol whose `1 / freq` the caller has at hand ([`Encoder::put_bit`]'s table).
+    #[inline(always)]
+    fn with_inv(start: u32, freq: u32, inv: f64) -> Self {
         EncSymbol {
             x_max: u64::from((RANS_L >> PROB_BITS) << 16) * u64::from(freq),
-            inv: 1.0 / f64::from(freq.max(1)),
+            inv,
             start,
             freq,
         }
     }
 }
+
+/// `1 / f` for every frequency `f` up to [`PROB_SCALE`], for [`Encoder::put_bit`]: made once
+/// per process, not per frame (a frame of 64 values would otherwise pay 4096 divisions).
+static INV: std::sync::LazyLock<Box<[f64]>> = std::sync::LazyLock::new(|| {
+    (0..=PROB_SCALE)
+        .map(|f| 1.0 / f64::from(f.max(1)))
+        .collect()
+});
 
 /// The encoder: symbols go in in reverse order of decoding.
 #[derive(Debug)]
@@ -249,8 +263,6 @@ pub struct Encoder {
     /// Words in reverse decoding order: the first `len` are written.
     words: Vec<u16>,
     len: usize,
-    /// `1 / f` for every frequency `f` ([`Encoder::put_bit`]), made by [`Encoder::binary`].
-    inv: Vec<f64>,
 }
 
 impl Encoder {
@@ -260,7 +272,6 @@ impl Encoder {
             x: [RANS_L; STATES],
             words: vec![0; symbols + STATES],
             len: 0,
-            inv: Vec::new(),
         }
     }
 
@@ -282,25 +293,13 @@ impl Encoder {
         *x = (q << PROB_BITS) + (*x - q * s.freq) + s.start;
     }
 
-    /// Prepares [`Encoder::put_bit`]'s reciprocals.
-    pub fn binary(&mut self) {
-        self.inv = (0..=PROB_SCALE)
-            .map(|f| 1.0 / f64::from(f.max(1)))
-            .collect();
-    }
-
-    /// Codes a binary symbol `bit` on state `state` (after [`Encoder::binary`]), 1 having frequency `f1` (1 to
+    /// Codes a binary symbol `bit` on state `state`, 1 having frequency `f1` (1 to
     /// [`PROB_SCALE`] - 1) and coming after 0 in the table.
     #[inline(always)]
     pub fn put_bit(&mut self, state: usize, bit: u32, f1: u32) {
         let f0 = PROB_SCALE - f1;
         let (start, freq) = if bit != 0 { (f0, f1) } else { (0, f0) };
-        let s = EncSymbol {
-            x_max: u64::from((RANS_L >> PROB_BITS) << 16) * u64::from(freq),
-            inv: self.inv[freq as usize],
-            start,
-            freq,
-        };
+        let s = EncSymbol::with_inv(start, freq, INV[freq as usize]);
         self.put_sym(state, &s);
     }
 
