@@ -970,9 +970,12 @@ impl WeightStore for S3Store {
     /// [`WeightStore::store_hashed_batch`] does.
     fn store_unhashed_batch(&self, weights: &[WeightTensor]) -> Result<Vec<Stored>> {
         let items: Vec<WeightTensor> = weights.to_vec();
+        let algorithm = self.hash_algorithm();
         let hashed: Vec<HashedWeight> = self.run(async move {
             futures::stream::iter(items)
-                .map(|w| tokio::task::spawn_blocking(move || HashedWeight::new(w)))
+                .map(|w| {
+                    tokio::task::spawn_blocking(move || HashedWeight::with_algorithm(w, algorithm))
+                })
                 .buffered(4)
                 .try_collect()
                 .await
