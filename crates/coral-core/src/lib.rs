@@ -9,7 +9,8 @@
 //!   [`ContentHasher`] computes one as data arrives, for loads that stream a weight;
 //! - [`codec`]: none, gzip, lz4 and zstd, optionally after HDF5's byte-plane shuffle;
 //! - [`delta`]: weights stored as differences from similar weights;
-//! - [`manifest`]: models as lists of keys, enough to rebuild the original file.
+//! - [`manifest`]: models as lists of keys, enough to rebuild the original file;
+//! - [`pool`]: buffers of consumed weights, for the next decode to write into.
 //!
 //! ```
 //! use coral_core::{codec::CodecSpec, ContentHash, WeightTensor};
@@ -34,6 +35,7 @@ pub mod dtype;
 pub mod error;
 pub mod hash;
 pub mod manifest;
+pub mod pool;
 pub mod tensor;
 
 pub use codec::{Codec, CodecSpec};

@@ -182,6 +182,7 @@ impl HDF5Store {
                 if !inner.writable {
                     return Err(StoreError::ReadOnly { location: loc() });
                 }
+                inner.ready(&self.path, &self.opts)?;
                 if !names_file(inner.file.id(), &self.path) {
                     return Err(StoreError::backend(
                         format!("compacting {}", loc()),

@@ -43,8 +43,6 @@ mod h5;
 mod ingest;
 mod journal;
 mod mem;
-/// Large buffers of loaded weights given back for reuse; see [`recycle`].
-pub use mem::recycle;
 mod options;
 mod store;
 mod vlen;

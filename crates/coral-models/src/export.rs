@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use std::os::unix::fs::PermissionsExt;
@@ -695,23 +696,49 @@ pub fn for_each_tensor_in(
     store: &dyn Store,
     tensors: &[ManifestTensor],
     group_bytes: usize,
+    f: impl FnMut(&ManifestTensor, WeightTensor) -> Result<()>,
+) -> Result<()> {
+    for_each_tensor_from(store, tensors, group_bytes, None, f)
+}
+
+/// The groups [`for_each_tensor_in`] loads `tensors` in.
+fn tensor_groups(tensors: &[ManifestTensor], group_bytes: usize) -> Vec<Range<usize>> {
+    groups(tensors.iter().map(manifest_nbytes), group_bytes as u64)
+}
+
+/// Loads one group of tensors, in parallel.
+fn load_group(store: &dyn Store, group: &[ManifestTensor]) -> Result<Vec<WeightTensor>> {
+    group
+        .par_iter()
+        .map(|t| load_resolved(store, &t.key).with_context(|| format!("tensor {:?}", t.name)))
+        .collect()
+}
+
+/// [`for_each_tensor_in`], its first group (the first of [`tensor_groups`]) already loaded
+/// when `first` holds it.
+fn for_each_tensor_from(
+    store: &dyn Store,
+    tensors: &[ManifestTensor],
+    group_bytes: usize,
+    first: Option<Result<Vec<WeightTensor>>>,
     mut f: impl FnMut(&ManifestTensor, WeightTensor) -> Result<()>,
 ) -> Result<()> {
-    let sizes = tensors.iter().map(manifest_nbytes);
-    let ranges = groups(sizes, group_bytes as u64);
-    let load = |group: &[ManifestTensor]| -> Result<Vec<WeightTensor>> {
-        group
-            .par_iter()
-            .map(|t| load_resolved(store, &t.key).with_context(|| format!("tensor {:?}", t.name)))
-            .collect()
-    };
-    let mut loaded = ranges.first().map(|r| load(&tensors[r.clone()]));
+    let ranges = tensor_groups(tensors, group_bytes);
+    let load = |group: &[ManifestTensor]| load_group(store, group);
+    let mut loaded = first.or_else(|| ranges.first().map(|r| load(&tensors[r.clone()])));
     for (gi, range) in ranges.iter().enumerate() {
         let group = &tensors[range.clone()];
         let this = match loaded.take() {
             Some(l) => l?,
             None => load(group)?,
         };
+        if this.len() != group.len() {
+            bail!(
+                "{} tensors loaded for a group of {}",
+                this.len(),
+                group.len()
+            );
+        }
         let mut next = None;
         let mut handed = Ok(());
         // Not a `join`: `f` need not be `Send` (it writes to the caller's file).
@@ -747,8 +774,9 @@ fn manifest_nbytes(t: &ManifestTensor) -> u64 {
 
 /// Writes the data of `tensors`, in order, to `w`, each verified against its key: tensors of
 /// [`crate::load::STREAM_BYTES`] or more streamed as the store decodes them (memory bounded by
-/// a few chunks), runs of smaller ones loaded in parallel groups of `group_bytes`. Returns the
-/// bytes written; `progress` receives them as they go.
+/// a few chunks), runs of smaller ones loaded in parallel groups of `group_bytes` (the first
+/// group of a run while the streamed tensor before it goes through). Returns the bytes
+/// written; `progress` receives them as they go.
 pub(crate) fn stream_tensors(
     store: &dyn Store,
     tensors: &[ManifestTensor],
@@ -756,34 +784,62 @@ pub(crate) fn stream_tensors(
     group_bytes: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
+    let streamed = |t: &ManifestTensor| manifest_nbytes(t) >= crate::load::STREAM_BYTES as u64;
+    // The end of the run of small tensors starting at `i`.
+    let run_end = |i: usize| {
+        tensors[i..]
+            .iter()
+            .position(streamed)
+            .map_or(tensors.len(), |k| i + k)
+    };
     let mut n = 0u64;
     let mut i = 0;
+    // The first group of the run of small tensors at `i`, loaded while the tensor before it
+    // streamed: the pool has work while the stream's last window is hashed and written.
+    let mut first: Option<Result<Vec<WeightTensor>>> = None;
     while i < tensors.len() {
         let t = &tensors[i];
-        if manifest_nbytes(t) >= crate::load::STREAM_BYTES as u64 {
-            let mut pw = Progressing { inner: w, progress };
-            let got = crate::load::load_streamed(
-                store,
-                &t.key,
-                Some((t.dtype, t.shape.as_slice())),
-                &mut pw,
-            )
-            .with_context(|| format!("tensor {:?}", t.name))?;
+        if streamed(t) {
+            let next_first = (i + 1 < tensors.len() && !streamed(&tensors[i + 1]))
+                .then(|| {
+                    let run = &tensors[i + 1..run_end(i + 1)];
+                    tensor_groups(run, group_bytes)
+                        .first()
+                        .map(|r| &run[r.clone()])
+                })
+                .flatten();
+            let mut pre = None;
+            let mut got = Ok(0);
+            rayon::in_place_scope(|s| {
+                if let Some(group) = next_first {
+                    let pre = &mut pre;
+                    s.spawn(move |_| *pre = Some(load_group(store, group)));
+                }
+                let mut pw = Progressing { inner: w, progress };
+                got = crate::load::load_streamed(
+                    store,
+                    &t.key,
+                    Some((t.dtype, t.shape.as_slice())),
+                    &mut pw,
+                )
+                .with_context(|| format!("tensor {:?}", t.name));
+            });
+            let got = got?;
             if got != manifest_nbytes(t) {
                 bail!("tensor {:?}: {got} bytes, the manifest says more", t.name);
             }
             n += got;
+            first = pre;
             i += 1;
             continue;
         }
-        let j = tensors[i..]
-            .iter()
-            .position(|t| manifest_nbytes(t) >= crate::load::STREAM_BYTES as u64)
-            .map_or(tensors.len(), |k| i + k);
-        for_each_tensor_in(store, &tensors[i..j], group_bytes, |_, wt| {
+        let j = run_end(i);
+        for_each_tensor_from(store, &tensors[i..j], group_bytes, first.take(), |_, wt| {
             write_pieces(w, wt.data())?;
             n += wt.nbytes() as u64;
             progress(wt.nbytes() as u64);
+            // Written out: its buffer is the next tensor's to decode into.
+            coral_core::pool::recycle_bytes(wt.into_parts().1);
             Ok(())
         })?;
         i = j;

@@ -7,8 +7,8 @@
 //! Python 3.11, and this module is built for 3.9 and later (abi3-py39). Bytes that nothing else
 //! shares are handed over writable (numpy arrays from `load` can be modified in place, as
 //! coral-ml's can); shared ones (a memory map, bytes a cache also holds) read-only. When numpy
-//! frees the last array over an unshared buffer, a large one goes back to the HDF5 store's pool
-//! ([`coral_hdf5::recycle`], at most 256 MiB, `CORAL_BUFFER_CACHE_MB`), so that a process that
+//! frees the last array over an unshared buffer, a large one goes back to the process's pool
+//! ([`coral_core::pool`], at most 256 MiB, `CORAL_BUFFER_CACHE_MB`), so that a process that
 //! loads again and again decodes into memory it has faulted in already.
 //!
 //! **In:** the Python side passes a C-contiguous array with its data address and length
@@ -42,11 +42,11 @@ enum Keep {
 
 impl Drop for Buffer {
     /// numpy freed the last array over these bytes: a large unshared buffer goes back to the
-    /// HDF5 store's pool, for the next load to decode into memory already faulted in.
+    /// process's pool, for the next load to decode into memory already faulted in.
     fn drop(&mut self) {
         if let Keep::Unique(mut b) = std::mem::replace(&mut self._keep, Keep::Gone) {
             b.clear(); // nothing to keep: the conversion then moves no bytes
-            coral_hdf5::recycle(Vec::from(b));
+            coral_core::pool::recycle(Vec::from(b));
         }
     }
 }

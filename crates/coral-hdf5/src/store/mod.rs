@@ -28,7 +28,9 @@ mod slices;
 mod test_hooks;
 mod write;
 
-pub(crate) use open::{commit_reopen, heap_hint, open_file, open_file_locked, set_cloexec};
+pub(crate) use open::{
+    commit_close, commit_reopen, heap_hint, open_file, open_file_locked, reopen, set_cloexec,
+};
 pub(crate) use read::RawRead;
 #[cfg(feature = "testing")]
 pub use test_hooks::ReadStats;
@@ -90,9 +92,21 @@ pub(crate) struct Inner {
     pub(crate) reader: Option<std::fs::File>,
     /// A writer's lock, held from before HDF5 opens the file until the store closes.
     pub(crate) lock: Option<journal::WriterLock>,
+    /// A commit closed the file ([`commit_close`]) and it opens again at the store's next use
+    /// ([`Inner::ready`]): a store closed right after its last commit opens nothing more and
+    /// commits nothing twice.
+    pub(crate) closed_by_commit: bool,
 }
 
 impl Inner {
+    /// Opens the file again when a commit left it closed. Call under the HDF5 lock.
+    pub(crate) fn ready(&mut self, path: &Path, opts: &HDF5StoreOptions) -> Result<()> {
+        if self.closed_by_commit {
+            reopen(path, opts, self)?;
+        }
+        Ok(())
+    }
+
     /// Closes the groups, then the file, reporting a failure of the file's close. Call under
     /// the lock.
     pub(crate) fn close(self) -> std::result::Result<(), H5Error> {
@@ -192,7 +206,10 @@ impl HDF5Store {
                 location: self.path.display().to_string(),
             });
         };
-        h5::locked(|| f(inner))
+        h5::locked(|| {
+            inner.ready(&self.path, &self.opts)?;
+            f(inner)
+        })
     }
 
     pub(crate) fn with_write<T>(&self, f: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
@@ -355,7 +372,8 @@ impl WeightStore for HDF5Store {
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
                 .unwrap_or(0);
             if before == 1 && self.uncommitted.swap(false, Ordering::SeqCst) {
-                commit_reopen(&self.path, &self.opts, inner)
+                // The file opens again only if the store is used again.
+                commit_close(&self.path, inner)
             } else {
                 Ok(())
             }
@@ -447,6 +465,11 @@ impl WeightStore for HDF5Store {
         let Some(inner) = guard.take() else {
             return Ok(());
         };
+        if inner.closed_by_commit {
+            // The last commit closed the file: nothing is open, nothing left to commit; the
+            // writer lock goes with `inner`.
+            return Ok(());
+        }
         h5::locked(|| {
             // Closing the file commits what is left (the driver's commit runs as it closes);
             // after a failed write the driver rolls the file back to its last commit instead.

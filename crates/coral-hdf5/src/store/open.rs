@@ -221,6 +221,7 @@ fn open_store(
         writable,
         reader: second_reader(path, fid_raw),
         lock,
+        closed_by_commit: false,
     };
     if writable {
         commit_reopen(path, opts, &mut inner)?;
@@ -330,13 +331,25 @@ fn open_groups(path: &Path, fid: hid_t) -> Result<(Hid, Option<Hid>, Option<Hid>
 /// commit fails, the driver rolls the file back to its last commit, and the store opens that.
 /// Call under the HDF5 lock, with no other object of the file open.
 pub(crate) fn commit_reopen(path: &Path, opts: &HDF5StoreOptions, inner: &mut Inner) -> Result<()> {
+    let closed = commit_close(path, inner);
+    reopen(path, opts, inner)?;
+    closed
+}
+
+/// The first half of [`commit_reopen`]: the file closed (the commit), and marked to open again
+/// at the store's next use ([`Inner::ready`]). The writer lock and the reader stay.
+pub(crate) fn commit_close(path: &Path, inner: &mut Inner) -> Result<()> {
+    if inner.closed_by_commit {
+        return Ok(());
+    }
     let fid = inner.file.id();
     let weights = std::mem::replace(&mut inner.weights, Hid::closed(Kind::Group));
     drop((weights, inner.deltas.take(), inner.models.take()));
     // SAFETY: valid file id.
     let open = unsafe { hdf5_sys::h5f::H5Fget_obj_count(fid, hdf5_sys::h5f::H5F_OBJ_ALL) };
     let file = std::mem::replace(&mut inner.file, Hid::closed(Kind::File));
-    let closed = if open > 1 {
+    inner.closed_by_commit = true;
+    if open > 1 {
         // Something else of the file is still open, so closing would not close it (and not
         // commit): an error in Coral, reported rather than hidden.
         drop(file);
@@ -346,7 +359,12 @@ pub(crate) fn commit_reopen(path: &Path, opts: &HDF5StoreOptions, inner: &mut In
         ))
     } else {
         file.close().map_err(|e| h5err(path, e))
-    };
+    }
+}
+
+/// The second half of [`commit_reopen`]: the file and its groups open again, the writer lock
+/// and the reader kept. Call under the HDF5 lock.
+pub(crate) fn reopen(path: &Path, opts: &HDF5StoreOptions, inner: &mut Inner) -> Result<()> {
     let fid = open_h5(path, opts, false)?;
     let (weights, deltas, models) = open_groups(path, fid.id())?;
     set_cloexec(fid.id());
@@ -358,6 +376,7 @@ pub(crate) fn commit_reopen(path: &Path, opts: &HDF5StoreOptions, inner: &mut In
         writable: inner.writable,
         reader: inner.reader.take(),
         lock: inner.lock.take(),
+        closed_by_commit: false,
     };
-    closed
+    Ok(())
 }
