@@ -811,11 +811,17 @@ pub(crate) fn stream_tensors(
             let mut pre = None;
             let mut got = Ok(0);
             rayon::in_place_scope(|s| {
-                if let Some(group) = next_first {
-                    let pre = &mut pre;
-                    s.spawn(move |_| *pre = Some(load_group(store, group)));
-                }
-                let mut pw = Progressing { inner: w, progress };
+                // Queued at the stream's first write, once its first window is decoded and the
+                // next one queued: the stream's own work goes first.
+                let pre = &mut pre;
+                let mut pw = Progressing {
+                    inner: w,
+                    progress,
+                    on_first_write: next_first.map(|group| {
+                        Box::new(move || s.spawn(move |_| *pre = Some(load_group(store, group))))
+                            as Box<dyn FnOnce() + '_>
+                    }),
+                };
                 got = crate::load::load_streamed(
                     store,
                     &t.key,
@@ -851,10 +857,15 @@ pub(crate) fn stream_tensors(
 struct Progressing<'a, 'p> {
     inner: &'a mut dyn Write,
     progress: &'p (dyn Fn(u64) + Sync),
+    /// Called once, before the first bytes are written.
+    on_first_write: Option<Box<dyn FnOnce() + 'a>>,
 }
 
 impl Write for Progressing<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(f) = self.on_first_write.take() {
+            f();
+        }
         let k = self.inner.write(&buf[..buf.len().min(WRITE_PIECE)])?;
         (self.progress)(k as u64);
         Ok(k)

@@ -826,3 +826,31 @@ fn unhashed_and_planned_tensors_count_and_export_alike() {
         }
     }
 }
+
+/// Tensors of [`crate::load::STREAM_BYTES`] or more are streamed, and the first group of the
+/// small ones after each loads while it streams (queued at its first write): a model that mixes
+/// them, starting and ending with a streamed one, two of them back to back, comes back byte for
+/// byte.
+#[test]
+fn streamed_and_grouped_tensors_export_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let big = crate::load::STREAM_BYTES / 4 + 1024;
+    let tensors = vec![
+        ("a", vec![big], smooth(big, 0.0)),
+        ("b", vec![300], smooth(300, 1.0)),
+        ("c", vec![20, 100], smooth(2000, 2.0)),
+        ("d", vec![3], smooth(3, 2.5)),
+        ("e", vec![big], smooth(big, 3.0)),
+        ("f", vec![big], smooth(big, 3.5)),
+        ("g", vec![5], smooth(5, 4.0)),
+        ("h", vec![big], smooth(big, 5.0)),
+    ];
+    let p = model_file(dir.path(), "mixed.safetensors", &tensors);
+    let src = SourceFile::open(&p).unwrap();
+    add(&store, &src, &opts("mixed", None), &|_| {}).unwrap();
+    assert!(
+        export_bytes(&store, "mixed", dir.path(), "safetensors") == std::fs::read(&p).unwrap(),
+        "the export differs from the file added"
+    );
+}
