@@ -21,6 +21,7 @@
 //! again.resize(600 << 10, 0);
 //! ```
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -28,8 +29,18 @@ use bytes::Bytes;
 /// Buffers smaller than this are not kept.
 pub const MIN_BYTES: usize = 64 << 10;
 
+/// The kept buffers by capacity, and the bytes they hold: finding one that fits is a lookup,
+/// however many small tensors a model has.
+struct Pool {
+    held: usize,
+    by_capacity: BTreeMap<usize, Vec<Vec<u8>>>,
+}
+
 /// Buffers given back, for [`take`].
-static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    held: 0,
+    by_capacity: BTreeMap::new(),
+});
 
 /// Most bytes the pool keeps: `CORAL_BUFFER_CACHE_MB` (MiB), else 256 MiB; 0 turns it off.
 fn limit() -> usize {
@@ -46,16 +57,18 @@ fn limit() -> usize {
 /// Gives a buffer back for later decodes: kept (bytes and all) while the pool holds under its
 /// limit, else freed.
 pub fn recycle(v: Vec<u8>) {
-    if v.capacity() < MIN_BYTES {
+    let cap = v.capacity();
+    if cap < MIN_BYTES {
         return;
     }
     let Ok(mut pool) = POOL.lock() else {
         return;
     };
-    let held: usize = pool.iter().map(Vec::capacity).sum();
-    if held.saturating_add(v.capacity()) <= limit() {
-        pool.push(v);
+    if pool.held.saturating_add(cap) > limit() {
+        return;
     }
+    pool.held += cap;
+    pool.by_capacity.entry(cap).or_default().push(v);
 }
 
 /// [`recycle`] for a weight's bytes, when nothing else holds them (bytes shared with another
@@ -80,12 +93,14 @@ pub fn take(n: usize) -> Option<Vec<u8>> {
         return None;
     }
     let mut pool = POOL.lock().ok()?;
-    let (i, _) = pool
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.capacity() >= n && v.capacity() / 2 <= n)
-        .min_by_key(|(_, v)| v.capacity())?;
-    Some(pool.swap_remove(i))
+    let cap = *pool.by_capacity.range(n..=n.saturating_mul(2)).next()?.0;
+    let list = pool.by_capacity.get_mut(&cap)?;
+    let v = list.pop()?;
+    if list.is_empty() {
+        pool.by_capacity.remove(&cap);
+    }
+    pool.held = pool.held.saturating_sub(v.capacity());
+    Some(v)
 }
 
 #[cfg(test)]
@@ -121,5 +136,25 @@ mod tests {
         assert_eq!(back.as_ptr(), ptr);
         // Borrowed bytes are never taken over.
         recycle_bytes(Bytes::from_static(&[0u8; 16]));
+    }
+
+    #[test]
+    fn many_small_buffers_all_come_back() {
+        // 1,000 buffers of one size no other test asks for: every one is found again, and
+        // once they are all taken none is left of that size.
+        let size = (100 << 10) + 13;
+        let ptrs: std::collections::BTreeSet<usize> = (0..1000)
+            .map(|_| {
+                let v = vec![0u8; size];
+                let p = v.as_ptr() as usize;
+                recycle(v);
+                p
+            })
+            .collect();
+        let taken: Vec<Vec<u8>> = (0..1000).map(|_| take(size).unwrap()).collect();
+        let back: std::collections::BTreeSet<usize> =
+            taken.iter().map(|v| v.as_ptr() as usize).collect();
+        assert_eq!(back, ptrs);
+        assert!(take(size).is_none_or(|v| v.capacity() != size));
     }
 }
