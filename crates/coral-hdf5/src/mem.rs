@@ -22,9 +22,9 @@ fn advise(ptr: *const u8, len: usize) {
     let _ = (ptr, len);
 }
 
-/// A zeroed buffer of `n` bytes (one given back to [`coral_core::pool`], zeroed, or else untouched memory from the
-/// allocator, advised before use), or `None` when the memory is not there (a size read from a
-/// damaged file must not abort).
+/// A zeroed buffer of `n` bytes (one given back to [`coral_core::pool`], zeroed, or else
+/// untouched memory from the allocator, advised before use), or `None` when the memory is not
+/// there (a size read from a damaged file must not abort).
 pub(crate) fn zeroed(n: usize) -> Option<Vec<u8>> {
     if n == 0 {
         return Some(Vec::new());
