@@ -26,13 +26,33 @@ fn advise(ptr: *const u8, len: usize) {
 /// untouched memory from the allocator, advised before use), or `None` when the memory is not
 /// there (a size read from a damaged file must not abort).
 pub(crate) fn zeroed(n: usize) -> Option<Vec<u8>> {
+    match coral_core::pool::take(n) {
+        Some(mut v) => {
+            v.clear();
+            v.resize(n, 0);
+            Some(v)
+        }
+        None => fresh(n),
+    }
+}
+
+/// A buffer of `n` bytes for a caller that writes every one of them: one given back to
+/// [`coral_core::pool`] with whatever bytes it held (no `memset` within its old length), else
+/// fresh zeroed memory as [`zeroed`] gives; `None` when the memory is not there.
+pub(crate) fn for_overwrite(n: usize) -> Option<Vec<u8>> {
+    match coral_core::pool::take(n) {
+        Some(mut v) => {
+            v.resize(n, 0);
+            Some(v)
+        }
+        None => fresh(n),
+    }
+}
+
+/// Untouched zeroed memory from the allocator, advised before use when it spans huge pages.
+fn fresh(n: usize) -> Option<Vec<u8>> {
     if n == 0 {
         return Some(Vec::new());
-    }
-    if let Some(mut v) = coral_core::pool::take(n) {
-        v.clear();
-        v.resize(n, 0);
-        return Some(v);
     }
     let layout = std::alloc::Layout::array::<u8>(n).ok()?;
     // SAFETY: the layout has a non-zero size.

@@ -656,13 +656,20 @@ impl RawRead {
                 chunks,
                 nbytes,
             } => {
-                let mut out = crate::mem::zeroed(nbytes)
+                // Every byte is written below: decoded, or zero where no chunk was written.
+                let mut out = crate::mem::for_overwrite(nbytes)
                     .ok_or_else(|| format!("cannot allocate {nbytes} bytes"))?;
+                let covered = chunk_bytes.saturating_mul(chunks.len()).min(nbytes);
+                out[covered..].fill(0);
                 out.par_chunks_mut(chunk_bytes.max(1))
                     .zip(chunks.into_par_iter())
                     .enumerate()
                     .try_for_each(|(i, (dst, c))| match c {
-                        None => Ok::<(), String>(()),
+                        None => {
+                            // Never written: zeros (a reused buffer holds older bytes).
+                            dst.fill(0);
+                            Ok::<(), String>(())
+                        }
                         Some((src, mask)) => with_stored(&src, reader, i as u64, |bytes| {
                             chunk::decode_into(
                                 &pipeline,
@@ -710,5 +717,47 @@ pub(crate) fn with_stored<T>(
                 .map_err(|e| format!("chunk {i}: reading {size} bytes at {addr}: {e}"))?;
             f(buf)
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ChunkSrc, RawRead};
+
+    /// Decoding writes every byte of its buffer, which may come back from the pool with older
+    /// bytes in it: stored chunks are decoded over them, chunks never written and bytes past
+    /// the last chunk listed are zeros.
+    #[test]
+    fn decoding_into_a_reused_buffer_leaves_no_old_bytes() {
+        let cb = 64 << 10;
+        let nbytes = 3 * cb + 1000;
+        for listed in [4usize, 2] {
+            // A dirty buffer of a size no other test asks for, for the decode to take.
+            coral_core::pool::recycle(vec![0xAB; nbytes + 7]);
+            let chunk = |v: u8| Some((ChunkSrc::Bytes(vec![v; cb]), 0));
+            let chunks = [chunk(1), None, chunk(3), chunk(4)]
+                .into_iter()
+                .take(listed)
+                .collect();
+            let out = RawRead::Chunks {
+                pipeline: Vec::new(),
+                chunk_bytes: cb,
+                chunks,
+                nbytes,
+            }
+            .decode(1, None)
+            .unwrap();
+            assert_eq!(out.len(), nbytes);
+            let want = |i: usize| match (i / cb, listed) {
+                (0, _) => 1,
+                (2, 4) => 3,
+                (3, 4) => 4,
+                _ => 0,
+            };
+            assert!(
+                out.iter().enumerate().all(|(i, &b)| b == want(i)),
+                "{listed} chunks listed"
+            );
+        }
     }
 }

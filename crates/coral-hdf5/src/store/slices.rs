@@ -399,7 +399,8 @@ impl Located {
             .ok()
             .and_then(|n| n.checked_mul(row_bytes))
             .ok_or_else(|| format!("rows {rows:?} overflow"))?;
-        let mut out = take_window(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
+        let mut out =
+            crate::mem::for_overwrite(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
         let es = meta.dtype.size();
         // Each chunk's part of `out`, and where that part starts in the decoded chunk. The
         // chunks cover `rows` exactly, in order; every count is below the weight's rows, and a
@@ -481,20 +482,6 @@ fn decode_part(
         dst.copy_from_slice(&whole[skip..]);
         Ok(())
     })
-}
-
-/// A buffer of `len` bytes, not zeroed when reused (the caller writes every byte): one given
-/// back to [`coral_core::pool`] (a window before this one, or a weight already written out),
-/// else fresh memory; `None` when the memory is not there.
-fn take_window(len: usize) -> Option<Vec<u8>> {
-    match coral_core::pool::take(len) {
-        Some(mut b) => {
-            // Within capacity: no allocation. Old bytes are overwritten by the decode.
-            b.resize(len, 0);
-            Some(b)
-        }
-        None => crate::mem::zeroed(len),
-    }
 }
 
 /// Gives a window back for reuse when this is its last holder (the writer or the hashing
