@@ -1188,9 +1188,12 @@ fn compact_gives_back_the_space_of_removed_models() {
     );
     assert_eq!(f["delta_coded"], ft.changed.len() as u64, "{f}");
     ok_json(&store, &["add", other.to_str().unwrap(), "--name", "other"]);
+    let with_other = std::fs::metadata(&store).unwrap().len();
     run_ok(&mut cmd(&store, &["rm", "other"]));
     let g = ok_json(&store, &["gc"]);
     assert!(!g["weights"].as_array().unwrap().is_empty(), "{g}");
+    // HDF5 gives back space freed at the end of the file when it closes (most of `other`'s
+    // here, in 1.10's formats); compaction gives back the rest, wherever it lies.
     let before = std::fs::metadata(&store).unwrap().len();
 
     let c = ok_json(&store, &["compact"]);
@@ -1198,7 +1201,11 @@ fn compact_gives_back_the_space_of_removed_models() {
     assert_eq!(c["bytes_before"], before, "{c}");
     assert_eq!(c["bytes_after"], after, "{c}");
     assert_eq!(c["reclaimed"], before - after, "{c}");
-    assert!(after * 2 < before, "compact gave back too little: {c}");
+    assert!(after < before, "compact gave back nothing: {c}");
+    assert!(
+        after * 2 < with_other,
+        "{after} bytes left of {with_other}: {c}"
+    );
     assert_eq!(c["deltas"], ft.changed.len() as u64, "{c}");
     assert_eq!(c["manifests"], 2, "{c}");
     assert!(c["skipped"].as_array().unwrap().is_empty(), "{c}");

@@ -4,7 +4,8 @@
 //! A value is split into sign `s`, exponent `e`, the top [`MT`] mantissa bits `m` and the low
 //! mantissa bits `r` (16 for f32, 3 for f16, none for bf16). Signs are coded with an adaptive
 //! estimate per column, or kept as a bitmap; `e` is coded with a table chosen by a mean of the
-//! exponents before it in its row and its column; `m` with a table per exponent bucket; `r`,
+//! exponents before it in its row and its column; `m` with a table per exponent bucket (from
+//! version 3 either a full table or a binned one: a frequency per eight mantissa values); `r`,
 //! per block of [`BLOCK`] values, after a block level that says which of its low bits are all
 //! zero, coded or kept as raw bytes. Version 1 frames (no columns, signs as a bitmap) decode
 //! through the same code with one column.
@@ -22,6 +23,15 @@ pub(crate) const BLOCK: usize = 128;
 const E_CTX_FULL: usize = 32;
 /// Mantissa bits modelled per exponent bucket.
 const MT: u32 = 7;
+/// Bins of a binned mantissa table (version 3): one frequency for each value of the top three of
+/// the [`MT`] bits, shared by the sixteen mantissas under it.
+const BINS: usize = 8;
+/// Mantissas per bin.
+const PER_BIN: usize = (1 << MT) / BINS;
+/// Precision of a binned table: its frequencies sum to `1 << BIN_BITS`, so that every mantissa
+/// taking its bin's frequency gives a table summing to [`PROB_SCALE`].
+const BIN_BITS: u32 = 8;
+const _: () = assert!(PER_BIN << BIN_BITS == PROB_SCALE as usize);
 /// Columns the column models track at most (version 2): longer rows are one column.
 pub(crate) const MAX_COLS: usize = 1 << 20;
 
@@ -167,6 +177,25 @@ mod ctx_tests {
     use super::*;
 
     #[test]
+    fn mantissas_take_the_cheapest_table() {
+        // A density falling smoothly across the binade: binned.
+        let smooth: Vec<u64> = (0..128u64).map(|m| 4000 - 20 * m).collect();
+        assert_eq!(mantissa_code(&smooth).0, MantissaCode::Binned);
+        // Every value equally likely: no table at all.
+        assert_eq!(mantissa_code(&[1000u64; 128]).0, MantissaCode::Flat);
+        // Four values only (weights rounded to two mantissa bits): a full table.
+        let coarse: Vec<u64> = (0..128u64)
+            .map(|m| if m % 32 == 0 { 5000 } else { 0 })
+            .collect();
+        assert_eq!(mantissa_code(&coarse).0, MantissaCode::Full);
+        // A binned table expands to one of PROB_SCALE, each mantissa at its bin's frequency.
+        let f = rans::normalize(&bin_counts(&smooth), BIN_BITS);
+        let full = expand_bins(&f);
+        assert_eq!(full.iter().sum::<u32>(), PROB_SCALE);
+        assert!(full[..PER_BIN].iter().all(|&x| x == f[0]));
+    }
+
+    #[test]
     fn the_v2_context_is_the_mixed_means_context() {
         for e_base in [0, 1, 60, 120, 127, 200, 255] {
             for a in (0..=255 << 4).step_by(7) {
@@ -259,6 +288,57 @@ static BIT_COSTS: std::sync::LazyLock<Box<[u32]>> = std::sync::LazyLock::new(|| 
         .map(|f| (-(f.max(1) as f64 / f64::from(PROB_SCALE)).log2() * 65536.0) as u32)
         .collect()
 });
+
+/// The bin totals of mantissa counts.
+fn bin_counts(c: &[u64]) -> Vec<u64> {
+    c.chunks(PER_BIN).map(|b| b.iter().sum()).collect()
+}
+
+/// The full table of a binned one: each mantissa takes its bin's frequency.
+fn expand_bins(f: &[u32]) -> Vec<u32> {
+    (0..1usize << MT).map(|m| f[m / PER_BIN]).collect()
+}
+
+/// Bits to code mantissa counts `c` with a binned table (its own size included): the bin with
+/// the table, then four bits for the mantissa within it.
+fn binned_cost_bits(c: &[u64]) -> f64 {
+    let bins = bin_counts(c);
+    let total: u64 = bins.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let f = rans::normalize(&bins, BIN_BITS);
+    let scale = f64::from(1u32 << BIN_BITS);
+    let mut bits = total as f64 * f64::from(PER_BIN.trailing_zeros());
+    for (&n, &f) in bins.iter().zip(&f) {
+        if n > 0 {
+            bits += n as f64 * (scale / f64::from(f)).log2();
+        }
+    }
+    bits + rans::table_header_bits(&f, BIN_BITS) as f64
+}
+
+/// How a mantissa slot is best coded, and its cost in bits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MantissaCode {
+    Flat,
+    Full,
+    Binned,
+}
+
+fn mantissa_code(c: &[u64]) -> (MantissaCode, f64) {
+    let total: u64 = c.iter().sum();
+    let flat = total as f64 * f64::from(MT);
+    let full = rans::cost_bits(c);
+    let binned = binned_cost_bits(c);
+    if binned < full && binned < flat {
+        (MantissaCode::Binned, binned)
+    } else if full >= flat {
+        (MantissaCode::Flat, flat)
+    } else {
+        (MantissaCode::Full, full)
+    }
+}
 
 /// How the encoder codes a slot.
 #[derive(Debug, Clone)]
@@ -418,12 +498,12 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
         let mut rest = total_m.clone();
         let mut cost = ((nb - 1) as u32 * l.ebits) as f64;
         for &e in by_freq.iter().take(nb - 1) {
-            cost += rans::cost_bits(me(e));
+            cost += mantissa_code(me(e)).1;
             for (r, &v) in rest.iter_mut().zip(me(e)) {
                 *r -= v;
             }
         }
-        cost += rans::cost_bits(&rest);
+        cost += mantissa_code(&rest).1;
         if cost < best_nb.0 {
             best_nb = (cost, nb);
         }
@@ -471,9 +551,18 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     for (slot, c) in counts.iter().enumerate() {
         let total: u64 = c.iter().sum();
         let (alpha, may_be_raw) = slots.alphabet(l, slot);
+        let is_m = (slots.m(0)..slots.r1(0)).contains(&slot);
         if total == 0 {
             hdr.put(0, 2);
             codes.push(SlotCode::Unused);
+        } else if is_m && mantissa_code(c).0 == MantissaCode::Binned {
+            hdr.put(1, 2);
+            let f = rans::normalize(&bin_counts(c), BIN_BITS);
+            rans::write_table(&mut hdr, &f, BIN_BITS);
+            codes.push(SlotCode::Coded(
+                Table::from_freq(expand_bins(&f)).enc_symbols(),
+            ));
+            coded_symbols += total;
         } else if may_be_raw && rans::cost_bits(c) >= total as f64 * 8.0 {
             hdr.put(1, 2);
             codes.push(SlotCode::Raw);
@@ -640,7 +729,7 @@ fn get(
     }
 }
 
-/// Decodes a float body of frame version `version` (1 or 2) into `dst`.
+/// Decodes a float body of frame version `version` (1 to 3) into `dst`.
 pub(crate) fn decode(
     kind: Kind,
     version: u8,
@@ -655,6 +744,7 @@ pub(crate) fn decode(
     let hlen = take_u32(body, &mut pos, "table header length")? as usize;
     let hdr = take(body, &mut pos, hlen, "table header")?;
     let v2 = version >= 2;
+    let v3 = version >= 3;
     let mut h = BitReader::new(hdr);
     let e_base = h.get(l.ebits) as i32;
     let ne = h.get(5) as usize + 1;
@@ -718,6 +808,19 @@ pub(crate) fn decode(
         match h.get(2) {
             0 => modes.push((0, 0)),
             1 if may_be_raw => modes.push((1, 0)),
+            1 if v3 && (slots.m(0)..slots.r1(0)).contains(&slot) => {
+                // A binned table, written at BIN_BITS: scaled to PROB_BITS, every bin's
+                // frequency is a multiple of PER_BIN.
+                let t = rans::read_table(&mut h, BINS)?;
+                if t.freq.iter().any(|&f| f % PER_BIN as u32 != 0) {
+                    return Err(CodecError::corrupt(format!(
+                        "slot {slot}: a binned table not at {BIN_BITS} bits"
+                    )));
+                }
+                let per: Vec<u32> = t.freq.iter().map(|&f| f / PER_BIN as u32).collect();
+                modes.push((2, luts.len()));
+                luts.push(Table::from_freq(expand_bins(&per)).lookup());
+            }
             2 => {
                 let t = rans::read_table(&mut h, alpha)?;
                 modes.push((2, luts.len()));

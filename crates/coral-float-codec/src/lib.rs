@@ -7,7 +7,9 @@
 //! - the **sign**, coded with a running estimate per column (a matrix's columns lean to one
 //!   sign), or kept as a bitmap when that would not pay, or left out when every sign is 0;
 //! - the **top seven mantissa bits**, coded with a table per exponent bucket (within a binade
-//!   the weights' density is not flat);
+//!   the weights' density is not flat), either a full table or, where it costs less, a binned
+//!   one that gives a frequency to each eighth of the binade (the density changes smoothly,
+//!   and eight frequencies cost a tenth of 128);
 //! - for f32 and f16 the **low mantissa bits**, per block of 128 values: a block whose low
 //!   bits are all zero (weights kept at lower precision) says so once and codes none of them;
 //!   the rest are coded bytewise, or kept raw when coding would not pay.
@@ -46,8 +48,8 @@ pub const FILTER_NAME: &str = "coral-float";
 
 /// Frame magic.
 pub const MAGIC: [u8; 2] = *b"CF";
-/// The frame format version [`encode`] writes. [`decode`] reads this one and version 1.
-pub const VERSION: u8 = 2;
+/// The frame format version [`encode`] writes. [`decode`] reads this one and versions 1 and 2.
+pub const VERSION: u8 = 3;
 /// Bytes of the frame header.
 pub const HEADER_BYTES: usize = 24;
 

@@ -96,7 +96,7 @@ pub fn normalize(counts: &[u64], tb: u32) -> Vec<u32> {
 }
 
 /// Serialised size of a table in bits ([`write_table`]).
-fn table_header_bits(freq: &[u32], _tb: u32) -> u64 {
+pub fn table_header_bits(freq: &[u32], _tb: u32) -> u64 {
     let w = alphabet_width(freq.len());
     let (lo, hi) = span(freq);
     let mut bits = 3 + 2 * u64::from(w);

@@ -191,25 +191,66 @@ fn any_row_length_round_trips() {
     }
 }
 
-/// Frames of version 1 (before columns were modelled), as that encoder wrote them for
-/// `weights(kind, 3000, 7, true)`: they still decode.
+/// Frames of earlier versions, as those encoders wrote them for `weights(kind, 3000, 7, true)`:
+/// version 1 (before columns were modelled) with rows of one value, version 2 (before binned
+/// mantissa tables) with rows of 100. They still decode.
 #[test]
-fn version_1_frames_still_decode() {
-    for kind in [Kind::Bf16, Kind::F16, Kind::F32] {
-        let path = format!(
-            "{}/tests/data/v1-{}.cf",
-            env!("CARGO_MANIFEST_DIR"),
-            format!("{kind:?}").to_lowercase()
+fn frames_of_earlier_versions_still_decode() {
+    for version in [1u8, 2] {
+        for kind in [Kind::Bf16, Kind::F16, Kind::F32] {
+            let path = format!(
+                "{}/tests/data/v{version}-{}.cf",
+                env!("CARGO_MANIFEST_DIR"),
+                format!("{kind:?}").to_lowercase()
+            );
+            let frame = std::fs::read(&path).unwrap();
+            assert_eq!(frame[2], version, "{path} is a version {version} frame");
+            let mut out = Vec::new();
+            decode(&frame, &mut out).unwrap();
+            assert_eq!(out, weights(kind, 3000, 7, true), "{path}");
+            // And this encoder writes the current version; with the same rows as version 2,
+            // no larger (a binned table is used only where it costs less).
+            let mut now = Vec::new();
+            encode(kind, &out, &mut now).unwrap();
+            assert_eq!(now[2], VERSION);
+            if version == 2 {
+                encode_rows(kind, &out, 100, &mut now).unwrap();
+                assert!(now.len() <= frame.len(), "{path}: {} now", now.len());
+            }
+        }
+    }
+}
+
+/// Weights whose density falls across each binade (as a normal distribution's does) code their
+/// mantissas with binned tables; mantissas that keep only a few values (weights rounded to
+/// fewer bits, then widened) keep full tables. Both round-trip, and each costs less than the
+/// other's table would.
+#[test]
+fn mantissa_tables_follow_the_data() {
+    for kind in [Kind::Bf16, Kind::F32] {
+        let smooth = weights(kind, 50_000, 3, true);
+        let frame = round_trip_rows(kind, &smooth, 100);
+        assert!(frame.len() < smooth.len(), "{kind:?}");
+        // Every mantissa a multiple of 32 (two top bits kept): a full table codes it in about
+        // 2 bits, a binned one would spend 4 bits within the bin alone.
+        let w = kind.size();
+        let coarse: Vec<u8> = smooth
+            .chunks_exact(w)
+            .flat_map(|c| {
+                let mut v = [0u8; 4];
+                v[..w].copy_from_slice(c);
+                let x = u32::from_le_bytes(v);
+                let keep = if w == 2 { !0x1f } else { !0x1f_ffff };
+                (x & keep).to_le_bytes()[..w].to_vec()
+            })
+            .collect();
+        let coarse_frame = round_trip_rows(kind, &coarse, 100);
+        assert!(
+            (coarse_frame.len() as f64) < frame.len() as f64 * 0.85,
+            "{kind:?}: {} coarse against {} smooth",
+            coarse_frame.len(),
+            frame.len()
         );
-        let frame = std::fs::read(&path).unwrap();
-        assert_eq!(frame[2], 1, "{path} is a version 1 frame");
-        let mut out = Vec::new();
-        decode(&frame, &mut out).unwrap();
-        assert_eq!(out, weights(kind, 3000, 7, true), "{path}");
-        // And this encoder writes the current version.
-        let mut now = Vec::new();
-        encode(kind, &out, &mut now).unwrap();
-        assert_eq!(now[2], VERSION);
     }
 }
 

@@ -11,8 +11,9 @@
 //! links no HDF5 of its own: the class structure is declared here as HDF5 1.8-2.x lay it out
 //! (`H5Z_class2_t`). `coral-hdf5` registers the same [`CLASS`] in its process.
 //!
-//! `cd_values`: `[format version, kind, row values]`: the version the writer codes (2; 1 in
-//! datasets written before the codec modelled columns), the kind as
+//! `cd_values`: `[format version, kind, row values]`: the version the writer codes (3; 2 in
+//! datasets written before binned mantissa tables, 1 before the codec modelled columns), the
+//! kind as
 //! [`coral_float_codec::Kind::code`] (1 bf16, 2 f16, 3 f32), and the values in one row of a
 //! chunk (the product of the dataset's dimensions after the first; absent in version 1, read as
 //! 1). Decoding needs none of them: every frame names its kind and row length.
@@ -20,7 +21,7 @@
 //! ```
 //! // The filter's callback, as HDF5 calls it: code 4 KiB of f32 in place, then decode it.
 //! let data: Vec<u8> = (0..1024u32).flat_map(|i| (i as f32 * 1e-3).to_le_bytes()).collect();
-//! let coded = coral_h5plugin::apply(false, &[2, 3, 32], &data).unwrap();
+//! let coded = coral_h5plugin::apply(false, &[3, 3, 32], &data).unwrap();
 //! assert_eq!(coral_h5plugin::apply(true, &[], &coded).unwrap(), data);
 //! ```
 

@@ -326,6 +326,7 @@ impl HDF5Store {
         let file =
             Hid::new(fid, Kind::File, || format!("creating {}", tmp.display())).map_err(tmp_err)?;
         store::set_cloexec(file.id());
+        h5::use_v110_objects(file.id()).map_err(tmp_err)?;
         // The groups of a new store, in the same order, with the same name heaps.
         let mut dst = Vec::with_capacity(4);
         for g in [WEIGHTS, METADATA, DELTAS, MODELS] {

@@ -452,6 +452,11 @@ pub fn create_group(loc: hid_t, name: &str, heap_hint: usize) -> Result<Hid, H5E
             hdf5_sys::h5p::H5Pset_local_heap_size_hint(gcpl.id(), heap_hint),
             || "heap size hint".into(),
         )?;
+        // No timestamps (HDF5 1.10's group headers would carry four): the same store is the
+        // same bytes whenever it is written.
+        check(H5Pset_obj_track_times(gcpl.id(), 0), || {
+            "track times".into()
+        })?;
         Hid::new(
             hdf5_sys::h5g::H5Gcreate2(loc, c.as_ptr(), H5P_DEFAULT, gcpl.id(), H5P_DEFAULT),
             Kind::Group,
@@ -508,6 +513,7 @@ pub fn make_fcpl(persistent_free_space: bool) -> Result<Hid, H5Error> {
 /// format bounds. `writable`: the open is a writer's, which holds the store's own writer lock
 /// (`journal::WriterLock`); without the journal driver, HDF5's `sec2` driver would then try the
 /// same `flock` again and fail against it, so its file locking is switched off for writers.
+/// Objects created after the open may take newer formats: [`use_v110_objects`].
 pub fn make_fapl(writable: bool) -> Result<Hid, H5Error> {
     // SAFETY: a new property list.
     unsafe {
@@ -527,7 +533,11 @@ pub fn make_fapl(writable: bool) -> Result<Hid, H5Error> {
         }
         // The earliest format that holds each object, and nothing newer than 1.10's: what
         // HDF5 1.10.8 writes by default, written the same on 1.14 and 2.x (whose defaults
-        // differ), so a store stays readable by every library from 1.10 on.
+        // differ), so a store stays readable by every library from 1.10 on. What the file is
+        // created with: a higher low bound would give the superblock extension (written again
+        // at every writer's close) a header with timestamps, so that an open that changed
+        // nothing would change the file's bytes, and 1.10 a version 3 superblock (see
+        // `use_v110_objects`).
         check(
             hdf5_sys::h5p::H5Pset_libver_bounds(
                 p.id(),
@@ -540,7 +550,56 @@ pub fn make_fapl(writable: bool) -> Result<Hid, H5Error> {
     }
 }
 
-/// Opens a dataset.
+// Not declared by `hdf5-sys` 0.12; in every HDF5 from 1.10.2 on (Coral needs 1.10.8).
+unsafe extern "C" {
+    fn H5Fset_libver_bounds(
+        file_id: hid_t,
+        low: hdf5_sys::h5f::H5F_libver_t,
+        high: hdf5_sys::h5f::H5F_libver_t,
+    ) -> herr_t;
+}
+
+/// The version of an open file's superblock.
+pub fn superblock_version(fid: hid_t) -> Result<u32, H5Error> {
+    let mut info = hdf5_sys::h5f::H5F_info2_t::default();
+    // SAFETY: valid file id; out pointer valid.
+    check(
+        unsafe { hdf5_sys::h5f::H5Fget_info2(fid, &mut info) },
+        || "reading the file's superblock version".into(),
+    )?;
+    Ok(info.super_.version)
+}
+
+/// In a file with a version 2 superblock (Coral's stores with persistent free space), objects
+/// created from now on take HDF5 1.10's formats, which need less metadata: a chunk index in the
+/// layout message for a one-chunk dataset (a fixed array for more chunks) instead of a version
+/// 1 B-tree, and a group's links in its object header or in a fractal heap instead of a symbol
+/// table. Every library that reads the version 2 superblock (1.10.1 on) reads these.
+///
+/// The file keeps its version 2 superblock: creating it with 1.10 as the low bound would write a
+/// version 3 one, whose "open for writing" flag, left set by a writer that dies, makes every
+/// later open fail until `h5clear` is run. Files with older superblocks (versions 0 and 1:
+/// h5py's and coral-ml's defaults, Coral's `persistent_free_space(false)`) keep the earliest
+/// formats.
+/// Returns whether the newer formats are now in use.
+pub fn use_v110_objects(fid: hid_t) -> Result<bool, H5Error> {
+    if superblock_version(fid)? != 2 {
+        return Ok(false);
+    }
+    // SAFETY: valid file id.
+    check(
+        unsafe {
+            H5Fset_libver_bounds(
+                fid,
+                hdf5_sys::h5f::H5F_libver_t::H5F_LIBVER_V110,
+                hdf5_sys::h5f::H5F_libver_t::H5F_LIBVER_V110,
+            )
+        },
+        || "setting the file's format bounds".into(),
+    )?;
+    Ok(true)
+}
+
 /// The size of the file's user block (0 for Coral's files and h5py's defaults).
 pub fn userblock_size(fid: hid_t) -> Result<u64, H5Error> {
     // SAFETY: valid file id; the returned list is closed by Hid.

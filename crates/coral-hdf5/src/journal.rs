@@ -574,9 +574,12 @@ impl JFile {
             }
         }
         drop(guard);
-        // 4. Space HDF5 gave back at the end is free in the new state: cut it.
-        if let Some(cut) = self.cut.take() {
-            set_len_fd(self.fd, cut)?;
+        // 4. Space HDF5 gave back at the end is free in the new state: cut it, to the size the
+        //    file has now. (Not to the size of the cut: HDF5 may have given space back, then
+        //    allocated and written it again before the commit, as 2.x does at a close with
+        //    free space at the end; those bytes are in the new state.)
+        if self.cut.take().is_some() {
+            set_len_fd(self.fd, self.eof)?;
         }
         self.dirty = false;
         self.committed_eof = self.eof;

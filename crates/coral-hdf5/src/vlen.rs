@@ -293,26 +293,33 @@ impl RawFile {
 }
 
 /// Checks what libhdf5 trusts in a message before it decodes it: a chunked layout (versions 1
-/// to 3) has a rank of at least 1 and no chunk dimension of 0 (it divides by them: SIGFPE in
+/// to 4) has a rank of at least 1 and no chunk dimension of 0 (it divides by them: SIGFPE in
 /// `H5Dopen2`), all inside the message.
 fn check_message(kind: u16, d: &[u8]) -> Result<(), String> {
     if kind != 0x08 {
         return Ok(());
     }
-    // Version 3: class, rank + 1, address, dims; versions 1 and 2: rank + 1, class, 5 reserved
-    // bytes, address, dims (the version itself may be the flipped byte).
-    let (n, at) = match (d.first(), d.get(1), d.get(2)) {
-        (Some(3), Some(2), Some(&n)) => (usize::from(n), 11),
-        (Some(1 | 2), Some(&n), Some(2)) => (usize::from(n), 16),
+    // Version 4: class, flags, rank + 1, bytes per dimension (1 to 8), dims, index; version
+    // 3: class, rank + 1, address, dims; versions 1 and 2: rank + 1, class, 5 reserved bytes,
+    // address, dims (the version itself may be the flipped byte).
+    let (n, at, width) = match (d.first(), d.get(1), d.get(2), d.get(3), d.get(4)) {
+        (Some(4), Some(2), _, Some(&n), Some(&w)) => {
+            if !(1..=8).contains(&w) {
+                return Err(format!("a chunked layout with {w}-byte dimensions"));
+            }
+            (usize::from(n), 5, usize::from(w))
+        }
+        (Some(3), Some(2), Some(&n), _, _) => (usize::from(n), 11, 4),
+        (Some(1 | 2), Some(&n), Some(2), _, _) => (usize::from(n), 16, 4),
         _ => return Ok(()),
     };
-    let dims = d.get(at..at + 4 * n).ok_or_else(|| {
+    let dims = d.get(at..at + width * n).ok_or_else(|| {
         format!(
             "a layout message of {} bytes for {n} chunk dimensions",
             d.len()
         )
     })?;
-    let zero = dims.chunks_exact(4).any(|c| c.iter().all(|&b| b == 0));
+    let zero = dims.chunks_exact(width).any(|c| c.iter().all(|&b| b == 0));
     if n < 2 || zero {
         return Err(format!("a chunked layout of {n} dimensions, one of them 0"));
     }
@@ -388,5 +395,39 @@ impl crate::HDF5Store {
             Some(raw) => raw.open_dataset(group, name),
             None => crate::h5::open_dataset(group, name),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_message;
+
+    /// A chunked layout message of version 4: flags 0, rank 1 + 1, dimensions of `width`
+    /// bytes (`dims`), the single-chunk index (1) and an address.
+    fn v4(width: u8, dims: &[u64]) -> Vec<u8> {
+        let mut m = vec![4, 2, 0, dims.len() as u8, width];
+        for d in dims {
+            m.extend_from_slice(&d.to_le_bytes()[..usize::from(width).min(8)]);
+        }
+        m.push(1);
+        m.extend_from_slice(&4096u64.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn version_4_chunked_layouts_are_checked() {
+        assert!(check_message(0x08, &v4(1, &[32, 4])).is_ok());
+        assert!(check_message(0x08, &v4(2, &[1000, 4])).is_ok());
+        let zero = check_message(0x08, &v4(1, &[0, 4])).unwrap_err();
+        assert!(zero.contains("one of them 0"), "{zero}");
+        assert!(check_message(0x08, &v4(2, &[1000, 0])).is_err());
+        // A rank below 1, a dimension width outside 1-8, dimensions past the message's end.
+        assert!(check_message(0x08, &v4(1, &[32])).is_err());
+        assert!(check_message(0x08, &v4(9, &[32, 4])).is_err());
+        assert!(check_message(0x08, &v4(0, &[32, 4])).is_err());
+        assert!(check_message(0x08, &v4(8, &[32, 4])[..12]).is_err());
+        // Other messages, and contiguous layouts, are not this check's.
+        assert!(check_message(0x01, &[4, 2, 0, 0, 0]).is_ok());
+        assert!(check_message(0x08, &[4, 1, 0, 0]).is_ok());
     }
 }

@@ -41,6 +41,11 @@ fn helper_with(python: &Path, args: &[&str], env: &[(&str, &Path)]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// An optional string attribute as the Python helpers print it: `null` when unset.
+fn optional(v: &Option<String>) -> Value {
+    v.clone().map_or(Value::Null, Value::from)
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
@@ -135,7 +140,12 @@ fn h5py_reads_the_float_codec_through_the_plugin() {
             // `[version, kind, values in a row]`: the codec models the rows' columns.
             let row: usize = t.shape().iter().skip(1).product();
             let params = &d["filter_params"]["307"];
-            assert_eq!(params[0], 2, "{}: {params}", t.name());
+            assert_eq!(
+                params[0],
+                u64::from(coral_float_codec::VERSION),
+                "{}: {params}",
+                t.name()
+            );
             assert_eq!(params[2], row as u64, "{}: {params}", t.name());
         }
     }
@@ -214,18 +224,26 @@ fn h5py_reads_every_dataset_we_write() {
                 "{c} dataset shape of {}",
                 t.name()
             );
+            // The optional attributes are there when set, and absent (coral-ml reads them
+            // with `.get()`) when not.
             assert_eq!(
                 a["layer_type"],
-                t.metadata().layer_type.clone().unwrap_or_default(),
+                optional(&t.metadata().layer_type),
                 "{c} layer_type"
             );
             assert_eq!(
                 a["model_name"],
-                t.metadata().model_name.clone().unwrap_or_default(),
+                optional(&t.metadata().model_name),
                 "{c} model_name"
             );
-            let ci: Value = serde_json::from_str(a["compression_info"].as_str().unwrap()).unwrap();
-            assert_eq!(ci, Value::Object(t.metadata().compression_info.clone()));
+            let info = &t.metadata().compression_info;
+            if info.is_empty() {
+                assert_eq!(a["compression_info"], Value::Null, "{c} compression_info");
+            } else {
+                let ci: Value =
+                    serde_json::from_str(a["compression_info"].as_str().unwrap()).unwrap();
+                assert_eq!(ci, Value::Object(info.clone()));
+            }
             let want = sha256_hex(t.data());
             assert_eq!(
                 d["sha256"],
@@ -336,6 +354,23 @@ fn python_compatible_store_opens_in_coral_ml() {
         assert_eq!(e["dtype"], t.dtype().name());
         let shape: Vec<u64> = t.shape().iter().map(|&x| x as u64).collect();
         assert_eq!(e["shape"], serde_json::json!(shape));
+        // The optional attributes Coral leaves out when empty read as coral-ml's own empties.
+        assert_eq!(
+            e["layer_type"],
+            optional(&t.metadata().layer_type),
+            "{name}"
+        );
+        assert_eq!(
+            e["model_name"],
+            optional(&t.metadata().model_name),
+            "{name}"
+        );
+        assert_eq!(
+            e["compression_info"],
+            Value::Object(t.metadata().compression_info.clone()),
+            "{name}"
+        );
+        assert_eq!(e["hash"], k.as_str(), "{name}");
     }
     assert_eq!(
         v.len(),

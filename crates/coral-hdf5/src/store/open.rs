@@ -300,10 +300,14 @@ fn open_h5(path: &Path, opts: &HDF5StoreOptions, create: bool) -> Result<Hid> {
             hdf5_sys::h5f::H5Fopen(cpath.as_ptr(), hdf5_sys::h5f::H5F_ACC_RDWR, fapl.id())
         }
     };
-    Hid::new(fid, Kind::File, || {
+    let fid = Hid::new(fid, Kind::File, || {
         format!("opening {} (mode {})", loc(), opts.mode.as_str())
     })
-    .map_err(|e| h5err(path, e))
+    .map_err(|e| h5err(path, e))?;
+    if opts.mode.writable() {
+        h5::use_v110_objects(fid.id()).map_err(|e| h5err(path, e))?;
+    }
+    Ok(fid)
 }
 
 /// The store's groups in an open file: `weights/` (required), `deltas/` and `models/`.

@@ -122,6 +122,8 @@ def cmd_verify(path):
             actual = w.compute_hash(force=True)
             out[key] = {"name": w.metadata.name, "shape": list(w.shape),
                         "dtype": np.dtype(w.dtype).name, "ok": actual == key,
+                        "layer_type": w.metadata.layer_type, "model_name": w.metadata.model_name,
+                        "compression_info": w.metadata.compression_info, "hash": w.metadata.hash,
                         "sha256": hashlib.sha256(np.ascontiguousarray(w.data).tobytes()).hexdigest()}
     print(json.dumps(out))
 
