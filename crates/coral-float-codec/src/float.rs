@@ -144,6 +144,10 @@ impl Slots {
     fn r1(self, z: usize) -> usize {
         1 + self.ne + self.nb + z
     }
+    /// True for a mantissa slot (M₀..M₍nb−1₎).
+    fn is_m(self, slot: usize) -> bool {
+        (self.m(0)..self.r1(0)).contains(&slot)
+    }
     fn r0(self) -> usize {
         3 + self.ne + self.nb
     }
@@ -551,11 +555,10 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     for (slot, c) in counts.iter().enumerate() {
         let total: u64 = c.iter().sum();
         let (alpha, may_be_raw) = slots.alphabet(l, slot);
-        let is_m = (slots.m(0)..slots.r1(0)).contains(&slot);
         if total == 0 {
             hdr.put(0, 2);
             codes.push(SlotCode::Unused);
-        } else if is_m && mantissa_code(c).0 == MantissaCode::Binned {
+        } else if slots.is_m(slot) && mantissa_code(c).0 == MantissaCode::Binned {
             hdr.put(1, 2);
             let f = rans::normalize(&bin_counts(c), BIN_BITS);
             rans::write_table(&mut hdr, &f, BIN_BITS);
@@ -808,7 +811,7 @@ pub(crate) fn decode(
         match h.get(2) {
             0 => modes.push((0, 0)),
             1 if may_be_raw => modes.push((1, 0)),
-            1 if v3 && (slots.m(0)..slots.r1(0)).contains(&slot) => {
+            1 if v3 && slots.is_m(slot) => {
                 // A binned table, written at BIN_BITS: scaled to PROB_BITS, every bin's
                 // frequency is a multiple of PER_BIN.
                 let t = rans::read_table(&mut h, BINS)?;

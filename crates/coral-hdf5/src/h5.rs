@@ -560,7 +560,7 @@ unsafe extern "C" {
 }
 
 /// The version of an open file's superblock.
-pub fn superblock_version(fid: hid_t) -> Result<u32, H5Error> {
+fn superblock_version(fid: hid_t) -> Result<u32, H5Error> {
     let mut info = hdf5_sys::h5f::H5F_info2_t::default();
     // SAFETY: valid file id; out pointer valid.
     check(
@@ -581,10 +581,9 @@ pub fn superblock_version(fid: hid_t) -> Result<u32, H5Error> {
 /// later open fail until `h5clear` is run. Files with older superblocks (versions 0 and 1:
 /// h5py's and coral-ml's defaults, Coral's `persistent_free_space(false)`) keep the earliest
 /// formats.
-/// Returns whether the newer formats are now in use.
-pub fn use_v110_objects(fid: hid_t) -> Result<bool, H5Error> {
+pub fn use_v110_objects(fid: hid_t) -> Result<(), H5Error> {
     if superblock_version(fid)? != 2 {
-        return Ok(false);
+        return Ok(());
     }
     // SAFETY: valid file id.
     check(
@@ -596,8 +595,7 @@ pub fn use_v110_objects(fid: hid_t) -> Result<bool, H5Error> {
             )
         },
         || "setting the file's format bounds".into(),
-    )?;
-    Ok(true)
+    )
 }
 
 /// The size of the file's user block (0 for Coral's files and h5py's defaults).

@@ -334,6 +334,9 @@ struct JFile {
     eoa: u64,
     /// The file's size as HDF5 sees it: a cut waiting for the commit is already applied here.
     eof: u64,
+    /// The file's size on disk: at least `committed_eof` until the commit (committed bytes are
+    /// never cut before it), and at least `eof`; above `eof` by a cut waiting for the commit.
+    len: u64,
     dev: u64,
     ino: u64,
     writable: bool,
@@ -357,8 +360,6 @@ struct JFile {
     pending: Vec<(u64, Vec<u8>)>,
     /// Bytes were written to the file since the last commit.
     dirty: bool,
-    /// HDF5 cut its allocation below the committed size: cut the file there after the commit.
-    cut: Option<u64>,
     /// Bytes written since the kernel was last asked to start writing the file back
     /// ([`JFile::start_writeback`]).
     unstarted: u64,
@@ -541,7 +542,8 @@ impl JFile {
     }
 
     fn commit_inner(&mut self) -> std::io::Result<()> {
-        if self.pending.is_empty() && !self.dirty && self.journal.is_none() && self.cut.is_none() {
+        if self.pending.is_empty() && !self.dirty && self.journal.is_none() && self.len == self.eof
+        {
             self.committed_eof = self.eof;
             return Ok(());
         }
@@ -574,12 +576,13 @@ impl JFile {
             }
         }
         drop(guard);
-        // 4. Space HDF5 gave back at the end is free in the new state: cut it, to the size the
-        //    file has now. (Not to the size of the cut: HDF5 may have given space back, then
-        //    allocated and written it again before the commit, as 2.x does at a close with
-        //    free space at the end; those bytes are in the new state.)
-        if self.cut.take().is_some() {
+        // 4. Space HDF5 gave back at the end is free in the new state: cut it. (To HDF5's size
+        //    now, not to where it first gave space back: 2.x gives space at the end back, then
+        //    allocates and writes it again before a close, and those bytes are in the new
+        //    state.)
+        if self.len > self.eof {
             set_len_fd(self.fd, self.eof)?;
+            self.len = self.eof;
         }
         self.dirty = false;
         self.committed_eof = self.eof;
@@ -691,6 +694,7 @@ impl JFile {
             rollback_fd(self.fd, &self.journal_path, self.wait, &self.path)?;
         } else {
             set_len_fd(self.fd, self.committed_eof)?;
+            self.len = self.committed_eof;
         }
         Ok(())
     }
@@ -1304,6 +1308,7 @@ unsafe extern "C" fn j_open(
         fd,
         eoa: 0,
         eof,
+        len: eof,
         dev: st.st_dev,
         ino: st.st_ino,
         writable: flags & ACC_RDWR != 0,
@@ -1318,7 +1323,6 @@ unsafe extern "C" fn j_open(
         committed_eof: eof,
         pending: Vec::new(),
         dirty: false,
-        cut: None,
         unstarted: 0,
     });
     Box::into_raw(jf) as *mut FdT
@@ -1503,6 +1507,7 @@ unsafe extern "C" fn j_write(
     }
     jf.dirty = true;
     jf.eof = jf.eof.max(end);
+    jf.len = jf.len.max(end);
     jf.start_writeback(to_file as u64);
     0
 }
@@ -1518,16 +1523,18 @@ unsafe extern "C" fn j_truncate(f: *mut FdT, _dxpl: hid_t, _closing: u8) -> herr
     }
     // Growing (HDF5 allocated space it has not written yet) happens now. So does a cut of
     // what lies past the committed size; below it, the bytes may be committed ones, so that
-    // cut waits until after the commit.
-    let now = jf.eoa.max(jf.committed_eof.min(jf.eof));
-    if now != jf.eof {
+    // cut waits until after the commit (step 4). Measured against the file's size on disk, not
+    // HDF5's: after a cut that waits, HDF5's size is below the committed one while the file
+    // still holds the committed bytes.
+    let now = jf.eoa.max(jf.committed_eof.min(jf.len));
+    if now != jf.len {
         if let Err(e) = set_len_fd(jf.fd, now) {
             jf.failed = true;
             set_error(e);
             return -1;
         }
+        jf.len = now;
     }
-    jf.cut = (jf.eoa < now).then_some(jf.eoa);
     jf.eof = jf.eoa;
     jf.dirty = true;
     0
@@ -1768,6 +1775,38 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"BBBBzzzz");
         assert!(!journal_path(&p).exists());
         assert_eq!(recover(&p).unwrap(), None);
+    }
+
+    /// HDF5 gives space at the end back below the committed size, then takes part of it again:
+    /// the committed bytes past its new end stay on disk until the commit (a crash before it
+    /// rolls back to them), and the commit cuts the file to HDF5's size.
+    #[test]
+    fn committed_bytes_are_not_cut_before_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.h5");
+        let committed: Vec<u8> = (0..100u8).collect();
+        std::fs::write(&p, &committed).unwrap();
+        let name = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: the driver's callbacks on a file of its own, as HDF5 calls them.
+        unsafe {
+            let f = j_open(name.as_ptr(), ACC_RDWR, 0, MAXADDR);
+            assert!(!f.is_null());
+            let meta = H5FD_mem_t::H5FD_MEM_SUPER;
+            assert_eq!(j_set_eoa(f, meta, 80), 0);
+            assert_eq!(j_truncate(f, 0, 0), 0);
+            assert_eq!(j_set_eoa(f, meta, 95), 0);
+            let new = [0xEEu8; 10];
+            assert_eq!(
+                j_write(f, meta, 0, 80, 10, new.as_ptr() as *const c_void),
+                0
+            );
+            assert_eq!(j_truncate(f, 0, 0), 0);
+            assert_eq!(std::fs::read(&p).unwrap(), committed, "before the commit");
+            assert_eq!(j_close(f), 0);
+        }
+        let mut want = committed[..95].to_vec();
+        want[80..90].fill(0xEE);
+        assert_eq!(std::fs::read(&p).unwrap(), want, "after the commit");
     }
 
     #[test]
