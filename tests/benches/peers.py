@@ -1,6 +1,6 @@
 """Coral against the lossless weight compressors of PyPI, side by side in one run.
 
-    python peers.py MODEL.safetensors CORAL_BIN [--runs 3] [--dir DIR]
+    python peers.py MODEL.safetensors CORAL_BIN [--runs 5] [--dir DIR]
 
 The cases (all from the real model, all-MiniLM-L6-v2, fp32; every derived weight uses a fixed
 seed):
@@ -18,7 +18,8 @@ the file (`coral add` into a new HDF5 store,
 `lmz decompress`, glyd's `decompress`) and the bytes are compared with the input. "Saved" is
 1 - output/input for the whole output file (for Coral the store file, container included). A
 fine-tune's cost is what the output grows by when the fine-tune joins the base: `coral add
---reference base`, `lmz append`, glyd's `compress_with_base`. Times are medians of --runs.
+--reference base`, `lmz append`, glyd's `compress_with_base`. Times are medians of --runs,
+taken round robin (each run times every tool once).
 
 `cargo xtask bench --bench peers` runs it with lmzip and glyd installed in the bench venv.
 """
@@ -209,7 +210,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("coral")
-    ap.add_argument("--runs", type=int, default=int(os.environ.get("CORAL_BENCH_RUNS", "3")))
+    ap.add_argument("--runs", type=int, default=int(os.environ.get("CORAL_BENCH_RUNS", "5")))
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="coral-peers-", dir=args.dir)
@@ -217,28 +218,36 @@ def main():
         files, changed = make_cases(args.model, work)
         # `none` (no codec at all) is the floor of Coral's times: hashing, HDF5, the file writes.
         tools = [Coral(args.coral, c) for c in ("zstd", "coral", "none")] + [Lmzip(), Glyd()]
-        rows = {}
-        for tool in tools:
-            r = rows[tool.name] = {"version": tool.version()}
-            for case in ("fp32", "bf16"):
-                src = files[case]
-                n = os.path.getsize(src)
-                ct, dt = [], []
-                for i in range(args.runs):
+        rows = {tool.name: {"version": tool.version()} for tool in tools}
+        for case in ("fp32", "bf16"):
+            src = files[case]
+            n = os.path.getsize(src)
+            ct = {tool.name: [] for tool in tools}
+            dt = {tool.name: [] for tool in tools}
+            size = {}
+            # Round robin: each run times every tool once, so a change in the machine's load
+            # reaches every tool alike rather than the ones that happened to run then.
+            for i in range(args.runs):
+                for tool in tools:
                     out = os.path.join(work, f"{tool.name}.{case}.{i}.out")
                     dst = os.path.join(work, f"{tool.name}.{case}.{i}.back")
-                    ct.append(tool.compress(src, out))
-                    dt.append(tool.decompress(out, dst))
+                    ct[tool.name].append(tool.compress(src, out))
+                    dt[tool.name].append(tool.decompress(out, dst))
                     if not same(src, dst):
                         raise SystemExit(f"{tool.name} did not give {case} back bit for bit")
-                    size = os.path.getsize(out)
+                    size[tool.name] = os.path.getsize(out)
                     os.remove(dst)
                     if os.path.isdir(out):
                         shutil.rmtree(out)
                     else:
                         os.remove(out)
-                r[case] = {"saved": 1 - size / n, "c": n / statistics.median(ct) / 1e6,
-                           "d": n / statistics.median(dt) / 1e6, "ct": ct, "dt": dt}
+            for tool in tools:
+                c, d = ct[tool.name], dt[tool.name]
+                rows[tool.name][case] = {
+                    "saved": 1 - size[tool.name] / n, "c": n / statistics.median(c) / 1e6,
+                    "d": n / statistics.median(d) / 1e6, "ct": c, "dt": d}
+        for tool in tools:
+            r = rows[tool.name]
             for case, base in (("bf16-ft", "bf16"), ("fp32-ft", "fp32")):
                 out = os.path.join(work, f"{tool.name}.{case}.out")
                 r[case] = tool.finetune(files[base], files[case], out)
@@ -262,7 +271,7 @@ def main():
         print("\nruns (compress / decompress, s):")
         for name, r in rows.items():
             for case in ("fp32", "bf16"):
-                print(f"  {name} {case}: " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r[case]["ct"], r[case]["dt"])))
+                print(f"  {name} {case}: " + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(r[case]["ct"], r[case]["dt"])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,7 +3,7 @@
 //! Run with `cargo xtask bench`, or directly:
 //!
 //! ```text
-//! CORAL_TEST_MODEL=target/model-cache/all-MiniLM-L6-v2/model.safetensors \
+//! CORAL_TEST_MODEL=$PWD/target/model-cache/all-MiniLM-L6-v2/model.safetensors \
 //!     cargo bench -p coral-core --bench deltas
 //! ```
 //!

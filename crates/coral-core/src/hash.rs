@@ -193,7 +193,8 @@ impl ContentHasher {
     /// Hashes the next data bytes.
     pub fn update(&mut self, data: &[u8]) {
         match &mut self.state {
-            HasherState::Sha256(h) => h.update(data),
+            // SHA-256 reads at 1.7 GB/s, faster than memory comes in unasked (`prefetch`).
+            HasherState::Sha256(h) => crate::prefetch::in_pieces(data, |piece| h.update(piece)),
             HasherState::Xxh3(h) => h.update(data),
         }
         self.bytes = self.bytes.saturating_add(data.len() as u64);

@@ -10,7 +10,8 @@
 //! - [`codec`]: none, gzip, lz4 and zstd, optionally after HDF5's byte-plane shuffle;
 //! - [`delta`]: weights stored as differences from similar weights;
 //! - [`manifest`]: models as lists of keys, enough to rebuild the original file;
-//! - [`pool`]: buffers of consumed weights, for the next decode to write into.
+//! - [`pool`]: buffers of consumed weights, for the next decode to write into;
+//! - [`prefetch`]: asking for memory ahead of a pass that reads it in order.
 //!
 //! ```
 //! use coral_core::{codec::CodecSpec, ContentHash, WeightTensor};
@@ -36,6 +37,7 @@ pub mod error;
 pub mod hash;
 pub mod manifest;
 pub mod pool;
+pub mod prefetch;
 pub mod tensor;
 
 pub use codec::{Codec, CodecSpec};

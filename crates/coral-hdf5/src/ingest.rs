@@ -9,12 +9,13 @@
 //! hashed and their link in `weights/` only once every chunk of the batch is written, so a batch
 //! that fails anywhere (a wrong key, a compression or write error) links nothing.
 //!
-//! The threads finish in any order, but the writer takes their results in the order it handed
-//! out the work (hashes in hashing order, chunks in queue order, each stream on its own),
-//! holding early finishers until their turn. Until the end of the batch only chunk writes (and
-//! the creation of a dataset at its first chunk) change the file, in queue order, which
-//! depends only on the batch; datasets without chunks, attributes and links follow in plan
-//! order. So the same batch gives the same file, byte for byte, on every run.
+//! The threads finish in any order, but the writer takes their results in an order fixed
+//! before it starts (hashes in the order a model of the pipeline finishes them, [`hash_turns`];
+//! chunks in queue order; each stream on its own), holding early finishers until their turn.
+//! Until the end of the batch only chunk writes (and the creation of a dataset at its first
+//! chunk) change the file, in queue order, which depends only on the batch and the codec;
+//! datasets without chunks, attributes and links follow in plan order. So the same batch gives
+//! the same file, byte for byte, on every run.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -25,6 +26,7 @@ use coral_store_api::{Result, StoreError, Stored};
 
 use crate::chunk::ChunkError;
 use crate::h5::{self, Hid};
+use crate::options::Compression;
 use crate::store::{
     corrupt, in_compression_scope, take_largest, Encoded, HDF5Store, Inner, IN_FLIGHT_BYTES,
 };
@@ -149,23 +151,83 @@ fn hash_item(
     }
 }
 
-/// The order in which the writer takes hash results, as hash numbers: by when each would
-/// finish if `lanes` threads hashed the items of `sizes` (in hand-out order, largest first),
-/// each taking the next item when free. Taking them in hand-out order would hold every small
-/// tensor's compression back until the largest is hashed (on all-MiniLM-L6-v2, a 47 MB
-/// embedding: 40 ms with the other cores idle); taking them as they come would make the file
-/// depend on timing. This order depends only on the batch, so the file does not, and equal
-/// sizes keep their batch order (a weight's first name is taken first).
-pub(crate) fn hash_turns(sizes: &[usize], lanes: usize) -> Vec<u64> {
-    let mut free = vec![0u64; lanes.max(1)];
-    let mut finish: Vec<(u64, u64)> = Vec::with_capacity(sizes.len());
-    for (seq, &size) in sizes.iter().enumerate() {
-        let lane = (0..free.len()).min_by_key(|&l| (free[l], l)).unwrap_or(0);
-        free[lane] = free[lane].saturating_add(size as u64);
-        finish.push((free[lane], seq as u64));
+/// What a byte costs in [`hash_turns`]'s model: hashing it, and compressing it with each codec,
+/// in the same unit (measured on one core: SHA-256 1.8 GB/s; shuffle and zstd 2.7 GB/s; gzip and
+/// the float codec near 150 MB/s; `none` a copy).
+pub(crate) const HASH_COST: u64 = 4;
+
+/// What compressing a byte costs in [`hash_turns`]'s model, beside [`HASH_COST`].
+fn compress_cost(compression: Compression, level: Option<i32>) -> u64 {
+    match compression {
+        Compression::None => 1,
+        Compression::Zstd if level.unwrap_or(1) <= 5 => 3,
+        Compression::Zstd => 40,
+        Compression::Lzf => 8,
+        Compression::Gzip | Compression::Coral => 48,
     }
-    finish.sort_unstable();
-    finish.into_iter().map(|(_, seq)| seq).collect()
+}
+
+/// The order in which the writer takes hash results, as hash numbers. Taking them in hand-out
+/// order would hold every small tensor's compression back until the largest is hashed (on
+/// all-MiniLM-L6-v2, a 47 MB embedding: 40 ms with the other cores idle); taking them as they
+/// come would make the file depend on timing. So the order comes from a model of the pipeline
+/// on `lanes` threads: items of `sizes` (in hand-out order, largest first) are hashed at most
+/// `lanes` at a time at [`HASH_COST`] a byte, and a hashed item's chunks of at most
+/// `chunk_bytes` join a queue that a free thread takes before its next hash, at `compress_cost`
+/// a byte; the turns are the order the model finishes the hashes in. While one thread hashes
+/// the embedding, the model has the other hash and compress the small tensors, so the
+/// embedding's turn (and its chunks) come once that thread is about as far as it would be.
+/// The order depends only on the batch and the codec, so the file does not depend on timing,
+/// and equal sizes keep their batch order (a weight's first name is taken first).
+pub(crate) fn hash_turns(
+    sizes: &[usize],
+    lanes: usize,
+    chunk_bytes: usize,
+    compress_cost: u64,
+) -> Vec<u64> {
+    let lanes = lanes.max(1);
+    // Steps of at least 1 MiB: a model of many GB in 4 KiB chunks takes no more steps than
+    // bytes in MiB.
+    let chunk = (chunk_bytes as u64).max(1 << 20);
+    // When each thread is next free; what each is hashing (finish time, hash number).
+    let mut free = vec![0u64; lanes];
+    let mut hashing: Vec<(u64, u64)> = Vec::with_capacity(lanes);
+    // Compression work queued, in bytes' cost.
+    let mut queued: u64 = 0;
+    let mut next = 0usize;
+    let mut turns = Vec::with_capacity(sizes.len());
+    while turns.len() < sizes.len() {
+        // The thread free first (the lowest number on a tie) and the hashes done by then.
+        let lane = (0..lanes).min_by_key(|&l| (free[l], l)).unwrap_or(0);
+        let now = free[lane];
+        hashing.sort_unstable();
+        while let Some(&(done, seq)) = hashing.first() {
+            if done > now {
+                break;
+            }
+            hashing.remove(0);
+            turns.push(seq);
+            let size = sizes.get(seq as usize).map_or(0, |&s| s as u64);
+            queued = queued.saturating_add(size.saturating_mul(compress_cost));
+        }
+        if queued > 0 {
+            // One chunk's compression.
+            let step = queued.min(chunk.saturating_mul(compress_cost.max(1)));
+            queued -= step;
+            free[lane] = now.saturating_add(step.max(1));
+        } else if let (true, Some(&size)) = (hashing.len() < lanes, sizes.get(next)) {
+            let done = now.saturating_add((size as u64).saturating_mul(HASH_COST));
+            hashing.push((done, next as u64));
+            free[lane] = done;
+            next += 1;
+        } else if let Some(&(done, _)) = hashing.iter().min() {
+            // Idle until the next hash is done.
+            free[lane] = done.max(now.saturating_add(1));
+        } else {
+            break;
+        }
+    }
+    turns
 }
 
 /// The spawner thread: runs each job of `job_rx` on the compression threads until the channel
@@ -284,7 +346,8 @@ impl<'a, 'w> Writer<'a, 'w> {
         let mut to_hash: Vec<usize> = (0..items.len()).collect();
         to_hash.sort_by_key(|&i| std::cmp::Reverse(items[i].0.nbytes()));
         let handed_out: Vec<usize> = to_hash.iter().map(|&i| items[i].0.nbytes()).collect();
-        let hash_turns = hash_turns(&handed_out, HASHES_AHEAD);
+        let cost = compress_cost(store.opts.compression, store.opts.effective_level());
+        let hash_turns = hash_turns(&handed_out, HASHES_AHEAD, store.opts.chunk_bytes, cost);
         Writer {
             store,
             inner,
@@ -513,25 +576,50 @@ impl<'a, 'w> Writer<'a, 'w> {
 
 #[cfg(test)]
 mod tests {
-    use super::hash_turns;
+    use super::{hash_turns, HASH_COST};
 
     #[test]
     fn hash_turns_take_the_small_before_the_large_one_and_keep_equal_sizes_in_order() {
-        // One lane: hand-out order.
-        assert_eq!(hash_turns(&[5, 3, 3], 1), vec![0, 1, 2]);
+        // Without compression the model only hashes. One lane: hand-out order.
+        assert_eq!(hash_turns(&[5, 3, 3], 1, 4, 0), vec![0, 1, 2]);
         // Two lanes: the large item finishes after the smaller ones beside it.
-        assert_eq!(hash_turns(&[47, 10, 10, 10, 5], 2), vec![1, 2, 3, 4, 0]);
+        assert_eq!(
+            hash_turns(&[47, 10, 10, 10, 5], 2, 4, 0),
+            vec![1, 2, 3, 4, 0]
+        );
         // Equal sizes keep their order, whatever lane they ran in.
-        assert_eq!(hash_turns(&[4, 4, 4, 4], 2), vec![0, 1, 2, 3]);
-        assert_eq!(hash_turns(&[], 2), Vec::<u64>::new());
-        // Every number once.
+        assert_eq!(hash_turns(&[4, 4, 4, 4], 2, 4, 0), vec![0, 1, 2, 3]);
+        assert_eq!(hash_turns(&[4, 4, 4, 4], 2, 4, HASH_COST), vec![0, 1, 2, 3]);
+        assert_eq!(hash_turns(&[], 2, 4, HASH_COST), Vec::<u64>::new());
+        // Every number once, whatever the costs.
         let sizes: Vec<usize> = (0..100).map(|i| (i * 7919) % 97).collect();
         let mut sorted = sizes.clone();
         sorted.sort_unstable_by(|a, b| b.cmp(a));
-        let mut t = hash_turns(&sorted, 3);
-        t.sort_unstable();
-        assert_eq!(t, (0..100).collect::<Vec<u64>>());
+        for (lanes, chunk, cost) in [(3, 4, 0), (2, 1, 3), (2, 10, 48), (1, 0, 1), (4, 7, 40)] {
+            let mut t = hash_turns(&sorted, lanes, chunk, cost);
+            t.sort_unstable();
+            assert_eq!(t, (0..100).collect::<Vec<u64>>(), "{lanes} {chunk} {cost}");
+        }
         // Zero lanes act as one.
-        assert_eq!(hash_turns(&[2, 1], 0), vec![0, 1]);
+        assert_eq!(hash_turns(&[2, 1], 0, 4, 0), vec![0, 1]);
+    }
+
+    #[test]
+    fn compression_brings_the_large_items_turn_forward() {
+        // While one thread hashes the large item, the other hashes the small ones and
+        // compresses them too: it is through two of them, not four, when the large one is done.
+        // (MB: the model's steps are a chunk, 1 MiB at least.)
+        let sizes = [47 << 20, 10 << 20, 10 << 20, 10 << 20, 5 << 20];
+        assert_eq!(
+            hash_turns(&sizes, 2, 4 << 20, HASH_COST),
+            vec![1, 2, 0, 3, 4]
+        );
+        // The slower the codec, the sooner.
+        assert_eq!(hash_turns(&sizes, 2, 4 << 20, 48), vec![1, 0, 2, 3, 4]);
+        // Chunks under 1 MiB are modelled as 1 MiB steps: no more steps than MiB.
+        assert_eq!(hash_turns(&sizes, 2, 4096, HASH_COST), vec![1, 2, 0, 3, 4]);
+        // Huge sizes and costs saturate rather than overflow.
+        let t = hash_turns(&[usize::MAX, usize::MAX / 2, 1], 2, usize::MAX, u64::MAX);
+        assert_eq!(t.len(), 3);
     }
 }

@@ -523,7 +523,11 @@ impl<'a> Adder<'a> {
                 })?);
             }
             drop((hashed_now, unhashed));
-            source.release(group);
+            if gi + 1 == groups.len() {
+                source.release_in_background(group);
+            } else {
+                source.release(group);
+            }
             (self.progress)(group.iter().map(|t| t.len as u64).sum());
             first = next_first;
         }

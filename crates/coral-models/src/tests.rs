@@ -854,3 +854,70 @@ fn streamed_and_grouped_tensors_export_in_order() {
         "the export differs from the file added"
     );
 }
+
+/// Resident kibibytes of this process's mapping that holds `addr` (`/proc/self/smaps`).
+#[cfg(target_os = "linux")]
+fn rss_kib(addr: usize) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let range = line
+            .split_whitespace()
+            .next()
+            .and_then(|r| r.split_once('-'));
+        if let Some((a, b)) = range {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = a <= addr && addr < b;
+                continue;
+            }
+        }
+        if inside {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                return kb.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+    }
+    None
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn the_last_groups_pages_are_released_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 1 << 20;
+    let p = model_file(
+        dir.path(),
+        "m.safetensors",
+        &[("a", vec![n], smooth(n, 0.1))],
+    );
+    let src = SourceFile::open(&p).unwrap();
+    let w = src.weight(&src.tensors()[0], &name("m")).unwrap();
+    let data = w.data();
+    let addr = data.as_ptr() as usize;
+    let touched: u64 = data.iter().step_by(4096).map(|&b| u64::from(b)).sum();
+    std::hint::black_box(touched);
+    let before = rss_kib(addr).unwrap();
+    assert!(before >= 4000, "{before} KiB resident after reading 4 MiB");
+    src.release_in_background(src.tensors());
+    // The thread drops them soon; the header's page may stay.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = rss_kib(addr).unwrap();
+        if now <= 8 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{now} KiB still resident"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The pages are read again from the file when touched.
+    assert_eq!(
+        &data[..8],
+        &smooth(2, 0.1)
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<_>>()[..]
+    );
+}
