@@ -193,9 +193,10 @@ impl ContentHasher {
     /// Hashes the next data bytes.
     pub fn update(&mut self, data: &[u8]) {
         match &mut self.state {
-            // SHA-256 reads at 1.7 GB/s, faster than memory comes in unasked (`prefetch`).
+            // Both read faster than memory comes in unasked (`prefetch`): SHA-256 at 1.7 GB/s,
+            // xxh3 at over 10.
             HasherState::Sha256(h) => crate::prefetch::in_pieces(data, |piece| h.update(piece)),
-            HasherState::Xxh3(h) => h.update(data),
+            HasherState::Xxh3(h) => crate::prefetch::in_pieces(data, |piece| h.update(piece)),
         }
         self.bytes = self.bytes.saturating_add(data.len() as u64);
     }
