@@ -205,26 +205,31 @@ impl SourceFile {
 
     /// Drops the mapped pages of tensors already stored, so resident memory stays near one group.
     pub fn release(&self, group: &[SourceTensor]) {
-        let (Some(map), Some(first), Some(last)) = (&self.map, group.first(), group.last()) else {
-            return;
-        };
-        release_pages(map, first.start, last.start + last.len);
+        if let Some((map, start, end)) = self.mapped_span(group) {
+            release_pages(map, start, end);
+        }
     }
 
     /// [`release`](Self::release) on a thread of its own, for the last group: dropping 90 MB of
     /// mapped pages takes 2.6 ms, which can run while the manifest is written and committed
     /// (most of a commit is waiting for the disk) rather than before.
     pub fn release_in_background(&self, group: &[SourceTensor]) {
-        let (Some(map), Some(first), Some(last)) = (&self.map, group.first(), group.last()) else {
+        let Some((map, start, end)) = self.mapped_span(group) else {
             return;
         };
-        let (map, start, end) = (Arc::clone(map), first.start, last.start + last.len);
+        let map = Arc::clone(map);
         let spawned = std::thread::Builder::new()
             .name("coral-release".into())
             .spawn(move || release_pages(&map, start, end));
         if spawned.is_err() {
             self.release(group);
         }
+    }
+
+    /// The map and the bytes `group` (tensors in file order) spans in it, if the file is mapped.
+    fn mapped_span(&self, group: &[SourceTensor]) -> Option<(&Arc<memmap2::Mmap>, usize, usize)> {
+        let (map, first, last) = (self.map.as_ref()?, group.first()?, group.last()?);
+        Some((map, first.start, last.start.saturating_add(last.len)))
     }
 
     /// The tensor as a weight (its bytes shared with the map, not copied).
