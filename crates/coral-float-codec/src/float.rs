@@ -4,14 +4,17 @@
 //! A value is split into sign `s`, exponent `e`, the top [`MT`] mantissa bits `m` and the low
 //! mantissa bits `r` (16 for f32, 3 for f16, none for bf16). Signs are coded with an adaptive
 //! estimate per column, or kept as a bitmap; `e` is coded with a table chosen by a mean of the
-//! exponents before it in its row and its column; `m` with a table per exponent bucket (from
+//! exponents before it in its row (from version 4 moved once per group of [`LANES`] values) and
+//! its column; `m` with a table per exponent bucket (from
 //! version 3 either a full table or a binned one: a frequency per eight mantissa values); `r`,
 //! per block of [`BLOCK`] values, after a block level that says which of its low bits are all
-//! zero, coded or kept as raw bytes. Version 1 frames (no columns, signs as a bitmap) decode
-//! through the same code with one column.
+//! zero, coded or kept as raw bytes. Version 4 codes the values of a group on [`LANES`] states,
+//! value `k` of a group on state `k` (`decode_lanes`); versions 1 to 3 coded each field on a
+//! state of its own, value after value (`decode_fields`), and version 1 frames (no columns,
+//! signs as a bitmap) decode there with one column.
 
 use crate::bits::{BitReader, BitWriter};
-use crate::rans::{self, Decoder, EncSymbol, Encoder, Table, PROB_SCALE};
+use crate::rans::{self, Decoder, EncSymbol, Encoder, Table, LANES, PROB_SCALE};
 use crate::{CodecError, Kind};
 
 /// Fewer values than this are stored: tables would cost more than they save.
@@ -79,19 +82,6 @@ impl Layout {
             256
         } else {
             1 << self.rb
-        }
-    }
-    #[inline(always)]
-    fn load(self, data: &[u8], i: usize) -> u32 {
-        if self.width == 16 {
-            u32::from(u16::from_le_bytes([data[2 * i], data[2 * i + 1]]))
-        } else {
-            u32::from_le_bytes([
-                data[4 * i],
-                data[4 * i + 1],
-                data[4 * i + 2],
-                data[4 * i + 3],
-            ])
         }
     }
     #[inline(always)]
@@ -200,6 +190,39 @@ mod ctx_tests {
     }
 
     #[test]
+    fn a_sample_of_noise_keeps_the_low_bytes_raw() {
+        // Flat counts (noise): raw, without counting the rest.
+        let flat = vec![100u64; 256];
+        assert!(!low_bits_pay(&[flat.clone(), flat.clone()].concat(), &flat));
+        // Any of the three skewed: count them all.
+        let mut skewed = flat.clone();
+        skewed[7] = 20_000;
+        assert!(low_bits_pay(
+            &[flat.clone(), flat.clone()].concat(),
+            &skewed
+        ));
+        assert!(low_bits_pay(&[flat.clone(), skewed].concat(), &flat));
+        // Levels without values say nothing.
+        assert!(!low_bits_pay(&vec![0; 512], &[0; 256]));
+    }
+
+    #[test]
+    fn the_group_mean_moves_a_quarter_of_the_way_per_group() {
+        // Eight values of exponent 120 from a mean of 100 (in sixteenths): 1/64 of the way per
+        // value, so 8/64 of the distance.
+        assert_eq!(
+            group_mean(100 << 4, 8 * 120, 8),
+            (100 << 4) + (((20 << 4) * 8) >> 6)
+        );
+        // A short last group moves it less; a steady exponent leaves it where it is.
+        assert_eq!(
+            group_mean(100 << 4, 3 * 120, 3),
+            (100 << 4) + (((20 << 4) * 3) >> 6)
+        );
+        assert_eq!(group_mean(77 << 4, 8 * 77, 8), 77 << 4);
+    }
+
+    #[test]
     fn the_v2_context_is_the_mixed_means_context() {
         for e_base in [0, 1, 60, 120, 127, 200, 255] {
             for a in (0..=255 << 4).step_by(7) {
@@ -229,6 +252,14 @@ fn merge_map(ne: usize) -> [u8; E_CTX_FULL] {
 #[inline(always)]
 fn ema(a: i32, e: u32) -> i32 {
     a + ((((e as i32) << 4) - a) >> 5)
+}
+
+/// The row's running mean of version 4, moved once per group of [`LANES`] values after the
+/// group: `cnt` values of exponent sum `sum` take it 1/64 of the way to each
+/// (`a += (16 sum - cnt a) >> 6`), so that every value of a group is coded with the same mean.
+#[inline(always)]
+fn group_mean(a: i32, sum: i32, cnt: i32) -> i32 {
+    a + (((sum << 4) - cnt * a) >> 6)
 }
 
 /// The exponent context of version 2: [`e_ctx_full`] of a mean five eighths the row's
@@ -312,11 +343,10 @@ fn binned_cost_bits(c: &[u64]) -> f64 {
         return 0.0;
     }
     let f = rans::normalize(&bins, BIN_BITS);
-    let scale = f64::from(1u32 << BIN_BITS);
     let mut bits = total as f64 * f64::from(PER_BIN.trailing_zeros());
     for (&n, &f) in bins.iter().zip(&f) {
         if n > 0 {
-            bits += n as f64 * (scale / f64::from(f)).log2();
+            bits += n as f64 * (f64::from(BIN_BITS) - rans::log2(f));
         }
     }
     bits + rans::table_header_bits(&f, BIN_BITS) as f64
@@ -362,6 +392,28 @@ fn block(b: usize, n: usize, blocks: bool) -> (usize, usize) {
     }
 }
 
+/// Whether a sample of f32 low bytes (R1 of both levels, R0) says coding them could pay: an
+/// order-0 entropy under 7.95 bits a byte in any of them. When none is, the encoder keeps them
+/// raw without counting the rest (coding would save under 0.6% of them).
+fn low_bits_pay(h_r1: &[u64], h_r0: &[u64]) -> bool {
+    let (r1z0, r1z1) = h_r1.split_at(h_r1.len() / 2);
+    [r1z0, r1z1, h_r0].iter().any(|c| {
+        let total: u64 = c.iter().sum();
+        total > 0 && entropy_bits(c) < 7.95 * total as f64
+    })
+}
+
+/// The order-0 entropy of `counts`, in bits.
+fn entropy_bits(counts: &[u64]) -> f64 {
+    let total: u64 = counts.iter().sum();
+    let t = total as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| c as f64 * (t / c as f64).log2())
+        .sum()
+}
+
 /// Codes `data` (whole values of `kind`, any tail bytes kept raw, rows of `cols` values, 1 to
 /// [`MAX_COLS`]) after a version 2 frame header.
 pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
@@ -372,13 +424,23 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     let blocks = l.rb > 0;
     let outer = if blocks { n.div_ceil(BLOCK) } else { 1 };
 
+    // The values as words, once (every pass reads them).
+    let vals: Vec<u32> = if l.width == 16 {
+        data.chunks_exact(2)
+            .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))
+            .collect()
+    } else {
+        data.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+
     // Pass 0: the base exponent (the most common) and the signs.
     let mut eh = vec![0u64; ea];
     let mut signs = vec![0u8; n.div_ceil(8)];
-    for (i, s) in signs.iter_mut().enumerate() {
+    for (s, v8) in signs.iter_mut().zip(vals.chunks(8)) {
         let mut byte = 0u8;
-        for j in 0..8.min(n - 8 * i) {
-            let v = l.load(data, 8 * i + j);
+        for (j, &v) in v8.iter().enumerate() {
             eh[l.exp(v) as usize] += 1;
             byte |= ((v >> (l.width - 1)) as u8) << j;
         }
@@ -390,13 +452,19 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     // No bitmap when every sign is 0 (differences, magnitudes, all-positive scales).
     let any_sign = signs.iter().any(|&b| b != 0);
 
-    // Pass 1: contexts and histograms.
+    // Pass 1: contexts and histograms, a group of LANES values at a time. The exponent and
+    // mantissa histograms have four and two copies, by value: a run of equal exponents then
+    // adds to different counters instead of waiting on the last addition.
     let mut levels = vec![2u8; outer];
     let mut ctx = vec![0u8; n];
-    let mut h_e = vec![0u64; E_CTX_FULL * ea];
-    let mut h_me = vec![0u64; ea << MT];
+    let ectx = E_CTX_FULL * ea;
+    let mut h_e4 = vec![0u32; 4 * ectx];
+    let mut h_me2 = vec![0u32; 2 << (l.ebits + MT)];
     let mut h_z = [0u64; 3];
     let r1a = l.r1_alpha();
+    // The low bits of f32 are mostly noise: every 16th value is counted first, and the whole
+    // block only when that sample says coding them could pay (`low_bits_pay`).
+    let sample_low = l.two_bytes();
     let mut h_r1 = vec![0u64; 2 * r1a];
     let mut h_r0 = vec![0u64; 256];
     let mut a = (e_base as i32) << 4;
@@ -407,10 +475,11 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     let costs = &*BIT_COSTS;
     let mut sign_cost = 0u64;
     let mut col = 0usize;
+    let sign_shift = l.width - 1;
     for (b, level) in levels.iter_mut().enumerate() {
         let (lo, hi) = block(b, n, blocks);
         let z = if blocks {
-            let or = (lo..hi).fold(0, |or, i| or | l.rest(l.load(data, i)));
+            let or = vals[lo..hi].iter().fold(0, |or, &v| or | l.rest(v));
             let z = l.level(or);
             *level = z as u8;
             h_z[z as usize] += 1;
@@ -418,38 +487,83 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
         } else {
             2
         };
-        for (i, slot) in ctx.iter_mut().enumerate().take(hi).skip(lo) {
-            let v = l.load(data, i);
-            let (e, m) = (l.exp(v), l.man(v));
-            let cm = &mut colm[col];
-            let c = e_ctx_v2(a, col_term(*cm, e_base as i32));
-            *slot = c as u8;
-            h_e[c * ea + e as usize] += 1;
-            a = ema(a, e);
-            *cm = col_ema(*cm, e);
-            h_me[((e as usize) << MT) + m as usize] += 1;
+        // Blocks start at a multiple of LANES, so groups never straddle two.
+        for g_lo in (lo..hi).step_by(LANES) {
+            let g_hi = (g_lo + LANES).min(hi);
+            let gv = &vals[g_lo..g_hi];
+            let mut sum = 0i32;
+            let mut c = col;
+            for (k, (slot, &v)) in ctx[g_lo..g_hi].iter_mut().zip(gv).enumerate() {
+                let (e, m) = (l.exp(v) as usize, l.man(v) as usize);
+                let cm = &mut colm[c];
+                let cx = e_ctx_v2(a, col_term(*cm, e_base as i32));
+                *slot = cx as u8;
+                h_e4[(k & 3) * ectx + cx * ea + e] += 1;
+                h_me2[((k & 1) << (l.ebits + MT)) + (e << MT) + m] += 1;
+                *cm = col_ema(*cm, e as u32);
+                sum += e as i32;
+                c += 1;
+                if c == cols {
+                    c = 0;
+                }
+            }
+            // The row's mean moves once per group, after it.
+            a = group_mean(a, sum, gv.len() as i32);
             if any_sign {
-                let s = v >> (l.width - 1);
-                let f1 = sm[col].f1();
-                sf[i] = f1 as u16;
-                // f1 for sign 1, PROB_SCALE - f1 for sign 0, without a branch.
-                let f = (PROB_SCALE - f1) ^ ((f1 ^ (PROB_SCALE - f1)) & s.wrapping_neg());
-                sign_cost += u64::from(costs[f as usize]);
-                sm[col].update(s);
+                let mut c = col;
+                for (f, &v) in sf[g_lo..g_hi].iter_mut().zip(gv) {
+                    let s = v >> sign_shift;
+                    let model = &mut sm[c];
+                    let f1 = model.f1();
+                    *f = f1 as u16;
+                    // f1 for sign 1, PROB_SCALE - f1 for sign 0, without a branch.
+                    let fs = (PROB_SCALE - f1) ^ ((f1 ^ (PROB_SCALE - f1)) & s.wrapping_neg());
+                    sign_cost += u64::from(costs[fs as usize]);
+                    model.update(s);
+                    c += 1;
+                    if c == cols {
+                        c = 0;
+                    }
+                }
             }
-            col += 1;
-            if col == cols {
-                col = 0;
-            }
+            col = c;
             if z < 2 {
-                let r = l.rest(v);
-                if l.two_bytes() {
+                if sample_low {
+                    if g_lo % 16 == 0 {
+                        let r = l.rest(gv[0]);
+                        h_r1[z as usize * r1a + (r >> 8) as usize] += 1;
+                        if z == 0 {
+                            h_r0[(r & 0xff) as usize] += 1;
+                        }
+                    }
+                } else {
+                    for &v in gv {
+                        h_r1[l.rest(v) as usize] += 1;
+                    }
+                }
+            }
+        }
+    }
+    let mut h_e = vec![0u64; ectx];
+    for (x, y) in h_e.iter_mut().enumerate() {
+        *y = (0..4).map(|q| u64::from(h_e4[q * ectx + x])).sum();
+    }
+    let me_len = ea << MT;
+    let h_me: Vec<u64> = (0..me_len)
+        .map(|x| u64::from(h_me2[x]) + u64::from(h_me2[me_len + x]))
+        .collect();
+    if sample_low && low_bits_pay(&h_r1, &h_r0) {
+        // Count every value of the blocks that keep low bits.
+        h_r1.iter_mut().chain(h_r0.iter_mut()).for_each(|x| *x = 0);
+        for (b, &z) in levels.iter().enumerate() {
+            let (lo, hi) = block(b, n, blocks);
+            if z < 2 {
+                for &v in &vals[lo..hi] {
+                    let r = l.rest(v);
                     h_r1[z as usize * r1a + (r >> 8) as usize] += 1;
                     if z == 0 {
                         h_r0[(r & 0xff) as usize] += 1;
                     }
-                } else {
-                    h_r1[r as usize] += 1;
                 }
             }
         }
@@ -605,51 +719,75 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
                 continue;
             }
             let (lo, hi) = block(b, n, blocks);
-            for i in lo..hi {
-                let r = l.rest(l.load(data, i));
-                if r1_raw[z as usize] {
-                    raw.push((r >> 8) as u8);
-                }
-                if z == 0 && r0_raw {
-                    raw.push(r as u8);
-                }
+            let vals = &vals[lo..hi];
+            match (r1_raw[z as usize], z == 0 && r0_raw) {
+                (true, true) => raw.extend(vals.iter().flat_map(|&v| [(v >> 8) as u8, v as u8])),
+                (true, false) => raw.extend(vals.iter().map(|&v| (v >> 8) as u8)),
+                (false, true) => raw.extend(vals.iter().map(|&v| v as u8)),
+                (false, false) => {}
             }
         }
     }
 
-    // Pass 3 (backward): the rANS stream.
-    // Each field has its state: Z and E state 0, M 1, R1 2, R0 3.
-    let mut enc = Encoder::new(coded_symbols as usize);
-    let put = |enc: &mut Encoder, state: usize, slot: usize, v: u32| {
-        if let SlotCode::Coded(t) = &codes[slot] {
-            enc.put_sym(state, &t[v as usize]);
-        }
+    // Pass 3 (backward): the rANS stream, in the reverse of the decoder's order: groups of
+    // LANES values, last first; in each, the steps S, R0, R1, M, E (and Z at a block's start),
+    // each over the group's lanes from the last to the first.
+    let mut enc = Encoder::new(LANES, coded_symbols as usize);
+    let code = |slot: usize| match &codes[slot] {
+        SlotCode::Coded(t) => Some(t.as_slice()),
+        _ => None,
     };
-    for b in (0..outer).rev() {
-        let (lo, hi) = block(b, n, blocks);
-        let z = u32::from(levels[b]);
-        for i in (lo..hi).rev() {
-            let v = l.load(data, i);
-            if sign_mode == SIGNS_CODED {
-                enc.put_bit(3, v >> (l.width - 1), u32::from(sf[i]));
+    let (r1_code, r0_code) = ([code(slots.r1(0)), code(slots.r1(1))], code(slots.r0()));
+    let e_code: Vec<Option<&[EncSymbol]>> = (0..E_CTX_FULL)
+        .map(|c| code(slots.e(e_map[c] as usize)))
+        .collect();
+    let m_code: Vec<Option<&[EncSymbol]>> =
+        (0..ea).map(|e| code(slots.m(m_map[e] as usize))).collect();
+    let groups = n.div_ceil(LANES);
+    for g in (0..groups).rev() {
+        let lo = g * LANES;
+        let hi = (lo + LANES).min(n);
+        let z = if blocks {
+            u32::from(levels[lo / BLOCK])
+        } else {
+            2
+        };
+        if sign_mode == SIGNS_CODED {
+            for i in (lo..hi).rev() {
+                let v = vals[i];
+                enc.put_bit(i - lo, v >> (l.width - 1), u32::from(sf[i]));
             }
-            if z < 2 {
-                let r = l.rest(v);
-                if l.two_bytes() {
-                    if z == 0 {
-                        put(&mut enc, 3, slots.r0(), r & 0xff);
-                    }
-                    put(&mut enc, 2, slots.r1(z as usize), r >> 8);
-                } else {
-                    put(&mut enc, 2, slots.r1(0), r);
+        }
+        if z == 0 && l.two_bytes() {
+            if let Some(t) = r0_code {
+                for i in (lo..hi).rev() {
+                    enc.put_sym(i - lo, &t[(l.rest(vals[i]) & 0xff) as usize]);
                 }
             }
-            let e = l.exp(v);
-            put(&mut enc, 1, slots.m(m_map[e as usize] as usize), l.man(v));
-            put(&mut enc, 0, slots.e(e_map[ctx[i] as usize] as usize), e);
         }
-        if blocks {
-            put(&mut enc, 0, Slots::Z, z);
+        if z < 2 {
+            if let Some(t) = r1_code[z as usize & 1] {
+                let shift = if l.two_bytes() { 8 } else { 0 };
+                for i in (lo..hi).rev() {
+                    enc.put_sym(i - lo, &t[(l.rest(vals[i]) >> shift) as usize]);
+                }
+            }
+        }
+        for i in (lo..hi).rev() {
+            let v = vals[i];
+            if let Some(t) = m_code[l.exp(v) as usize] {
+                enc.put_sym(i - lo, &t[l.man(v) as usize]);
+            }
+        }
+        for i in (lo..hi).rev() {
+            if let Some(t) = e_code[ctx[i] as usize] {
+                enc.put_sym(i - lo, &t[l.exp(vals[i]) as usize]);
+            }
+        }
+        if blocks && lo % BLOCK == 0 {
+            if let Some(t) = code(Slots::Z) {
+                enc.put_sym(0, &t[z as usize]);
+            }
         }
     }
     let (states, words) = enc.finish();
@@ -732,17 +870,55 @@ fn get(
     }
 }
 
-/// Decodes a float body of frame version `version` (1 to 3) into `dst`.
-pub(crate) fn decode(
-    kind: Kind,
+/// A float body's parts, as its header declares them.
+struct Body<'a> {
+    e_base: i32,
+    ne: usize,
+    nb: usize,
+    sign_mode: u32,
+    cols: usize,
+    signs: &'a [u8],
+    raw: &'a [u8],
+    tail: &'a [u8],
+    states: Vec<u32>,
+    words: &'a [u8],
+    /// Each exponent's mantissa bucket.
+    m_map: Vec<u8>,
+    /// Each slot's mode (0 unused, 1 raw, 2 coded) and, when coded, its index in `luts`.
+    modes: Vec<(u8, usize)>,
+    luts: Vec<Box<Lut>>,
+}
+
+impl Body<'_> {
+    fn slots(&self) -> Slots {
+        Slots {
+            ne: self.ne,
+            nb: self.nb,
+        }
+    }
+
+    fn src(&self) -> Vec<Src<'_>> {
+        self.modes
+            .iter()
+            .map(|&(m, i)| match m {
+                1 => Src::Raw,
+                2 => Src::Coded(&self.luts[i]),
+                _ => Src::Unused,
+            })
+            .collect()
+    }
+}
+
+/// Reads a float body of frame version `version` (1 to 4) for `n` values and `tail_len` tail
+/// bytes: its table header, parts and coder states.
+fn parse(
+    l: Layout,
     version: u8,
     body: &[u8],
-    dst: &mut [u8],
-) -> Result<(), CodecError> {
-    let l = Layout::of(kind);
-    let n = dst.len() / l.bytes();
+    n: usize,
+    tail_len: usize,
+) -> Result<Body<'_>, CodecError> {
     let ea = l.e_alpha();
-    let blocks = l.rb > 0;
     let mut pos = 0;
     let hlen = take_u32(body, &mut pos, "table header length")? as usize;
     let hdr = take(body, &mut pos, hlen, "table header")?;
@@ -775,18 +951,19 @@ pub(crate) fn decode(
     let raw = take(body, &mut pos, rlen, "raw bytes")?;
     let tlen = take(body, &mut pos, 1, "tail length")?[0] as usize;
     let tail = take(body, &mut pos, tlen, "tail")?;
-    if tlen != dst.len() - n * l.bytes() {
+    if tlen != tail_len {
         return Err(CodecError::corrupt(format!(
-            "tail of {tlen} bytes for {} bytes",
-            dst.len()
+            "tail of {tlen} bytes, expected {tail_len}"
         )));
     }
-    let mut states = [0u32; rans::STATES];
-    for x in &mut states {
-        *x = take_u32(body, &mut pos, "coder states")?;
-        if *x < rans::RANS_L {
+    let count = if version >= 4 { LANES } else { rans::STATES };
+    let mut states = Vec::with_capacity(count);
+    for _ in 0..count {
+        let x = take_u32(body, &mut pos, "coder states")?;
+        if x < rans::RANS_L {
             return Err(CodecError::corrupt("coder state below its bound"));
         }
+        states.push(x);
     }
     let words = &body[pos..];
     if words.len() % 2 != 0 {
@@ -839,23 +1016,81 @@ pub(crate) fn decode(
     if h.overrun {
         return Err(CodecError::corrupt("table header ends early"));
     }
-    let src: Vec<Src<'_>> = modes
-        .iter()
-        .map(|&(m, i)| match m {
-            1 => Src::Raw,
-            2 => Src::Coded(&luts[i]),
-            _ => Src::Unused,
-        })
-        .collect();
-    let e_map = merge_map(ne);
+    Ok(Body {
+        e_base,
+        ne,
+        nb,
+        sign_mode,
+        cols,
+        signs,
+        raw,
+        tail,
+        states,
+        words,
+        m_map,
+        modes,
+        luts,
+    })
+}
+
+/// Decodes a float body of frame version `version` (1 to 4) into `dst`.
+pub(crate) fn decode(
+    kind: Kind,
+    version: u8,
+    body: &[u8],
+    dst: &mut [u8],
+) -> Result<(), CodecError> {
+    let l = Layout::of(kind);
+    let n = dst.len() / l.bytes();
+    let b = parse(l, version, body, n, dst.len() - n * l.bytes())?;
+    let (values, tail) = dst.split_at_mut(n * l.bytes());
+    tail.copy_from_slice(b.tail);
+    let mut dec = Decoder::new(&b.states, b.words);
+    let (bad, raw_read) = if version >= 4 {
+        decode_lanes(l, &b, &mut dec, values)
+    } else {
+        decode_fields(l, version, &b, &mut dec, values)
+    };
+    if bad {
+        return Err(CodecError::corrupt(
+            "a value reads a table the frame does not have",
+        ));
+    }
+    if raw_read != b.raw.len() || !dec.finished() {
+        return Err(CodecError::corrupt(
+            "coded data does not end where it should",
+        ));
+    }
+    Ok(())
+}
+
+/// The decoding loop of versions 1 to 3: value after value, each field on its state. Returns
+/// whether a value read an unused slot, and how many raw bytes were read.
+fn decode_fields(
+    l: Layout,
+    version: u8,
+    b: &Body<'_>,
+    dec: &mut Decoder<'_>,
+    dst: &mut [u8],
+) -> (bool, usize) {
+    let n = dst.len() / l.bytes();
+    let ea = l.e_alpha();
+    let blocks = l.rb > 0;
+    let v2 = version >= 2;
+    let (e_base, cols, sign_mode, signs) = (b.e_base, b.cols, b.sign_mode, b.signs);
+    let slots = b.slots();
+    let src = b.src();
+    let e_map = merge_map(b.ne);
     let e_src: Vec<Src<'_>> = (0..E_CTX_FULL)
         .map(|c| src[slots.e(e_map[c] as usize)])
         .collect();
-    let m_src: Vec<Src<'_>> = (0..ea).map(|e| src[slots.m(m_map[e] as usize)]).collect();
+    let m_src: Vec<Src<'_>> = (0..ea).map(|e| src[slots.m(b.m_map[e] as usize)]).collect();
     let (r1_src, r0_src) = ([src[slots.r1(0)], src[slots.r1(1)]], src[slots.r0()]);
 
-    let mut rb = RawBytes { data: raw, pos: 0 };
-    let mut dec = Decoder::new(states, words);
+    let mut rb = RawBytes {
+        data: b.raw,
+        pos: 0,
+    };
     let mut bad = false;
     let mut a = e_base << 4;
     let mut colm = vec![e_base << 4; if v2 { cols } else { 0 }];
@@ -863,10 +1098,10 @@ pub(crate) fn decode(
     let mut col = 0usize;
     let outer = if blocks { n.div_ceil(BLOCK) } else { 1 };
     let shift_s = l.width - 1;
-    for b in 0..outer {
-        let (lo, hi) = block(b, n, blocks);
+    for blk in 0..outer {
+        let (lo, hi) = block(blk, n, blocks);
         let z = if blocks {
-            let z = get(src[Slots::Z], 0, &mut bad, &mut rb, &mut dec);
+            let z = get(src[Slots::Z], 0, &mut bad, &mut rb, dec);
             bad |= z > 2 || (z == 1 && !l.two_bytes());
             z.min(2)
         } else {
@@ -878,24 +1113,24 @@ pub(crate) fn decode(
             } else {
                 e_ctx_full(a, e_base)
             };
-            let e = get(e_src[ctx], 0, &mut bad, &mut rb, &mut dec) & (ea as u32 - 1);
+            let e = get(e_src[ctx], 0, &mut bad, &mut rb, dec) & (ea as u32 - 1);
             a = ema(a, e);
             if v2 {
                 colm[col] = col_ema(colm[col], e);
             }
-            let m = get(m_src[e as usize], 1, &mut bad, &mut rb, &mut dec) & 0x7f;
+            let m = get(m_src[e as usize], 1, &mut bad, &mut rb, dec) & 0x7f;
             let r = if z == 2 {
                 0
             } else if l.two_bytes() {
-                let r1 = get(r1_src[z as usize], 2, &mut bad, &mut rb, &mut dec);
+                let r1 = get(r1_src[z as usize], 2, &mut bad, &mut rb, dec);
                 let r0 = if z == 0 {
-                    get(r0_src, 3, &mut bad, &mut rb, &mut dec)
+                    get(r0_src, 3, &mut bad, &mut rb, dec)
                 } else {
                     0
                 };
                 (r1 << 8 | r0) & 0xffff
             } else {
-                get(r1_src[0], 2, &mut bad, &mut rb, &mut dec) & ((1 << l.rb) - 1)
+                get(r1_src[0], 2, &mut bad, &mut rb, dec) & ((1 << l.rb) - 1)
             };
             let s = match sign_mode {
                 SIGNS_CODED => {
@@ -914,16 +1149,168 @@ pub(crate) fn decode(
             l.store(dst, i, s << shift_s | e << l.mbits | m << l.rb | r);
         }
     }
-    dst[n * l.bytes()..].copy_from_slice(tail);
-    if bad {
-        return Err(CodecError::corrupt(
-            "a value reads a table the frame does not have",
-        ));
+    (bad, rb.pos)
+}
+
+/// A slot's lookup for the lanes loop, and whether reading it is an error (an unused slot
+/// reads [`IDLE`], which decodes symbol 0 and leaves the state as it is).
+fn lane_lut<'t>(src: Src<'t>, idle: &'t Lut) -> (&'t Lut, bool) {
+    match src {
+        Src::Coded(lut) => (lut, false),
+        _ => (idle, true),
     }
-    if rb.pos != raw.len() || !dec.finished() {
-        return Err(CodecError::corrupt(
-            "coded data does not end where it should",
-        ));
+}
+
+/// The lookup of a slot that must not be read: every entry symbol 0, frequency 4096, start 0.
+fn idle_lut() -> Box<Lut> {
+    Box::new([(PROB_SCALE - 1) << 8; PROB_SCALE as usize])
+}
+
+/// The decoding loop of version 4: groups of [`LANES`] values, value `k` of a group on state
+/// `k`, field by field (`docs/format.md`, "Order"). Returns whether a value read an unused slot,
+/// and how many raw bytes were read.
+fn decode_lanes(l: Layout, b: &Body<'_>, dec: &mut Decoder<'_>, dst: &mut [u8]) -> (bool, usize) {
+    let ea = l.e_alpha();
+    let blocks = l.rb > 0;
+    let (e_base, cols, sign_mode, signs) = (b.e_base, b.cols, b.sign_mode, b.signs);
+    let slots = b.slots();
+    let src = b.src();
+    let idle = idle_lut();
+    let e_map = merge_map(b.ne);
+    let e_lut: Vec<(&Lut, bool)> = (0..E_CTX_FULL)
+        .map(|c| lane_lut(src[slots.e(e_map[c] as usize)], &idle))
+        .collect();
+    let m_lut: Vec<(&Lut, bool)> = (0..ea)
+        .map(|e| lane_lut(src[slots.m(b.m_map[e] as usize)], &idle))
+        .collect();
+    let z_lut = lane_lut(src[Slots::Z], &idle);
+    let (r1_src, r0_src) = ([src[slots.r1(0)], src[slots.r1(1)]], src[slots.r0()]);
+    let raw = b.raw;
+    let mut rpos = 0usize;
+    let mut bad = false;
+    let mut a = e_base << 4;
+    let mut colm = vec![e_base << 4; cols];
+    let mut sm = vec![SignModel::START; if sign_mode == SIGNS_CODED { cols } else { 0 }];
+    let mut col = 0usize;
+    let mut z = 2;
+    let shift_s = l.width - 1;
+    let emask = ea as u32 - 1;
+    for (g, out) in dst.chunks_mut(LANES * l.bytes()).enumerate() {
+        let lo = g * LANES;
+        let cnt = out.len() / l.bytes();
+        if blocks && lo % BLOCK == 0 {
+            bad |= z_lut.1;
+            let y = dec.get(0, z_lut.0);
+            bad |= y > 2 || (y == 1 && !l.two_bytes());
+            z = y.min(2);
+        }
+        let mut v = [0u32; LANES];
+        // E: each value's context from the row's mean at the group's start and its column's.
+        let mut sum = 0;
+        let mut c = col;
+        for (k, v) in v.iter_mut().enumerate().take(cnt) {
+            let cm = &mut colm[c];
+            let (lut, unused) = e_lut[e_ctx_v2(a, col_term(*cm, e_base))];
+            bad |= unused;
+            let e = dec.get(k, lut) & emask;
+            *cm = col_ema(*cm, e);
+            sum += e as i32;
+            *v = e;
+            c += 1;
+            if c == cols {
+                c = 0;
+            }
+        }
+        a = group_mean(a, sum, cnt as i32);
+        // M: from the bucket of the value's exponent.
+        for (k, v) in v.iter_mut().enumerate().take(cnt) {
+            let (lut, unused) = m_lut[*v as usize];
+            bad |= unused;
+            let m = dec.get(k, lut) & 0x7f;
+            *v = *v << l.mbits | m << l.rb;
+        }
+        // R1 then R0: coded, or raw bytes in value order (each value's R1 byte, then its R0).
+        if z < 2 {
+            let r1 = r1_src[z as usize];
+            let r0 = if z == 0 && l.two_bytes() {
+                r0_src
+            } else {
+                Src::Unused
+            };
+            let r1_raw = matches!(r1, Src::Raw);
+            let r0_raw = matches!(r0, Src::Raw);
+            let stride = usize::from(r1_raw) + usize::from(r0_raw);
+            let at = |k: usize, o: usize| {
+                u32::from(raw.get(rpos + k * stride + o).copied().unwrap_or(0))
+            };
+            let (shift, mask) = if l.two_bytes() {
+                (8, 0xff)
+            } else {
+                (0, (1 << l.rb) - 1)
+            };
+            match r1 {
+                Src::Coded(lut) => {
+                    for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                        *v |= (dec.get(k, lut) & mask) << shift;
+                    }
+                }
+                Src::Raw => {
+                    for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                        *v |= at(k, 0) << shift;
+                    }
+                }
+                Src::Unused => bad = true,
+            }
+            if z == 0 && l.two_bytes() {
+                match r0 {
+                    Src::Coded(lut) => {
+                        for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                            *v |= dec.get(k, lut) & 0xff;
+                        }
+                    }
+                    Src::Raw => {
+                        for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                            *v |= at(k, usize::from(r1_raw));
+                        }
+                    }
+                    Src::Unused => bad = true,
+                }
+            }
+            rpos += cnt * stride;
+        }
+        // S.
+        match sign_mode {
+            SIGNS_CODED => {
+                let mut c = col;
+                for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                    let model = &mut sm[c];
+                    let s = dec.get_bit(k, model.f1());
+                    model.update(s);
+                    *v |= s << shift_s;
+                    c += 1;
+                    if c == cols {
+                        c = 0;
+                    }
+                }
+            }
+            SIGNS_RAW => {
+                for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                    let i = lo + k;
+                    *v |= (u32::from(signs[i >> 3] >> (i & 7)) & 1) << shift_s;
+                }
+            }
+            _ => {}
+        }
+        col = c;
+        if l.width == 16 {
+            for (o, &v) in out.chunks_exact_mut(2).zip(&v) {
+                o.copy_from_slice(&(v as u16).to_le_bytes());
+            }
+        } else {
+            for (o, &v) in out.chunks_exact_mut(4).zip(&v) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
     }
-    Ok(())
+    (bad, rpos.min(raw.len() + 1))
 }

@@ -3,7 +3,8 @@
 //!
 //! Each value is split into its fields, and each field gets the model that suits it:
 //! - the **exponent**, rANS-coded with a table chosen by a mean of the exponents before it in
-//!   its row and in its column (a tensor's rows and columns differ in scale);
+//!   its row (moved once per group of eight values) and in its column (a tensor's rows and
+//!   columns differ in scale);
 //! - the **sign**, coded with a running estimate per column (a matrix's columns lean to one
 //!   sign), or kept as a bitmap when that would not pay, or left out when every sign is 0;
 //! - the **top seven mantissa bits**, coded with a table per exponent bucket (within a binade
@@ -13,6 +14,9 @@
 //! - for f32 and f16 the **low mantissa bits**, per block of 128 values: a block whose low
 //!   bits are all zero (weights kept at lower precision) says so once and codes none of them;
 //!   the rest are coded bytewise, or kept raw when coding would not pay.
+//!
+//! The eight values of a group are coded on eight interleaved rANS states (lanes), each value's
+//! fields on its own, so a decoder can work on the eight side by side (frame version 4).
 //!
 //! Columns need the row length, which [`encode_rows`] takes (a tensor's dimensions after the
 //! first); [`encode`] knows none and codes rows of one value.
@@ -48,8 +52,8 @@ pub const FILTER_NAME: &str = "coral-float";
 
 /// Frame magic.
 pub const MAGIC: [u8; 2] = *b"CF";
-/// The frame format version [`encode`] writes. [`decode`] reads this one and versions 1 and 2.
-pub const VERSION: u8 = 3;
+/// The frame format version [`encode`] writes. [`decode`] reads this one and versions 1 to 3.
+pub const VERSION: u8 = 4;
 /// Bytes of the frame header.
 pub const HEADER_BYTES: usize = 24;
 

@@ -1,7 +1,8 @@
-//! Static rANS (range asymmetric numeral systems) with 12-bit probabilities, four interleaved
-//! 32-bit states and 16-bit renormalisation, after Fabian Giesen's `ryg_rans`: one stream of
-//! 16-bit words that every state reads from as its symbols come (the float model gives each
-//! field its own state, so the decoder keeps them in registers).
+//! Static rANS (range asymmetric numeral systems) with 12-bit probabilities, interleaved 32-bit
+//! states and 16-bit renormalisation, after Fabian Giesen's `ryg_rans`: one stream of 16-bit
+//! words that every state reads from as its symbols come. Frames of version 4 have eight states,
+//! one per lane of eight consecutive values (so a decoder can run the lanes side by side);
+//! earlier versions have four, one per field.
 //!
 //! Written here rather than taken from a crate: the well-kept Rust coders (`constriction`) drive
 //! one state through generic model objects, where this codec switches among dozens of tables
@@ -17,8 +18,10 @@ pub const PROB_BITS: u32 = 12;
 pub const PROB_SCALE: u32 = 1 << PROB_BITS;
 /// Lower bound of a normalised state.
 pub const RANS_L: u32 = 1 << 16;
-/// Interleaved states.
+/// Interleaved states of frames of versions 1 to 3.
 pub const STATES: usize = 4;
+/// Interleaved states (lanes) of frames of version 4.
+pub const LANES: usize = 8;
 
 /// One coding table: per symbol its frequency and cumulative start, at [`PROB_BITS`].
 #[derive(Debug, Clone)]
@@ -38,14 +41,27 @@ pub fn cost_bits(counts: &[u64]) -> f64 {
     }
     let tb = table_bits(total);
     let norm = normalize(counts, tb);
-    let scale = f64::from(1u32 << tb);
     let mut bits = 0.0;
     for (&c, &f) in counts.iter().zip(&norm) {
         if c > 0 {
-            bits += c as f64 * (scale / f64::from(f)).log2();
+            bits += c as f64 * (f64::from(tb) - log2(f));
         }
     }
     bits + table_header_bits(&norm, tb) as f64
+}
+
+/// `log2(f)` for a frequency up to [`PROB_SCALE`], from a table made once per process (the
+/// encoder weighs dozens of candidate tables per frame).
+#[inline(always)]
+pub fn log2(f: u32) -> f64 {
+    static LOG2: std::sync::LazyLock<Box<[f64]>> = std::sync::LazyLock::new(|| {
+        (0..=PROB_SCALE)
+            .map(|f| f64::from(f.max(1)).log2())
+            .collect()
+    });
+    LOG2.get(f as usize)
+        .copied()
+        .unwrap_or_else(|| f64::from(f).log2())
 }
 
 /// The precision a table over `total` symbols is sent at: coarser for few symbols, where the
@@ -66,7 +82,11 @@ pub fn normalize(counts: &[u64], tb: u32) -> Vec<u32> {
     let mut sum = 0u64;
     for (i, &c) in counts.iter().enumerate() {
         if c > 0 {
-            let v = ((c as u128 * target as u128) / total as u128) as u64;
+            // c <= total < 2^52 (a frame holds under 2^32 values) and target <= 2^12: no u128.
+            let v = match c.checked_mul(target) {
+                Some(p) => p / total,
+                None => ((c as u128 * target as u128) / total as u128) as u64,
+            };
             f[i] = v.max(1) as u32;
             sum += u64::from(f[i]);
         }
@@ -220,76 +240,75 @@ impl Table {
     }
 }
 
-/// A symbol prepared for [`Encoder::put_sym`]: its start, frequency and renormalisation bound.
-/// (`ryg_rans`'s integer reciprocal is exact only below 2^31, and these states reach 2^32: the
-/// quotient is taken through a double instead.)
+/// A symbol prepared for [`Encoder::put_sym`]: its start, frequency and the reciprocal of the
+/// frequency. (`ryg_rans`'s 32-bit reciprocal is exact only below 2^31, and these states reach
+/// 2^32: the quotient is taken through a 64 × 64-bit product instead.)
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EncSymbol {
-    x_max: u64,
-    inv: f64,
+    rcp: u64,
     start: u32,
     freq: u32,
 }
 
+/// `ceil(2^44 / f)`: for every `x < 2^32` and `f` from 1 to 4096, `(x · rcp(f)) >> 44` is
+/// `x / f` rounded down (the product overshoots `x / f` by less than `x / 2^44 < 2^-12 <= 1 / f`,
+/// and the fraction of `x / f` is at most `1 - 1 / f`).
+#[inline(always)]
+const fn rcp(f: u32) -> u64 {
+    (1u64 << 44).div_ceil(f as u64)
+}
+
 impl EncSymbol {
     pub fn new(start: u32, freq: u32) -> Self {
-        Self::with_inv(start, freq, 1.0 / f64::from(freq.max(1)))
-    }
-
-    /// A symbol whose `1 / freq` the caller has at hand ([`Encoder::put_bit`]'s table).
-    #[inline(always)]
-    fn with_inv(start: u32, freq: u32, inv: f64) -> Self {
         EncSymbol {
-            x_max: u64::from((RANS_L >> PROB_BITS) << 16) * u64::from(freq),
-            inv,
+            rcp: rcp(freq.max(1)),
             start,
             freq,
         }
     }
 }
 
-/// `1 / f` for every frequency `f` up to [`PROB_SCALE`], for [`Encoder::put_bit`]: made once
-/// per process, not per frame (a frame of 64 values would otherwise pay 4096 divisions).
-static INV: std::sync::LazyLock<Box<[f64]>> = std::sync::LazyLock::new(|| {
-    (0..=PROB_SCALE)
-        .map(|f| 1.0 / f64::from(f.max(1)))
-        .collect()
-});
+/// [`rcp`] of every frequency up to [`PROB_SCALE`], for [`Encoder::put_bit`]: made once per
+/// process, not per frame (a frame of 64 values would otherwise pay 4096 divisions).
+static RCP: std::sync::LazyLock<Box<[u64]>> =
+    std::sync::LazyLock::new(|| (0..=PROB_SCALE).map(|f| rcp(f.max(1))).collect());
 
 /// The encoder: symbols go in in reverse order of decoding.
 #[derive(Debug)]
 pub struct Encoder {
-    x: [u32; STATES],
+    x: [u32; LANES],
+    /// States in use (the first `used` of `x`).
+    used: usize,
     /// Words in reverse decoding order: the first `len` are written.
     words: Vec<u16>,
     len: usize,
 }
 
 impl Encoder {
-    /// An encoder for at most `symbols` symbols (each emits at most one word).
-    pub fn new(symbols: usize) -> Self {
+    /// An encoder of `states` states (at most [`LANES`]) for at most `symbols` symbols (each
+    /// emits at most one word).
+    pub fn new(states: usize, symbols: usize) -> Self {
         Encoder {
-            x: [RANS_L; STATES],
-            words: vec![0; symbols + STATES],
+            x: [RANS_L; LANES],
+            used: states.min(LANES),
+            words: vec![0; symbols + LANES],
             len: 0,
         }
     }
 
-    /// Codes a symbol on state `state` (below [`STATES`]).
+    /// Codes a symbol on state `state` (below the encoder's states).
     #[inline(always)]
     pub fn put_sym(&mut self, state: usize, s: &EncSymbol) {
-        let x = &mut self.x[state % STATES];
-        // Branch-free renormalisation: the word is always written, and kept when it is due.
-        let out = u64::from(*x) >= s.x_max;
+        let x = &mut self.x[state % LANES];
+        // Branch-free renormalisation: the word is always written, and kept when it is due
+        // (when `x >= 2^20 · freq`, the bound that keeps the next state below 2^32).
+        let out = (*x >> 20) >= s.freq;
         if let Some(w) = self.words.get_mut(self.len) {
             *w = *x as u16;
         }
         self.len += usize::from(out);
         *x >>= 16 * u32::from(out);
-        // The quotient through f64: x < 2^32 and freq <= 2^12, so x * (1/freq) is within 2^-19
-        // of x / freq, while a quotient that is not whole is at least 2^-12 below the next
-        // whole number; the 2^-14 nudge makes whole quotients exact.
-        let q = (f64::from(*x) * s.inv + 1.0 / 16384.0) as u32;
+        let q = ((u128::from(*x) * u128::from(s.rcp)) >> 44) as u32;
         *x = (q << PROB_BITS) + (*x - q * s.freq) + s.start;
     }
 
@@ -299,42 +318,53 @@ impl Encoder {
     pub fn put_bit(&mut self, state: usize, bit: u32, f1: u32) {
         let f0 = PROB_SCALE - f1;
         let (start, freq) = if bit != 0 { (f0, f1) } else { (0, f0) };
-        let s = EncSymbol::with_inv(start, freq, INV[freq as usize]);
+        let s = EncSymbol {
+            rcp: RCP[freq as usize],
+            start,
+            freq,
+        };
         self.put_sym(state, &s);
     }
 
-    /// The final states and the words in decoding order.
-    pub fn finish(mut self) -> ([u32; STATES], Vec<u16>) {
+    /// The final states (as many as the encoder has) and the words in decoding order.
+    pub fn finish(mut self) -> (Vec<u32>, Vec<u16>) {
         self.words.truncate(self.len);
         self.words.reverse();
-        (self.x, self.words)
+        (self.x[..self.used].to_vec(), self.words)
     }
 }
 
 /// The decoder over a word stream.
 #[derive(Debug)]
 pub struct Decoder<'a> {
-    pub x: [u32; STATES],
+    pub x: [u32; LANES],
+    /// States in use (the first `used` of `x`).
+    used: usize,
     words: &'a [u8],
     pos: usize,
     pub overrun: bool,
 }
 
 impl<'a> Decoder<'a> {
-    /// `words`: the 16-bit words, little-endian, in decoding order.
-    pub fn new(x: [u32; STATES], words: &'a [u8]) -> Self {
+    /// States `states` (at most [`LANES`]), `words` the 16-bit words, little-endian, in
+    /// decoding order.
+    pub fn new(states: &[u32], words: &'a [u8]) -> Self {
+        let mut x = [RANS_L; LANES];
+        let used = states.len().min(LANES);
+        x[..used].copy_from_slice(&states[..used]);
         Decoder {
             x,
+            used,
             words,
             pos: 0,
             overrun: false,
         }
     }
 
-    /// Decodes one symbol with lookup `lut` on state `state` (below [`STATES`]).
+    /// Decodes one symbol with lookup `lut` on state `state` (below the decoder's states).
     #[inline(always)]
     pub fn get(&mut self, state: usize, lut: &[u32; PROB_SCALE as usize]) -> u32 {
-        let x = &mut self.x[state % STATES];
+        let x = &mut self.x[state % LANES];
         let slot = *x & (PROB_SCALE - 1);
         let v = lut[slot as usize];
         let freq = ((v >> 8) & 0xfff) + 1;
@@ -347,7 +377,7 @@ impl<'a> Decoder<'a> {
     /// Decodes a binary symbol on state `state`, as [`Encoder::put_bit`] coded it.
     #[inline(always)]
     pub fn get_bit(&mut self, state: usize, f1: u32) -> u32 {
-        let x = &mut self.x[state % STATES];
+        let x = &mut self.x[state % LANES];
         let slot = *x & (PROB_SCALE - 1);
         let f0 = PROB_SCALE - f1;
         let bit = u32::from(slot >= f0);
@@ -362,7 +392,7 @@ impl<'a> Decoder<'a> {
     /// Branch-free renormalisation: the next word is always read, and taken when due.
     #[inline(always)]
     fn renormalise(&mut self, state: usize) {
-        let x = &mut self.x[state % STATES];
+        let x = &mut self.x[state % LANES];
         let w = match self.words.get(self.pos..self.pos + 2) {
             Some(b) => u32::from(u16::from_le_bytes([b[0], b[1]])),
             None => 0,
@@ -376,6 +406,49 @@ impl<'a> Decoder<'a> {
     /// True when every word was read and every state is back at its start: the stream was
     /// decoded exactly as it was coded.
     pub fn finished(&self) -> bool {
-        !self.overrun && self.pos == self.words.len() && self.x.iter().all(|&x| x == RANS_L)
+        !self.overrun
+            && self.pos == self.words.len()
+            && self.x[..self.used].iter().all(|&x| x == RANS_L)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reciprocal_divides_exactly() {
+        for f in 1..=PROB_SCALE {
+            let r = rcp(f);
+            // The quotients' edges, where a rounding error would show, and the top of the range.
+            let top = (1u64 << 20) * u64::from(f);
+            let xs = [
+                0u64,
+                1,
+                u64::from(f) - 1,
+                u64::from(f),
+                u64::from(f) + 1,
+                top.min(1 << 32) - 1,
+                top.min(1 << 32) - u64::from(f),
+                (1 << 32) - 1,
+                (1 << 32) - u64::from(f),
+                0xdead_beef,
+            ];
+            for x in xs {
+                let x = x.min(u64::from(u32::MAX)) as u32;
+                let q = ((u128::from(x) * u128::from(r)) >> 44) as u32;
+                assert_eq!(q, x / f, "x {x} f {f}");
+            }
+            // Every multiple of f near the top, and the value just below it.
+            for k in ((u64::from(u32::MAX) / u64::from(f)).saturating_sub(64))
+                ..=u64::from(u32::MAX) / u64::from(f)
+            {
+                for x in [k * u64::from(f), (k * u64::from(f)).saturating_sub(1)] {
+                    let x = x as u32;
+                    let q = ((u128::from(x) * u128::from(r)) >> 44) as u32;
+                    assert_eq!(q, x / f, "x {x} f {f}");
+                }
+            }
+        }
     }
 }

@@ -11,9 +11,9 @@
 //! links no HDF5 of its own: the class structure is declared here as HDF5 1.8-2.x lay it out
 //! (`H5Z_class2_t`). `coral-hdf5` registers the same [`CLASS`] in its process.
 //!
-//! `cd_values`: `[format version, kind, row values]`: the version the writer codes (3; 2 in
-//! datasets written before binned mantissa tables, 1 before the codec modelled columns), the
-//! kind as
+//! `cd_values`: `[format version, kind, row values]`: the version the writer codes (4; 3 in
+//! datasets written before lanes, 2 before binned mantissa tables, 1 before the codec modelled
+//! columns), the kind as
 //! [`coral_float_codec::Kind::code`] (1 bf16, 2 f16, 3 f32), and the values in one row of a
 //! chunk (the product of the dataset's dimensions after the first; absent in version 1, read as
 //! 1). Decoding needs none of them: every frame names its kind and row length.
