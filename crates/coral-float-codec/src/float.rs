@@ -39,9 +39,9 @@ const _: () = assert!(PER_BIN << BIN_BITS == PROB_SCALE as usize);
 pub(crate) const MAX_COLS: usize = 1 << 20;
 
 /// How a frame keeps its signs (version 2; version 1 has only the first two, as a flag).
-const SIGNS_NONE: u32 = 0;
-const SIGNS_RAW: u32 = 1;
-const SIGNS_CODED: u32 = 2;
+pub(crate) const SIGNS_NONE: u32 = 0;
+pub(crate) const SIGNS_RAW: u32 = 1;
+pub(crate) const SIGNS_CODED: u32 = 2;
 
 /// The bit layout of a kind.
 #[derive(Debug, Clone, Copy)]
@@ -187,6 +187,96 @@ mod ctx_tests {
         let full = expand_bins(&f);
         assert_eq!(full.iter().sum::<u32>(), PROB_SCALE);
         assert!(full[..PER_BIN].iter().all(|&x| x == f[0]));
+    }
+
+    /// Values like weights, with specials and low-precision stretches; with `lean`, each
+    /// column of rows of `lean` values keeps one sign nine times in ten (coded signs).
+    fn sample(kind: Kind, n: usize, seed: u64, lean: usize) -> Vec<u8> {
+        let mut s = seed | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        (0..n)
+            .flat_map(|i| {
+                let r = next();
+                let scale = [1e-3f32, 0.02, 0.5, 3.0][(i / 300) % 4];
+                let mut g = ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.45) as f32 * scale;
+                if lean > 0 {
+                    let col_sign = ((i % lean) as u64).wrapping_mul(0x9E37_79B9) >> 13 & 1 == 1;
+                    g = g.abs() * if col_sign ^ (r >> 60 == 0) { -1.0 } else { 1.0 };
+                }
+                let mut bits = match r % 97 {
+                    0 => f32::NAN.to_bits() | (r as u32 & 0x3f_ffff),
+                    1 => f32::INFINITY.to_bits(),
+                    2 => 0x8000_0000,
+                    3 => 1,
+                    _ => g.to_bits(),
+                };
+                if (i / 1000) % 3 == 1 {
+                    bits &= 0xffff_ff00;
+                }
+                match kind {
+                    Kind::F32 => bits.to_le_bytes().to_vec(),
+                    _ => ((bits >> 16) as u16).to_le_bytes().to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_lanes_code_alike_with_and_without_avx2() {
+        for kind in [Kind::Bf16, Kind::F32, Kind::F16] {
+            let mut coded_signs = 0;
+            for (n, cols) in [
+                (5000, 1),
+                (4999, 7),
+                (6000, 8),
+                (6007, 24),
+                (9000, 300),
+                (777, 13),
+                (64, 64),
+            ] {
+                for (seed, lean) in [(1u64, 0), (2, 0), (3, cols), (4, cols)] {
+                    let data = sample(kind, n, seed ^ cols as u64, lean);
+                    let mut frame = Vec::new();
+                    crate::encode_rows(kind, &data, cols, &mut frame).unwrap();
+                    if frame[3] != 1 {
+                        continue;
+                    }
+                    let body = &frame[crate::HEADER_BYTES..];
+                    // The table header's signs mode: bits 17 and 18 of its bit stream.
+                    let hdr = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+                    coded_signs += usize::from((hdr >> 17) & 3 == SIGNS_CODED);
+                    // The encoder writes the same frame value by value.
+                    let mut scalar = frame[..crate::HEADER_BYTES].to_vec();
+                    encode_with(kind, &data, cols.min(n), &mut scalar, false);
+                    assert!(scalar == frame, "{kind:?} n {n} cols {cols}: frames differ");
+                    for simd in [false, true] {
+                        let mut out = vec![0u8; data.len()];
+                        decode_with(kind, frame[2], body, &mut out, simd).unwrap();
+                        assert!(out == data, "{kind:?} n {n} cols {cols} simd {simd}");
+                    }
+                    // A flipped byte in the coded words: both ways the same answer.
+                    let mut bad = body.to_vec();
+                    let at = bad.len() - 1 - (seed as usize * 31) % (bad.len() / 3);
+                    bad[at] ^= 0x21;
+                    let (mut a, mut b) = (vec![0u8; data.len()], vec![0u8; data.len()]);
+                    let ra = decode_with(kind, frame[2], &bad, &mut a, false).map(|_| a);
+                    let rb = decode_with(kind, frame[2], &bad, &mut b, true).map(|_| b);
+                    assert_eq!(ra.is_ok(), rb.is_ok(), "{kind:?} n {n} cols {cols}");
+                    if let (Ok(a), Ok(b)) = (ra, rb) {
+                        assert!(a == b);
+                    }
+                }
+            }
+            assert!(
+                coded_signs >= 4,
+                "{kind:?}: {coded_signs} frames code their signs"
+            );
+        }
     }
 
     #[test]
@@ -417,6 +507,12 @@ fn entropy_bits(counts: &[u64]) -> f64 {
 /// Codes `data` (whole values of `kind`, any tail bytes kept raw, rows of `cols` values, 1 to
 /// [`MAX_COLS`]) after a version 2 frame header.
 pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
+    encode_with(kind, data, cols, out, crate::avx2::available());
+}
+
+/// [`encode`], whole groups through [`crate::avx2`] only when `simd` (and the CPU has AVX2):
+/// the tests check that both ways write the same frame.
+fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bool) {
     let l = Layout::of(kind);
     let n = data.len() / l.bytes();
     let tail = &data[n * l.bytes()..];
@@ -743,8 +839,32 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
         .collect();
     let m_code: Vec<Option<&[EncSymbol]>> =
         (0..ea).map(|e| code(slots.m(m_map[e] as usize))).collect();
-    let groups = n.div_ceil(LANES);
-    for g in (0..groups).rev() {
+    // For the AVX2 groups: every coded table as `start | freq << 16` a symbol, 256 entries
+    // each (table 0 all zeros, for contexts no value has), and where each context's starts.
+    let simd = simd && l.ebits == 8 && crate::avx2::available();
+    let mut packed = vec![0u32; if simd { 256 } else { 0 }];
+    let mut at = vec![0u32; codes.len()];
+    if simd {
+        for (slot, c) in codes.iter().enumerate() {
+            if let SlotCode::Coded(t) = c {
+                at[slot] = packed.len() as u32;
+                packed.extend(t.iter().map(EncSymbol::packed));
+                packed.resize(at[slot] as usize + t.len().max(256), 0);
+            }
+        }
+    }
+    let e_at: [u32; E_CTX_FULL] = std::array::from_fn(|c| at[slots.e(e_map[c] as usize)]);
+    let m_at: Vec<u32> = (0..ea).map(|e| at[slots.m(m_map[e] as usize)]).collect();
+    let groups = crate::avx2::EncGroups {
+        packed: &packed,
+        e_at,
+        m_at: &m_at,
+        mbits: l.mbits,
+        rb: l.rb,
+        width: l.width,
+    };
+    let simd = simd && groups.gathers_ok();
+    for g in (0..n.div_ceil(LANES)).rev() {
         let lo = g * LANES;
         let hi = (lo + LANES).min(n);
         let z = if blocks {
@@ -752,6 +872,21 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
         } else {
             2
         };
+        // Coded low bytes (rare: f32 low bits are mostly noise, kept raw) go value by value.
+        let low_coded = z < 2
+            && (r1_code[z as usize & 1].is_some()
+                || (z == 0 && l.two_bytes() && r0_code.is_some()));
+        if simd && !low_coded {
+            let sf = (sign_mode == SIGNS_CODED).then(|| &sf[lo..hi]);
+            if groups.put(&mut enc, &vals[lo..hi], &ctx[lo..hi], sf) {
+                if blocks && lo % BLOCK == 0 {
+                    if let Some(t) = code(Slots::Z) {
+                        enc.put_sym(0, &t[z as usize]);
+                    }
+                }
+                continue;
+            }
+        }
         if sign_mode == SIGNS_CODED {
             for i in (lo..hi).rev() {
                 let v = vals[i];
@@ -884,9 +1019,12 @@ struct Body<'a> {
     words: &'a [u8],
     /// Each exponent's mantissa bucket.
     m_map: Vec<u8>,
-    /// Each slot's mode (0 unused, 1 raw, 2 coded) and, when coded, its index in `luts`.
+    /// Each slot's mode (0 unused, 1 raw, 2 coded) and, when coded, its table's index in
+    /// `luts`.
     modes: Vec<(u8, usize)>,
-    luts: Vec<Box<Lut>>,
+    /// The decoding lookups, one after the other, [`PROB_SCALE`] entries each; table 0 is
+    /// [`idle_lut`], for slots that must not be read.
+    luts: Vec<u32>,
 }
 
 impl Body<'_> {
@@ -897,16 +1035,30 @@ impl Body<'_> {
         }
     }
 
+    /// Lookup table `i`.
+    fn lut(&self, i: usize) -> Option<&Lut> {
+        let at = i.checked_mul(PROB_SCALE as usize)?;
+        self.luts.get(at..)?.first_chunk()
+    }
+
     fn src(&self) -> Vec<Src<'_>> {
         self.modes
             .iter()
-            .map(|&(m, i)| match m {
-                1 => Src::Raw,
-                2 => Src::Coded(&self.luts[i]),
+            .map(|&(m, i)| match (m, self.lut(i)) {
+                (1, _) => Src::Raw,
+                (2, Some(lut)) => Src::Coded(lut),
                 _ => Src::Unused,
             })
             .collect()
     }
+}
+
+/// Appends `t`'s decoding lookup to `luts`, and returns its index.
+fn push_lut(luts: &mut Vec<u32>, t: &Table) -> usize {
+    let at = luts.len();
+    luts.resize(at + PROB_SCALE as usize, 0);
+    t.lookup_into(&mut luts[at..]);
+    at / PROB_SCALE as usize
 }
 
 /// Reads a float body of frame version `version` (1 to 4) for `n` values and `tail_len` tail
@@ -981,7 +1133,7 @@ fn parse(
         m_map[e] = b as u8;
     }
     let slots = Slots { ne, nb };
-    let mut luts: Vec<Box<Lut>> = Vec::new();
+    let mut luts: Vec<u32> = idle_lut().to_vec();
     let mut modes: Vec<(u8, usize)> = Vec::with_capacity(slots.count());
     for slot in 0..slots.count() {
         let (alpha, may_be_raw) = slots.alphabet(l, slot);
@@ -998,17 +1150,15 @@ fn parse(
                     )));
                 }
                 let per: Vec<u32> = t.freq.iter().map(|&f| f / PER_BIN as u32).collect();
-                modes.push((2, luts.len()));
-                luts.push(Table::from_freq(expand_bins(&per)).lookup());
+                let t = Table::from_freq(expand_bins(&per));
+                modes.push((2, push_lut(&mut luts, &t)));
             }
             2 => {
                 let t = rans::read_table(&mut h, alpha)?;
-                modes.push((2, luts.len()));
-                luts.push(t.lookup());
+                modes.push((2, push_lut(&mut luts, &t)));
             }
             3 if alpha.is_power_of_two() => {
-                modes.push((2, luts.len()));
-                luts.push(Table::uniform(alpha).lookup());
+                modes.push((2, push_lut(&mut luts, &Table::uniform(alpha))));
             }
             m => return Err(CodecError::corrupt(format!("slot {slot}: mode {m}"))),
         }
@@ -1040,6 +1190,18 @@ pub(crate) fn decode(
     body: &[u8],
     dst: &mut [u8],
 ) -> Result<(), CodecError> {
+    decode_with(kind, version, body, dst, crate::avx2::available())
+}
+
+/// [`decode`], the groups of version 4 through [`crate::avx2`] only when `simd` (and the CPU
+/// has AVX2): the tests decode every frame both ways.
+fn decode_with(
+    kind: Kind,
+    version: u8,
+    body: &[u8],
+    dst: &mut [u8],
+    simd: bool,
+) -> Result<(), CodecError> {
     let l = Layout::of(kind);
     let n = dst.len() / l.bytes();
     let b = parse(l, version, body, n, dst.len() - n * l.bytes())?;
@@ -1047,7 +1209,7 @@ pub(crate) fn decode(
     tail.copy_from_slice(b.tail);
     let mut dec = Decoder::new(&b.states, b.words);
     let (bad, raw_read) = if version >= 4 {
-        decode_lanes(l, &b, &mut dec, values)
+        decode_lanes(l, &b, &mut dec, values, simd)
     } else {
         decode_fields(l, version, &b, &mut dec, values)
     };
@@ -1152,165 +1314,306 @@ fn decode_fields(
     (bad, rb.pos)
 }
 
-/// A slot's lookup for the lanes loop, and whether reading it is an error (an unused slot
-/// reads [`IDLE`], which decodes symbol 0 and leaves the state as it is).
-fn lane_lut<'t>(src: Src<'t>, idle: &'t Lut) -> (&'t Lut, bool) {
-    match src {
-        Src::Coded(lut) => (lut, false),
-        _ => (idle, true),
-    }
-}
-
-/// The lookup of a slot that must not be read: every entry symbol 0, frequency 4096, start 0.
+/// The lookup of a slot that must not be read: every entry symbol 0, frequency 4096, start 0,
+/// so reading it leaves the state as it is (the lanes loop flags the read instead of branching).
 fn idle_lut() -> Box<Lut> {
     Box::new([(PROB_SCALE - 1) << 8; PROB_SCALE as usize])
 }
 
+/// How the lanes loop reads a low-bits slot.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum RSrc {
+    Unused,
+    Raw,
+    /// Coded with table `i` of [`Lanes::luts`].
+    Coded(u32),
+}
+
+/// What the lanes loop of a version 4 frame reads, fixed for the frame: the tables as indices
+/// into one buffer of lookups (table 0 the idle one, for slots that must not be read) and which
+/// of them are errors to read, and the frame's parts.
+pub(crate) struct Lanes<'b> {
+    /// Lookup tables in `luts`.
+    pub tables: usize,
+    /// The CPU has AVX2 and the frame suits [`crate::avx2::group`] (bf16 or f32, every table
+    /// index inside `luts`): groups may take it.
+    pub simd: bool,
+    /// Every table index is inside `luts` (set by [`crate::avx2::gathers_ok`]).
+    pub gathers_ok: bool,
+    pub l_width: u32,
+    pub mbits: u32,
+    pub rb: u32,
+    pub two_bytes: bool,
+    pub emask: u32,
+    pub e_base: i32,
+    pub cols: usize,
+    pub sign_mode: u32,
+    pub signs: &'b [u8],
+    pub raw: &'b [u8],
+    pub luts: &'b [u32],
+    /// Each exponent context's table, and (bit `c`) whether context `c` reads an unused slot.
+    pub e_idx: [u32; E_CTX_FULL],
+    pub e_bad: u32,
+    /// Each exponent's mantissa table, and 1 where it is an unused slot.
+    pub m_idx: Vec<u32>,
+    pub m_bad: Vec<u32>,
+    pub r1: [RSrc; 2],
+    pub r0: RSrc,
+}
+
+/// What the lanes loop carries from group to group.
+pub(crate) struct LaneState {
+    /// The row's mean, in sixteenths of an exponent.
+    pub a: i32,
+    /// Each column's mean, and its sign model's fast and slow estimates.
+    pub colm: Vec<i32>,
+    pub fast: Vec<i32>,
+    pub slow: Vec<i32>,
+    /// The column of the next group's first value.
+    pub col: usize,
+    /// Raw bytes read.
+    pub rpos: usize,
+    /// A value read a slot the frame does not have.
+    pub bad: bool,
+}
+
 /// The decoding loop of version 4: groups of [`LANES`] values, value `k` of a group on state
 /// `k`, field by field (`docs/format.md`, "Order"). Returns whether a value read an unused slot,
-/// and how many raw bytes were read.
-fn decode_lanes(l: Layout, b: &Body<'_>, dec: &mut Decoder<'_>, dst: &mut [u8]) -> (bool, usize) {
+/// and how many raw bytes were read. Groups go through [`crate::avx2`] where the CPU has AVX2
+/// and the group allows it, else through [`group_scalar`]; both follow the same steps.
+fn decode_lanes(
+    l: Layout,
+    b: &Body<'_>,
+    dec: &mut Decoder<'_>,
+    dst: &mut [u8],
+    simd: bool,
+) -> (bool, usize) {
     let ea = l.e_alpha();
     let blocks = l.rb > 0;
-    let (e_base, cols, sign_mode, signs) = (b.e_base, b.cols, b.sign_mode, b.signs);
     let slots = b.slots();
-    let src = b.src();
-    let idle = idle_lut();
+    let table = |slot: usize| match b.modes.get(slot).copied() {
+        Some((2, i)) => (i as u32, false),
+        _ => (0, true),
+    };
     let e_map = merge_map(b.ne);
-    let e_lut: Vec<(&Lut, bool)> = (0..E_CTX_FULL)
-        .map(|c| lane_lut(src[slots.e(e_map[c] as usize)], &idle))
+    let mut e_idx = [0u32; E_CTX_FULL];
+    let mut e_bad = 0u32;
+    for (c, x) in e_idx.iter_mut().enumerate() {
+        let (i, unused) = table(slots.e(e_map[c] as usize));
+        *x = i;
+        e_bad |= u32::from(unused) << c;
+    }
+    let (m_idx, m_bad): (Vec<u32>, Vec<u32>) = (0..ea)
+        .map(|e| {
+            let (i, unused) = table(slots.m(b.m_map[e] as usize));
+            (i, u32::from(unused))
+        })
+        .unzip();
+    let rsrc = |slot: usize| match b.modes.get(slot).copied() {
+        Some((1, _)) => RSrc::Raw,
+        Some((2, i)) => RSrc::Coded(i as u32),
+        _ => RSrc::Unused,
+    };
+    let mut t = Lanes {
+        tables: b.luts.len() / PROB_SCALE as usize,
+        simd: false,
+        gathers_ok: false,
+        l_width: l.width,
+        mbits: l.mbits,
+        rb: l.rb,
+        two_bytes: l.two_bytes(),
+        emask: ea as u32 - 1,
+        e_base: b.e_base,
+        cols: b.cols,
+        sign_mode: b.sign_mode,
+        signs: b.signs,
+        raw: b.raw,
+        luts: &b.luts,
+        e_idx,
+        e_bad,
+        m_idx,
+        m_bad,
+        r1: [rsrc(slots.r1(0)), rsrc(slots.r1(1))],
+        r0: rsrc(slots.r0()),
+    };
+    let tabs: Vec<&Lut> = b
+        .luts
+        .chunks_exact(PROB_SCALE as usize)
+        .filter_map(|c| c.first_chunk())
         .collect();
-    let m_lut: Vec<(&Lut, bool)> = (0..ea)
-        .map(|e| lane_lut(src[slots.m(b.m_map[e] as usize)], &idle))
-        .collect();
-    let z_lut = lane_lut(src[Slots::Z], &idle);
-    let (r1_src, r0_src) = ([src[slots.r1(0)], src[slots.r1(1)]], src[slots.r0()]);
-    let raw = b.raw;
-    let mut rpos = 0usize;
-    let mut bad = false;
-    let mut a = e_base << 4;
-    let mut colm = vec![e_base << 4; cols];
-    let mut sm = vec![SignModel::START; if sign_mode == SIGNS_CODED { cols } else { 0 }];
-    let mut col = 0usize;
+    let (z_i, z_unused) = table(Slots::Z);
+    let z_lut = tabs.get(z_i as usize).copied();
+    let coded_signs = b.sign_mode == SIGNS_CODED;
+    let mut st = LaneState {
+        a: b.e_base << 4,
+        colm: vec![b.e_base << 4; b.cols],
+        fast: vec![SignModel::START.fast; if coded_signs { b.cols } else { 0 }],
+        slow: vec![SignModel::START.slow; if coded_signs { b.cols } else { 0 }],
+        col: 0,
+        rpos: 0,
+        bad: false,
+    };
+    // bf16 and f32 (f16's five exponent bits and three low bits take the scalar steps).
+    t.gathers_ok = crate::avx2::gathers_ok(&t);
+    t.simd = simd && l.ebits == 8 && t.gathers_ok && crate::avx2::available();
     let mut z = 2;
-    let shift_s = l.width - 1;
-    let emask = ea as u32 - 1;
     for (g, out) in dst.chunks_mut(LANES * l.bytes()).enumerate() {
         let lo = g * LANES;
-        let cnt = out.len() / l.bytes();
         if blocks && lo % BLOCK == 0 {
-            bad |= z_lut.1;
-            let y = dec.get(0, z_lut.0);
-            bad |= y > 2 || (y == 1 && !l.two_bytes());
+            st.bad |= z_unused;
+            let y = match z_lut {
+                Some(lut) => dec.get(0, lut),
+                None => {
+                    st.bad = true;
+                    0
+                }
+            };
+            st.bad |= y > 2 || (y == 1 && !l.two_bytes());
             z = y.min(2);
         }
-        let mut v = [0u32; LANES];
-        // E: each value's context from the row's mean at the group's start and its column's.
-        let mut sum = 0;
-        let mut c = col;
-        for (k, v) in v.iter_mut().enumerate().take(cnt) {
-            let cm = &mut colm[c];
-            let (lut, unused) = e_lut[e_ctx_v2(a, col_term(*cm, e_base))];
-            bad |= unused;
-            let e = dec.get(k, lut) & emask;
-            *cm = col_ema(*cm, e);
-            sum += e as i32;
-            *v = e;
-            c += 1;
-            if c == cols {
-                c = 0;
-            }
-        }
-        a = group_mean(a, sum, cnt as i32);
-        // M: from the bucket of the value's exponent.
-        for (k, v) in v.iter_mut().enumerate().take(cnt) {
-            let (lut, unused) = m_lut[*v as usize];
-            bad |= unused;
-            let m = dec.get(k, lut) & 0x7f;
-            *v = *v << l.mbits | m << l.rb;
-        }
-        // R1 then R0: coded, or raw bytes in value order (each value's R1 byte, then its R0).
-        if z < 2 {
-            let r1 = r1_src[z as usize];
-            let r0 = if z == 0 && l.two_bytes() {
-                r0_src
-            } else {
-                Src::Unused
-            };
-            let r1_raw = matches!(r1, Src::Raw);
-            let r0_raw = matches!(r0, Src::Raw);
-            let stride = usize::from(r1_raw) + usize::from(r0_raw);
-            let at = |k: usize, o: usize| {
-                u32::from(raw.get(rpos + k * stride + o).copied().unwrap_or(0))
-            };
-            let (shift, mask) = if l.two_bytes() {
-                (8, 0xff)
-            } else {
-                (0, (1 << l.rb) - 1)
-            };
-            match r1 {
-                Src::Coded(lut) => {
-                    for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                        *v |= (dec.get(k, lut) & mask) << shift;
-                    }
-                }
-                Src::Raw => {
-                    for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                        *v |= at(k, 0) << shift;
-                    }
-                }
-                Src::Unused => bad = true,
-            }
-            if z == 0 && l.two_bytes() {
-                match r0 {
-                    Src::Coded(lut) => {
-                        for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                            *v |= dec.get(k, lut) & 0xff;
-                        }
-                    }
-                    Src::Raw => {
-                        for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                            *v |= at(k, usize::from(r1_raw));
-                        }
-                    }
-                    Src::Unused => bad = true,
-                }
-            }
-            rpos += cnt * stride;
-        }
-        // S.
-        match sign_mode {
-            SIGNS_CODED => {
-                let mut c = col;
-                for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                    let model = &mut sm[c];
-                    let s = dec.get_bit(k, model.f1());
-                    model.update(s);
-                    *v |= s << shift_s;
-                    c += 1;
-                    if c == cols {
-                        c = 0;
-                    }
-                }
-            }
-            SIGNS_RAW => {
-                for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                    let i = lo + k;
-                    *v |= (u32::from(signs[i >> 3] >> (i & 7)) & 1) << shift_s;
-                }
-            }
-            _ => {}
-        }
-        col = c;
-        if l.width == 16 {
-            for (o, &v) in out.chunks_exact_mut(2).zip(&v) {
-                o.copy_from_slice(&(v as u16).to_le_bytes());
-            }
-        } else {
-            for (o, &v) in out.chunks_exact_mut(4).zip(&v) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
+        if !(t.simd && crate::avx2::group(&t, &mut st, dec, out, lo, z)) {
+            group_scalar(&t, &tabs, &mut st, dec, out, lo, z);
         }
     }
-    (bad, rpos.min(raw.len() + 1))
+    (st.bad, st.rpos.min(b.raw.len() + 1))
+}
+
+/// One group of the lanes loop, value by value within each step.
+fn group_scalar(
+    t: &Lanes<'_>,
+    tabs: &[&Lut],
+    st: &mut LaneState,
+    dec: &mut Decoder<'_>,
+    out: &mut [u8],
+    lo: usize,
+    z: u32,
+) {
+    let bytes = (t.l_width / 8) as usize;
+    let cnt = out.len() / bytes;
+    let cols = t.cols;
+    let lut = |i: u32, bad: &mut bool| -> &Lut {
+        match tabs.get(i as usize) {
+            Some(l) => l,
+            None => {
+                *bad = true;
+                tabs[0]
+            }
+        }
+    };
+    let mut v = [0u32; LANES];
+    // E: each value's context from the row's mean at the group's start and its column's.
+    let mut sum = 0;
+    let mut c = st.col;
+    for (k, v) in v.iter_mut().enumerate().take(cnt) {
+        let cm = &mut st.colm[c];
+        let cx = e_ctx_v2(st.a, col_term(*cm, t.e_base));
+        st.bad |= (t.e_bad >> cx) & 1 != 0;
+        let e = dec.get(k, lut(t.e_idx[cx], &mut st.bad)) & t.emask;
+        *cm = col_ema(*cm, e);
+        sum += e as i32;
+        *v = e;
+        c += 1;
+        if c == cols {
+            c = 0;
+        }
+    }
+    st.a = group_mean(st.a, sum, cnt as i32);
+    // M: from the bucket of the value's exponent.
+    for (k, v) in v.iter_mut().enumerate().take(cnt) {
+        let e = *v as usize;
+        st.bad |= t.m_bad[e] != 0;
+        let m = dec.get(k, lut(t.m_idx[e], &mut st.bad)) & 0x7f;
+        *v = *v << t.mbits | m << t.rb;
+    }
+    // R1 then R0: coded, or raw bytes in value order (each value's R1 byte, then its R0).
+    if z < 2 {
+        let r1 = t.r1[z as usize];
+        let r0 = if z == 0 && t.two_bytes {
+            t.r0
+        } else {
+            RSrc::Unused
+        };
+        let r1_raw = r1 == RSrc::Raw;
+        let r0_raw = r0 == RSrc::Raw;
+        let stride = usize::from(r1_raw) + usize::from(r0_raw);
+        let raw = t.raw;
+        let rpos = st.rpos;
+        let at =
+            |k: usize, o: usize| u32::from(raw.get(rpos + k * stride + o).copied().unwrap_or(0));
+        let (shift, mask) = if t.two_bytes {
+            (8, 0xff)
+        } else {
+            (0, (1 << t.rb) - 1)
+        };
+        match r1 {
+            RSrc::Coded(i) => {
+                let l = lut(i, &mut st.bad);
+                for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                    *v |= (dec.get(k, l) & mask) << shift;
+                }
+            }
+            RSrc::Raw => {
+                for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                    *v |= at(k, 0) << shift;
+                }
+            }
+            RSrc::Unused => st.bad = true,
+        }
+        if z == 0 && t.two_bytes {
+            match r0 {
+                RSrc::Coded(i) => {
+                    let l = lut(i, &mut st.bad);
+                    for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                        *v |= dec.get(k, l) & 0xff;
+                    }
+                }
+                RSrc::Raw => {
+                    for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                        *v |= at(k, usize::from(r1_raw));
+                    }
+                }
+                RSrc::Unused => st.bad = true,
+            }
+        }
+        st.rpos += cnt * stride;
+    }
+    // S.
+    let shift_s = t.l_width - 1;
+    match t.sign_mode {
+        SIGNS_CODED => {
+            let mut c = st.col;
+            for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                let mut model = SignModel {
+                    fast: st.fast[c],
+                    slow: st.slow[c],
+                };
+                let s = dec.get_bit(k, model.f1());
+                model.update(s);
+                (st.fast[c], st.slow[c]) = (model.fast, model.slow);
+                *v |= s << shift_s;
+                c += 1;
+                if c == cols {
+                    c = 0;
+                }
+            }
+        }
+        SIGNS_RAW => {
+            for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                let i = lo + k;
+                let byte = t.signs.get(i >> 3).copied().unwrap_or(0);
+                *v |= (u32::from(byte >> (i & 7)) & 1) << shift_s;
+            }
+        }
+        _ => {}
+    }
+    st.col = c;
+    if bytes == 2 {
+        for (o, &v) in out.chunks_exact_mut(2).zip(&v) {
+            o.copy_from_slice(&(v as u16).to_le_bytes());
+        }
+    } else {
+        for (o, &v) in out.chunks_exact_mut(4).zip(&v) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+    }
 }

@@ -39,6 +39,7 @@
 //! assert_eq!(back, values);
 //! ```
 
+mod avx2;
 mod bits;
 mod float;
 mod rans;

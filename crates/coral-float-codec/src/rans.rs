@@ -204,13 +204,6 @@ impl Table {
         Table::from_freq(vec![PROB_SCALE / n as u32; n])
     }
 
-    /// The decoding lookup: per slot of [`PROB_SCALE`], `symbol | (freq - 1) << 8 | start << 20`.
-    pub fn lookup(&self) -> Box<[u32; PROB_SCALE as usize]> {
-        let mut lut = Box::new([0u32; PROB_SCALE as usize]);
-        self.lookup_into(&mut lut[..]);
-        lut
-    }
-
     /// Every symbol prepared for the encoder.
     pub fn enc_symbols(&self) -> Vec<EncSymbol> {
         self.freq
@@ -226,7 +219,8 @@ impl Table {
             .collect()
     }
 
-    /// [`Table::lookup`] into `lut` (of [`PROB_SCALE`] entries).
+    /// The decoding lookup, into `lut` (of [`PROB_SCALE`] entries): per slot,
+    /// `symbol | (freq - 1) << 8 | start << 20`.
     pub fn lookup_into(&self, lut: &mut [u32]) {
         for (s, (&f, &st)) in self.freq.iter().zip(&self.start).enumerate() {
             if f == 0 {
@@ -259,6 +253,12 @@ const fn rcp(f: u32) -> u64 {
 }
 
 impl EncSymbol {
+    /// The symbol's start and frequency, packed as `start | freq << 16` (what
+    /// `crate::avx2::encode_group` gathers).
+    pub(crate) fn packed(&self) -> u32 {
+        self.start | self.freq << 16
+    }
+
     pub fn new(start: u32, freq: u32) -> Self {
         EncSymbol {
             rcp: rcp(freq.max(1)),
@@ -326,6 +326,12 @@ impl Encoder {
         self.put_sym(state, &s);
     }
 
+    /// The states, the word buffer and the count of words written in it, for an encoder that
+    /// runs the lanes side by side (`crate::avx2`).
+    pub(crate) fn lanes(&mut self) -> (&mut [u32; LANES], &mut [u16], &mut usize) {
+        (&mut self.x, &mut self.words, &mut self.len)
+    }
+
     /// The final states (as many as the encoder has) and the words in decoding order.
     pub fn finish(mut self) -> (Vec<u32>, Vec<u16>) {
         self.words.truncate(self.len);
@@ -359,6 +365,12 @@ impl<'a> Decoder<'a> {
             pos: 0,
             overrun: false,
         }
+    }
+
+    /// The word stream and the position of the next word, for a decoder that runs the lanes
+    /// side by side (`crate::avx2`).
+    pub(crate) fn stream(&mut self) -> (&'a [u8], &mut usize) {
+        (self.words, &mut self.pos)
     }
 
     /// Decodes one symbol with lookup `lut` on state `state` (below the decoder's states).

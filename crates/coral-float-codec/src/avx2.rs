@@ -1,0 +1,623 @@
+//! The lanes loop of version 4 frames with AVX2: a group's eight values decoded side by side,
+//! one 32-bit lane per value (`float::group_scalar` is the same steps, value by value, and the
+//! reference: `tests/roundtrip.rs` decodes every frame both ways).
+//!
+//! Each step gathers the eight values' table entries, updates the eight rANS states with one
+//! multiplication, and renormalises them from the shared word stream: the lanes that need a word
+//! take the next ones in lane order (a permutation chosen by the mask of those lanes), exactly
+//! as the scalar loop reads them one lane after the other.
+//!
+//! A group takes this path when it has eight values in eight distinct columns that do not wrap
+//! around the row, its low bits (f32) are coded or raw, and the stream holds the most the group
+//! can read; anything else goes value by value.
+
+use crate::float::{LaneState, Lanes, RSrc};
+use crate::rans::{Decoder, Encoder};
+
+/// What the encoder's AVX2 groups read, fixed for a frame: every coded table as
+/// `start | freq << 16` a symbol (256 entries each), and where each exponent context's and each
+/// exponent's mantissa table starts.
+#[derive(Debug)]
+pub(crate) struct EncGroups<'p> {
+    pub packed: &'p [u32],
+    pub e_at: [u32; 32],
+    pub m_at: &'p [u32],
+    pub mbits: u32,
+    pub rb: u32,
+    pub width: u32,
+}
+
+impl EncGroups<'_> {
+    /// Whether every table start leaves 256 entries inside `packed` (the gathers read there).
+    pub(crate) fn gathers_ok(&self) -> bool {
+        self.m_at.len() == 256
+            && self.e_at.iter().chain(self.m_at).all(|&a| {
+                (a as usize)
+                    .checked_add(256)
+                    .is_some_and(|end| end <= self.packed.len())
+            })
+    }
+
+    /// Puts a whole group of eight values (`vals`, their exponent contexts `ctx`, and their
+    /// signs' frequencies `sf` when the signs are coded) in reverse: S, M, E (the caller puts Z,
+    /// and leaves groups with coded low bits to the scalar steps). Says whether it did; when not,
+    /// nothing has changed.
+    pub(crate) fn put(
+        &self,
+        enc: &mut Encoder,
+        vals: &[u32],
+        ctx: &[u8],
+        sf: Option<&[u16]>,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (Some(vals), Some(ctx)) = (vals.first_chunk::<8>(), ctx.first_chunk::<8>()) else {
+                return false;
+            };
+            let sf = match sf {
+                Some(s) => match s.first_chunk::<8>() {
+                    Some(s) => Some(s),
+                    None => return false,
+                },
+                None => None,
+            };
+            let (_, words, len) = enc.lanes();
+            // Three steps of at most eight words, each stored as eight.
+            if len
+                .checked_add(3 * 8 + 8)
+                .is_none_or(|end| end > words.len())
+                || !available()
+            {
+                return false;
+            }
+            // SAFETY: the CPU has AVX2 (checked above), the group is whole, the words fit, and
+            // the caller checked `gathers_ok`.
+            unsafe { imp::put(self, enc, vals, ctx, sf) };
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (enc, vals, ctx, sf);
+            false
+        }
+    }
+}
+
+/// Whether this CPU runs [`group`] (checked once; `std` caches the answer).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Decodes the group of `out` (values `lo..` of the frame, `z` its block's level) when it can
+/// (see the module's doc), and says whether it did; when not, nothing has changed.
+pub(crate) fn group(
+    t: &Lanes<'_>,
+    st: &mut LaneState,
+    dec: &mut Decoder<'_>,
+    out: &mut [u8],
+    lo: usize,
+    z: u32,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !ready(t, st, dec, out, z) {
+            return false;
+        }
+        // SAFETY: the caller checked `available()` (`Lanes::simd`); `ready` checked every bound
+        // the steps rely on.
+        unsafe { imp::group(t, st, dec, out, lo, z) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (t, st, dec, out, lo, z);
+        false
+    }
+}
+
+/// Words a group reads at most: one per lane for each of E, M, R1, R0 and S.
+const MOST_WORDS: usize = 5 * 8;
+
+/// Whether the group can take the AVX2 steps.
+#[cfg(target_arch = "x86_64")]
+fn ready(t: &Lanes<'_>, st: &LaneState, dec: &mut Decoder<'_>, out: &[u8], z: u32) -> bool {
+    let bytes = (t.l_width / 8) as usize;
+    let (words, pos) = dec.stream();
+    // Every read of 16 bytes at the position stays inside the stream.
+    let words_ok = pos
+        .checked_add(2 * MOST_WORDS + 16)
+        .is_some_and(|end| end <= words.len());
+    let cols_ok = st.col.checked_add(8).is_some_and(|end| end <= t.cols);
+    let signs_ok = match t.sign_mode {
+        crate::float::SIGNS_CODED => st.fast.len() == t.cols && st.slow.len() == t.cols,
+        _ => true,
+    };
+    let low_ok = z == 2 || {
+        let r1 = t.r1[z as usize & 1];
+        let r0 = if z == 0 { t.r0 } else { RSrc::Unused };
+        let used = |r: RSrc| r != RSrc::Unused;
+        let raw = usize::from(r1 == RSrc::Raw) + usize::from(r0 == RSrc::Raw);
+        t.two_bytes
+            && used(r1)
+            && (z == 1 || used(r0))
+            && st
+                .rpos
+                .checked_add(16)
+                .is_some_and(|end| raw == 0 || end <= t.raw.len())
+    };
+    out.len() == 8 * bytes
+        && (bytes == 2 || bytes == 4)
+        && words_ok
+        && cols_ok
+        && signs_ok
+        && low_ok
+        && t.gathers_ok
+        && st.colm.len() == t.cols
+}
+
+/// Whether every table index of `t` points inside its lookups, and the exponent tables have
+/// 256 entries (the gathers read there): checked once a frame, for `Lanes::gathers_ok`.
+pub(crate) fn gathers_ok(t: &Lanes<'_>) -> bool {
+    t.e_idx
+        .iter()
+        .chain(&t.m_idx)
+        .all(|&i| (i as usize) < t.tables)
+        && [t.r1[0], t.r1[1], t.r0]
+            .iter()
+            .all(|r| !matches!(r, RSrc::Coded(i) if *i as usize >= t.tables))
+        && t.m_idx.len() == 256
+        && t.m_bad.len() == 256
+        && t.emask == 255
+        && t.luts.len() >= t.tables * 4096
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use super::*;
+    use crate::float::{SIGNS_CODED, SIGNS_RAW};
+    use std::arch::x86_64::*;
+
+    /// For each mask of the lanes that need a word, the index of each such lane's word among
+    /// the next eight: the number of needing lanes before it.
+    static PERM: [[u32; 8]; 256] = perm_table();
+
+    const fn perm_table() -> [[u32; 8]; 256] {
+        let mut t = [[0u32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut k, mut n) = (0, 0);
+            while k < 8 {
+                if (m >> k) & 1 == 1 {
+                    t[m][k] = n;
+                    n += 1;
+                }
+                k += 1;
+            }
+            m += 1;
+        }
+        t
+    }
+
+    /// 16 bytes of `b` from `at`, zeros past its end (callers check that there are 16).
+    #[inline(always)]
+    fn load16(b: &[u8], at: usize) -> __m128i {
+        match b.get(at..).and_then(|s| s.first_chunk::<16>()) {
+            // SAFETY: 16 readable bytes; the load is unaligned.
+            Some(s) => unsafe { _mm_loadu_si128(s.as_ptr().cast()) },
+            None => {
+                let mut pad = [0u8; 16];
+                if let Some(s) = b.get(at..) {
+                    pad[..s.len().min(16)].copy_from_slice(&s[..s.len().min(16)]);
+                }
+                // SAFETY: as above, from the padded copy.
+                unsafe { _mm_loadu_si128(pad.as_ptr().cast()) }
+            }
+        }
+    }
+
+    /// Eight i32 of `s` from `at` (callers check that there are eight).
+    #[inline(always)]
+    fn load8(s: &[i32], at: usize) -> __m256i {
+        let mut a = [0i32; 8];
+        if let Some(c) = s.get(at..).and_then(|c| c.first_chunk::<8>()) {
+            a = *c;
+        }
+        // SAFETY: `a` is eight i32; the load is unaligned.
+        unsafe { _mm256_loadu_si256(a.as_ptr().cast()) }
+    }
+
+    /// Stores eight i32 into `s` from `at` (nothing when there are not eight).
+    #[inline(always)]
+    fn store8(s: &mut [i32], at: usize, v: __m256i) {
+        if let Some(c) = s.get_mut(at..).and_then(|c| c.first_chunk_mut::<8>()) {
+            // SAFETY: `c` is eight writable i32; the store is unaligned.
+            unsafe { _mm256_storeu_si256(c.as_mut_ptr().cast(), v) }
+        }
+    }
+
+    /// Renormalises the states `x`: each lane below 2^16 takes the next word of the stream, in
+    /// lane order.
+    #[target_feature(enable = "avx2")]
+    fn renorm(x: __m256i, words: &[u8], pos: &mut usize) -> __m256i {
+        let need = _mm256_cmpeq_epi32(_mm256_srli_epi32::<16>(x), _mm256_setzero_si256());
+        let mask = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize & 0xff;
+        let w = _mm256_cvtepu16_epi32(load16(words, *pos));
+        // SAFETY: PERM[mask] is eight u32; the load is unaligned.
+        let perm = unsafe { _mm256_loadu_si256(PERM[mask].as_ptr().cast()) };
+        let w = _mm256_permutevar8x32_epi32(w, perm);
+        *pos += 2 * mask.count_ones() as usize;
+        _mm256_blendv_epi8(x, _mm256_or_si256(_mm256_slli_epi32::<16>(x), w), need)
+    }
+
+    /// One symbol on every lane: lane `k` from the table starting at entry `base[k]` of `luts`.
+    /// Returns the table entries (symbol in the low byte).
+    ///
+    /// # Safety
+    /// Every `base[k] + 4095` is inside `luts`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn step(
+        x: &mut __m256i,
+        base: __m256i,
+        luts: &[u32],
+        words: &[u8],
+        pos: &mut usize,
+    ) -> __m256i {
+        let slot = _mm256_and_si256(*x, _mm256_set1_epi32(0xfff));
+        // SAFETY: the caller's bound on `base`, and slot <= 4095.
+        let v = unsafe {
+            _mm256_i32gather_epi32::<4>(luts.as_ptr().cast(), _mm256_add_epi32(base, slot))
+        };
+        let freq = _mm256_add_epi32(
+            _mm256_and_si256(_mm256_srli_epi32::<8>(v), _mm256_set1_epi32(0xfff)),
+            _mm256_set1_epi32(1),
+        );
+        let start = _mm256_srli_epi32::<20>(v);
+        let xn = _mm256_add_epi32(
+            _mm256_mullo_epi32(freq, _mm256_srli_epi32::<12>(*x)),
+            _mm256_sub_epi32(slot, start),
+        );
+        *x = renorm(xn, words, pos);
+        v
+    }
+
+    /// The low bytes at `o`, `o + stride`, ... (eight of them) of `raw` from `at`, one a lane.
+    #[target_feature(enable = "avx2")]
+    fn raw_lanes(raw: &[u8], at: usize, stride: usize, o: usize) -> __m256i {
+        let b = load16(raw, at);
+        let pick = if stride == 2 {
+            let o = o as i8;
+            _mm_setr_epi8(
+                o,
+                o + 2,
+                o + 4,
+                o + 6,
+                o + 8,
+                o + 10,
+                o + 12,
+                o + 14,
+                -1,
+                -1,
+                -1,
+                -1,
+                -1,
+                -1,
+                -1,
+                -1,
+            )
+        } else {
+            _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1, -1, -1, -1, -1)
+        };
+        _mm256_cvtepu8_epi32(_mm_shuffle_epi8(b, pick))
+    }
+
+    /// The sum of the eight lanes.
+    #[target_feature(enable = "avx2")]
+    fn sum8(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// For each mask of the lanes that emit a word, those lanes from the last to the first
+    /// (the order the scalar encoder emits them in).
+    static EMIT: [[u32; 8]; 256] = emit_table();
+
+    const fn emit_table() -> [[u32; 8]; 256] {
+        let mut t = [[0u32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut k, mut n) = (8, 0);
+            while k > 0 {
+                k -= 1;
+                if (m >> k) & 1 == 1 {
+                    t[m][n] = k as u32;
+                    n += 1;
+                }
+            }
+            m += 1;
+        }
+        t
+    }
+
+    /// Puts one symbol on every lane, lane `k`'s start and frequency packed in `fs[k]`
+    /// (`start | freq << 16`), emitting words from the last lane to the first as
+    /// `Encoder::put_sym` does one lane after the other.
+    #[target_feature(enable = "avx2")]
+    fn put_step(x: &mut __m256i, fs: __m256i, words: &mut [u16], len: &mut usize) {
+        let freq = _mm256_srli_epi32::<16>(fs);
+        let start = _mm256_and_si256(fs, _mm256_set1_epi32(0xffff));
+        // Emit when x >= freq << 20, i.e. (x >> 20) >= freq.
+        let keep = _mm256_cmpgt_epi32(freq, _mm256_srli_epi32::<20>(*x));
+        let mask = !(_mm256_movemask_ps(_mm256_castsi256_ps(keep)) as usize) & 0xff;
+        // SAFETY: EMIT[mask] is eight u32; the load is unaligned.
+        let perm = unsafe { _mm256_loadu_si256(EMIT[mask].as_ptr().cast()) };
+        let w = _mm256_permutevar8x32_epi32(_mm256_and_si256(*x, _mm256_set1_epi32(0xffff)), perm);
+        let w = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(w, w));
+        if let Some(d) = words.get_mut(*len..).and_then(|d| d.first_chunk_mut::<8>()) {
+            // SAFETY: eight writable u16; the store is unaligned.
+            unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), _mm256_castsi256_si128(w)) };
+        }
+        *len += mask.count_ones() as usize;
+        let xv = _mm256_blendv_epi8(_mm256_srli_epi32::<16>(*x), *x, keep);
+        // q = xv / freq, exactly: through f32 (within one of it), then corrected.
+        let xf = _mm256_add_ps(
+            _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<16>(xv)),
+                _mm256_set1_ps(65536.0),
+            ),
+            _mm256_cvtepi32_ps(_mm256_and_si256(xv, _mm256_set1_epi32(0xffff))),
+        );
+        let rf = _mm256_div_ps(_mm256_set1_ps(1.0), _mm256_cvtepi32_ps(freq));
+        let mut q = _mm256_cvttps_epi32(_mm256_mul_ps(xf, rf));
+        let mut r = _mm256_sub_epi32(xv, _mm256_mullo_epi32(q, freq));
+        let neg = _mm256_cmpgt_epi32(_mm256_setzero_si256(), r);
+        q = _mm256_add_epi32(q, neg);
+        r = _mm256_add_epi32(r, _mm256_and_si256(freq, neg));
+        let over = _mm256_cmpgt_epi32(r, _mm256_sub_epi32(freq, _mm256_set1_epi32(1)));
+        q = _mm256_sub_epi32(q, over);
+        r = _mm256_sub_epi32(r, _mm256_and_si256(freq, over));
+        *x = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32::<12>(q), r), start);
+    }
+
+    /// The encoder's group: S, M, E in reverse (see [`EncGroups::put`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `g.gathers_ok()`; the encoder's word buffer has room for 32 more words.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn put(
+        g: &EncGroups<'_>,
+        enc: &mut Encoder,
+        vals: &[u32; 8],
+        ctx: &[u8; 8],
+        sf: Option<&[u16; 8]>,
+    ) {
+        let (xs, words, len) = enc.lanes();
+        // SAFETY: eight u32 each; the loads are unaligned.
+        let (mut x, v) = unsafe {
+            (
+                _mm256_loadu_si256(xs.as_ptr().cast()),
+                _mm256_loadu_si256(vals.as_ptr().cast()),
+            )
+        };
+        if let Some(sf) = sf {
+            // SAFETY: eight u16; the load is unaligned.
+            let f1 = _mm256_cvtepu16_epi32(unsafe { _mm_loadu_si128(sf.as_ptr().cast()) });
+            let f0 = _mm256_sub_epi32(_mm256_set1_epi32(4096), f1);
+            let bit = _mm256_srai_epi32::<31>(_mm256_sll_epi32(
+                v,
+                _mm_cvtsi32_si128(32 - g.width as i32),
+            ));
+            // Sign 1: start f0, frequency f1; sign 0: start 0, frequency f0.
+            let start = _mm256_and_si256(f0, bit);
+            let freq = _mm256_blendv_epi8(f0, f1, bit);
+            put_step(
+                &mut x,
+                _mm256_or_si256(start, _mm256_slli_epi32::<16>(freq)),
+                words,
+                len,
+            );
+        }
+        let e = _mm256_and_si256(
+            _mm256_srl_epi32(v, _mm_cvtsi32_si128(g.mbits as i32)),
+            _mm256_set1_epi32(0xff),
+        );
+        let m = _mm256_and_si256(
+            _mm256_srl_epi32(v, _mm_cvtsi32_si128(g.rb as i32)),
+            _mm256_set1_epi32(0x7f),
+        );
+        // SAFETY: e <= 255 and m_at has 256 entries; every table start leaves 256 entries
+        // inside `packed` (`gathers_ok`), and m <= 127.
+        let fs = unsafe {
+            let at = _mm256_i32gather_epi32::<4>(g.m_at.as_ptr().cast(), e);
+            _mm256_i32gather_epi32::<4>(g.packed.as_ptr().cast(), _mm256_add_epi32(at, m))
+        };
+        put_step(&mut x, fs, words, len);
+        let mut c8 = [0u64; 1];
+        c8[0] = u64::from_le_bytes(*ctx);
+        // SAFETY: eight bytes; the load is unaligned.
+        let cx = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(c8.as_ptr().cast()) });
+        let cx = _mm256_and_si256(cx, _mm256_set1_epi32(31));
+        // SAFETY: cx <= 31 and e_at has 32 entries; e <= 255 and each table start leaves 256
+        // entries inside `packed`.
+        let fs = unsafe {
+            let at = _mm256_i32gather_epi32::<4>(g.e_at.as_ptr().cast(), cx);
+            _mm256_i32gather_epi32::<4>(g.packed.as_ptr().cast(), _mm256_add_epi32(at, e))
+        };
+        put_step(&mut x, fs, words, len);
+        let mut out = [0u32; 8];
+        // SAFETY: eight u32; the store is unaligned.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), x) };
+        *xs = out;
+    }
+
+    /// The group's steps (`super::ready` holds).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and `super::ready` returned true for these arguments.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn group(
+        t: &Lanes<'_>,
+        st: &mut LaneState,
+        dec: &mut Decoder<'_>,
+        out: &mut [u8],
+        lo: usize,
+        z: u32,
+    ) {
+        let c = st.col;
+        let xs = dec.x;
+        // SAFETY: `xs` is eight u32; the load is unaligned.
+        let mut x = unsafe { _mm256_loadu_si256(xs.as_ptr().cast()) };
+        let (words, pos) = dec.stream();
+        let luts = t.luts;
+        let one = _mm256_set1_epi32(1);
+        let mut bad = _mm256_setzero_si256();
+
+        // E.
+        let cm = load8(&st.colm, c);
+        let k = _mm256_add_epi32(
+            _mm256_add_epi32(cm, _mm256_add_epi32(cm, cm)),
+            _mm256_set1_epi32(32 + 64 * (16 - 2 * t.e_base)),
+        );
+        let cx = _mm256_srai_epi32::<6>(_mm256_add_epi32(_mm256_set1_epi32(5 * st.a), k));
+        let cx = _mm256_min_epi32(
+            _mm256_max_epi32(cx, _mm256_setzero_si256()),
+            _mm256_set1_epi32(31),
+        );
+        bad = _mm256_or_si256(
+            bad,
+            _mm256_and_si256(
+                _mm256_srlv_epi32(_mm256_set1_epi32(t.e_bad as i32), cx),
+                one,
+            ),
+        );
+        // SAFETY: cx is within 0..=31 and e_idx has 32 entries.
+        let ti = unsafe { _mm256_i32gather_epi32::<4>(t.e_idx.as_ptr().cast(), cx) };
+        // SAFETY: every e_idx is below `t.tables` (`ready`), so its table is inside `luts`.
+        let v = unsafe { step(&mut x, _mm256_slli_epi32::<12>(ti), luts, words, pos) };
+        let e = _mm256_and_si256(v, _mm256_set1_epi32(0xff));
+        let cm = _mm256_add_epi32(
+            cm,
+            _mm256_srai_epi32::<4>(_mm256_sub_epi32(_mm256_slli_epi32::<4>(e), cm)),
+        );
+        store8(&mut st.colm, c, cm);
+        st.a += ((sum8(e) << 4) - 8 * st.a) >> 6;
+
+        // M.
+        // SAFETY: e is within 0..=255, and m_idx and m_bad have 256 entries (`ready`).
+        let (mi, mb) = unsafe {
+            (
+                _mm256_i32gather_epi32::<4>(t.m_idx.as_ptr().cast(), e),
+                _mm256_i32gather_epi32::<4>(t.m_bad.as_ptr().cast(), e),
+            )
+        };
+        bad = _mm256_or_si256(bad, mb);
+        // SAFETY: every m_idx is below `t.tables` (`ready`).
+        let v = unsafe { step(&mut x, _mm256_slli_epi32::<12>(mi), luts, words, pos) };
+        let m = _mm256_and_si256(v, _mm256_set1_epi32(0x7f));
+        let mut val = _mm256_or_si256(
+            _mm256_sll_epi32(e, _mm_cvtsi32_si128(t.mbits as i32)),
+            _mm256_sll_epi32(m, _mm_cvtsi32_si128(t.rb as i32)),
+        );
+
+        // R1, R0 (f32 with low bits).
+        if z < 2 {
+            let r1 = t.r1[z as usize & 1];
+            let r0 = if z == 0 { t.r0 } else { RSrc::Unused };
+            let r1_raw = r1 == RSrc::Raw;
+            let stride = usize::from(r1_raw) + usize::from(r0 == RSrc::Raw);
+            let r1v = match r1 {
+                // SAFETY: i is below `t.tables` (`ready`).
+                RSrc::Coded(i) => unsafe {
+                    step(
+                        &mut x,
+                        _mm256_set1_epi32((i << 12) as i32),
+                        luts,
+                        words,
+                        pos,
+                    )
+                },
+                _ => raw_lanes(t.raw, st.rpos, stride, 0),
+            };
+            val = _mm256_or_si256(
+                val,
+                _mm256_slli_epi32::<8>(_mm256_and_si256(r1v, _mm256_set1_epi32(0xff))),
+            );
+            if z == 0 {
+                let r0v = match r0 {
+                    // SAFETY: as above.
+                    RSrc::Coded(i) => unsafe {
+                        step(
+                            &mut x,
+                            _mm256_set1_epi32((i << 12) as i32),
+                            luts,
+                            words,
+                            pos,
+                        )
+                    },
+                    _ => raw_lanes(t.raw, st.rpos, stride, usize::from(r1_raw)),
+                };
+                val = _mm256_or_si256(val, _mm256_and_si256(r0v, _mm256_set1_epi32(0xff)));
+            }
+            st.rpos += 8 * stride;
+        }
+
+        // S.
+        let top = _mm_cvtsi32_si128(t.l_width as i32 - 1);
+        match t.sign_mode {
+            SIGNS_CODED => {
+                let fast = load8(&st.fast, c);
+                let slow = load8(&st.slow, c);
+                let f1 = _mm256_srai_epi32::<5>(_mm256_add_epi32(fast, slow));
+                let f1 = _mm256_min_epi32(_mm256_max_epi32(f1, one), _mm256_set1_epi32(4095));
+                let f0 = _mm256_sub_epi32(_mm256_set1_epi32(4096), f1);
+                let slot = _mm256_and_si256(x, _mm256_set1_epi32(0xfff));
+                let bit = _mm256_cmpgt_epi32(slot, _mm256_sub_epi32(f0, one));
+                let start = _mm256_and_si256(f0, bit);
+                let freq = _mm256_blendv_epi8(f0, f1, bit);
+                let xn = _mm256_add_epi32(
+                    _mm256_mullo_epi32(freq, _mm256_srli_epi32::<12>(x)),
+                    _mm256_sub_epi32(slot, start),
+                );
+                x = renorm(xn, words, pos);
+                let tgt = _mm256_and_si256(bit, _mm256_set1_epi32(0xffff));
+                let fast =
+                    _mm256_add_epi32(fast, _mm256_srai_epi32::<5>(_mm256_sub_epi32(tgt, fast)));
+                let slow =
+                    _mm256_add_epi32(slow, _mm256_srai_epi32::<8>(_mm256_sub_epi32(tgt, slow)));
+                store8(&mut st.fast, c, fast);
+                store8(&mut st.slow, c, slow);
+                val = _mm256_or_si256(val, _mm256_sll_epi32(_mm256_srli_epi32::<31>(bit), top));
+            }
+            SIGNS_RAW => {
+                let byte = i32::from(t.signs.get(lo >> 3).copied().unwrap_or(0));
+                let lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                let s = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), lanes), lanes);
+                val = _mm256_or_si256(val, _mm256_sll_epi32(_mm256_srli_epi32::<31>(s), top));
+            }
+            _ => {}
+        }
+
+        let mut xs = [0u32; 8];
+        // SAFETY: `xs` is eight u32; the store is unaligned.
+        unsafe { _mm256_storeu_si256(xs.as_mut_ptr().cast(), x) };
+        dec.x = xs;
+        st.bad |= _mm256_testz_si256(bad, bad) == 0;
+        st.col = if c + 8 == t.cols { 0 } else { c + 8 };
+        if let Some(o) = out.first_chunk_mut::<32>() {
+            // SAFETY: 32 writable bytes; the store is unaligned.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), val) };
+        } else if let Some(o) = out.first_chunk_mut::<16>() {
+            let packed = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(val, val));
+            // SAFETY: 16 writable bytes; the store is unaligned.
+            unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), _mm256_castsi256_si128(packed)) };
+        }
+    }
+}
