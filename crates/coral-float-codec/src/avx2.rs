@@ -27,6 +27,63 @@ pub(crate) struct EncGroups<'p> {
     pub width: u32,
 }
 
+/// One group's contexts in the encoder's first pass (eight values in eight columns that do not
+/// wrap): what `float::encode`'s value-by-value loop works out, side by side.
+#[derive(Debug, Default)]
+pub(crate) struct GroupFields {
+    /// Each value's exponent, top mantissa bits and exponent context.
+    pub e: [u32; 8],
+    pub m: [u32; 8],
+    pub cx: [u32; 8],
+    /// The sum of the exponents.
+    pub sum: i32,
+    /// What coding the signs would cost, in 1/65536 bits (0 without sign models).
+    pub sign_cost: u64,
+}
+
+/// The encoder's first pass over a whole group: reads `vals`, moves the columns' means `colm`
+/// (eight, from the group's first column) and, with `signs = Some((fast, slow))`, their sign
+/// models, and writes each value's context to `ctx` and its sign-1 frequency to `sf`. `a` is
+/// the row's mean at the group's start, `costs` the bit costs of `float::BIT_COSTS`. `None`
+/// (nothing changed) when the slices are not eight long or the CPU lacks AVX2.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn contexts(
+    vals: &[u32],
+    colm: &mut [i32],
+    signs: Option<(&mut [i32], &mut [i32])>,
+    a: i32,
+    lay: (u32, u32, u32, i32),
+    costs: &[u32],
+    ctx: &mut [u8],
+    sf: &mut [u16],
+) -> Option<GroupFields> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let vals = vals.first_chunk::<8>()?;
+        let colm = colm.first_chunk_mut::<8>()?;
+        let ctx = ctx.first_chunk_mut::<8>()?;
+        let signs = match signs {
+            Some((f, s)) => Some((
+                f.first_chunk_mut::<8>()?,
+                s.first_chunk_mut::<8>()?,
+                sf.first_chunk_mut::<8>()?,
+            )),
+            None => None,
+        };
+        if costs.len() <= 4096 || !available() {
+            return None;
+        }
+        // SAFETY: the CPU has AVX2 (checked above); every slice is eight long and `costs` has
+        // an entry for every frequency up to 4096.
+        Some(unsafe { imp::contexts(vals, colm, signs, a, lay, costs, ctx) })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (vals, colm, signs, a, lay, costs, ctx, sf);
+        None
+    }
+}
+
 impl EncGroups<'_> {
     /// Whether every table start leaves 256 entries inside `packed` (the gathers read there).
     pub(crate) fn gathers_ok(&self) -> bool {
@@ -385,6 +442,97 @@ mod imp {
         q = _mm256_sub_epi32(q, over);
         r = _mm256_sub_epi32(r, _mm256_and_si256(freq, over));
         *x = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32::<12>(q), r), start);
+    }
+
+    /// The first pass over a group (see [`super::contexts`]); `lay` is (mantissa bits, low
+    /// bits, width, base exponent).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `costs` has at least 4097 entries.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn contexts(
+        vals: &[u32; 8],
+        colm: &mut [i32; 8],
+        signs: Option<(&mut [i32; 8], &mut [i32; 8], &mut [u16; 8])>,
+        a: i32,
+        lay: (u32, u32, u32, i32),
+        costs: &[u32],
+        ctx: &mut [u8; 8],
+    ) -> GroupFields {
+        let (mbits, rb, width, e_base) = lay;
+        // SAFETY: eight u32 / i32 each; the loads are unaligned.
+        let (v, cm) = unsafe {
+            (
+                _mm256_loadu_si256(vals.as_ptr().cast()),
+                _mm256_loadu_si256(colm.as_ptr().cast()),
+            )
+        };
+        let e = _mm256_and_si256(
+            _mm256_srl_epi32(v, _mm_cvtsi32_si128(mbits as i32)),
+            _mm256_set1_epi32(0xff),
+        );
+        let m = _mm256_and_si256(
+            _mm256_srl_epi32(v, _mm_cvtsi32_si128(rb as i32)),
+            _mm256_set1_epi32(0x7f),
+        );
+        let k = _mm256_add_epi32(
+            _mm256_add_epi32(cm, _mm256_add_epi32(cm, cm)),
+            _mm256_set1_epi32(32 + 64 * (16 - 2 * e_base)),
+        );
+        let cx = _mm256_srai_epi32::<6>(_mm256_add_epi32(_mm256_set1_epi32(5 * a), k));
+        let cx = _mm256_min_epi32(
+            _mm256_max_epi32(cx, _mm256_setzero_si256()),
+            _mm256_set1_epi32(31),
+        );
+        let cm = _mm256_add_epi32(
+            cm,
+            _mm256_srai_epi32::<4>(_mm256_sub_epi32(_mm256_slli_epi32::<4>(e), cm)),
+        );
+        let mut f = GroupFields::default();
+        // SAFETY: eight i32 / u32 each; the stores are unaligned.
+        unsafe {
+            _mm256_storeu_si256(colm.as_mut_ptr().cast(), cm);
+            _mm256_storeu_si256(f.e.as_mut_ptr().cast(), e);
+            _mm256_storeu_si256(f.m.as_mut_ptr().cast(), m);
+            _mm256_storeu_si256(f.cx.as_mut_ptr().cast(), cx);
+        }
+        for (c, &x) in ctx.iter_mut().zip(&f.cx) {
+            *c = x as u8;
+        }
+        f.sum = sum8(e);
+        if let Some((fast8, slow8, sf)) = signs {
+            // SAFETY: eight i32 each; the loads are unaligned.
+            let (fast, slow) = unsafe {
+                (
+                    _mm256_loadu_si256(fast8.as_ptr().cast()),
+                    _mm256_loadu_si256(slow8.as_ptr().cast()),
+                )
+            };
+            let one = _mm256_set1_epi32(1);
+            let f1 = _mm256_srai_epi32::<5>(_mm256_add_epi32(fast, slow));
+            let f1 = _mm256_min_epi32(_mm256_max_epi32(f1, one), _mm256_set1_epi32(4095));
+            let bit =
+                _mm256_srai_epi32::<31>(_mm256_sll_epi32(v, _mm_cvtsi32_si128(32 - width as i32)));
+            let fs = _mm256_blendv_epi8(_mm256_sub_epi32(_mm256_set1_epi32(4096), f1), f1, bit);
+            // SAFETY: fs is within 1..=4095 and `costs` has 4097 entries.
+            let cost = unsafe { _mm256_i32gather_epi32::<4>(costs.as_ptr().cast(), fs) };
+            // Each cost is below 2^20: eight of them sum below 2^23.
+            f.sign_cost = u64::from(sum8(cost) as u32);
+            let tgt = _mm256_and_si256(bit, _mm256_set1_epi32(0xffff));
+            let fast = _mm256_add_epi32(fast, _mm256_srai_epi32::<5>(_mm256_sub_epi32(tgt, fast)));
+            let slow = _mm256_add_epi32(slow, _mm256_srai_epi32::<8>(_mm256_sub_epi32(tgt, slow)));
+            let mut f1s = [0u32; 8];
+            // SAFETY: eight i32 / u32 each; the stores are unaligned.
+            unsafe {
+                _mm256_storeu_si256(fast8.as_mut_ptr().cast(), fast);
+                _mm256_storeu_si256(slow8.as_mut_ptr().cast(), slow);
+                _mm256_storeu_si256(f1s.as_mut_ptr().cast(), f1);
+            }
+            for (d, &x) in sf.iter_mut().zip(&f1s) {
+                *d = x as u16;
+            }
+        }
+        f
     }
 
     /// The encoder's group: S, M, E in reverse (see [`EncGroups::put`]).

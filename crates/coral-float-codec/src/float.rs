@@ -514,6 +514,8 @@ pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
 /// the tests check that both ways write the same frame.
 fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bool) {
     let l = Layout::of(kind);
+    // bf16 and f32 (f16's five exponent bits and three low bits go value by value).
+    let simd = simd && l.ebits == 8 && crate::avx2::available();
     let n = data.len() / l.bytes();
     let tail = &data[n * l.bytes()..];
     let ea = l.e_alpha();
@@ -532,16 +534,21 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
     };
 
     // Pass 0: the base exponent (the most common) and the signs.
-    let mut eh = vec![0u64; ea];
+    // Four copies of the exponent counts, by value: a run of equal exponents then adds to
+    // different counters instead of waiting on the last addition.
+    let mut eh4 = vec![0u32; 4 * ea];
     let mut signs = vec![0u8; n.div_ceil(8)];
     for (s, v8) in signs.iter_mut().zip(vals.chunks(8)) {
         let mut byte = 0u8;
         for (j, &v) in v8.iter().enumerate() {
-            eh[l.exp(v) as usize] += 1;
+            eh4[(j & 3) * ea + l.exp(v) as usize] += 1;
             byte |= ((v >> (l.width - 1)) as u8) << j;
         }
         *s = byte;
     }
+    let eh: Vec<u64> = (0..ea)
+        .map(|e| (0..4).map(|q| u64::from(eh4[q * ea + e])).sum())
+        .collect();
     let e_base = (0..ea)
         .max_by_key(|&e| (eh[e], usize::MAX - e))
         .unwrap_or(0);
@@ -566,12 +573,30 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
     let mut a = (e_base as i32) << 4;
     let mut colm = vec![(e_base as i32) << 4; cols];
     // The sign model's frequency of sign 1 for each value, and what coding them would cost.
-    let mut sm = vec![SignModel::START; if any_sign { cols } else { 0 }];
+    let models = if any_sign { cols } else { 0 };
+    let mut sm_fast = vec![SignModel::START.fast; models];
+    let mut sm_slow = vec![SignModel::START.slow; models];
     let mut sf = vec![0u16; if any_sign { n } else { 0 }];
     let costs = &*BIT_COSTS;
     let mut sign_cost = 0u64;
     let mut col = 0usize;
     let sign_shift = l.width - 1;
+    // The low bits of a group in a block that keeps them: a sample of f32's, all of f16's.
+    let mut count_low = |z: u32, gv: &[u32], g_lo: usize| {
+        if sample_low {
+            if g_lo % 16 == 0 {
+                let r = l.rest(gv[0]);
+                h_r1[z as usize * r1a + (r >> 8) as usize] += 1;
+                if z == 0 {
+                    h_r0[(r & 0xff) as usize] += 1;
+                }
+            }
+        } else {
+            for &v in gv {
+                h_r1[l.rest(v) as usize] += 1;
+            }
+        }
+    };
     for (b, level) in levels.iter_mut().enumerate() {
         let (lo, hi) = block(b, n, blocks);
         let z = if blocks {
@@ -587,6 +612,44 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
         for g_lo in (lo..hi).step_by(LANES) {
             let g_hi = (g_lo + LANES).min(hi);
             let gv = &vals[g_lo..g_hi];
+            // A whole group in columns that do not wrap: side by side.
+            if simd && g_hi - g_lo == LANES && col + LANES <= cols {
+                let signs = any_sign.then(|| {
+                    (
+                        &mut sm_fast[col..col + LANES],
+                        &mut sm_slow[col..col + LANES],
+                    )
+                });
+                let lay = (l.mbits, l.rb, l.width, e_base as i32);
+                let sfg = if any_sign {
+                    &mut sf[g_lo..g_hi]
+                } else {
+                    &mut [][..]
+                };
+                if let Some(f) = crate::avx2::contexts(
+                    gv,
+                    &mut colm[col..col + LANES],
+                    signs,
+                    a,
+                    lay,
+                    costs,
+                    &mut ctx[g_lo..g_hi],
+                    sfg,
+                ) {
+                    for k in 0..LANES {
+                        let (e, m, cx) = (f.e[k] as usize, f.m[k] as usize, f.cx[k] as usize);
+                        h_e4[(k & 3) * ectx + cx * ea + e] += 1;
+                        h_me2[((k & 1) << (l.ebits + MT)) + (e << MT) + m] += 1;
+                    }
+                    a = group_mean(a, f.sum, LANES as i32);
+                    sign_cost += f.sign_cost;
+                    col = if col + LANES == cols { 0 } else { col + LANES };
+                    if z < 2 {
+                        count_low(z, gv, g_lo);
+                    }
+                    continue;
+                }
+            }
             let mut sum = 0i32;
             let mut c = col;
             for (k, (slot, &v)) in ctx[g_lo..g_hi].iter_mut().zip(gv).enumerate() {
@@ -609,13 +672,17 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
                 let mut c = col;
                 for (f, &v) in sf[g_lo..g_hi].iter_mut().zip(gv) {
                     let s = v >> sign_shift;
-                    let model = &mut sm[c];
+                    let mut model = SignModel {
+                        fast: sm_fast[c],
+                        slow: sm_slow[c],
+                    };
                     let f1 = model.f1();
                     *f = f1 as u16;
                     // f1 for sign 1, PROB_SCALE - f1 for sign 0, without a branch.
                     let fs = (PROB_SCALE - f1) ^ ((f1 ^ (PROB_SCALE - f1)) & s.wrapping_neg());
                     sign_cost += u64::from(costs[fs as usize]);
                     model.update(s);
+                    (sm_fast[c], sm_slow[c]) = (model.fast, model.slow);
                     c += 1;
                     if c == cols {
                         c = 0;
@@ -624,19 +691,7 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
             }
             col = c;
             if z < 2 {
-                if sample_low {
-                    if g_lo % 16 == 0 {
-                        let r = l.rest(gv[0]);
-                        h_r1[z as usize * r1a + (r >> 8) as usize] += 1;
-                        if z == 0 {
-                            h_r0[(r & 0xff) as usize] += 1;
-                        }
-                    }
-                } else {
-                    for &v in gv {
-                        h_r1[l.rest(v) as usize] += 1;
-                    }
-                }
+                count_low(z, gv, g_lo);
             }
         }
     }
@@ -817,7 +872,13 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
             let (lo, hi) = block(b, n, blocks);
             let vals = &vals[lo..hi];
             match (r1_raw[z as usize], z == 0 && r0_raw) {
-                (true, true) => raw.extend(vals.iter().flat_map(|&v| [(v >> 8) as u8, v as u8])),
+                (true, true) => {
+                    let at = raw.len();
+                    raw.resize(at + 2 * vals.len(), 0);
+                    for (o, &v) in raw[at..].chunks_exact_mut(2).zip(vals) {
+                        o.copy_from_slice(&(v as u16).to_be_bytes());
+                    }
+                }
                 (true, false) => raw.extend(vals.iter().map(|&v| (v >> 8) as u8)),
                 (false, true) => raw.extend(vals.iter().map(|&v| v as u8)),
                 (false, false) => {}
@@ -841,7 +902,6 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
         (0..ea).map(|e| code(slots.m(m_map[e] as usize))).collect();
     // For the AVX2 groups: every coded table as `start | freq << 16` a symbol, 256 entries
     // each (table 0 all zeros, for contexts no value has), and where each context's starts.
-    let simd = simd && l.ebits == 8 && crate::avx2::available();
     let mut packed = vec![0u32; if simd { 256 } else { 0 }];
     let mut at = vec![0u32; codes.len()];
     if simd {
