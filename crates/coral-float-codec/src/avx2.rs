@@ -1,15 +1,22 @@
-//! The lanes loop of version 4 frames with AVX2: a group's eight values decoded side by side,
-//! one 32-bit lane per value (`float::group_scalar` is the same steps, value by value, and the
-//! reference: `tests/roundtrip.rs` decodes every frame both ways).
+//! The lanes of version 4 frames with AVX2: a group's eight values coded and decoded side by
+//! side, one 32-bit lane per value. The value-by-value steps in `float` are the reference: the
+//! unit test `the_lanes_code_alike_with_and_without_avx2` checks that both write the same
+//! frames and read them alike.
 //!
-//! Each step gathers the eight values' table entries, updates the eight rANS states with one
-//! multiplication, and renormalises them from the shared word stream: the lanes that need a word
-//! take the next ones in lane order (a permutation chosen by the mask of those lanes), exactly
-//! as the scalar loop reads them one lane after the other.
+//! Decoding, each step gathers the eight values' table entries, updates the eight rANS states
+//! with one multiplication, and renormalises them from the shared word stream: the lanes that
+//! need a word take the next ones in lane order (a permutation chosen by the mask of those
+//! lanes), exactly as the scalar loop reads them one lane after the other. Encoding runs the
+//! same steps backwards, storing the word of every lane that emits one in the order the scalar
+//! encoder would (from the last lane to the first), and takes the encoder's first pass
+//! (contexts, column means, sign models) side by side too.
 //!
-//! A group takes this path when it has eight values in eight distinct columns that do not wrap
-//! around the row, its low bits (f32) are coded or raw, and the stream holds the most the group
-//! can read; anything else goes value by value.
+//! A group takes these paths when it has eight values in eight distinct columns that do not
+//! wrap around the row, its low bits (f32) are raw (or, decoding, coded), and the buffers hold
+//! the most the group can read or write; anything else goes value by value.
+//!
+//! Written with `std::arch` intrinsics: the gathers and the mask-driven permutations that make
+//! the lanes read one stream are not in a portable SIMD crate.
 
 use crate::float::{LaneState, Lanes, RSrc};
 use crate::rans::{Decoder, Encoder};
@@ -19,12 +26,15 @@ use crate::rans::{Decoder, Encoder};
 /// exponent's mantissa table starts.
 #[derive(Debug)]
 pub(crate) struct EncGroups<'p> {
-    pub packed: &'p [u32],
-    pub e_at: [u32; 32],
-    pub m_at: &'p [u32],
-    pub mbits: u32,
-    pub rb: u32,
-    pub width: u32,
+    packed: &'p [u32],
+    e_at: [u32; 32],
+    m_at: &'p [u32],
+    mbits: u32,
+    rb: u32,
+    width: u32,
+    /// The CPU has AVX2 and every table start leaves 256 entries inside `packed` (the gathers
+    /// read there): checked once, in [`EncGroups::new`].
+    ok: bool,
 }
 
 /// One group's contexts in the encoder's first pass (eight values in eight columns that do not
@@ -84,15 +94,36 @@ pub(crate) fn contexts(
     }
 }
 
-impl EncGroups<'_> {
-    /// Whether every table start leaves 256 entries inside `packed` (the gathers read there).
-    pub(crate) fn gathers_ok(&self) -> bool {
-        self.m_at.len() == 256
-            && self.e_at.iter().chain(self.m_at).all(|&a| {
+impl<'p> EncGroups<'p> {
+    /// The groups of a frame of `width`-bit values with `mbits` mantissa bits, `rb` of them
+    /// below the top seven.
+    pub(crate) fn new(
+        packed: &'p [u32],
+        e_at: [u32; 32],
+        m_at: &'p [u32],
+        (mbits, rb, width): (u32, u32, u32),
+    ) -> Self {
+        let ok = available()
+            && m_at.len() == 256
+            && e_at.iter().chain(m_at).all(|&a| {
                 (a as usize)
                     .checked_add(256)
-                    .is_some_and(|end| end <= self.packed.len())
-            })
+                    .is_some_and(|end| end <= packed.len())
+            });
+        EncGroups {
+            packed,
+            e_at,
+            m_at,
+            mbits,
+            rb,
+            width,
+            ok,
+        }
+    }
+
+    /// Whether [`EncGroups::put`] can take groups at all.
+    pub(crate) fn usable(&self) -> bool {
+        self.ok
     }
 
     /// Puts a whole group of eight values (`vals`, their exponent contexts `ctx`, and their
@@ -120,15 +151,15 @@ impl EncGroups<'_> {
             };
             let (_, words, len) = enc.lanes();
             // Three steps of at most eight words, each stored as eight.
-            if len
-                .checked_add(3 * 8 + 8)
-                .is_none_or(|end| end > words.len())
-                || !available()
+            if !self.ok
+                || len
+                    .checked_add(3 * 8 + 8)
+                    .is_none_or(|end| end > words.len())
             {
                 return false;
             }
-            // SAFETY: the CPU has AVX2 (checked above), the group is whole, the words fit, and
-            // the caller checked `gathers_ok`.
+            // SAFETY: the CPU has AVX2 and the tables are inside `packed` (`self.ok`), the group
+            // is whole and the words fit (checked above).
             unsafe { imp::put(self, enc, vals, ctx, sf) };
             true
         }
@@ -167,8 +198,8 @@ pub(crate) fn group(
         if !ready(t, st, dec, out, z) {
             return false;
         }
-        // SAFETY: the caller checked `available()` (`Lanes::simd`); `ready` checked every bound
-        // the steps rely on.
+        // SAFETY: `ready` checked that the CPU has AVX2 (`Lanes::simd`) and every bound the
+        // steps rely on.
         unsafe { imp::group(t, st, dec, out, lo, z) };
         true
     }
@@ -209,7 +240,8 @@ fn ready(t: &Lanes<'_>, st: &LaneState, dec: &mut Decoder<'_>, out: &[u8], z: u3
                 .checked_add(16)
                 .is_some_and(|end| raw == 0 || end <= t.raw.len())
     };
-    out.len() == 8 * bytes
+    t.simd
+        && out.len() == 8 * bytes
         && (bytes == 2 || bytes == 4)
         && words_ok
         && cols_ok
@@ -538,7 +570,7 @@ mod imp {
     /// The encoder's group: S, M, E in reverse (see [`EncGroups::put`]).
     ///
     /// # Safety
-    /// The CPU has AVX2; `g.gathers_ok()`; the encoder's word buffer has room for 32 more words.
+    /// `g.ok`; the encoder's word buffer has room for 32 more words.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn put(
         g: &EncGroups<'_>,

@@ -915,15 +915,8 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
     }
     let e_at: [u32; E_CTX_FULL] = std::array::from_fn(|c| at[slots.e(e_map[c] as usize)]);
     let m_at: Vec<u32> = (0..ea).map(|e| at[slots.m(m_map[e] as usize)]).collect();
-    let groups = crate::avx2::EncGroups {
-        packed: &packed,
-        e_at,
-        m_at: &m_at,
-        mbits: l.mbits,
-        rb: l.rb,
-        width: l.width,
-    };
-    let simd = simd && groups.gathers_ok();
+    let groups = crate::avx2::EncGroups::new(&packed, e_at, &m_at, (l.mbits, l.rb, l.width));
+    let simd = simd && groups.usable();
     for g in (0..n.div_ceil(LANES)).rev() {
         let lo = g * LANES;
         let hi = (lo + LANES).min(n);
