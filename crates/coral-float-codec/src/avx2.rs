@@ -406,6 +406,32 @@ mod imp {
         _mm256_cvtepu8_epi32(_mm_shuffle_epi8(b, pick))
     }
 
+    /// One low-bits field of the group: coded with slot `r`'s table, or the raw bytes at `o` in
+    /// each value's `stride` of them from `rpos`.
+    ///
+    /// # Safety
+    /// A coded `r`'s table is inside `t.luts`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    unsafe fn low_lanes(
+        t: &Lanes<'_>,
+        r: RSrc,
+        o: usize,
+        stride: usize,
+        rpos: usize,
+        x: &mut __m256i,
+        words: &[u8],
+        pos: &mut usize,
+    ) -> __m256i {
+        match r {
+            // SAFETY: the caller's bound.
+            RSrc::Coded(i) => unsafe {
+                step(x, _mm256_set1_epi32((i << 12) as i32), t.luts, words, pos)
+            },
+            _ => raw_lanes(t.raw, rpos, stride, o),
+        }
+    }
+
     /// The sum of the eight lanes.
     #[target_feature(enable = "avx2")]
     fn sum8(v: __m256i) -> i32 {
@@ -713,37 +739,16 @@ mod imp {
             let r0 = if z == 0 { t.r0 } else { RSrc::Unused };
             let r1_raw = r1 == RSrc::Raw;
             let stride = usize::from(r1_raw) + usize::from(r0 == RSrc::Raw);
-            let r1v = match r1 {
-                // SAFETY: i is below `t.tables` (`ready`).
-                RSrc::Coded(i) => unsafe {
-                    step(
-                        &mut x,
-                        _mm256_set1_epi32((i << 12) as i32),
-                        luts,
-                        words,
-                        pos,
-                    )
-                },
-                _ => raw_lanes(t.raw, st.rpos, stride, 0),
-            };
+            // SAFETY: the coded slots' tables are below `t.tables` (`ready`).
+            let r1v = unsafe { low_lanes(t, r1, 0, stride, st.rpos, &mut x, words, pos) };
             val = _mm256_or_si256(
                 val,
                 _mm256_slli_epi32::<8>(_mm256_and_si256(r1v, _mm256_set1_epi32(0xff))),
             );
             if z == 0 {
-                let r0v = match r0 {
-                    // SAFETY: as above.
-                    RSrc::Coded(i) => unsafe {
-                        step(
-                            &mut x,
-                            _mm256_set1_epi32((i << 12) as i32),
-                            luts,
-                            words,
-                            pos,
-                        )
-                    },
-                    _ => raw_lanes(t.raw, st.rpos, stride, usize::from(r1_raw)),
-                };
+                let o = usize::from(r1_raw);
+                // SAFETY: as above.
+                let r0v = unsafe { low_lanes(t, r0, o, stride, st.rpos, &mut x, words, pos) };
                 val = _mm256_or_si256(val, _mm256_and_si256(r0v, _mm256_set1_epi32(0xff)));
             }
             st.rpos += 8 * stride;

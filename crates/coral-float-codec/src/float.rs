@@ -190,8 +190,9 @@ mod ctx_tests {
     }
 
     /// Values like weights, with specials and low-precision stretches; with `lean`, each
-    /// column of rows of `lean` values keeps one sign nine times in ten (coded signs).
-    fn sample(kind: Kind, n: usize, seed: u64, lean: usize) -> Vec<u8> {
+    /// column of rows of `lean` values keeps one sign nine times in ten (coded signs); with
+    /// `few_low`, f32 low bits take four values (coded low bytes).
+    fn sample(kind: Kind, n: usize, seed: u64, lean: usize, few_low: bool) -> Vec<u8> {
         let mut s = seed | 1;
         let mut next = move || {
             s ^= s << 13;
@@ -215,6 +216,10 @@ mod ctx_tests {
                     3 => 1,
                     _ => g.to_bits(),
                 };
+                if few_low {
+                    bits = bits & 0xffff_0000
+                        | [0x1234, 0x8001, 0x00ff, 0x4000][(r >> 40) as usize % 4];
+                }
                 if (i / 1000) % 3 == 1 {
                     bits &= 0xffff_ff00;
                 }
@@ -229,7 +234,7 @@ mod ctx_tests {
     #[test]
     fn the_lanes_code_alike_with_and_without_avx2() {
         for kind in [Kind::Bf16, Kind::F32, Kind::F16] {
-            let mut coded_signs = 0;
+            let (mut coded_signs, mut coded_low) = (0, 0);
             for (n, cols) in [
                 (5000, 1),
                 (4999, 7),
@@ -239,8 +244,13 @@ mod ctx_tests {
                 (777, 13),
                 (64, 64),
             ] {
-                for (seed, lean) in [(1u64, 0), (2, 0), (3, cols), (4, cols)] {
-                    let data = sample(kind, n, seed ^ cols as u64, lean);
+                for (seed, lean, few_low) in [
+                    (1u64, 0, false),
+                    (2, 0, true),
+                    (3, cols, false),
+                    (4, cols, true),
+                ] {
+                    let data = sample(kind, n, seed ^ cols as u64, lean, few_low);
                     let mut frame = Vec::new();
                     crate::encode_rows(kind, &data, cols, &mut frame).unwrap();
                     if frame[3] != 1 {
@@ -250,6 +260,17 @@ mod ctx_tests {
                     // The table header's signs mode: bits 17 and 18 of its bit stream.
                     let hdr = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
                     coded_signs += usize::from((hdr >> 17) & 3 == SIGNS_CODED);
+                    // A frame whose raw part is shorter than a byte a value codes low bytes.
+                    let hlen = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
+                    let signs = if (hdr >> 17) & 3 == SIGNS_RAW {
+                        n.div_ceil(8)
+                    } else {
+                        0
+                    };
+                    let at = 4 + hlen + signs;
+                    let rlen =
+                        u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+                    coded_low += usize::from((rlen as usize) < n);
                     // The encoder writes the same frame value by value.
                     let mut scalar = frame[..crate::HEADER_BYTES].to_vec();
                     encode_with(kind, &data, cols.min(n), &mut scalar, false);
@@ -276,6 +297,9 @@ mod ctx_tests {
                 coded_signs >= 4,
                 "{kind:?}: {coded_signs} frames code their signs"
             );
+            if kind == Kind::F32 {
+                assert!(coded_low >= 4, "{coded_low} frames code their low bytes");
+            }
         }
     }
 
@@ -1598,35 +1622,24 @@ fn group_scalar(
         } else {
             (0, (1 << t.rb) - 1)
         };
-        match r1 {
+        // Each field coded, or raw bytes at `o` in each value's `stride` of them.
+        let mut field = |r: RSrc, o: usize, shift: u32, mask: u32, v: &mut [u32]| match r {
             RSrc::Coded(i) => {
                 let l = lut(i, &mut st.bad);
-                for (k, v) in v.iter_mut().enumerate().take(cnt) {
+                for (k, v) in v.iter_mut().enumerate() {
                     *v |= (dec.get(k, l) & mask) << shift;
                 }
             }
             RSrc::Raw => {
-                for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                    *v |= at(k, 0) << shift;
+                for (k, v) in v.iter_mut().enumerate() {
+                    *v |= at(k, o) << shift;
                 }
             }
             RSrc::Unused => st.bad = true,
-        }
+        };
+        field(r1, 0, shift, mask, &mut v[..cnt]);
         if z == 0 && t.two_bytes {
-            match r0 {
-                RSrc::Coded(i) => {
-                    let l = lut(i, &mut st.bad);
-                    for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                        *v |= dec.get(k, l) & 0xff;
-                    }
-                }
-                RSrc::Raw => {
-                    for (k, v) in v.iter_mut().enumerate().take(cnt) {
-                        *v |= at(k, usize::from(r1_raw));
-                    }
-                }
-                RSrc::Unused => st.bad = true,
-            }
+            field(r0, usize::from(r1_raw), 0, 0xff, &mut v[..cnt]);
         }
         st.rpos += cnt * stride;
     }
