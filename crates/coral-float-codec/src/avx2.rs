@@ -25,6 +25,7 @@ use crate::rans::{Decoder, Encoder};
 /// `start | freq << 16` a symbol (256 entries each), and where each exponent context's and each
 /// exponent's mantissa table starts.
 #[derive(Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct EncGroups<'p> {
     packed: &'p [u32],
     e_at: [u32; 32],
@@ -211,6 +212,7 @@ pub(crate) fn group(
 }
 
 /// Words a group reads at most: one per lane for each of E, M, R1, R0 and S.
+#[cfg(target_arch = "x86_64")]
 const MOST_WORDS: usize = 5 * 8;
 
 /// Whether the group can take the AVX2 steps.

@@ -328,6 +328,7 @@ impl Encoder {
 
     /// The states, the word buffer and the count of words written in it, for an encoder that
     /// runs the lanes side by side (`crate::avx2`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn lanes(&mut self) -> (&mut [u32; LANES], &mut [u16], &mut usize) {
         (&mut self.x, &mut self.words, &mut self.len)
     }
@@ -369,6 +370,7 @@ impl<'a> Decoder<'a> {
 
     /// The word stream and the position of the next word, for a decoder that runs the lanes
     /// side by side (`crate::avx2`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn stream(&mut self) -> (&'a [u8], &mut usize) {
         (self.words, &mut self.pos)
     }
