@@ -254,7 +254,7 @@ const fn rcp(f: u32) -> u64 {
 
 impl EncSymbol {
     /// The symbol's start and frequency, packed as `start | freq << 16` (what
-    /// `crate::avx2::encode_group` gathers).
+    /// `crate::avx2::EncGroups::put` gathers).
     pub(crate) fn packed(&self) -> u32 {
         self.start | self.freq << 16
     }
