@@ -18,7 +18,7 @@
 //! Written with `std::arch` intrinsics: the gathers and the mask-driven permutations that make
 //! the lanes read one stream are not in a portable SIMD crate.
 
-use crate::float::{LaneState, Lanes, RSrc};
+use crate::float::{LaneState, Lanes, Layout, RSrc};
 use crate::rans::{Decoder, Encoder};
 
 /// What the encoder's AVX2 groups read, fixed for a frame: every coded table as
@@ -30,9 +30,7 @@ pub(crate) struct EncGroups<'p> {
     packed: &'p [u32],
     e_at: [u32; 32],
     m_at: &'p [u32],
-    mbits: u32,
-    rb: u32,
-    width: u32,
+    l: Layout,
     /// The CPU has AVX2 and every table start leaves 256 entries inside `packed` (the gathers
     /// read there): checked once, in [`EncGroups::new`].
     ok: bool,
@@ -55,7 +53,8 @@ pub(crate) struct GroupFields {
 /// The encoder's first pass over a whole group: reads `vals`, moves the columns' means `colm`
 /// (eight, from the group's first column) and, with `signs = Some((fast, slow))`, their sign
 /// models, and writes each value's context to `ctx` and its sign-1 frequency to `sf`. `a` is
-/// the row's mean at the group's start, `costs` the bit costs of `float::BIT_COSTS`. `None`
+/// the row's mean at the group's start, `lay` the values' layout and the frame's base exponent,
+/// `costs` the bit costs of `float::BIT_COSTS`. `None`
 /// (nothing changed) when the slices are not eight long or the CPU lacks AVX2.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn contexts(
@@ -63,7 +62,7 @@ pub(crate) fn contexts(
     colm: &mut [i32],
     signs: Option<(&mut [i32], &mut [i32])>,
     a: i32,
-    lay: (u32, u32, u32, i32),
+    lay: (Layout, i32),
     costs: &[u32],
     ctx: &mut [u8],
     sf: &mut [u16],
@@ -96,14 +95,8 @@ pub(crate) fn contexts(
 }
 
 impl<'p> EncGroups<'p> {
-    /// The groups of a frame of `width`-bit values with `mbits` mantissa bits, `rb` of them
-    /// below the top seven.
-    pub(crate) fn new(
-        packed: &'p [u32],
-        e_at: [u32; 32],
-        m_at: &'p [u32],
-        (mbits, rb, width): (u32, u32, u32),
-    ) -> Self {
+    /// The groups of a frame of values laid out as `l`.
+    pub(crate) fn new(packed: &'p [u32], e_at: [u32; 32], m_at: &'p [u32], l: Layout) -> Self {
         let ok = available()
             && m_at.len() == 256
             && e_at.iter().chain(m_at).all(|&a| {
@@ -115,9 +108,7 @@ impl<'p> EncGroups<'p> {
             packed,
             e_at,
             m_at,
-            mbits,
-            rb,
-            width,
+            l,
             ok,
         }
     }
@@ -199,8 +190,8 @@ pub(crate) fn group(
         if !ready(t, st, dec, out, z) {
             return false;
         }
-        // SAFETY: `ready` checked that the CPU has AVX2 (`Lanes::simd`) and every bound the
-        // steps rely on.
+        // SAFETY: `ready` checked `Lanes::simd` (the CPU has AVX2, the tables are inside the
+        // lookups: `frame_fits`) and every bound the steps rely on.
         unsafe { imp::group(t, st, dec, out, lo, z) };
         true
     }
@@ -218,7 +209,7 @@ const MOST_WORDS: usize = 5 * 8;
 /// Whether the group can take the AVX2 steps.
 #[cfg(target_arch = "x86_64")]
 fn ready(t: &Lanes<'_>, st: &LaneState, dec: &mut Decoder<'_>, out: &[u8], z: u32) -> bool {
-    let bytes = (t.l_width / 8) as usize;
+    let bytes = t.l.bytes();
     let (words, pos) = dec.stream();
     // Every read of 16 bytes at the position stays inside the stream.
     let words_ok = pos
@@ -234,7 +225,7 @@ fn ready(t: &Lanes<'_>, st: &LaneState, dec: &mut Decoder<'_>, out: &[u8], z: u3
         let r0 = if z == 0 { t.r0 } else { RSrc::Unused };
         let used = |r: RSrc| r != RSrc::Unused;
         let raw = usize::from(r1 == RSrc::Raw) + usize::from(r0 == RSrc::Raw);
-        t.two_bytes
+        t.l.two_bytes()
             && used(r1)
             && (z == 1 || used(r0))
             && st
@@ -249,31 +240,93 @@ fn ready(t: &Lanes<'_>, st: &LaneState, dec: &mut Decoder<'_>, out: &[u8], z: u3
         && cols_ok
         && signs_ok
         && low_ok
-        && t.gathers_ok
         && st.colm.len() == t.cols
 }
 
-/// Whether every table index of `t` points inside its lookups, and the exponent tables have
-/// 256 entries (the gathers read there): checked once a frame, for `Lanes::gathers_ok`.
-pub(crate) fn gathers_ok(t: &Lanes<'_>) -> bool {
-    t.e_idx
-        .iter()
-        .chain(&t.m_idx)
-        .all(|&i| (i as usize) < t.tables)
+/// Whether the CPU has AVX2 and the frame suits [`group`]: eight exponent bits (256 entries
+/// in the exponents' tables) and every table index inside the lookups (the gathers read
+/// there). Checked once a frame, for `Lanes::simd`.
+pub(crate) fn frame_fits(t: &Lanes<'_>) -> bool {
+    let tables = t.tables();
+    available()
+        && t.l.ebits == 8
+        && t.e_idx
+            .iter()
+            .chain(&t.m_idx)
+            .all(|&i| (i as usize) < tables)
         && [t.r1[0], t.r1[1], t.r0]
             .iter()
-            .all(|r| !matches!(r, RSrc::Coded(i) if *i as usize >= t.tables))
+            .all(|r| !matches!(r, RSrc::Coded(i) if *i as usize >= tables))
         && t.m_idx.len() == 256
         && t.m_bad.len() == 256
-        && t.emask == 255
-        && t.luts.len() >= t.tables * 4096
 }
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use super::*;
-    use crate::float::{SIGNS_CODED, SIGNS_RAW};
+    use crate::float::{col_term, group_mean, SIGNS_CODED, SIGNS_RAW};
     use std::arch::x86_64::*;
+
+    /// Each lane's exponent and top seven mantissa bits (`Layout::exp`, `Layout::man`).
+    #[target_feature(enable = "avx2")]
+    fn fields(v: __m256i, l: Layout) -> (__m256i, __m256i) {
+        let e = _mm256_srl_epi32(v, _mm_cvtsi32_si128(l.mbits as i32));
+        let m = _mm256_srl_epi32(v, _mm_cvtsi32_si128(l.rb as i32));
+        (
+            _mm256_and_si256(e, _mm256_set1_epi32(0xff)),
+            _mm256_and_si256(m, _mm256_set1_epi32(0x7f)),
+        )
+    }
+
+    /// Each lane's sign, as all ones or zero.
+    #[target_feature(enable = "avx2")]
+    fn sign_lanes(v: __m256i, l: Layout) -> __m256i {
+        _mm256_srai_epi32::<31>(_mm256_sll_epi32(v, _mm_cvtsi32_si128(32 - l.width as i32)))
+    }
+
+    /// Each lane's exponent context from its column's mean `cm` and the row's mean `a`
+    /// (`float::e_ctx_v2` of `float::col_term`).
+    #[target_feature(enable = "avx2")]
+    fn exp_ctx(cm: __m256i, a: i32, e_base: i32) -> __m256i {
+        let k = _mm256_add_epi32(
+            _mm256_add_epi32(cm, _mm256_add_epi32(cm, cm)),
+            _mm256_set1_epi32(col_term(0, e_base)),
+        );
+        let cx = _mm256_srai_epi32::<6>(_mm256_add_epi32(_mm256_set1_epi32(5 * a), k));
+        _mm256_min_epi32(
+            _mm256_max_epi32(cx, _mm256_setzero_si256()),
+            _mm256_set1_epi32(31),
+        )
+    }
+
+    /// The columns' means moved towards exponents `e` (`float::col_ema`).
+    #[target_feature(enable = "avx2")]
+    fn col_moved(cm: __m256i, e: __m256i) -> __m256i {
+        _mm256_add_epi32(
+            cm,
+            _mm256_srai_epi32::<4>(_mm256_sub_epi32(_mm256_slli_epi32::<4>(e), cm)),
+        )
+    }
+
+    /// The sign models' frequencies of sign 1 (`SignModel::f1`).
+    #[target_feature(enable = "avx2")]
+    fn sign_f1(fast: __m256i, slow: __m256i) -> __m256i {
+        let f1 = _mm256_srai_epi32::<5>(_mm256_add_epi32(fast, slow));
+        _mm256_min_epi32(
+            _mm256_max_epi32(f1, _mm256_set1_epi32(1)),
+            _mm256_set1_epi32(4095),
+        )
+    }
+
+    /// The sign models moved towards signs `bit` (all ones or zero; `SignModel::update`).
+    #[target_feature(enable = "avx2")]
+    fn signs_moved(fast: __m256i, slow: __m256i, bit: __m256i) -> (__m256i, __m256i) {
+        let tgt = _mm256_and_si256(bit, _mm256_set1_epi32(0xffff));
+        (
+            _mm256_add_epi32(fast, _mm256_srai_epi32::<5>(_mm256_sub_epi32(tgt, fast))),
+            _mm256_add_epi32(slow, _mm256_srai_epi32::<8>(_mm256_sub_epi32(tgt, slow))),
+        )
+    }
 
     /// For each mask of the lanes that need a word, the index of each such lane's word among
     /// the next eight: the number of needing lanes before it.
@@ -504,8 +557,7 @@ mod imp {
         *x = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32::<12>(q), r), start);
     }
 
-    /// The first pass over a group (see [`super::contexts`]); `lay` is (mantissa bits, low
-    /// bits, width, base exponent).
+    /// The first pass over a group (see [`super::contexts`]).
     ///
     /// # Safety
     /// The CPU has AVX2; `costs` has at least 4097 entries.
@@ -515,11 +567,10 @@ mod imp {
         colm: &mut [i32; 8],
         signs: Option<(&mut [i32; 8], &mut [i32; 8], &mut [u16; 8])>,
         a: i32,
-        lay: (u32, u32, u32, i32),
+        (l, e_base): (Layout, i32),
         costs: &[u32],
         ctx: &mut [u8; 8],
     ) -> GroupFields {
-        let (mbits, rb, width, e_base) = lay;
         // SAFETY: eight u32 / i32 each; the loads are unaligned.
         let (v, cm) = unsafe {
             (
@@ -527,27 +578,9 @@ mod imp {
                 _mm256_loadu_si256(colm.as_ptr().cast()),
             )
         };
-        let e = _mm256_and_si256(
-            _mm256_srl_epi32(v, _mm_cvtsi32_si128(mbits as i32)),
-            _mm256_set1_epi32(0xff),
-        );
-        let m = _mm256_and_si256(
-            _mm256_srl_epi32(v, _mm_cvtsi32_si128(rb as i32)),
-            _mm256_set1_epi32(0x7f),
-        );
-        let k = _mm256_add_epi32(
-            _mm256_add_epi32(cm, _mm256_add_epi32(cm, cm)),
-            _mm256_set1_epi32(32 + 64 * (16 - 2 * e_base)),
-        );
-        let cx = _mm256_srai_epi32::<6>(_mm256_add_epi32(_mm256_set1_epi32(5 * a), k));
-        let cx = _mm256_min_epi32(
-            _mm256_max_epi32(cx, _mm256_setzero_si256()),
-            _mm256_set1_epi32(31),
-        );
-        let cm = _mm256_add_epi32(
-            cm,
-            _mm256_srai_epi32::<4>(_mm256_sub_epi32(_mm256_slli_epi32::<4>(e), cm)),
-        );
+        let (e, m) = fields(v, l);
+        let cx = exp_ctx(cm, a, e_base);
+        let cm = col_moved(cm, e);
         let mut f = GroupFields::default();
         // SAFETY: eight i32 / u32 each; the stores are unaligned.
         unsafe {
@@ -568,19 +601,14 @@ mod imp {
                     _mm256_loadu_si256(slow8.as_ptr().cast()),
                 )
             };
-            let one = _mm256_set1_epi32(1);
-            let f1 = _mm256_srai_epi32::<5>(_mm256_add_epi32(fast, slow));
-            let f1 = _mm256_min_epi32(_mm256_max_epi32(f1, one), _mm256_set1_epi32(4095));
-            let bit =
-                _mm256_srai_epi32::<31>(_mm256_sll_epi32(v, _mm_cvtsi32_si128(32 - width as i32)));
+            let f1 = sign_f1(fast, slow);
+            let bit = sign_lanes(v, l);
             let fs = _mm256_blendv_epi8(_mm256_sub_epi32(_mm256_set1_epi32(4096), f1), f1, bit);
             // SAFETY: fs is within 1..=4095 and `costs` has 4097 entries.
             let cost = unsafe { _mm256_i32gather_epi32::<4>(costs.as_ptr().cast(), fs) };
             // Each cost is below 2^20: eight of them sum below 2^23.
             f.sign_cost = u64::from(sum8(cost) as u32);
-            let tgt = _mm256_and_si256(bit, _mm256_set1_epi32(0xffff));
-            let fast = _mm256_add_epi32(fast, _mm256_srai_epi32::<5>(_mm256_sub_epi32(tgt, fast)));
-            let slow = _mm256_add_epi32(slow, _mm256_srai_epi32::<8>(_mm256_sub_epi32(tgt, slow)));
+            let (fast, slow) = signs_moved(fast, slow, bit);
             let mut f1s = [0u32; 8];
             // SAFETY: eight i32 / u32 each; the stores are unaligned.
             unsafe {
@@ -619,10 +647,7 @@ mod imp {
             // SAFETY: eight u16; the load is unaligned.
             let f1 = _mm256_cvtepu16_epi32(unsafe { _mm_loadu_si128(sf.as_ptr().cast()) });
             let f0 = _mm256_sub_epi32(_mm256_set1_epi32(4096), f1);
-            let bit = _mm256_srai_epi32::<31>(_mm256_sll_epi32(
-                v,
-                _mm_cvtsi32_si128(32 - g.width as i32),
-            ));
+            let bit = sign_lanes(v, g.l);
             // Sign 1: start f0, frequency f1; sign 0: start 0, frequency f0.
             let start = _mm256_and_si256(f0, bit);
             let freq = _mm256_blendv_epi8(f0, f1, bit);
@@ -633,16 +658,9 @@ mod imp {
                 len,
             );
         }
-        let e = _mm256_and_si256(
-            _mm256_srl_epi32(v, _mm_cvtsi32_si128(g.mbits as i32)),
-            _mm256_set1_epi32(0xff),
-        );
-        let m = _mm256_and_si256(
-            _mm256_srl_epi32(v, _mm_cvtsi32_si128(g.rb as i32)),
-            _mm256_set1_epi32(0x7f),
-        );
+        let (e, m) = fields(v, g.l);
         // SAFETY: e <= 255 and m_at has 256 entries; every table start leaves 256 entries
-        // inside `packed` (`gathers_ok`), and m <= 127.
+        // inside `packed` (`g.ok`), and m <= 127.
         let fs = unsafe {
             let at = _mm256_i32gather_epi32::<4>(g.m_at.as_ptr().cast(), e);
             _mm256_i32gather_epi32::<4>(g.packed.as_ptr().cast(), _mm256_add_epi32(at, m))
@@ -690,15 +708,7 @@ mod imp {
 
         // E.
         let cm = load8(&st.colm, c);
-        let k = _mm256_add_epi32(
-            _mm256_add_epi32(cm, _mm256_add_epi32(cm, cm)),
-            _mm256_set1_epi32(32 + 64 * (16 - 2 * t.e_base)),
-        );
-        let cx = _mm256_srai_epi32::<6>(_mm256_add_epi32(_mm256_set1_epi32(5 * st.a), k));
-        let cx = _mm256_min_epi32(
-            _mm256_max_epi32(cx, _mm256_setzero_si256()),
-            _mm256_set1_epi32(31),
-        );
+        let cx = exp_ctx(cm, st.a, t.e_base);
         bad = _mm256_or_si256(
             bad,
             _mm256_and_si256(
@@ -711,12 +721,8 @@ mod imp {
         // SAFETY: every e_idx is below `t.tables` (`ready`), so its table is inside `luts`.
         let v = unsafe { step(&mut x, _mm256_slli_epi32::<12>(ti), luts, words, pos) };
         let e = _mm256_and_si256(v, _mm256_set1_epi32(0xff));
-        let cm = _mm256_add_epi32(
-            cm,
-            _mm256_srai_epi32::<4>(_mm256_sub_epi32(_mm256_slli_epi32::<4>(e), cm)),
-        );
-        store8(&mut st.colm, c, cm);
-        st.a += ((sum8(e) << 4) - 8 * st.a) >> 6;
+        store8(&mut st.colm, c, col_moved(cm, e));
+        st.a = group_mean(st.a, sum8(e), 8);
 
         // M.
         // SAFETY: e is within 0..=255, and m_idx and m_bad have 256 entries (`ready`).
@@ -731,8 +737,8 @@ mod imp {
         let v = unsafe { step(&mut x, _mm256_slli_epi32::<12>(mi), luts, words, pos) };
         let m = _mm256_and_si256(v, _mm256_set1_epi32(0x7f));
         let mut val = _mm256_or_si256(
-            _mm256_sll_epi32(e, _mm_cvtsi32_si128(t.mbits as i32)),
-            _mm256_sll_epi32(m, _mm_cvtsi32_si128(t.rb as i32)),
+            _mm256_sll_epi32(e, _mm_cvtsi32_si128(t.l.mbits as i32)),
+            _mm256_sll_epi32(m, _mm_cvtsi32_si128(t.l.rb as i32)),
         );
 
         // R1, R0 (f32 with low bits).
@@ -757,13 +763,12 @@ mod imp {
         }
 
         // S.
-        let top = _mm_cvtsi32_si128(t.l_width as i32 - 1);
+        let top = _mm_cvtsi32_si128(t.l.width as i32 - 1);
         match t.sign_mode {
             SIGNS_CODED => {
                 let fast = load8(&st.fast, c);
                 let slow = load8(&st.slow, c);
-                let f1 = _mm256_srai_epi32::<5>(_mm256_add_epi32(fast, slow));
-                let f1 = _mm256_min_epi32(_mm256_max_epi32(f1, one), _mm256_set1_epi32(4095));
+                let f1 = sign_f1(fast, slow);
                 let f0 = _mm256_sub_epi32(_mm256_set1_epi32(4096), f1);
                 let slot = _mm256_and_si256(x, _mm256_set1_epi32(0xfff));
                 let bit = _mm256_cmpgt_epi32(slot, _mm256_sub_epi32(f0, one));
@@ -774,11 +779,7 @@ mod imp {
                     _mm256_sub_epi32(slot, start),
                 );
                 x = renorm(xn, words, pos);
-                let tgt = _mm256_and_si256(bit, _mm256_set1_epi32(0xffff));
-                let fast =
-                    _mm256_add_epi32(fast, _mm256_srai_epi32::<5>(_mm256_sub_epi32(tgt, fast)));
-                let slow =
-                    _mm256_add_epi32(slow, _mm256_srai_epi32::<8>(_mm256_sub_epi32(tgt, slow)));
+                let (fast, slow) = signs_moved(fast, slow, bit);
                 store8(&mut st.fast, c, fast);
                 store8(&mut st.slow, c, slow);
                 val = _mm256_or_si256(val, _mm256_sll_epi32(_mm256_srli_epi32::<31>(bit), top));

@@ -45,12 +45,12 @@ pub(crate) const SIGNS_CODED: u32 = 2;
 
 /// The bit layout of a kind.
 #[derive(Debug, Clone, Copy)]
-struct Layout {
-    width: u32,
-    ebits: u32,
-    mbits: u32,
+pub(crate) struct Layout {
+    pub width: u32,
+    pub ebits: u32,
+    pub mbits: u32,
     /// Low mantissa bits below the top [`MT`].
-    rb: u32,
+    pub rb: u32,
 }
 
 impl Layout {
@@ -67,14 +67,14 @@ impl Layout {
             rb: mbits - MT,
         }
     }
-    fn bytes(self) -> usize {
+    pub(crate) fn bytes(self) -> usize {
         (self.width / 8) as usize
     }
-    fn e_alpha(self) -> usize {
+    pub(crate) fn e_alpha(self) -> usize {
         1 << self.ebits
     }
     /// f32: the low bits are two bytes, R1 (high) and R0.
-    fn two_bytes(self) -> bool {
+    pub(crate) fn two_bytes(self) -> bool {
         self.rb == 16
     }
     fn r1_alpha(self) -> usize {
@@ -372,7 +372,7 @@ fn ema(a: i32, e: u32) -> i32 {
 /// group: `cnt` values of exponent sum `sum` take it 1/64 of the way to each
 /// (`a += (16 sum - cnt a) >> 6`), so that every value of a group is coded with the same mean.
 #[inline(always)]
-fn group_mean(a: i32, sum: i32, cnt: i32) -> i32 {
+pub(crate) fn group_mean(a: i32, sum: i32, cnt: i32) -> i32 {
     a + (((sum << 4) - cnt * a) >> 6)
 }
 
@@ -390,7 +390,7 @@ fn e_ctx_v2(a: i32, k: i32) -> usize {
 
 /// The column's part of [`e_ctx_v2`]: `3 * col + 32 + 64 * (16 - 2 * e_base)`.
 #[inline(always)]
-fn col_term(col: i32, e_base: i32) -> i32 {
+pub(crate) fn col_term(col: i32, e_base: i32) -> i32 {
     3 * col + 32 + 64 * (16 - 2 * e_base)
 }
 
@@ -529,7 +529,7 @@ fn entropy_bits(counts: &[u64]) -> f64 {
 }
 
 /// Codes `data` (whole values of `kind`, any tail bytes kept raw, rows of `cols` values, 1 to
-/// [`MAX_COLS`]) after a version 2 frame header.
+/// [`MAX_COLS`]) as a float body of the current version, after the frame header.
 pub(crate) fn encode(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>) {
     encode_with(kind, data, cols, out, crate::avx2::available());
 }
@@ -644,7 +644,6 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
                         &mut sm_slow[col..col + LANES],
                     )
                 });
-                let lay = (l.mbits, l.rb, l.width, e_base as i32);
                 let sfg = if any_sign {
                     &mut sf[g_lo..g_hi]
                 } else {
@@ -655,7 +654,7 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
                     &mut colm[col..col + LANES],
                     signs,
                     a,
-                    lay,
+                    (l, e_base as i32),
                     costs,
                     &mut ctx[g_lo..g_hi],
                     sfg,
@@ -939,7 +938,7 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
     }
     let e_at: [u32; E_CTX_FULL] = std::array::from_fn(|c| at[slots.e(e_map[c] as usize)]);
     let m_at: Vec<u32> = (0..ea).map(|e| at[slots.m(m_map[e] as usize)]).collect();
-    let groups = crate::avx2::EncGroups::new(&packed, e_at, &m_at, (l.mbits, l.rb, l.width));
+    let groups = crate::avx2::EncGroups::new(&packed, e_at, &m_at, l);
     let simd = simd && groups.usable();
     for g in (0..n.div_ceil(LANES)).rev() {
         let lo = g * LANES;
@@ -953,47 +952,42 @@ fn encode_with(kind: Kind, data: &[u8], cols: usize, out: &mut Vec<u8>, simd: bo
         let low_coded = z < 2
             && (r1_code[z as usize & 1].is_some()
                 || (z == 0 && l.two_bytes() && r0_code.is_some()));
-        if simd && !low_coded {
+        let side_by_side = simd && !low_coded && {
             let sf = (sign_mode == SIGNS_CODED).then(|| &sf[lo..hi]);
-            if groups.put(&mut enc, &vals[lo..hi], &ctx[lo..hi], sf) {
-                if blocks && lo % BLOCK == 0 {
-                    if let Some(t) = code(Slots::Z) {
-                        enc.put_sym(0, &t[z as usize]);
+            groups.put(&mut enc, &vals[lo..hi], &ctx[lo..hi], sf)
+        };
+        if !side_by_side {
+            if sign_mode == SIGNS_CODED {
+                for i in (lo..hi).rev() {
+                    let v = vals[i];
+                    enc.put_bit(i - lo, v >> (l.width - 1), u32::from(sf[i]));
+                }
+            }
+            if z == 0 && l.two_bytes() {
+                if let Some(t) = r0_code {
+                    for i in (lo..hi).rev() {
+                        enc.put_sym(i - lo, &t[(l.rest(vals[i]) & 0xff) as usize]);
                     }
                 }
-                continue;
             }
-        }
-        if sign_mode == SIGNS_CODED {
+            if z < 2 {
+                if let Some(t) = r1_code[z as usize & 1] {
+                    let shift = if l.two_bytes() { 8 } else { 0 };
+                    for i in (lo..hi).rev() {
+                        enc.put_sym(i - lo, &t[(l.rest(vals[i]) >> shift) as usize]);
+                    }
+                }
+            }
             for i in (lo..hi).rev() {
                 let v = vals[i];
-                enc.put_bit(i - lo, v >> (l.width - 1), u32::from(sf[i]));
-            }
-        }
-        if z == 0 && l.two_bytes() {
-            if let Some(t) = r0_code {
-                for i in (lo..hi).rev() {
-                    enc.put_sym(i - lo, &t[(l.rest(vals[i]) & 0xff) as usize]);
+                if let Some(t) = m_code[l.exp(v) as usize] {
+                    enc.put_sym(i - lo, &t[l.man(v) as usize]);
                 }
             }
-        }
-        if z < 2 {
-            if let Some(t) = r1_code[z as usize & 1] {
-                let shift = if l.two_bytes() { 8 } else { 0 };
-                for i in (lo..hi).rev() {
-                    enc.put_sym(i - lo, &t[(l.rest(vals[i]) >> shift) as usize]);
+            for i in (lo..hi).rev() {
+                if let Some(t) = e_code[ctx[i] as usize] {
+                    enc.put_sym(i - lo, &t[l.exp(vals[i]) as usize]);
                 }
-            }
-        }
-        for i in (lo..hi).rev() {
-            let v = vals[i];
-            if let Some(t) = m_code[l.exp(v) as usize] {
-                enc.put_sym(i - lo, &t[l.man(v) as usize]);
-            }
-        }
-        for i in (lo..hi).rev() {
-            if let Some(t) = e_code[ctx[i] as usize] {
-                enc.put_sym(i - lo, &t[l.exp(vals[i]) as usize]);
             }
         }
         if blocks && lo % BLOCK == 0 {
@@ -1410,18 +1404,10 @@ pub(crate) enum RSrc {
 /// into one buffer of lookups (table 0 the idle one, for slots that must not be read) and which
 /// of them are errors to read, and the frame's parts.
 pub(crate) struct Lanes<'b> {
-    /// Lookup tables in `luts`.
-    pub tables: usize,
     /// The CPU has AVX2 and the frame suits [`crate::avx2::group`] (bf16 or f32, every table
-    /// index inside `luts`): groups may take it.
+    /// index inside `luts`: [`crate::avx2::frame_fits`]): groups may take it.
     pub simd: bool,
-    /// Every table index is inside `luts` (set by [`crate::avx2::gathers_ok`]).
-    pub gathers_ok: bool,
-    pub l_width: u32,
-    pub mbits: u32,
-    pub rb: u32,
-    pub two_bytes: bool,
-    pub emask: u32,
+    pub l: Layout,
     pub e_base: i32,
     pub cols: usize,
     pub sign_mode: u32,
@@ -1436,6 +1422,13 @@ pub(crate) struct Lanes<'b> {
     pub m_bad: Vec<u32>,
     pub r1: [RSrc; 2],
     pub r0: RSrc,
+}
+
+impl Lanes<'_> {
+    /// Lookup tables in `luts`.
+    pub(crate) fn tables(&self) -> usize {
+        self.luts.len() / PROB_SCALE as usize
+    }
 }
 
 /// What the lanes loop carries from group to group.
@@ -1492,14 +1485,8 @@ fn decode_lanes(
         _ => RSrc::Unused,
     };
     let mut t = Lanes {
-        tables: b.luts.len() / PROB_SCALE as usize,
         simd: false,
-        gathers_ok: false,
-        l_width: l.width,
-        mbits: l.mbits,
-        rb: l.rb,
-        two_bytes: l.two_bytes(),
-        emask: ea as u32 - 1,
+        l,
         e_base: b.e_base,
         cols: b.cols,
         sign_mode: b.sign_mode,
@@ -1531,8 +1518,7 @@ fn decode_lanes(
         bad: false,
     };
     // bf16 and f32 (f16's five exponent bits and three low bits take the scalar steps).
-    t.gathers_ok = crate::avx2::gathers_ok(&t);
-    t.simd = simd && l.ebits == 8 && t.gathers_ok && crate::avx2::available();
+    t.simd = simd && l.ebits == 8 && crate::avx2::frame_fits(&t);
     let mut z = 2;
     for (g, out) in dst.chunks_mut(LANES * l.bytes()).enumerate() {
         let lo = g * LANES;
@@ -1565,7 +1551,8 @@ fn group_scalar(
     lo: usize,
     z: u32,
 ) {
-    let bytes = (t.l_width / 8) as usize;
+    let l = t.l;
+    let bytes = l.bytes();
     let cnt = out.len() / bytes;
     let cols = t.cols;
     let lut = |i: u32, bad: &mut bool| -> &Lut {
@@ -1585,7 +1572,7 @@ fn group_scalar(
         let cm = &mut st.colm[c];
         let cx = e_ctx_v2(st.a, col_term(*cm, t.e_base));
         st.bad |= (t.e_bad >> cx) & 1 != 0;
-        let e = dec.get(k, lut(t.e_idx[cx], &mut st.bad)) & t.emask;
+        let e = dec.get(k, lut(t.e_idx[cx], &mut st.bad)) & (l.e_alpha() as u32 - 1);
         *cm = col_ema(*cm, e);
         sum += e as i32;
         *v = e;
@@ -1600,12 +1587,12 @@ fn group_scalar(
         let e = *v as usize;
         st.bad |= t.m_bad[e] != 0;
         let m = dec.get(k, lut(t.m_idx[e], &mut st.bad)) & 0x7f;
-        *v = *v << t.mbits | m << t.rb;
+        *v = *v << l.mbits | m << l.rb;
     }
     // R1 then R0: coded, or raw bytes in value order (each value's R1 byte, then its R0).
     if z < 2 {
         let r1 = t.r1[z as usize];
-        let r0 = if z == 0 && t.two_bytes {
+        let r0 = if z == 0 && l.two_bytes() {
             t.r0
         } else {
             RSrc::Unused
@@ -1617,10 +1604,10 @@ fn group_scalar(
         let rpos = st.rpos;
         let at =
             |k: usize, o: usize| u32::from(raw.get(rpos + k * stride + o).copied().unwrap_or(0));
-        let (shift, mask) = if t.two_bytes {
+        let (shift, mask) = if l.two_bytes() {
             (8, 0xff)
         } else {
-            (0, (1 << t.rb) - 1)
+            (0, (1 << l.rb) - 1)
         };
         // Each field coded, or raw bytes at `o` in each value's `stride` of them.
         let mut field = |r: RSrc, o: usize, shift: u32, mask: u32, v: &mut [u32]| match r {
@@ -1638,13 +1625,13 @@ fn group_scalar(
             RSrc::Unused => st.bad = true,
         };
         field(r1, 0, shift, mask, &mut v[..cnt]);
-        if z == 0 && t.two_bytes {
+        if z == 0 && l.two_bytes() {
             field(r0, usize::from(r1_raw), 0, 0xff, &mut v[..cnt]);
         }
         st.rpos += cnt * stride;
     }
     // S.
-    let shift_s = t.l_width - 1;
+    let shift_s = l.width - 1;
     match t.sign_mode {
         SIGNS_CODED => {
             let mut c = st.col;
