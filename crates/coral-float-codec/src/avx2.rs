@@ -666,10 +666,7 @@ mod imp {
             _mm256_i32gather_epi32::<4>(g.packed.as_ptr().cast(), _mm256_add_epi32(at, m))
         };
         put_step(&mut x, fs, words, len);
-        let mut c8 = [0u64; 1];
-        c8[0] = u64::from_le_bytes(*ctx);
-        // SAFETY: eight bytes; the load is unaligned.
-        let cx = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(c8.as_ptr().cast()) });
+        let cx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(*ctx)));
         let cx = _mm256_and_si256(cx, _mm256_set1_epi32(31));
         // SAFETY: cx <= 31 and e_at has 32 entries; e <= 255 and each table start leaves 256
         // entries inside `packed`.
