@@ -773,10 +773,17 @@ fn manifest_nbytes(t: &ManifestTensor) -> u64 {
 }
 
 /// Writes the data of `tensors`, in order, to `w`, each verified against its key: tensors of
-/// [`crate::load::STREAM_BYTES`] or more streamed as the store decodes them (memory bounded by
-/// a few chunks), runs of smaller ones loaded in parallel groups of `group_bytes` (the first
-/// group of a run while the streamed tensor before it goes through). Returns the bytes
-/// written; `progress` receives them as they go.
+/// [`crate::load::STREAM_BYTES`] or more, or larger than `group_bytes`, streamed as the store
+/// decodes them (memory bounded by a few chunks), runs of smaller ones loaded in parallel
+/// groups of `group_bytes` (the first group of a run while the streamed tensor before it goes
+/// through). Returns the bytes written; `progress` receives them as they go.
+///
+/// A tensor larger than a group would be a group of its own: its chunks decoded in parallel,
+/// then hashed by one thread while the others wait. Streamed, its hash follows the decoded
+/// windows on a thread of its own. With the command's groups (4 MiB a worker, 8 MiB on two
+/// cores) this reaches all-MiniLM-L6-v2's bf16 word embeddings (23.4 MB): streaming them made
+/// the bf16 export 6% faster with the default codec and 11% with none (`tests/benches/ab.py
+/// 15`, `docs/benchmarks.md`, "Peers").
 pub(crate) fn stream_tensors(
     store: &dyn Store,
     tensors: &[ManifestTensor],
@@ -784,7 +791,10 @@ pub(crate) fn stream_tensors(
     group_bytes: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
-    let streamed = |t: &ManifestTensor| manifest_nbytes(t) >= crate::load::STREAM_BYTES as u64;
+    let streamed = |t: &ManifestTensor| {
+        let n = manifest_nbytes(t);
+        n >= crate::load::STREAM_BYTES as u64 || n > group_bytes as u64
+    };
     // The end of the run of small tensors starting at `i`.
     let run_end = |i: usize| {
         tensors[i..]

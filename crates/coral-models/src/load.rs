@@ -30,15 +30,9 @@ pub fn load_verified(store: &dyn Store, key: &ContentHash) -> Result<HashedWeigh
 }
 
 /// Tensors of at least this many bytes are streamed (decoded a few chunks at a time straight
-/// into the output, hashed on the way) rather than loaded whole.
-///
-/// The export's groups hold 4 MiB a worker (8 MiB on two cores), so a larger tensor loaded
-/// whole is a group of its own: its chunks decode in parallel, then one thread hashes it while
-/// the others wait. Streamed, its hash follows the decoded windows on a thread of its own while
-/// the next ones decode. With 32 MiB here, all-MiniLM-L6-v2's bf16 word embeddings (23.4 MB)
-/// were loaded whole; streaming them made the bf16 export 6% faster with the default codec
-/// and 11% with none (`tests/benches/ab.py 15`, `docs/benchmarks.md`, "Peers").
-pub const STREAM_BYTES: usize = 8 << 20;
+/// into the output, hashed on the way) rather than loaded whole: what bounds an export's
+/// memory. Export also streams any tensor larger than its groups (`export::stream_tensors`).
+pub const STREAM_BYTES: usize = 32 << 20;
 
 /// Writes a weight's data to `sink` as the store decodes it, and checks it: its key (the data
 /// that went to `sink` hashes to `key`), dtype and shape (as `want` says, when given). Returns

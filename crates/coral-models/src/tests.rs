@@ -827,9 +827,10 @@ fn unhashed_and_planned_tensors_count_and_export_alike() {
     }
 }
 
-/// Tensors of [`crate::load::STREAM_BYTES`] or more are streamed, and the first group of the
-/// small ones after each loads while it streams (queued at its first write): a model that mixes
-/// them, starting and ending with a streamed one, two of them back to back, comes back byte for
+/// Tensors of [`crate::load::STREAM_BYTES`] or more are streamed, as are those larger than a
+/// group (`c`: 8,000 bytes, over `export_bytes`'s 4,096), and the first group of the small ones
+/// after each loads while it streams (queued at its first write): a model that mixes them,
+/// starting and ending with a streamed one, two of them back to back, comes back byte for
 /// byte.
 #[test]
 fn streamed_and_grouped_tensors_export_in_order() {
